@@ -1,0 +1,183 @@
+"""The Strategy interface: everything the training loop needs from "how the model is run".
+
+Why an interface: the loop (actors/trainer.py) is written once. Data parallelism (DDP with
+bucketed all-reduce), the parameter server, ZeRO-1/2/3, mixed precision and the pipeline of
+later issues differ in how a micro-batch's gradients are produced, reduced and applied — not
+in the loop around them. Each of them subclasses :class:`Strategy`; the loop never asks which
+one it has (torchtitan applies parallelisms from outside the model in the same spirit).
+
+The contract, in the loop's order of calls:
+
+* ``setup(model, cfg)``            wrap the model, move it to the device, build the optimizer
+                                   (a strategy that shards optimizer state builds its own).
+* ``run_micro_batches(batches, weights)``
+                                   forward + backward of each micro-batch of one optimizer
+                                   step. After it, the gradients equal
+                                   ∂/∂θ Σ_ranks Σ_i weights[i] · loss_i  — a *sum* over ranks:
+                                   the loop already divides by the global token count, so a
+                                   strategy whose all-reduce averages must multiply by the
+                                   world size. The default calls ``forward_backward`` under
+                                   ``no_sync()`` for all but the last micro-batch (DDP's
+                                   accumulation trick); a pipeline overrides the whole method
+                                   with its schedule (GPipe / 1F1B).
+* ``clip_and_step(max_norm)``      global grad-norm clipping + optimizer step + zero_grad;
+                                   returns the pre-clip global norm (ZeRO: norm over shards,
+                                   mixed precision: after unscaling, skip on inf).
+* ``all_reduce_sum(x)``            sums a python number over ranks (token counts, weighted
+                                   losses); identity in one process.
+* ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
+* ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
+* ``is_main``, ``rank``, ``world_size``, ``device``, ``memory_report()``.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .train_config import TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when visible, else CPU (DESIGN.md: device-agnostic)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_adamw(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter] | None = None
+                ) -> torch.optim.AdamW:
+    """AdamW (Loshchilov & Hutter 2019) with decay on matrices only (biases, norms: none).
+
+    Uses the fused kernel where torch offers it (CUDA, and CPU in torch >= 2.4), else the
+    foreach implementation; both compute the same update.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        keep = {id(p) for p in params}
+        named = [(n, p) for n, p in named if id(p) in keep]
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class Strategy(ABC):
+    """How a model is run on this rank: see the module docstring for the contract."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device
+    model: nn.Module                   # what forward is called on (possibly a wrapper)
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that logs metrics and writes shared checkpoint files."""
+        return self.rank == 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The plain, unwrapped model (for state dicts and shape checks)."""
+        return getattr(self.model, "module", self.model)
+
+    @abstractmethod
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None: ...
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Context for accumulation micro-batches whose gradients need no communication yet."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> Any:
+        """Run the model on ``batch`` and backpropagate ``weight * output.loss``; return the
+        model output (its loss detached)."""
+
+    def run_micro_batches(self, batches: Sequence[dict[str, Any]], weights: Sequence[float]
+                          ) -> list[Any]:
+        outputs = []
+        last = len(batches) - 1
+        for i, (batch, weight) in enumerate(zip(batches, weights)):
+            ctx = self.no_sync() if i < last else contextlib.nullcontext()
+            with ctx:
+                outputs.append(self.forward_backward(batch, weight))
+        return outputs
+
+    @abstractmethod
+    def clip_and_step(self, max_norm: float) -> float: ...
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        return self.model(**move_batch(batch, self.device))
+
+    def all_reduce_sum(self, value: float) -> float:
+        return value
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.module.parameters()
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes held by this rank for parameters, gradients and optimizer state."""
+        params = sum(p.numel() * p.element_size() for p in self.parameters())
+        grads = sum(p.grad.numel() * p.grad.element_size()
+                    for p in self.parameters() if p.grad is not None)
+        optim = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
+        return {"param_bytes": params, "grad_bytes": grads, "optimizer_bytes": optim}
+
+
+class SingleProcess(Strategy):
+    """One process, one device, no communication: the reference every other strategy must
+    match (their tests compare against it)."""
+
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.model = model.to(self.device)
+        self.optimizer = build_adamw(self.model, cfg)
+
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> Any:
+        out = self.model(**move_batch(batch, self.device))
+        (out.loss * weight).backward()
+        out.loss = out.loss.detach()
+        return out
+
+    def clip_and_step(self, max_norm: float) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if max_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])

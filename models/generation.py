@@ -1,0 +1,351 @@
+"""Text generation: greedy, sampling (top-k / nucleus) and beam search, with or without a KV cache.
+
+One loop per search strategy, written once for both model shapes in the spec:
+
+* decoder-only (GPT): ``model(input_ids, past_key_values=..., use_cache=True)`` -> ``.logits [B,T,V]``,
+  ``.past_key_values`` (list per layer of ``(k, v)`` shaped ``[B, H, T, Dh]``);
+* encoder-decoder (T5): ``model.encode(input_ids, attention_mask) -> [B,S,D]`` once, then
+  ``model.decode(decoder_input_ids, encoder_hidden, encoder_mask, past_key_values=, use_cache=)``
+  per step. ``generate`` tells them apart by whether the model has an ``encode`` method.
+
+The only thing that differs between the two is how one step's logits are computed (``_next_logits``);
+the search loops never branch on the model shape. With ``use_cache=True`` a step feeds only the newest
+token and the cache; with ``use_cache=False`` it re-runs the whole sequence. Both give the same tokens
+(up to float round-off), which the tests check.
+
+Supported prompts
+-----------------
+* Decoder-only: a batch of prompts of **equal length** (no padding). A decoder ``attention_mask`` with
+  zeros (left padding) is refused, because the spec's GPT continues positions from the cache length,
+  so a left-padded row would not see the positions it would see unpadded.
+* Encoder-decoder: encoder inputs may be padded; ``attention_mask`` (1 = real token) goes to
+  ``encode`` and, as ``encoder_mask``, to every ``decode`` call. Without one, all positions are real.
+
+Returned ids
+------------
+* decoder-only: ``[B, T + n]`` = the prompt followed by the new tokens;
+* encoder-decoder: ``[B, 1 + n]`` = the decoder start token followed by the new tokens (as Hugging
+  Face's ``generate`` does for T5).
+
+A row that hit ``eos_id`` is filled with ``pad_id`` after its eos; generation stops early once every
+row has finished, so ``n <= max_new_tokens``.
+
+Length penalty (beam search)
+----------------------------
+We use the Hugging Face convention, **not** GNMT's ``((5 + |Y|) / 6) ** alpha`` of Wu et al. 2016:
+a finished hypothesis scores ``sum_logprob / len ** length_penalty`` where ``len`` is the number of
+generated tokens (eos included; prompt / decoder start token excluded). ``length_penalty = 0`` is
+the plain log-probability; ``> 0`` favours longer outputs, ``< 0`` shorter ones.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from models.typed_config import ConfigError, check_choice
+
+STRATEGIES = ("greedy", "sample", "beam")
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. Every value is checked in ``__post_init__`` (ConfigError names the key)."""
+
+    max_new_tokens: int = 32
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    temperature: float = 1.0          # sample: logits / temperature before filtering
+    top_k: int = 0                    # sample: keep the k most likely tokens (0 = off)
+    top_p: float = 1.0                # sample: nucleus mass (1.0 = off), Holtzman et al. 2019
+    num_beams: int = 1                # beam: beams per input
+    length_penalty: float = 1.0       # beam: score = sum_logprob / len ** length_penalty (HF)
+    eos_id: int | None = None         # stop a row at this token (None: always max_new_tokens)
+    pad_id: int = 0                   # fills a row after its eos
+    use_cache: bool = True            # feed one token + KV cache per step (False: re-run all)
+    seed: int | None = None           # sample: torch.Generator seed (None: global torch RNG)
+    decoder_start_id: int | None = None  # enc-dec: first decoder token (None: model config bos_id)
+
+    def __post_init__(self) -> None:
+        p = "generation"
+        check_choice(f"{p}.strategy", self.strategy, STRATEGIES)
+        _check_int(f"{p}.max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int(f"{p}.top_k", self.top_k, minimum=0)
+        _check_int(f"{p}.num_beams", self.num_beams, minimum=1)
+        _check_int(f"{p}.pad_id", self.pad_id, minimum=0)
+        for key in ("eos_id", "seed", "decoder_start_id"):
+            if getattr(self, key) is not None:
+                _check_int(f"{p}.{key}", getattr(self, key), minimum=0)
+        for key in ("temperature", "top_p", "length_penalty"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{p}.{key}: expected a finite number, got {value!r}")
+        if self.temperature <= 0:
+            raise ConfigError(f"{p}.temperature: must be > 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{p}.top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.num_beams > 1 and self.strategy != "beam":
+            raise ConfigError(f"{p}.num_beams: {self.num_beams} beams need strategy 'beam', "
+                              f"got strategy {self.strategy!r}")
+        if not isinstance(self.use_cache, bool):
+            raise ConfigError(f"{p}.use_cache: expected true or false, got {self.use_cache!r}")
+
+
+def _check_int(path: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces shared by the strategies
+# ----------------------------------------------------------------------------------------------
+
+def reorder_cache(past: Any, beam_idx: torch.Tensor) -> Any:
+    """``index_select`` dim 0 of every tensor in a nested list/tuple cache (beam search reordering).
+
+    Row ``i`` of the result is row ``beam_idx[i]`` of the input, so after a beam step each new beam
+    carries the cache of the beam it extends. Non-tensor leaves (e.g. None) are kept as they are.
+    """
+    if isinstance(past, torch.Tensor):
+        return past.index_select(0, beam_idx.to(past.device))
+    if isinstance(past, (list, tuple)):
+        return type(past)(reorder_cache(p, beam_idx) for p in past)
+    return past
+
+
+def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+                          filter_value: float = -float("inf")) -> torch.Tensor:
+    """Set logits outside the top-k and outside the nucleus to ``filter_value``.
+
+    Top-k keeps the ``top_k`` largest logits per row (ties at the k-th value are kept). Nucleus
+    (Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration", eq. 2): keep the smallest
+    set of most-likely tokens whose probability sums to >= ``top_p``, computed on the softmax of the
+    (already top-k-filtered) logits. The most likely token is always kept. Returns a new tensor.
+    """
+    logits = logits.clone()
+    vocab = logits.size(-1)
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, vocab), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, filter_value)
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # a token is dropped when the tokens ranked before it already reach top_p
+        remove_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        remove_sorted[..., 0] = False
+        remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
+        logits = logits.masked_fill(remove, filter_value)
+    return logits
+
+
+def _next_logits(model: torch.nn.Module, seq: torch.Tensor, past: Any, enc: tuple | None,
+                 use_cache: bool) -> tuple[torch.Tensor, Any]:
+    """Logits ``[N, V]`` (float32 or wider) for the token after ``seq`` [N, t], and the new cache.
+
+    With a cache only the last token is fed (positions continue from the cache length); without
+    one the whole sequence is re-run. ``enc`` is ``(encoder_hidden, encoder_mask)`` for an
+    encoder-decoder, None for a decoder-only model.
+    """
+    inp = seq[:, -1:] if (use_cache and past is not None) else seq
+    cache = past if use_cache else None
+    if enc is None:
+        out = model(inp, past_key_values=cache, use_cache=use_cache)
+    else:
+        out = model.decode(inp, enc[0], enc[1], past_key_values=cache, use_cache=use_cache)
+    logits = out.logits[:, -1, :]
+    # score in at least float32 (a bf16/fp16 model's log-probs would be too coarse to rank beams)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return logits, (out.past_key_values if use_cache else None)
+
+
+def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
+    if config.decoder_start_id is not None:
+        return config.decoder_start_id
+    for attr in ("config", "cfg"):
+        bos = getattr(getattr(model, attr, None), "bos_id", None)
+        if bos is not None:
+            return int(bos)
+    raise ValueError("encoder-decoder generation needs a decoder start token: set "
+                     "GenerationConfig.decoder_start_id or give the model a config with bos_id")
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: GenerationConfig | None = None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Generate continuations of ``input_ids`` [B, T]; see the module docstring for the output.
+
+    The model is put in eval mode for the call (dropout would make greedy/beam non-deterministic)
+    and its previous mode is restored afterwards.
+    """
+    config = config or GenerationConfig()
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    input_ids = input_ids.long()
+    was_training = model.training
+    model.eval()
+    try:
+        if hasattr(model, "encode"):
+            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+            enc = (model.encode(input_ids, mask), mask)
+            start = _decoder_start_id(model, config)
+            prefix = torch.full((input_ids.size(0), 1), start, dtype=torch.long, device=input_ids.device)
+        else:
+            if attention_mask is not None and not bool((attention_mask != 0).all()):
+                raise ValueError("decoder-only generation supports equal-length prompts only; "
+                                 "attention_mask has padding (left-padded prompts are not supported)")
+            enc, prefix = None, input_ids
+        if config.strategy == "beam":
+            return beam_search(model, prefix, config, enc)
+        return greedy_or_sample(model, prefix, config, enc)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy and sampling
+# ----------------------------------------------------------------------------------------------
+
+def greedy_or_sample(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
+                     enc: tuple | None = None) -> torch.Tensor:
+    """Extend ``prefix`` [B, t0] one token at a time: argmax (greedy) or a draw (sample).
+
+    Sampling divides the logits by ``temperature``, filters them with ``top_k_top_p_filtering``
+    and draws from the softmax with a ``torch.Generator`` seeded by ``config.seed``.
+    """
+    generator = None
+    if config.strategy == "sample" and config.seed is not None:
+        generator = torch.Generator(device=prefix.device)
+        generator.manual_seed(config.seed)
+    seq, past = prefix, None
+    finished = torch.zeros(prefix.size(0), dtype=torch.bool, device=prefix.device)
+    for _ in range(config.max_new_tokens):
+        logits, past = _next_logits(model, seq, past, enc, config.use_cache)
+        if config.strategy == "greedy":
+            token = logits.argmax(dim=-1)
+        else:
+            filtered = top_k_top_p_filtering(logits / config.temperature, config.top_k, config.top_p)
+            token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        token = token.masked_fill(finished, config.pad_id)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        if config.eos_id is not None:
+            finished |= token == config.eos_id
+            if bool(finished.all()):
+                break
+    return seq
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam search
+# ----------------------------------------------------------------------------------------------
+
+class _Hypotheses:
+    """The ``num_beams`` best finished hypotheses of one input, scored with the length penalty."""
+
+    def __init__(self, num_beams: int, length_penalty: float, max_len: int):
+        self.num_beams, self.alpha, self.max_len = num_beams, length_penalty, max_len
+        self.items: list[tuple[float, list[int]]] = []
+
+    def add(self, logprob_sum: float, tokens: list[int]) -> None:
+        if not math.isfinite(logprob_sum):
+            return
+        self.items.append((logprob_sum / len(tokens) ** self.alpha, tokens))
+        self.items.sort(key=lambda item: -item[0])
+        del self.items[self.num_beams:]
+
+    def can_improve(self, best_running: float, cur_len: int) -> bool:
+        """Can a running beam (log-prob sum ``best_running``, ``cur_len`` tokens) still get in?
+
+        Exact bound: more tokens only lower the sum (log-probs <= 0), and a finished length L lies in
+        [cur_len + 1, max_len]; ``s / L ** alpha`` with ``s <= 0`` is largest at L = max_len for
+        alpha > 0 and at L = cur_len + 1 for alpha < 0. So beam search never stops before the
+        exhaustive optimum is reachable (unlike HF's default heuristic, which uses cur_len).
+        """
+        if not math.isfinite(best_running):
+            return False
+        if len(self.items) < self.num_beams:
+            return True
+        length = self.max_len if self.alpha > 0 else min(cur_len + 1, self.max_len)
+        return best_running / length ** self.alpha > self.items[-1][0]
+
+
+def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
+                enc: tuple | None = None) -> torch.Tensor:
+    """Beam search (Graves 2012; as in Sutskever et al. 2014) with a length penalty and eos.
+
+    Per input we keep ``K = num_beams`` running beams. Each step scores all ``K * V`` one-token
+    extensions by summed log-probability and takes the best ``2K`` (at most K of them can end in
+    eos, so at least K continue): an eos candidate ranked within the top K becomes a finished
+    hypothesis, and the best K non-eos candidates become the next beams (their KV cache is
+    reordered with ``reorder_cache``). An input is done when no running beam can beat its K-th
+    best finished hypothesis (see ``_Hypotheses.can_improve``). At ``max_new_tokens`` the running
+    beams are finished as they are. Returns the best hypothesis per input, padded with ``pad_id``.
+    """
+    B, t0 = prefix.shape
+    K, N, eos = config.num_beams, config.max_new_tokens, config.eos_id
+    device = prefix.device
+    seq = prefix.repeat_interleave(K, dim=0)                       # [B*K, t0]
+    if enc is not None:
+        enc = (enc[0].repeat_interleave(K, dim=0), enc[1].repeat_interleave(K, dim=0))
+    # only beam 0 is live at the start, otherwise the K identical beams would fill the beam
+    beam_scores = torch.full((B, K), -float("inf"), dtype=torch.float64, device=device)
+    beam_scores[:, 0] = 0.0
+    hyps = [_Hypotheses(K, config.length_penalty, N) for _ in range(B)]
+    done = [False] * B
+    past = None
+    for step in range(N):
+        logits, past = _next_logits(model, seq, past, enc, config.use_cache)
+        logprobs = F.log_softmax(logits, dim=-1)                   # [B*K, V]
+        V = logprobs.size(-1)
+        cand = (logprobs + beam_scores.view(-1, 1).to(logprobs.dtype)).view(B, K * V)
+        cand_scores, cand_idx = torch.topk(cand, min(2 * K, K * V), dim=1)
+        cand_scores, cand_idx = cand_scores.tolist(), cand_idx.tolist()
+        gen = seq[:, t0:].tolist()                                 # generated tokens per beam
+        next_scores, next_tokens, next_beams = [], [], []
+        for b in range(B):
+            chosen: list[tuple[float, int, int]] = []
+            if done[b]:
+                chosen = [(0.0, config.pad_id, b * K)] * K
+            else:
+                for rank, (score, idx) in enumerate(zip(cand_scores[b], cand_idx[b])):
+                    beam, token = b * K + idx // V, idx % V
+                    if eos is not None and token == eos:
+                        if rank < K:
+                            hyps[b].add(score, gen[beam] + [token])
+                    else:
+                        chosen.append((score, token, beam))
+                    if len(chosen) == K:
+                        break
+                best_running = max(score for score, _, _ in chosen)
+                done[b] = not hyps[b].can_improve(best_running, step + 1)
+            for score, token, beam in chosen:
+                next_scores.append(score)
+                next_tokens.append(token)
+                next_beams.append(beam)
+        beam_idx = torch.tensor(next_beams, dtype=torch.long, device=device)
+        beam_scores = torch.tensor(next_scores, dtype=torch.float64, device=device).view(B, K)
+        seq = torch.cat([seq.index_select(0, beam_idx),
+                         torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]], dim=1)
+        if all(done):
+            break
+        if config.use_cache:
+            past = reorder_cache(past, beam_idx)
+    gen = seq[:, t0:].tolist()
+    scores = beam_scores.view(-1).tolist()
+    for b in range(B):
+        if not done[b]:
+            for k in range(K):
+                hyps[b].add(scores[b * K + k], gen[b * K + k])
+    best = [hyps[b].items[0][1] if hyps[b].items else [] for b in range(B)]
+    width = max(len(tokens) for tokens in best)
+    out = torch.full((B, width), config.pad_id, dtype=torch.long, device=device)
+    for b, tokens in enumerate(best):
+        out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=device)
+    return torch.cat([prefix, out], dim=1)

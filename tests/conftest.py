@@ -1,0 +1,18 @@
+"""Shared fixtures: one embedded local Ray for the whole test session (start-up costs ~4 s)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded local Ray with 8 logical CPUs (more than the 2 cores: workers pin 1 thread)."""
+    from cluster import connect, shutdown
+
+    connect(num_cpus=8, log_to_driver=False)
+    yield
+    shutdown()
