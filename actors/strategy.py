@@ -23,8 +23,9 @@ The contract, in the loop's order of calls:
 * ``clip_and_step(max_norm)``      global grad-norm clipping + optimizer step + zero_grad;
                                    returns the pre-clip global norm (ZeRO: norm over shards,
                                    mixed precision: after unscaling, skip on inf).
-* ``all_reduce_sum(x)``            sums a python number over ranks (token counts, weighted
-                                   losses); identity in one process.
+* ``all_reduce_sum(values)``       sums a list of python numbers over ranks in one
+                                   collective (token counts, weighted losses); identity in
+                                   one process.
 * ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
 * ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
 * ``is_main``, ``rank``, ``world_size``, ``device``, ``memory_report()``.
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +76,15 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
+class MicroResult(NamedTuple):
+    """What the loop keeps of one micro-batch: detached scalars, not the logits (keeping the
+    outputs of every micro-batch would hold B×T×V logits per micro-batch until the step ends)."""
+
+    loss: torch.Tensor                 # detached total loss (incl. aux) of the micro-batch
+    aux_loss: torch.Tensor | None      # detached MoE aux loss, already included in ``loss``
+    metrics: dict[str, float]          # the model's own metrics (e.g. mlm_loss, nsp_acc)
+
+
 class Strategy(ABC):
     """How a model is run on this rank: see the module docstring for the contract."""
 
@@ -102,12 +112,11 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def forward_backward(self, batch: dict[str, Any], weight: float) -> Any:
-        """Run the model on ``batch`` and backpropagate ``weight * output.loss``; return the
-        model output (its loss detached)."""
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
+        """Run the model on ``batch`` and backpropagate ``weight * output.loss``."""
 
     def run_micro_batches(self, batches: Sequence[dict[str, Any]], weights: Sequence[float]
-                          ) -> list[Any]:
+                          ) -> list[MicroResult]:
         outputs = []
         last = len(batches) - 1
         for i, (batch, weight) in enumerate(zip(batches, weights)):
@@ -117,13 +126,16 @@ class Strategy(ABC):
         return outputs
 
     @abstractmethod
-    def clip_and_step(self, max_norm: float) -> float: ...
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm to ``max_norm`` (0: no clipping), step, zero grads;
+        return the pre-clip norm as a 0-d tensor (no host sync until the loop logs it)."""
 
     def forward(self, batch: dict[str, Any]) -> Any:
         return self.model(**move_batch(batch, self.device))
 
-    def all_reduce_sum(self, value: float) -> float:
-        return value
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks of a few scalars (one collective for all of them)."""
+        return [float(v) for v in values]
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -158,13 +170,14 @@ class SingleProcess(Strategy):
         self.model = model.to(self.device)
         self.optimizer = build_adamw(self.model, cfg)
 
-    def forward_backward(self, batch: dict[str, Any], weight: float) -> Any:
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         out = self.model(**move_batch(batch, self.device))
         (out.loss * weight).backward()
-        out.loss = out.loss.detach()
-        return out
+        aux = getattr(out, "aux_loss", None)
+        return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
+                           dict(getattr(out, "metrics", None) or {}))
 
-    def clip_and_step(self, max_norm: float) -> float:
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]
         if max_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -172,7 +185,7 @@ class SingleProcess(Strategy):
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

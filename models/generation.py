@@ -192,7 +192,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: Generation
     was_training = model.training
     model.eval()
     try:
-        if hasattr(model, "encode"):
+        if hasattr(model, "decode"):
             mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
             enc = (model.encode(input_ids, mask), mask)
             start = _decoder_start_id(model, config)

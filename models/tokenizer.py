@@ -21,7 +21,10 @@ hold constant defaults and one pack serves any family::
 A gpt model only uses pad/bos/eos/unk; bert/electra add mask/cls/sep. t5 appends ``n_sentinels``
 span-corruption sentinels ``<extra_id_0> ... <extra_id_{n-1}>`` at ids 7.. (Raffel et al. 2020,
 §3.1.4). ``encode`` adds no specials itself: the packer puts ``</s>`` between documents and the
-objectives add what their family needs.
+objectives add what their family needs. Specials exist only as ids: a literal ``"</s>"`` or
+``"<mask>"`` in corpus text is encoded as ordinary text (``encode_special_tokens``), so a web page
+that happens to contain ``</s>`` cannot end a document or fake a mask (the "special token
+injection" problem tiktoken guards against the same way).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pyarrow.fs as pafs
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -86,6 +90,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, family: str, n_sentinels: i
     backend = _HFTokenizer(models.BPE(unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
+    backend.encode_special_tokens = True     # literal "<s>" in the corpus is text, not a special
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
@@ -113,6 +118,7 @@ class Tokenizer:
     def __init__(self, backend: _HFTokenizer, family: str, n_sentinels: int = 100) -> None:
         check_choice("tokenizer.family", family, FAMILIES)
         self.backend = backend
+        self.backend.encode_special_tokens = True   # not serialised by `tokenizers`: set on load
         self.family = family
         self.n_sentinels = n_sentinels if family == "t5" else 0
         for i, tok in enumerate(special_tokens(family, self.n_sentinels)):
@@ -162,22 +168,39 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ save / load
     def save(self, directory: str | Path) -> None:
-        """Write ``tokenizer.json`` (the `tokenizers` format) and ``bmray_tokenizer.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(directory / TOKENIZER_FILE))
+        """Write ``tokenizer.json`` (the `tokenizers` format) and ``bmray_tokenizer.json``.
+
+        ``directory`` is a local path or a pyarrow filesystem URI (saved beside a checkpoint).
+        """
+        fs, root = _fs(directory)
+        fs.create_dir(root, recursive=True)
         meta = {"family": self.family, "n_sentinels": self.n_sentinels, "hash": self.hash}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in ((TOKENIZER_FILE, self.backend.to_str(pretty=True)),
+                           (META_FILE, json.dumps(meta, indent=2) + "\n")):
+            with fs.open_output_stream(f"{root}/{name}") as fh:
+                fh.write(text.encode("utf-8"))
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
-        directory = Path(directory)
-        path = directory / TOKENIZER_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer at {directory} (missing {TOKENIZER_FILE})")
-        meta = json.loads((directory / META_FILE).read_text())
-        return cls(_HFTokenizer.from_file(str(path)), meta["family"], meta["n_sentinels"])
+        fs, root = _fs(directory)
+        texts = {}
+        for name in (TOKENIZER_FILE, META_FILE):
+            if fs.get_file_info(f"{root}/{name}").type != pafs.FileType.File:
+                raise FileNotFoundError(f"no tokenizer at {str(directory)!r} (missing {name})")
+            with fs.open_input_stream(f"{root}/{name}") as fh:
+                texts[name] = fh.read().decode("utf-8")
+        meta = json.loads(texts[META_FILE])
+        return cls(_HFTokenizer.from_str(texts[TOKENIZER_FILE]), meta["family"],
+                   meta["n_sentinels"])
 
     def __repr__(self) -> str:
         return (f"Tokenizer(family={self.family!r}, vocab_size={self.vocab_size}, "
                 f"n_sentinels={self.n_sentinels})")
+
+
+def _fs(path: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a pyarrow filesystem URI."""
+    path = str(path)
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).expanduser().absolute())

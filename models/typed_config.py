@@ -133,3 +133,35 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
+    """Apply ``section.key=value`` command-line overrides to a parsed YAML mapping.
+
+    Values are parsed as YAML (``train.lr=1e-3``, ``model.moe=null``, ``data.corpus=a.txt``);
+    a missing ``=`` is a ConfigError. Unknown keys are caught later by ``from_dict``.
+    """
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    return out
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,270 @@
+"""Checkpoints on any pyarrow filesystem: save, load, retention, a ``latest`` pointer, averaging.
+
+Layout under a root (a local path or a URI such as ``s3://bucket/run`` / ``gs://...``)::
+
+    <root>/step_00000120/rank_00000.pt    this rank's state (torch.save): model, optimizer,
+                                          scheduler, RNG, data position, loop counters
+    <root>/step_00000120/manifest.json    step, world size, model config, data position,
+                                          file list — written last, so it marks completeness
+    <root>/latest                         the name of the newest complete checkpoint
+    <root>/averaged/                      optional mean of the last k checkpoints' weights
+
+Why this shape: a crash mid-save must lose nothing. Files are written into
+``<root>/.tmp.step_XXXXXXXX`` and the directory is renamed into place only when complete
+(a rename is atomic on local and POSIX filesystems; on object stores, where a "rename" is a
+copy, the manifest written last is the commit marker and directories without one are
+ignored). ``latest`` is replaced the same way (write a temp file, then move). One file per
+rank plus a manifest is the layout later sharded strategies (ZeRO, pipeline) extend.
+
+Loading checks shapes before touching the model: a checkpoint of another model shape raises
+:class:`CheckpointError` naming the first mismatching parameter and both shapes, instead of
+torch's long list of size mismatches.
+
+Averaging (``average_checkpoints``) is the elementwise mean of parameters over the last k
+checkpoints, as in Vaswani et al. 2017 (§6.1, "averaging the last 5 checkpoints"); it is
+computed in float64 and cast back to each tensor's dtype.
+"""
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+import pyarrow.fs as pafs
+import torch
+
+FORMAT = "bmray-checkpoint/1"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+AVERAGED = "averaged"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit the model; the message says which."""
+
+
+# ---------------------------------------------------------------- filesystem helpers
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or any URI pyarrow understands."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), posixpath.abspath(uri) if not uri.startswith("/") else uri
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise CheckpointError(f"cannot open checkpoint location {uri!r}: {exc}") from exc
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp.{uuid.uuid4().hex}"
+    _write_bytes(fs, tmp, data)
+    fs.move(tmp, path)
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- listing
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete step checkpoints under ``root`` (those with a manifest), oldest first."""
+    fs, base = resolve(root)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return []
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        m = _STEP_RE.match(info.base_name)
+        if info.type == pafs.FileType.Directory and m and _exists(fs, _join(info.path, MANIFEST)):
+            found.append((int(m.group(1)), info.base_name))
+    return [_join(root, name) for _, name in sorted(found)]
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``<root>/latest`` names; falls back to the newest complete one when the
+    pointer is missing or names a checkpoint that is gone."""
+    fs, base = resolve(root)
+    pointer = _join(base, LATEST)
+    if _exists(fs, pointer):
+        name = _read_bytes(fs, pointer).decode().strip()
+        if name and _exists(fs, _join(base, name, MANIFEST)):
+            return _join(root, name)
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------- save
+
+def save_checkpoint(root: str, step: int, state: Mapping[str, Any], *,
+                    manifest: Mapping[str, Any] | None = None, rank: int = 0,
+                    world_size: int = 1, keep_last: int = 0) -> str:
+    """Write ``state`` as ``<root>/step_<step>/rank_<rank>.pt`` atomically; return its path.
+
+    ``manifest`` holds JSON-able facts (model config, data position, ...) written beside the
+    tensors. ``keep_last`` > 0 deletes older step checkpoints beyond the newest N.
+    Single-writer for now: with several ranks, each writes its file into the temp directory
+    and rank 0 commits after a barrier (the distributed strategies add that barrier).
+    """
+    fs, base = resolve(root)
+    name = step_dir_name(step)
+    final = _join(base, name)
+    tmp = _join(base, f".tmp.{name}")
+    if _exists(fs, tmp):
+        fs.delete_dir(tmp)          # leftovers of a crashed save of the same step
+    fs.create_dir(tmp, recursive=True)
+    rank_file = f"rank_{rank:05d}.pt"
+    _write_bytes(fs, _join(tmp, rank_file), _torch_bytes(dict(state)))
+    info = {"format": FORMAT, "step": step, "world_size": world_size,
+            "files": [f"rank_{r:05d}.pt" for r in range(world_size)],
+            "created": time.time(), **(manifest or {})}
+    _write_bytes(fs, _join(tmp, MANIFEST), json.dumps(info, indent=2, default=str).encode())
+    if _exists(fs, final):          # re-saving a step (e.g. after resuming exactly there)
+        fs.delete_dir(final)
+    fs.move(tmp, final)
+    _write_atomic(fs, _join(base, LATEST), name.encode())
+    if keep_last > 0:
+        apply_retention(root, keep_last)
+    return _join(root, name)
+
+
+def apply_retention(root: str, keep_last: int) -> list[str]:
+    """Delete all but the newest ``keep_last`` complete checkpoints; return the deleted ones."""
+    found = list_checkpoints(root)
+    doomed = found[:-keep_last] if keep_last > 0 else []
+    for path in doomed:
+        fs, p = resolve(path)
+        fs.delete_dir(p)
+    return doomed
+
+
+# ---------------------------------------------------------------- load
+
+def read_manifest(path: str) -> dict[str, Any]:
+    fs, p = resolve(path)
+    mpath = _join(p, MANIFEST)
+    if not _exists(fs, mpath):
+        if not _exists(fs, p):
+            raise CheckpointError(f"checkpoint not found: {path!r} does not exist")
+        raise CheckpointError(f"not a complete checkpoint: {path!r} has no {MANIFEST}")
+    return json.loads(_read_bytes(fs, mpath).decode())
+
+
+def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, state) of one checkpoint directory, or of ``<path>/latest`` when ``path``
+    is a checkpoint root."""
+    fs, p = resolve(path)
+    if not _exists(fs, _join(p, MANIFEST)) and _exists(fs, p):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"no complete checkpoint under {path!r}")
+        path = latest
+        fs, p = resolve(path)
+    manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r}: unknown checkpoint format {manifest.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    rank_file = _join(p, f"rank_{rank:05d}.pt")
+    if not _exists(fs, rank_file):
+        raise CheckpointError(f"{path!r}: no state for rank {rank} "
+                              f"(written with world size {manifest.get('world_size')})")
+    state = torch.load(io.BytesIO(_read_bytes(fs, rank_file)), map_location=map_location,
+                       weights_only=True)
+    return manifest, state
+
+
+def check_compatible(model: torch.nn.Module, model_state: Mapping[str, torch.Tensor],
+                     source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first parameter whose name or shape differs."""
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        if name not in model_state:
+            raise CheckpointError(f"{source} does not fit the model: parameter {name!r} "
+                                  f"(shape {tuple(tensor.shape)}) is missing from the checkpoint")
+        got = tuple(model_state[name].shape)
+        if got != tuple(tensor.shape):
+            raise CheckpointError(f"{source} does not fit the model: parameter {name!r} has "
+                                  f"shape {got} in the checkpoint but {tuple(tensor.shape)} "
+                                  f"in the model")
+    extra = [k for k in model_state if k not in expected]
+    if extra:
+        raise CheckpointError(f"{source} does not fit the model: parameter {extra[0]!r} "
+                              f"(shape {tuple(model_state[extra[0]].shape)}) is not in the model")
+
+
+# ---------------------------------------------------------------- averaging
+
+def average_checkpoints(paths: list[str], rank: int = 0) -> dict[str, torch.Tensor]:
+    """Elementwise mean of the model weights of ``paths`` (non-float buffers: from the last)."""
+    if not paths:
+        raise CheckpointError("average_checkpoints: no checkpoints given")
+    acc: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}
+    for path in paths:
+        _, state = load_checkpoint(path, rank)
+        model_state = state["model"]
+        if last and set(model_state) != set(last):
+            diff = sorted(set(model_state) ^ set(last))
+            raise CheckpointError(f"average_checkpoints: parameter {diff[0]!r} is in only some "
+                                  f"of the checkpoints ({paths[0]!r} vs {path!r})")
+        for name, tensor in model_state.items():
+            if name in last and last[name].shape != tensor.shape:
+                raise CheckpointError(f"average_checkpoints: parameter {name!r} has shape "
+                                      f"{tuple(tensor.shape)} in {path!r} but "
+                                      f"{tuple(last[name].shape)} in {paths[0]!r}")
+            if tensor.is_floating_point():
+                acc[name] = acc[name] + tensor.double() if name in acc else tensor.double()
+            last[name] = tensor
+    return {name: (acc[name] / len(paths)).to(t.dtype) if name in acc else t
+            for name, t in last.items()}
+
+
+def save_average(root: str, k: int, manifest: Mapping[str, Any] | None = None) -> str:
+    """Average the last ``k`` step checkpoints of ``root`` into ``<root>/averaged``."""
+    paths = list_checkpoints(root)[-k:]
+    if not paths:
+        raise CheckpointError(f"no complete checkpoint under {root!r} to average")
+    averaged = average_checkpoints(paths)
+    fs, base = resolve(root)
+    final = _join(base, AVERAGED)
+    tmp = _join(base, f".tmp.{AVERAGED}")
+    if _exists(fs, tmp):
+        fs.delete_dir(tmp)
+    fs.create_dir(tmp, recursive=True)
+    _write_bytes(fs, _join(tmp, "rank_00000.pt"), _torch_bytes({"model": averaged}))
+    info = {**read_manifest(paths[-1]), **(manifest or {}), "format": FORMAT,
+            "averaged_from": paths, "files": ["rank_00000.pt"], "created": time.time()}
+    _write_bytes(fs, _join(tmp, MANIFEST), json.dumps(info, indent=2, default=str).encode())
+    if _exists(fs, final):
+        fs.delete_dir(final)
+    fs.move(tmp, final)
+    return _join(root, AVERAGED)

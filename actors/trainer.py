@@ -1,0 +1,354 @@
+"""The training loop, written once for every strategy.
+
+One optimizer step (``Trainer.train_step``):
+
+1. take the next global batch of token blocks from the data stream (this rank's slice);
+2. split it into ``micro_batches`` pieces and turn each into model inputs with the
+   objective, whose ``torch.Generator`` is seeded from (seed, step, micro-batch, rank) — so a
+   resumed run draws the same masks as an uninterrupted one;
+3. weight micro-batch i by n_i / N (n_i its target tokens, N the step's target tokens summed
+   over micro-batches *and ranks*): since each model loss is a mean over its targets,
+   Σ_i (n_i / N) · mean_i = (Σ targets CE) / N — exactly the loss of the full batch, even
+   with uneven micro-batches or ignored labels (plain division by the number of
+   micro-batches is only right when all n_i are equal);
+4. ``strategy.run_micro_batches`` (forward + backward, no gradient sync until the last),
+   ``strategy.clip_and_step`` (global-norm clipping, Pascanu et al. 2013; AdamW), then the
+   warmup + cosine scheduler (actors/schedule.py).
+
+Evaluation reports the token-weighted mean cross-entropy of a held-out set and its
+perplexity exp(mean CE). Metrics are JSON lines (actors/metrics.py); checkpoints hold the
+whole state — model, optimizer, scheduler, RNG (torch, CUDA, python, numpy), data position and
+loop counters — so ``fit`` after a restore continues exactly (actors/checkpoint.py).
+
+The loop never asks which strategy it runs: all it needs is the Strategy contract
+(actors/strategy.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .metrics import MetricsLogger
+from .schedule import build_scheduler
+from .strategy import SingleProcess, Strategy
+from .train_config import CheckpointConfig, TrainConfig
+
+IGNORE_INDEX = -100
+_TRAIN, _EVAL = 0, 1          # seed-sequence domains of the objective's generators
+
+
+# ---------------------------------------------------------------- RNG
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) — call before building the model."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def objective_seed(seed: int, step: int, micro: int, rank: int, domain: int = _TRAIN) -> int:
+    """A 63-bit seed for the objective's generator, a pure function of where we are in the run
+    (numpy's SeedSequence hashes the tuple, so nearby tuples give unrelated streams)."""
+    ss = np.random.SeedSequence(seed, spawn_key=(domain, step, micro, rank))
+    return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states (dropout draws from torch's), as plain data for ``torch.load``."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+
+
+# ---------------------------------------------------------------- token accounting
+
+def count_targets(batch: dict[str, Any], objective: Any = None) -> int:
+    """How many tokens the batch's loss averages over: the weight of its micro-batch.
+
+    An objective may say so itself (``objective.num_targets(batch)``); otherwise the labels
+    that are not ignored (``labels``: GPT / T5, ``mlm_labels``: BERT / ELECTRA); otherwise every
+    input token. For BERT's NSP and ELECTRA's discriminator term the weight is the masked-token
+    count, an approximation (their losses are not means over those tokens).
+    """
+    if objective is not None and hasattr(objective, "num_targets"):
+        return int(objective.num_targets(batch))
+    for key in ("labels", "mlm_labels"):
+        labels = batch.get(key)
+        if torch.is_tensor(labels):
+            return int((labels != IGNORE_INDEX).sum())
+    return int(batch["input_ids"].numel())
+
+
+def token_ce_sum(out: Any, batch: dict[str, Any], objective: Any = None) -> tuple[float, int]:
+    """(sum of token cross-entropies, token count) of one eval batch, for perplexity.
+
+    Computed from the logits where they line up with the labels (GPT / T5: ``labels``,
+    BERT: ``mlm_labels``), so perplexity is exp(mean CE) whatever label smoothing, NSP or MoE
+    aux loss the training loss contains. ELECTRA's logits are the discriminator's, so its
+    generator's ``mlm_loss`` metric is used; any other model: its loss minus the aux loss.
+    """
+    logits = getattr(out, "logits", None)
+    for key in ("labels", "mlm_labels"):
+        labels = batch.get(key)
+        if torch.is_tensor(labels) and torch.is_tensor(logits) and logits.dim() == labels.dim() + 1 \
+                and logits.shape[:-1] == labels.shape:
+            labels = labels.to(logits.device)
+            ce = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            return float(ce), int((labels != IGNORE_INDEX).sum())
+    n = count_targets(batch, objective)
+    metrics = getattr(out, "metrics", None) or {}
+    if "mlm_loss" in metrics:
+        return float(metrics["mlm_loss"]) * n, n
+    loss = out.loss - out.aux_loss if getattr(out, "aux_loss", None) is not None else out.loss
+    return float(loss) * n, n
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    """What ``train`` / ``Trainer.fit`` returns."""
+
+    step: int                                   # optimizer steps done (incl. before a resume)
+    losses: dict[int, float]                    # step -> train loss, for the steps this call ran
+    eval: dict[str, Any] | None                 # the last eval row (loss, perplexity, ...)
+    checkpoint: str | None                      # the newest checkpoint written or resumed from
+    averaged_checkpoint: str | None             # <dir>/averaged when checkpoint.average_last
+    resumed_from: str | None                    # the checkpoint this call started from
+    rows: list[dict] = field(default_factory=list)   # every metrics row logged by this call
+
+
+class Trainer:
+    """Holds the state of one run: strategy (model + optimizer), scheduler, data position, step.
+
+    ``data`` yields LongTensor[b, L] block batches (``models.data.BlockStream``; any iterator
+    works, but only one with ``state_dict``/``load_state_dict`` resumes at the same position).
+    ``eval_data`` is a zero-argument callable returning a fresh iterable of block batches
+    (e.g. ``lambda: eval_batches(pack, L, G)``) or a re-iterable such as a list.
+    """
+
+    def __init__(self, model: nn.Module, objective: Callable, data: Iterable[torch.Tensor],
+                 cfg: TrainConfig, *, strategy: Strategy | None = None,
+                 eval_data: Callable[[], Iterable[torch.Tensor]] | Iterable[torch.Tensor] | None = None,
+                 checkpoint: CheckpointConfig | None = None, model_config: Any = None,
+                 seed: int = 0, metrics: MetricsLogger | None = None) -> None:
+        self.cfg = cfg
+        self.objective = objective
+        self.data = data
+        self._data_iter = iter(data)
+        self.eval_data = eval_data
+        self.ckpt_cfg = checkpoint or CheckpointConfig()
+        self.model_config = model_config if model_config is not None else getattr(model, "config", None)
+        self.seed = seed
+        self.strategy = strategy or SingleProcess(cfg.device)
+        self.strategy.setup(model, cfg)
+        self.scheduler = build_scheduler(self.strategy.optimizer, cfg)
+        self.metrics = metrics or MetricsLogger(cfg.metrics_path if self.strategy.is_main else None)
+        self.step = 0                 # optimizer steps completed
+        self.tokens = 0               # input tokens consumed, all ranks
+        self.elapsed = 0.0            # seconds spent in train steps, all sessions of the run
+        self.last_checkpoint: str | None = None
+        self._log_t, self._log_tokens = time.perf_counter(), 0
+
+    # ------------------------------------------------------------ one step
+    def _generator(self, step: int, micro: int, domain: int = _TRAIN) -> torch.Generator:
+        return torch.Generator().manual_seed(
+            objective_seed(self.seed, step, micro, self.strategy.rank, domain))
+
+    def micro_batches(self, blocks: torch.Tensor, step: int) -> list[dict[str, Any]]:
+        """The objective applied to each of ``micro_batches`` slices of ``blocks``."""
+        if blocks.size(0) < self.cfg.micro_batches:
+            raise ValueError(f"train.micro_batches: {self.cfg.micro_batches} micro-batches but "
+                             f"only {blocks.size(0)} blocks per step on this rank")
+        pieces = torch.tensor_split(blocks, self.cfg.micro_batches, dim=0)
+        return [self.objective(p, self._generator(step, i)) for i, p in enumerate(pieces)]
+
+    def accumulate(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+        """Forward + backward of one step's micro-batches with token-count weights; returns the
+        step's loss (token-weighted, summed over ranks) and the models' own metrics."""
+        counts = [count_targets(b, self.objective) for b in batches]
+        total = self.strategy.all_reduce_sum([sum(counts)])[0]
+        if total <= 0:
+            raise ValueError(f"step {self.step}: the batch has no target tokens")
+        weights = [c / total for c in counts]
+        self.strategy.train(True)
+        results = self.strategy.run_micro_batches(batches, weights)
+        keys = sorted({k for r in results for k in r.metrics})
+        w = torch.tensor(weights, dtype=torch.float64)
+        # one host sync for all micro-batches, not one per micro-batch
+        losses = torch.stack([r.loss.double() for r in results]).cpu()
+        auxes = torch.stack([r.aux_loss.double() if r.aux_loss is not None
+                             else torch.zeros((), dtype=torch.float64, device=r.loss.device)
+                             for r in results]).cpu()
+        local = [float((w * losses).sum()), float((w * auxes).sum())]
+        local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results)) for k in keys]
+        reduced = self.strategy.all_reduce_sum(local)
+        out = {"loss": reduced[0], "target_tokens": int(total)}
+        if any(r.aux_loss is not None for r in results):
+            out["aux_loss"] = reduced[1]
+        out.update(zip(keys, reduced[2:]))
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row (also logged every ``log_every``)."""
+        t0 = time.perf_counter()
+        blocks = next(self._data_iter)
+        lr = self.scheduler.get_last_lr()[0]
+        stats = self.accumulate(self.micro_batches(blocks, self.step))
+        grad_norm = float(self.strategy.clip_and_step(self.cfg.grad_clip))
+        self.scheduler.step()
+        self.step += 1
+        step_tokens = int(self.strategy.all_reduce_sum([blocks.numel()])[0])
+        self.tokens += step_tokens
+        self._log_tokens += step_tokens
+        self.elapsed += time.perf_counter() - t0
+        row = {"step": self.step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+               "tokens": self.tokens, **stats}
+        if self.step % self.cfg.log_every == 0:
+            now = time.perf_counter()
+            row["tokens_per_s"] = self._log_tokens / max(now - self._log_t, 1e-9)
+            row["elapsed_s"] = self.elapsed
+            self._log_t, self._log_tokens = now, 0
+            if self.strategy.is_main:
+                self.metrics.log({"split": "train", **row})
+        return row
+
+    # ------------------------------------------------------------ eval
+    def _eval_iterable(self) -> Iterable[torch.Tensor]:
+        data = self.eval_data
+        return data() if callable(data) else data
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean token cross-entropy and perplexity over up to ``eval_batches`` batches."""
+        if self.eval_data is None:
+            raise ValueError("evaluate: no eval_data was given to the Trainer")
+        self.strategy.train(False)
+        ce, n = 0.0, 0
+        batches = itertools.islice(self._eval_iterable(), self.cfg.eval_batches)
+        for b, blocks in enumerate(batches):
+            if blocks.numel() == 0:       # a rank's share of a short last batch
+                continue
+            batch = self.objective(blocks, self._generator(0, b, _EVAL))
+            out = self.strategy.forward(batch)
+            s, c = token_ce_sum(out, batch, self.objective)
+            ce, n = ce + s, n + c
+        ce, n = self.strategy.all_reduce_sum([ce, n])
+        self.strategy.train(True)
+        mean = ce / max(n, 1)
+        row = {"split": "eval", "step": self.step, "loss": mean, "perplexity": math.exp(mean),
+               "eval_tokens": int(n)}
+        if self.strategy.is_main:
+            self.metrics.log(row)
+        return row
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state = self.strategy.state_dict()
+        state.update(scheduler=self.scheduler.state_dict(), rng=capture_rng(),
+                     data=self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+                     loop={"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed})
+        return state
+
+    def save(self, root: str | None = None) -> str:
+        """Write a checkpoint of the current step under ``root`` (default checkpoint.dir)."""
+        root = root or self.ckpt_cfg.dir
+        if not root:
+            raise ckpt.CheckpointError("save: no checkpoint directory (checkpoint.dir) is set")
+        state = self.state_dict()
+        mc = self.model_config
+        manifest = {"model_config": dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else mc,
+                    "train_config": dataclasses.asdict(self.cfg), "seed": self.seed,
+                    "data_state": state["data"], "tokens": self.tokens}
+        self.last_checkpoint = ckpt.save_checkpoint(
+            root, self.step, state, manifest=manifest, rank=self.strategy.rank,
+            world_size=self.strategy.world_size, keep_last=self.ckpt_cfg.keep_last)
+        return self.last_checkpoint
+
+    def restore(self, path: str) -> dict[str, Any]:
+        """Load a checkpoint (a step directory, or a root: its ``latest``); return its manifest.
+
+        Shapes are checked first: a checkpoint of another model shape raises CheckpointError
+        naming the first mismatching parameter and both shapes.
+        """
+        manifest, state = ckpt.load_checkpoint(path, self.strategy.rank)
+        ckpt.check_compatible(self.strategy.module, state["model"], source=f"checkpoint {path!r}")
+        self.strategy.load_state_dict(state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        if state.get("data") is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        loop = state["loop"]
+        self.step, self.tokens, self.elapsed = loop["step"], loop["tokens"], loop["elapsed_s"]
+        self.last_checkpoint = path
+        return manifest
+
+    # ------------------------------------------------------------ the run
+    def fit(self, until: int | None = None) -> TrainResult:
+        """Train to step ``until`` (default ``train.max_steps``), resuming from
+        ``checkpoint.dir/latest`` when ``checkpoint.resume`` and one exists.
+
+        Evaluates every ``eval_every`` steps and at the end; checkpoints every
+        ``checkpoint.every`` steps and at the end; averages the last k at the end of the
+        run when ``checkpoint.average_last`` is set.
+        """
+        cc = self.ckpt_cfg
+        until = self.cfg.max_steps if until is None else until
+        resumed = None
+        if cc.dir and cc.resume:
+            latest = ckpt.latest_checkpoint(cc.dir)
+            if latest is not None and latest != self.last_checkpoint:
+                self.restore(latest)
+                resumed = latest
+        first_row = len(self.metrics.rows)
+        losses: dict[int, float] = {}
+        last_eval, saved_at = None, None
+        self._log_t, self._log_tokens = time.perf_counter(), 0
+        while self.step < until:
+            row = self.train_step()
+            losses[self.step] = row["loss"]
+            if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                last_eval = self.evaluate()
+            if cc.dir and cc.every and self.step % cc.every == 0:
+                self.save()
+                saved_at = self.step
+        if self.eval_data is not None and (last_eval is None or last_eval["step"] != self.step):
+            last_eval = self.evaluate()
+        if cc.dir and saved_at != self.step and (losses or resumed is None):
+            self.save()
+        averaged = None
+        if cc.dir and cc.average_last and self.step >= self.cfg.max_steps:
+            averaged = ckpt.save_average(cc.dir, cc.average_last) if self.strategy.is_main else None
+        return TrainResult(step=self.step, losses=losses, eval=last_eval,
+                           checkpoint=self.last_checkpoint, averaged_checkpoint=averaged,
+                           resumed_from=resumed, rows=self.metrics.rows[first_row:])
+
+
+def train(model: nn.Module, objective: Callable, data: Iterable[torch.Tensor], cfg: TrainConfig,
+          **kwargs: Any) -> TrainResult:
+    """``Trainer(model, objective, data, cfg, **kwargs).fit()`` — see :class:`Trainer`."""
+    return Trainer(model, objective, data, cfg, **kwargs).fit()

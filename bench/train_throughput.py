@@ -1,0 +1,155 @@
+"""Training throughput of bmray's single-worker loop against a plain PyTorch loop.
+
+Same GPT, same initial weights, same batches, same optimizer (AdamW), schedule and clipping;
+the plain loop is what a user would write by hand (nanoGPT-style). Ours runs through
+`actors.trainer.Trainer` (token-weighted accumulation, metrics, schedule, strategy object),
+once on the same in-memory batches and once streaming the same blocks from Parquet through
+`models.data.BlockStream`, so the table shows what the loop costs and what the data path costs.
+
+Runs are interleaved (plain, ours, plain, ours, ...) and the median of the repeats is reported,
+because the machine is shared and noisy: quote the ratio, not the absolute numbers.
+
+    python bench/train_throughput.py [--steps 30 --repeats 3 --threads 2]
+
+Goal (issue 2): ours ≥ 0.95 × plain.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actors.schedule import lr_at  # noqa: E402
+from actors.train_config import TrainConfig  # noqa: E402
+from actors.trainer import Trainer  # noqa: E402
+from models import ModelConfig, build_model, objective_for  # noqa: E402
+from models.data import BlockStream  # noqa: E402
+
+
+def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig) -> float:
+    """The hand-written reference: returns seconds for len(batches) steps."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+    model.train()
+    start = time.perf_counter()
+    for blocks in batches:
+        out = model(input_ids=blocks[:, :-1], labels=blocks[:, 1:])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    float(out.loss)  # one sync at the end
+    return time.perf_counter() - start
+
+
+def ours_loop(model: torch.nn.Module, data, cfg: TrainConfig, model_cfg: ModelConfig) -> float:
+    trainer = Trainer(model, objective_for(model_cfg), data, cfg, model_config=model_cfg)
+    start = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - start
+
+
+def write_pack(batches: list[torch.Tensor], path: str) -> None:
+    """The same blocks as a packed Parquet file (one row group per global batch)."""
+    blocks = torch.cat(batches).numpy().astype(np.int32)
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), blocks.shape[1])
+    pq.write_table(pa.table({"tokens": arr}), path, row_group_size=batches[0].size(0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--block-len", type=int, default=129)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "train_throughput.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    vocab = 4096
+    model_cfg = ModelConfig(family="gpt", vocab_size=vocab, d_model=args.d_model,
+                            n_heads=args.d_model // 64, n_layers=args.layers,
+                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
+    n = args.steps + args.warmup_steps
+    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=10, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.block_len), generator=gen)
+               for _ in range(n)]
+    init = build_model(model_cfg)
+    tokens = args.steps * args.batch * (args.block_len - 1)
+
+    tmp = tempfile.mkdtemp(prefix="bmray_bench_")
+    pack = os.path.join(tmp, "blocks.parquet")
+    write_pack(batches, pack)
+
+    def timed(fn) -> float:
+        # Time all n steps and subtract a separately measured warm-up of the same kind, so
+        # one-off costs (first-touch allocation, optimizer state) do not count.
+        return fn(n) - fn(args.warmup_steps)
+
+    runs = {
+        "plain PyTorch loop": lambda k: plain_loop(copy.deepcopy(init), batches[:k], cfg),
+        "bmray Trainer (in-memory batches)": lambda k: ours_loop(
+            copy.deepcopy(init), iter(batches[:k]), _with_steps(cfg, k), model_cfg),
+        "bmray Trainer + BlockStream (Parquet)": lambda k: ours_loop(
+            copy.deepcopy(init), BlockStream(pack, args.block_len, args.batch, shuffle=False),
+            _with_steps(cfg, k), model_cfg),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    base = statistics.median(times["plain PyTorch loop"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"loop": name, "median_s": med, "tokens_per_s": tokens / med,
+                     "ratio_vs_plain": base / med, "runs_s": ts})
+    print(f"\nGPT d_model={args.d_model} layers={args.layers} batch={args.batch}x"
+          f"{args.block_len - 1} tokens, {args.steps} timed steps, {args.threads} threads, "
+          f"median of {args.repeats}")
+    print(f"{'loop':40s} {'tokens/s':>10s} {'× plain':>8s}")
+    for r in rows:
+        print(f"{r['loop']:40s} {r['tokens_per_s']:10.0f} {r['ratio_vs_plain']:8.3f}")
+    goal = 0.95
+    ours = rows[1]["ratio_vs_plain"]
+    print(f"goal: ours ≥ {goal} × plain → {'met' if ours >= goal else 'NOT met'} ({ours:.3f})")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"bench": "train_throughput", "args": vars(args), "rows": rows,
+                   "goal_ratio": goal, "goal_met": ours >= goal,
+                   "torch": torch.__version__}, fh, indent=2)
+    print(f"wrote {args.out}")
+    assert all(math.isfinite(r["median_s"]) for r in rows)
+
+
+def _with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    return TrainConfig(**{**cfg.__dict__, "max_steps": steps})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Deterministic synthetic world: entities and facts, encyclopedia pages, QA, retrieval, labels.
+
+    from models.world import World, WorldConfig, write_world
+    world = World(WorldConfig(seed=0, n_entities=200))
+    for doc in world.iter_documents(): ...
+    write_world(WorldConfig(size_bytes=10**9), "/data/world", formats=("jsonl", "parquet"))
+
+Modules: `config` (WorldConfig), `names` (unique invented names), `schema` (types, attributes,
+templates: data only), `world` (World: lazy generation), `writer` (write_world: files on disk).
+"""
+from models.world.config import WorldConfig
+from models.world.schema import REGIONS, TYPES
+from models.world.world import Claim, Document, Entity, Fact, World, estimate_entities
+from models.world.writer import write_world
+
+__all__ = ["WorldConfig", "World", "write_world", "estimate_entities", "Entity", "Fact",
+           "Document", "Claim", "TYPES", "REGIONS"]

@@ -1,0 +1,167 @@
+"""Checkpoints: atomic save, ``latest``, retention, shape errors, missing paths, averaging —
+checked against directly computed references (state dicts, elementwise means)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from actors import checkpoint as ck
+from actors.checkpoint import (CheckpointError, average_checkpoints, check_compatible,
+                               latest_checkpoint, list_checkpoints, load_checkpoint,
+                               save_checkpoint)
+from actors.train_config import CheckpointConfig, TrainConfig
+from actors.trainer import Trainer, seed_everything
+from models.config import ModelConfig
+from models.objectives import CausalLM
+from models.registry import build_model
+
+torch.set_num_threads(1)
+
+
+def linear_state(value: float) -> dict:
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.fill_(value)
+        layer.bias.copy_(torch.arange(2.0) * value)
+    return {"model": layer.state_dict(), "step_count": torch.tensor(int(value))}
+
+
+def steps(paths):
+    return [int(p.rsplit("step_", 1)[1]) for p in paths]
+
+
+def test_save_load_roundtrip_latest_and_manifest(tmp_path):
+    root = str(tmp_path / "ck")
+    state = linear_state(1.5)
+    path = save_checkpoint(root, 7, state, manifest={"model_config": {"d_model": 3}})
+    assert path == f"{root}/step_00000007"
+    assert latest_checkpoint(root) == path
+    assert (tmp_path / "ck" / "latest").read_text() == "step_00000007"
+    manifest, loaded = load_checkpoint(root)           # a root resolves through ``latest``
+    assert manifest["step"] == 7 and manifest["model_config"] == {"d_model": 3}
+    assert json.loads((tmp_path / "ck" / "step_00000007" / "manifest.json").read_text())["step"] == 7
+    for k, v in state["model"].items():
+        assert torch.equal(loaded["model"][k], v)
+
+
+def test_pyarrow_uri_works_like_a_path(tmp_path):
+    root = f"file://{tmp_path}/uri_ck"
+    path = save_checkpoint(root, 1, linear_state(2.0))
+    assert path.startswith("file://") and latest_checkpoint(root) == path
+    _, loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["weight"], torch.full((2, 3), 2.0))
+
+
+def test_retention_keeps_the_last_n(tmp_path):
+    root = str(tmp_path / "ck")
+    for s in range(1, 6):
+        save_checkpoint(root, s, linear_state(float(s)), keep_last=2)
+    assert steps(list_checkpoints(root)) == [4, 5]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == \
+        ["latest", "step_00000004", "step_00000005"]
+    assert latest_checkpoint(root).endswith("step_00000005")
+
+
+def test_a_crash_mid_save_loses_nothing(tmp_path, monkeypatch):
+    root = str(tmp_path / "ck")
+    good = save_checkpoint(root, 1, linear_state(1.0))
+    real_write = ck._write_bytes
+
+    def crash_on_manifest(fs, path, data):
+        if path.endswith(ck.MANIFEST):
+            raise OSError("disk full")
+        real_write(fs, path, data)
+
+    monkeypatch.setattr(ck, "_write_bytes", crash_on_manifest)
+    with pytest.raises(OSError):
+        save_checkpoint(root, 2, linear_state(2.0))
+    monkeypatch.setattr(ck, "_write_bytes", real_write)
+    assert latest_checkpoint(root) == good
+    assert steps(list_checkpoints(root)) == [1]        # the half-written one is invisible
+    _, loaded = load_checkpoint(root)
+    assert torch.equal(loaded["model"]["weight"], torch.full((2, 3), 1.0))
+    # the next save of that step cleans up and succeeds
+    assert save_checkpoint(root, 2, linear_state(2.0)).endswith("step_00000002")
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "ck").iterdir())
+
+
+def test_latest_falls_back_when_the_pointer_is_stale(tmp_path):
+    root = str(tmp_path / "ck")
+    save_checkpoint(root, 3, linear_state(3.0))
+    (tmp_path / "ck" / "latest").write_text("step_00000099")
+    assert latest_checkpoint(root).endswith("step_00000003")
+
+
+def test_missing_checkpoint_path_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "nowhere" / "step_00000001")
+    with pytest.raises(CheckpointError, match="checkpoint not found.*nowhere"):
+        load_checkpoint(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint under"):
+        load_checkpoint(str(tmp_path / "empty"))
+
+
+def test_average_equals_the_elementwise_mean(tmp_path):
+    root = str(tmp_path / "ck")
+    states = [linear_state(v) for v in (1.0, 2.0, 4.0, 8.0)]
+    torch.manual_seed(0)
+    for s, state in enumerate(states, 1):
+        state["model"]["weight"] += torch.randn(2, 3)   # not a trivial constant
+        save_checkpoint(root, s, state)
+    paths = list_checkpoints(root)[-3:]
+    avg = average_checkpoints(paths)
+    for name in ("weight", "bias"):
+        expected = torch.stack([st["model"][name] for st in states[-3:]]).mean(0)
+        torch.testing.assert_close(avg[name], expected, rtol=0, atol=1e-6)
+
+
+def tiny_trainer(tmp_path, d_model: int, **ckpt) -> Trainer:
+    seed_everything(0)
+    mc = ModelConfig(family="gpt", vocab_size=40, d_model=d_model, n_heads=2, n_layers=1,
+                     d_ff=32, max_seq_len=16, dropout=0.0)
+    data = iter(torch.randint(3, 40, (6, 9), generator=torch.Generator().manual_seed(s))
+                for s in range(1000))
+    return Trainer(build_model(mc), CausalLM(), data,
+                   TrainConfig(max_steps=6, warmup_steps=1, device="cpu"),
+                   checkpoint=CheckpointConfig(dir=str(tmp_path / "ck"), **ckpt), model_config=mc)
+
+
+def test_checkpoint_of_another_shape_names_parameter_and_shapes(tmp_path):
+    small = tiny_trainer(tmp_path, d_model=16, every=2)
+    small.fit(until=2)
+    big = tiny_trainer(tmp_path, d_model=24)
+    a, b = small.strategy.module.state_dict(), big.strategy.module.state_dict()
+    name = next(n for n in b if a[n].shape != b[n].shape)   # the first mismatch, found directly
+    with pytest.raises(CheckpointError) as err:
+        big.fit()                                            # resume from ``latest``
+    msg = str(err.value)
+    assert repr(name) in msg
+    assert str(tuple(a[name].shape)) in msg and str(tuple(b[name].shape)) in msg
+
+
+def test_check_compatible_names_missing_and_extra_keys():
+    model = nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match="'bias'.*missing"):
+        check_compatible(model, {"weight": torch.zeros(2, 3)})
+    with pytest.raises(CheckpointError, match="'extra'.*not in the model"):
+        check_compatible(model, {**model.state_dict(), "extra": torch.zeros(1)})
+
+
+def test_trainer_retention_and_average_last_option(tmp_path):
+    trainer = tiny_trainer(tmp_path, d_model=16, every=2, keep_last=2, average_last=2)
+    result = trainer.fit()
+    kept = list_checkpoints(str(tmp_path / "ck"))
+    assert steps(kept) == [4, 6]
+    assert result.checkpoint == kept[-1]
+    assert result.averaged_checkpoint == str(tmp_path / "ck" / "averaged")
+    _, averaged = load_checkpoint(result.averaged_checkpoint)
+    models = [load_checkpoint(p)[1]["model"] for p in kept]
+    for name, tensor in averaged["model"].items():
+        expected = (models[0][name].double() + models[1][name].double()) / 2
+        torch.testing.assert_close(tensor, expected.to(tensor.dtype), rtol=0, atol=1e-6)
+    # the weights after the last step are those of the last checkpoint
+    for name, tensor in trainer.strategy.module.state_dict().items():
+        assert torch.equal(tensor, models[1][name])
