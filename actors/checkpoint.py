@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import json
-import posixpath
+import os
 import re
 import time
 import uuid
@@ -53,7 +53,7 @@ class CheckpointError(RuntimeError):
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or any URI pyarrow understands."""
     if "://" not in uri:
-        return pafs.LocalFileSystem(), posixpath.abspath(uri) if not uri.startswith("/") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
         return pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types

@@ -172,7 +172,7 @@ class Trainer:
         self.tokens = 0               # input tokens consumed, all ranks
         self.elapsed = 0.0            # seconds spent in train steps, all sessions of the run
         self.last_checkpoint: str | None = None
-        self._log_t, self._log_tokens = time.perf_counter(), 0
+        self._log_time, self._log_tokens = 0.0, 0      # train-step seconds / tokens since last log
 
     # ------------------------------------------------------------ one step
     def _generator(self, step: int, micro: int, domain: int = _TRAIN) -> torch.Generator:
@@ -198,14 +198,15 @@ class Trainer:
         self.strategy.train(True)
         results = self.strategy.run_micro_batches(batches, weights)
         keys = sorted({k for r in results for k in r.metrics})
-        w = torch.tensor(weights, dtype=torch.float64)
+        wt = torch.tensor(weights, dtype=torch.float64)
         # one host sync for all micro-batches, not one per micro-batch
         losses = torch.stack([r.loss.double() for r in results]).cpu()
         auxes = torch.stack([r.aux_loss.double() if r.aux_loss is not None
                              else torch.zeros((), dtype=torch.float64, device=r.loss.device)
                              for r in results]).cpu()
-        local = [float((w * losses).sum()), float((w * auxes).sum())]
-        local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results)) for k in keys]
+        local = [float((wt * losses).sum()), float((wt * auxes).sum())]
+        local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
+                  for k in keys]
         reduced = self.strategy.all_reduce_sum(local)
         out = {"loss": reduced[0], "target_tokens": int(total)}
         if any(r.aux_loss is not None for r in results):
@@ -225,14 +226,15 @@ class Trainer:
         step_tokens = int(self.strategy.all_reduce_sum([blocks.numel()])[0])
         self.tokens += step_tokens
         self._log_tokens += step_tokens
-        self.elapsed += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self._log_time += dt
         row = {"step": self.step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
                "tokens": self.tokens, **stats}
         if self.step % self.cfg.log_every == 0:
-            now = time.perf_counter()
-            row["tokens_per_s"] = self._log_tokens / max(now - self._log_t, 1e-9)
+            row["tokens_per_s"] = self._log_tokens / max(self._log_time, 1e-9)
             row["elapsed_s"] = self.elapsed
-            self._log_t, self._log_tokens = now, 0
+            self._log_time, self._log_tokens = 0.0, 0
             if self.strategy.is_main:
                 self.metrics.log({"split": "train", **row})
         return row
@@ -327,7 +329,6 @@ class Trainer:
         first_row = len(self.metrics.rows)
         losses: dict[int, float] = {}
         last_eval, saved_at = None, None
-        self._log_t, self._log_tokens = time.perf_counter(), 0
         while self.step < until:
             row = self.train_step()
             losses[self.step] = row["loss"]

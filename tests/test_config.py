@@ -2,7 +2,6 @@
 or path; a good file builds the dataclasses and (end to end) a short run."""
 from __future__ import annotations
 
-import textwrap
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from actors.schedule import build_scheduler
-from actors.strategy import SingleProcess
 from actors.train_config import CheckpointConfig, TrainConfig
 from actors.trainer import Trainer, seed_everything
 from models.config import ModelConfig
