@@ -26,8 +26,9 @@ class MetricsLogger:
     Every row is also kept in ``self.rows`` so callers and tests can read them back.
     """
 
-    def __init__(self, path: str | None = None):
+    def __init__(self, path: str | None = None, echo: bool = False):
         self.path = path
+        self.echo = echo
         self.rows: list[dict] = []
         self._fh = None
         if path:
@@ -40,12 +41,24 @@ class MetricsLogger:
         if self._fh is not None:
             self._fh.write(json.dumps(row, sort_keys=False) + "\n")
             self._fh.flush()
+        if self.echo:
+            print(format_row(row), flush=True)
         return row
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """One short human line for a metrics row (the JSON line stays the record)."""
+    parts = [f"[{row.get('split', 'train')}] step {row.get('step', '?')}"]
+    for key, fmt in (("loss", "loss {:.4f}"), ("perplexity", "ppl {:.2f}"), ("lr", "lr {:.2e}"),
+                     ("grad_norm", "grad_norm {:.3f}"), ("tokens_per_s", "{:.0f} tok/s")):
+        if isinstance(row.get(key), (int, float)):
+            parts.append(fmt.format(row[key]))
+    return " | ".join(parts)
 
 
 def read_metrics(path: str) -> list[dict]:

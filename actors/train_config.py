@@ -36,6 +36,7 @@ class TrainConfig:
     eval_batches: int = 8           # batches per evaluation (fewer if the eval set is shorter)
     log_every: int = 1              # one JSON line of train metrics every N steps
     metrics_path: str | None = None  # JSON-lines file; None: keep rows in memory only
+    echo: bool = True               # also print each metrics row as one short console line
     device: str = "auto"            # "auto" (cuda if visible) | "cpu" | "cuda" | "cuda:N"
 
     def __post_init__(self) -> None:

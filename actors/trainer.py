@@ -167,7 +167,9 @@ class Trainer:
         self.strategy = strategy or SingleProcess(cfg.device)
         self.strategy.setup(model, cfg)
         self.scheduler = build_scheduler(self.strategy.optimizer, cfg)
-        self.metrics = metrics or MetricsLogger(cfg.metrics_path if self.strategy.is_main else None)
+        self.metrics = metrics or MetricsLogger(
+            cfg.metrics_path if self.strategy.is_main else None,
+            echo=cfg.echo and self.strategy.is_main)
         self.step = 0                 # optimizer steps completed
         self.tokens = 0               # input tokens consumed, all ranks
         self.elapsed = 0.0            # seconds spent in train steps, all sessions of the run

@@ -48,6 +48,10 @@ class LocalHead:
         env = dict(os.environ, **self.env)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         env.pop("RAY_ADDRESS", None)
+        # Ray 2.60 enables token auth on a head whenever ~/.ray/auth_token exists (any earlier
+        # ray.init() writes it); clients then need the mode set as well as the token.
+        if os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+            env.setdefault("RAY_AUTH_MODE", "token")
         return env
 
     def start(self) -> "LocalHead":
@@ -68,8 +72,10 @@ class LocalHead:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"ray start exited with code {self._proc.returncode}")
+            request = urllib.request.Request(f"{self.dashboard_url}/api/jobs/",
+                                             headers=self._auth_header())
             try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/", timeout=2) as r:
+                with urllib.request.urlopen(request, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -77,6 +83,14 @@ class LocalHead:
             time.sleep(0.5)
         self.stop()
         raise TimeoutError(f"Ray head did not start within {self.start_timeout_s:.0f} s")
+
+    @staticmethod
+    def _auth_header() -> dict:
+        token = os.path.expanduser("~/.ray/auth_token")
+        if not os.path.exists(token):
+            return {}
+        with open(token) as fh:
+            return {"Authorization": f"Bearer {fh.read().strip()}"}
 
     def stop(self) -> None:
         """SIGTERM the head's process group, SIGKILL what is left after a grace period."""

@@ -8,6 +8,7 @@ whose message names the full key path (``train.lr``) and, where it helps, the va
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -76,6 +78,8 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
         val_tp = args[1] if len(args) == 2 else Any
         return {k: _coerce(f"{path}.{k}", val_tp, v) for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)   # PyYAML reads 1e-3 (no dot) as a string: YAML 1.1 quirk
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -155,7 +159,10 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
+        value = yaml.safe_load(text) if text else ""
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)
+        node[parts[-1]] = value
     return out
 
 
