@@ -25,18 +25,17 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors.schedule import lr_at  # noqa: E402
+from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from actors.trainer import Trainer  # noqa: E402
 from models import ModelConfig, build_model, objective_for  # noqa: E402
-from models.data import BlockStream  # noqa: E402
+from models.data import BlockStream, CorpusReader, pack_corpus  # noqa: E402
+from models.tokenizer import train_bpe  # noqa: E402
+from models.world import WorldConfig, write_world  # noqa: E402
 
 
 def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig) -> float:
@@ -46,7 +45,9 @@ def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainCo
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_decay_steps) / cfg.lr)
     model.train()
     start = time.perf_counter()
     for blocks in batches:
@@ -56,7 +57,7 @@ def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainCo
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    float(out.loss)  # one sync at the end
+    float(out.loss.detach())  # one sync at the end
     return time.perf_counter() - start
 
 
@@ -67,11 +68,13 @@ def ours_loop(model: torch.nn.Module, data, cfg: TrainConfig, model_cfg: ModelCo
     return time.perf_counter() - start
 
 
-def write_pack(batches: list[torch.Tensor], path: str) -> None:
-    """The same blocks as a packed Parquet file (one row group per global batch)."""
-    blocks = torch.cat(batches).numpy().astype(np.int32)
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(blocks.reshape(-1)), blocks.shape[1])
-    pq.write_table(pa.table({"tokens": arr}), path, row_group_size=batches[0].size(0))
+def make_pack(root: str, block_len: int, vocab: int) -> str:
+    """Synthetic-world corpus -> BPE tokenizer -> packed Parquet blocks (the real data path)."""
+    write_world(WorldConfig(seed=0, n_entities=300), f"{root}/world", parts=("documents",))
+    reader = CorpusReader(f"{root}/world/documents.jsonl")
+    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
+    pack_corpus(reader, tok, block_len, f"{root}/pack")
+    return f"{root}/pack"
 
 
 def main() -> None:
@@ -95,16 +98,13 @@ def main() -> None:
                             n_heads=args.d_model // 64, n_layers=args.layers,
                             d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
     n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=10, device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.block_len), generator=gen)
-               for _ in range(n)]
+    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=10, device="cpu",
+                      echo=False)
+    pack = make_pack(tempfile.mkdtemp(prefix="bmray_bench_"), args.block_len, vocab)
+    stream = BlockStream(pack, args.block_len, args.batch, shuffle=False)
+    batches = [next(stream) for _ in range(n)]   # the same blocks, held in memory
     init = build_model(model_cfg)
     tokens = args.steps * args.batch * (args.block_len - 1)
-
-    tmp = tempfile.mkdtemp(prefix="bmray_bench_")
-    pack = os.path.join(tmp, "blocks.parquet")
-    write_pack(batches, pack)
 
     def timed(fn) -> float:
         # Time all n steps and subtract a separately measured warm-up of the same kind, so
