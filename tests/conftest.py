@@ -13,6 +13,11 @@ def ray_session():
     """An embedded local Ray with 8 logical CPUs (more than the 2 cores: workers pin 1 thread)."""
     from cluster import connect, shutdown
 
+    # Functions defined in test modules are pickled by reference (module `test_x`): Ray's
+    # workers must be able to import them, so the tests folder goes on their path too.
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
     connect(num_cpus=8, log_to_driver=False)
     yield
     shutdown()

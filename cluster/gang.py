@@ -1,0 +1,174 @@
+"""Start, run and stop a gang of N train workers (Ray actors) with a torch.distributed group.
+
+    with WorkerGroup(ScalingConfig(num_workers=4)) as group:
+        losses = group.execute(train_fn, config)      # train_fn runs on every rank
+
+Why a placement group: all N workers must exist before any of them can rendezvous (gang
+scheduling), so the N bundles are reserved atomically (PACK: as few nodes as possible, which
+keeps collectives on fast local links; SPREAD: one per node where possible, for fault isolation).
+Why our own actors and not Ray Train's TorchTrainer: see actors/gang_worker.py. The names follow
+Ray Train (`ScalingConfig`, `num_workers`, `use_gpu`, `placement_strategy`) so a Ray user feels
+at home.
+
+Backend: NCCL when the workers have GPUs, gloo otherwise (`backend="auto"`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.gang_worker import GangWorker, WorkerContext, worker_context
+from models.typed_config import ConfigError, check_choice, check_positive
+
+__all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "WorkerContext", "worker_context"]
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+class WorkerFailure(RuntimeError):
+    """A gang worker died or its function raised; names the rank and the cause."""
+
+    def __init__(self, rank: int, cause: BaseException):
+        self.rank, self.cause = rank, cause
+        kind = "died" if isinstance(cause, RayActorError) else "failed"
+        super().__init__(f"train worker rank {rank} {kind}: {type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+
+
+@dataclass
+class ScalingConfig:
+    """How many workers and what each gets (Ray Train's names)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0           # also the worker's torch thread count (at least 1)
+    placement_strategy: str = "PACK"
+    backend: str = "auto"                  # "auto" | "gloo" | "nccl"
+    start_timeout_s: float = 120.0         # placement group + rendezvous
+    collective_timeout_s: float = 300.0    # a collective waiting longer than this fails
+
+    def __post_init__(self) -> None:
+        check_positive("scaling.num_workers", self.num_workers)
+        check_positive("scaling.cpus_per_worker", self.cpus_per_worker, allow_zero=True)
+        check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
+        check_choice("scaling.backend", self.backend, ("auto", "gloo", "nccl"))
+        if self.backend == "nccl" and not self.use_gpu:
+            raise ConfigError("scaling.backend: nccl needs scaling.use_gpu: true")
+        check_positive("scaling.start_timeout_s", self.start_timeout_s)
+        check_positive("scaling.collective_timeout_s", self.collective_timeout_s)
+
+    @property
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.use_gpu else "gloo"
+
+
+class WorkerGroup:
+    """A gang of ``num_workers`` GangWorker actors in one placement group, one process group."""
+
+    def __init__(self, scaling: ScalingConfig, env: dict[str, str] | None = None):
+        self.scaling = scaling
+        self.env = env or {}
+        self.workers: list[Any] = []
+        self._pg = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "WorkerGroup":
+        s = self.scaling
+        bundle = {"CPU": s.cpus_per_worker}
+        if s.use_gpu:
+            bundle["GPU"] = 1
+        self._pg = placement_group([dict(bundle) for _ in range(s.num_workers)],
+                                   strategy=s.placement_strategy)
+        try:
+            ray.get(self._pg.ready(), timeout=s.start_timeout_s)
+        except GetTimeoutError:
+            self.shutdown()
+            raise RuntimeError(
+                f"could not place {s.num_workers} workers x {bundle} "
+                f"({s.placement_strategy}) within {s.start_timeout_s:.0f} s; the cluster has "
+                f"{ray.cluster_resources()}") from None
+        threads = max(1, int(s.cpus_per_worker))
+        self.workers = [
+            GangWorker.options(
+                num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=i),
+            ).remote(threads, self.env)
+            for i in range(s.num_workers)]
+        try:
+            addresses = ray.get([w.address.remote() for w in self.workers],
+                                timeout=s.start_timeout_s)
+            master, port, _ = addresses[0]
+            local_ranks = _local_ranks([node for _, _, node in addresses])
+            ray.get([w.setup.remote(rank, s.num_workers, local_ranks[rank], master, port,
+                                    s.resolved_backend, s.collective_timeout_s)
+                     for rank, w in enumerate(self.workers)], timeout=s.start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def shutdown(self) -> None:
+        """Kill the workers and release their resources (safe to call twice)."""
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:   # already dead
+                pass
+        self.workers = []
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+
+    def __enter__(self) -> "WorkerGroup":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ running code
+    def execute_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list:
+        """Start ``fn(*args, **kwargs)`` on every rank; returns one ObjectRef per rank."""
+        if not self.workers:
+            raise RuntimeError("the worker group is not started")
+        return [w.execute.remote(fn, *args, **kwargs) for w in self.workers]
+
+    def execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """Run ``fn`` on every rank and return the results in rank order. If a worker dies or
+        raises, raise WorkerFailure naming the first rank that did (in completion order)."""
+        return self.get(self.execute_async(fn, *args, **kwargs))
+
+    def execute_rank(self, rank: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.get([self.workers[rank].execute.remote(fn, *args, **kwargs)])[0]
+
+    @staticmethod
+    def get(refs: list) -> list[Any]:
+        """ray.get in rank order, but report the first failure as soon as it happens: a dead
+        rank leaves its peers blocked in a collective, so waiting in rank order could hang."""
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except Exception as exc:            # RayActorError, RayTaskError
+                raise WorkerFailure(refs.index(done[0]), exc) from exc
+        return ray.get(refs)
+
+
+def _local_ranks(nodes: list[str]) -> list[int]:
+    seen: dict[str, int] = {}
+    out = []
+    for node in nodes:
+        out.append(seen.get(node, 0))
+        seen[node] = out[-1] + 1
+    return out
