@@ -24,18 +24,22 @@ def connect(address: str | None = None, num_cpus: int | None = None,
     running on this machine; ``"host:port"`` or ``"ray://host:10001"`` → that cluster.
     num_cpus: logical CPUs of the embedded local Ray (ignored when joining a cluster).
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict = {"log_to_driver": log_to_driver, "configure_logging": False}
         if address is None:
-            kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+            # "local" starts a new embedded Ray even when a `ray start` head runs on this
+            # machine (plain ray.init() would join that one instead).
+            kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False)
             # Workers of the embedded Ray must import the repo's packages even when the job is
             # run from a checkout that was not pip-installed.
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": _repo_pythonpath()}}
-        ray.init(address=address, **kwargs)
+        else:
+            kwargs["address"] = address
+        ray.init(**kwargs)
     ctx = ray.get_runtime_context()
-    where = "embedded local Ray" if address is None and not os.environ.get("RAY_ADDRESS") else \
-        f"Ray cluster at {ray.get_runtime_context().gcs_address}"
+    where = ("embedded local Ray" if address is None
+             else f"Ray cluster at {ctx.gcs_address}")
     resources = ray.cluster_resources()
     info = {"where": where, "job_id": ctx.get_job_id(),
             "cpus": resources.get("CPU", 0), "gpus": resources.get("GPU", 0)}

@@ -58,10 +58,17 @@ class LocalHead:
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self._temp_dir = tempfile.mkdtemp(prefix="bmray_head_")
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        # Every port free-picked: another Ray on this machine (an embedded one, a test session)
+        # holds the defaults, and a dashboard agent that cannot bind means "no agent to submit
+        # job" later.
+        ports = [f"--{name}={_free_port()}" for name in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "ray-client-server-port", "node-manager-port",
+            "object-manager-port")]
         cmd = [ray_cli, "start", "--head", "--block", f"--port={self.gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--temp-dir={self._temp_dir}", f"--num-cpus={self.num_cpus}",
-               "--disable-usage-stats"]
+               "--disable-usage-stats", *ports]
         self._proc = subprocess.Popen(cmd, env=self.child_env, start_new_session=True,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_for_job_server()
