@@ -131,18 +131,51 @@ def save_checkpoint(root: str, step: int, state: Mapping[str, Any], *,
 
     ``manifest`` holds JSON-able facts (model config, data position, ...) written beside the
     tensors. ``keep_last`` > 0 deletes older step checkpoints beyond the newest N.
-    Single-writer for now: with several ranks, each writes its file into the temp directory
-    and rank 0 commits after a barrier (the distributed strategies add that barrier).
+    Single writer. With several writing ranks the three phases run apart:
+    ``begin_checkpoint`` (rank 0) / barrier / ``write_rank_state`` (every rank) / barrier /
+    ``commit_checkpoint`` (rank 0) — see ``actors.trainer.Trainer.save``.
     """
+    begin_checkpoint(root, step)
+    write_rank_state(root, step, state, rank)
+    return commit_checkpoint(root, step, manifest=manifest, world_size=world_size,
+                             keep_last=keep_last)
+
+
+def checkpoint_path(root: str, step: int) -> str:
+    """Where the (committed) checkpoint of ``step`` lives under ``root``."""
+    return _join(root, step_dir_name(step))
+
+
+def averaged_path(root: str) -> str:
+    """Where ``save_average`` writes the averaged weights under ``root``."""
+    return _join(root, AVERAGED)
+
+
+def _tmp_dir(root: str, step: int) -> tuple[pafs.FileSystem, str, str]:
     fs, base = resolve(root)
+    return fs, base, _join(base, f".tmp.{step_dir_name(step)}")
+
+
+def begin_checkpoint(root: str, step: int) -> None:
+    """Create the empty temp directory of ``step`` (removing leftovers of a crashed save)."""
+    fs, _, tmp = _tmp_dir(root, step)
+    if _exists(fs, tmp):
+        fs.delete_dir(tmp)
+    fs.create_dir(tmp, recursive=True)
+
+
+def write_rank_state(root: str, step: int, state: Mapping[str, Any], rank: int = 0) -> None:
+    """Write this rank's state file into the temp directory of ``step``."""
+    fs, _, tmp = _tmp_dir(root, step)
+    _write_bytes(fs, _join(tmp, f"rank_{rank:05d}.pt"), _torch_bytes(dict(state)))
+
+
+def commit_checkpoint(root: str, step: int, *, manifest: Mapping[str, Any] | None = None,
+                      world_size: int = 1, keep_last: int = 0) -> str:
+    """Write the manifest, move the temp directory into place, point ``latest`` at it."""
+    fs, base, tmp = _tmp_dir(root, step)
     name = step_dir_name(step)
     final = _join(base, name)
-    tmp = _join(base, f".tmp.{name}")
-    if _exists(fs, tmp):
-        fs.delete_dir(tmp)          # leftovers of a crashed save of the same step
-    fs.create_dir(tmp, recursive=True)
-    rank_file = f"rank_{rank:05d}.pt"
-    _write_bytes(fs, _join(tmp, rank_file), _torch_bytes(dict(state)))
     info = {"format": FORMAT, "step": step, "world_size": world_size,
             "files": [f"rank_{r:05d}.pt" for r in range(world_size)],
             "created": time.time(), **(manifest or {})}
@@ -267,4 +300,4 @@ def save_average(root: str, k: int, manifest: Mapping[str, Any] | None = None) -
     if _exists(fs, final):
         fs.delete_dir(final)
     fs.move(tmp, final)
-    return _join(root, AVERAGED)
+    return averaged_path(root)

@@ -28,7 +28,14 @@ The contract, in the loop's order of calls:
                                    one process.
 * ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
 * ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
+* ``barrier()``                    wait for every rank (checkpoint commits); no-op in one process.
 * ``is_main``, ``rank``, ``world_size``, ``device``, ``memory_report()``.
+* ``replicated``                   True when every rank holds the same model + optimizer state
+                                   (single process, data parallel): rank 0 alone writes it and
+                                   every rank loads that one file, so a checkpoint written at
+                                   one world size loads at any other. Sharding strategies
+                                   (ZeRO, pipeline) set False: each rank writes and reads its
+                                   own ``rank_XXXXX.pt``.
 """
 from __future__ import annotations
 
@@ -93,6 +100,7 @@ class Strategy(ABC):
     device: torch.device
     model: nn.Module                   # what forward is called on (possibly a wrapper)
     optimizer: torch.optim.Optimizer
+    replicated: bool = True            # same state on every rank: one checkpoint file
 
     @property
     def is_main(self) -> bool:
@@ -136,6 +144,9 @@ class Strategy(ABC):
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks of a few scalars (one collective for all of them)."""
         return [float(v) for v in values]
+
+    def barrier(self) -> None:
+        """Block until every rank gets here (a no-op in one process)."""
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)

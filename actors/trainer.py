@@ -189,9 +189,11 @@ class Trainer:
         pieces = torch.tensor_split(blocks, self.cfg.micro_batches, dim=0)
         return [self.objective(p, self._generator(step, i)) for i, p in enumerate(pieces)]
 
-    def accumulate(self, batches: list[dict[str, Any]]) -> dict[str, float]:
+    def accumulate(self, batches: list[dict[str, Any]], input_tokens: int = 0) -> dict[str, float]:
         """Forward + backward of one step's micro-batches with token-count weights; returns the
-        step's loss (token-weighted, summed over ranks) and the models' own metrics."""
+        step's loss (token-weighted, summed over ranks) and the models' own metrics, and as
+        ``input_tokens`` the sum over ranks of ``input_tokens`` (folded into the same
+        collective: two small all-reduces per step, not three)."""
         counts = [count_targets(b, self.objective) for b in batches]
         total = self.strategy.all_reduce_sum([sum(counts)])[0]
         if total <= 0:
@@ -206,14 +208,14 @@ class Trainer:
         auxes = torch.stack([r.aux_loss.double() if r.aux_loss is not None
                              else torch.zeros((), dtype=torch.float64, device=r.loss.device)
                              for r in results]).cpu()
-        local = [float((wt * losses).sum()), float((wt * auxes).sum())]
+        local = [float((wt * losses).sum()), float((wt * auxes).sum()), float(input_tokens)]
         local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
                   for k in keys]
         reduced = self.strategy.all_reduce_sum(local)
-        out = {"loss": reduced[0], "target_tokens": int(total)}
+        out = {"loss": reduced[0], "target_tokens": int(total), "input_tokens": int(reduced[2])}
         if any(r.aux_loss is not None for r in results):
             out["aux_loss"] = reduced[1]
-        out.update(zip(keys, reduced[2:]))
+        out.update(zip(keys, reduced[3:]))
         return out
 
     def train_step(self) -> dict[str, Any]:
@@ -221,11 +223,11 @@ class Trainer:
         t0 = time.perf_counter()
         blocks = next(self._data_iter)
         lr = self.scheduler.get_last_lr()[0]
-        stats = self.accumulate(self.micro_batches(blocks, self.step))
+        stats = self.accumulate(self.micro_batches(blocks, self.step), blocks.numel())
         grad_norm = float(self.strategy.clip_and_step(self.cfg.grad_clip))
         self.scheduler.step()
         self.step += 1
-        step_tokens = int(self.strategy.all_reduce_sum([blocks.numel()])[0])
+        step_tokens = stats.pop("input_tokens")
         self.tokens += step_tokens
         self._log_tokens += step_tokens
         dt = time.perf_counter() - t0
@@ -279,18 +281,40 @@ class Trainer:
         return state
 
     def save(self, root: str | None = None) -> str:
-        """Write a checkpoint of the current step under ``root`` (default checkpoint.dir)."""
+        """Write a checkpoint of the current step under ``root`` (default checkpoint.dir).
+
+        Called on every rank. A replicated strategy (single process, data parallel): rank 0
+        writes the one state file; a sharded one: every rank writes its file into the temp
+        directory, then rank 0 commits (manifest + rename). Every rank returns after the
+        checkpoint is committed (a barrier), so none can read a half-written one.
+        """
         root = root or self.ckpt_cfg.dir
         if not root:
             raise ckpt.CheckpointError("save: no checkpoint directory (checkpoint.dir) is set")
-        state = self.state_dict()
+        s = self.strategy
+        writes = s.is_main or not s.replicated
+        state = self.state_dict() if writes else None
         mc = self.model_config
         manifest = {"model_config": dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else mc,
                     "train_config": dataclasses.asdict(self.cfg), "seed": self.seed,
-                    "data_state": state["data"], "tokens": self.tokens}
-        self.last_checkpoint = ckpt.save_checkpoint(
-            root, self.step, state, manifest=manifest, rank=self.strategy.rank,
-            world_size=self.strategy.world_size, keep_last=self.ckpt_cfg.keep_last)
+                    "data_state": state["data"] if state else None, "tokens": self.tokens,
+                    "train_world_size": s.world_size}
+        files = 1 if s.replicated else s.world_size
+        if s.replicated:
+            if s.is_main:
+                ckpt.save_checkpoint(root, self.step, state, manifest=manifest, rank=0,
+                                     world_size=files, keep_last=self.ckpt_cfg.keep_last)
+        else:
+            if s.is_main:
+                ckpt.begin_checkpoint(root, self.step)
+            s.barrier()
+            ckpt.write_rank_state(root, self.step, state, s.rank)
+            s.barrier()
+            if s.is_main:
+                ckpt.commit_checkpoint(root, self.step, manifest=manifest, world_size=files,
+                                       keep_last=self.ckpt_cfg.keep_last)
+        s.barrier()
+        self.last_checkpoint = ckpt.checkpoint_path(root, self.step)
         return self.last_checkpoint
 
     def restore(self, path: str) -> dict[str, Any]:
@@ -299,7 +323,8 @@ class Trainer:
         Shapes are checked first: a checkpoint of another model shape raises CheckpointError
         naming the first mismatching parameter and both shapes.
         """
-        manifest, state = ckpt.load_checkpoint(path, self.strategy.rank)
+        rank = 0 if self.strategy.replicated else self.strategy.rank
+        manifest, state = ckpt.load_checkpoint(path, rank)
         ckpt.check_compatible(self.strategy.module, state["model"], source=f"checkpoint {path!r}")
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -345,7 +370,10 @@ class Trainer:
             self.save()
         averaged = None
         if cc.dir and cc.average_last and self.step >= self.cfg.max_steps:
-            averaged = ckpt.save_average(cc.dir, cc.average_last) if self.strategy.is_main else None
+            if self.strategy.is_main:
+                ckpt.save_average(cc.dir, cc.average_last)
+            self.strategy.barrier()
+            averaged = ckpt.averaged_path(cc.dir)
         return TrainResult(step=self.step, losses=losses, eval=last_eval,
                            checkpoint=self.last_checkpoint, averaged_checkpoint=averaged,
                            resumed_from=resumed, rows=self.metrics.rows[first_row:])

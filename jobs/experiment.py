@@ -25,7 +25,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from actors.strategies import StrategySpec, strategy_from_dict
 from actors.strategy import Strategy
+from cluster.gang import ScalingConfig
+from cluster.launcher import RunConfig
 from actors.train_config import CheckpointConfig, TrainConfig
 from actors.trainer import TrainResult, Trainer, seed_everything
 from models.config import ModelConfig
@@ -99,10 +102,26 @@ class ExperimentConfig:
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)   # workers (cluster/gang.py)
+    strategy: StrategySpec = field(default_factory=StrategySpec)    # actors/strategies.py
+    run: RunConfig = field(default_factory=RunConfig)               # restarts (cluster/launcher.py)
     seed: int = 0
 
     def __post_init__(self) -> None:
         m, d = self.model, self.data
+        n = self.scaling.num_workers
+        if d.global_batch_size % n:
+            raise ConfigError(f"data.global_batch_size: {d.global_batch_size} is not divisible "
+                              f"by scaling.num_workers {n}")
+        if d.global_batch_size // n < self.train.micro_batches:
+            raise ConfigError(f"train.micro_batches: {self.train.micro_batches} but each of the "
+                              f"{n} workers gets only {d.global_batch_size // n} blocks per step")
+        if self.strategy.kind == "single" and n > 1:
+            raise ConfigError(f"strategy.kind: 'single' runs one worker, but "
+                              f"scaling.num_workers is {n}")
+        if self.run.max_failures and not (self.checkpoint.dir and self.checkpoint.every):
+            raise ConfigError("run.max_failures: restarts resume from checkpoints; set "
+                              "checkpoint.dir and checkpoint.every")
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if d.tokenizer is None:
@@ -135,7 +154,9 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if isinstance(data, dict) and isinstance(data.get("corpus"), str):
         raw = {**raw, "data": {**data, "corpus": {"source": data["corpus"]}}}
     kwargs: dict[str, Any] = {}
-    for name in ("model", "data", "train", "checkpoint"):
+    if "strategy" in raw:
+        kwargs["strategy"] = strategy_from_dict(raw["strategy"])
+    for name in ("model", "data", "train", "checkpoint", "scaling", "run"):
         if name in raw:
             kwargs[name] = from_dict(_section_type(name), raw[name], name)
     if "seed" in raw:
@@ -148,7 +169,7 @@ def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 
 def _section_type(name: str) -> type:
     return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-            "checkpoint": CheckpointConfig}[name]
+            "checkpoint": CheckpointConfig, "scaling": ScalingConfig, "run": RunConfig}[name]
 
 
 def load_experiment(path: str | os.PathLike) -> ExperimentConfig:

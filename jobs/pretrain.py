@@ -5,19 +5,21 @@
     ray job submit --working-dir . -- python -m jobs.pretrain --config ...
 
 The driver validates the config (a bad key fails here, before any worker starts), starts the
-train worker as a Ray actor, and waits for its report; the loop runs inside the worker. The
-family (gpt, bert, electra, t5) comes from ``model.family`` in the config.
+gang of ``scaling.num_workers`` train workers (Ray actors) with the ``strategy`` of the config
+(single, ddp, param_server), and waits for rank 0's report; the loop runs inside the workers.
+With ``run.max_failures > 0`` a dead worker restarts the gang from the latest checkpoint. The
+family (gpt, bert, electra, t5) comes from ``model.family``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-import ray
-
 from cluster import connect
+from cluster.launcher import RunFailed
 from models.typed_config import ConfigError, apply_overrides, load_yaml
 
 
@@ -29,8 +31,6 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
                     metavar="KEY=VALUE", help="override a config value, e.g. train.lr=1e-3")
     ap.add_argument("--address", default=None,
                     help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
-    ap.add_argument("--num-cpus", type=int, default=2,
-                    help="CPUs (torch threads) for the train worker")
     ap.add_argument("--report", default=None, help="also write the final report as JSON here")
     return ap.parse_args(argv)
 
@@ -44,21 +44,19 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     return raw
 
 
-def run(raw: dict[str, Any], address: str | None, num_cpus: int,
+def run(raw: dict[str, Any], address: str | None = None,
         samples: list[str] | None = None) -> dict[str, Any]:
-    """Start one train worker on the cluster, run the experiment there, return its report."""
-    from actors.train_worker import TrainWorker
+    """Run the experiment on a gang of workers; returns rank 0's report."""
+    from cluster.launcher import TrainRun
 
-    info = connect(address, num_cpus=max(num_cpus, 2))
+    train_run = TrainRun(raw, samples=samples)
+    scaling = train_run.scaling
+    needed = scaling.num_workers * max(1.0, scaling.cpus_per_worker)
+    info = connect(address, num_cpus=max(int(needed), os.cpu_count() or 1))
     print(f"[bmray] running on {info['where']} ({info['cpus']:.0f} CPUs, "
-          f"{info['gpus']:.0f} GPUs)", flush=True)
-    num_gpus = 1 if info["gpus"] >= 1 else 0
-    worker = TrainWorker.options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                 name=None, max_restarts=0).remote(threads=num_cpus)
-    try:
-        return ray.get(worker.run.remote(raw, samples=samples))
-    finally:
-        ray.kill(worker)
+          f"{info['gpus']:.0f} GPUs): {scaling.num_workers} worker(s), strategy "
+          f"{train_run.spec.kind}", flush=True)
+    return train_run.fit()
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -83,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"[bmray] config error: {exc}", file=sys.stderr)
         return 2
-    report = run(raw, args.address, args.num_cpus)
+    try:
+        report = run(raw, args.address)
+    except RunFailed as exc:
+        print(f"[bmray] run failed: {exc}", file=sys.stderr)
+        return 1
     print_report(report)
     if args.report:
         with open(args.report, "w") as fh:

@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     ap.add_argument("--address", default=None, help="Ray address (default: embedded local Ray)")
-    ap.add_argument("--num-cpus", type=int, default=2)
     args = ap.parse_args(argv)
     overrides = [f"train.max_steps={args.steps}"] if args.steps else []
     try:
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = fact_prompts(world)
     print(f"[bmray] quickstart: synthetic world of {world.n_entities} entities -> BPE tokenizer "
           f"-> packed blocks -> GPT, {raw['train']['max_steps']} steps", flush=True)
-    report = run(raw, args.address, args.num_cpus, samples=[p for p, _ in prompts])
+    report = run(raw, args.address, samples=[p for p, _ in prompts])
     print_report(report)
     print(f"[bmray] {report['parameters']:,} parameters, {report['wall_s']:.0f} s in the worker")
     print("[bmray] greedy completions of facts from the world (truth in brackets):")

@@ -55,7 +55,7 @@ def test_bad_config_fails_before_ray_starts(capsys):
 def test_pretrain_runs_on_a_ray_worker(ray_session, tmp_path):
     raw = pretrain.load_config(os.path.join(REPO, "configs", "gpt-tiny.yaml"),
                                isolated(tmp_path, steps=6) + ["train.log_every=1"])
-    report = pretrain.run(raw, address=None, num_cpus=1)
+    report = pretrain.run(raw, address=None)
     losses = report["losses"]
     assert report["step"] == 6 and sorted(losses) == list(range(1, 7))
     assert losses[6] < losses[1]
@@ -68,11 +68,12 @@ def test_pretrain_runs_on_a_ray_worker(ray_session, tmp_path):
 def test_quickstart_prints_loss_and_samples(ray_session, tmp_path, capsys):
     config = tmp_path / "quickstart.yaml"
     raw = apply_overrides(load_yaml(quickstart.CONFIG),
-                          isolated(tmp_path, steps=3) + ["model.n_layers=1", "model.d_model=32",
+                          isolated(tmp_path, steps=3) + ["scaling.cpus_per_worker=1",
+                                                         "model.n_layers=1", "model.d_model=32",
                                                          "model.d_ff=64", "model.vocab_size=512"])
     import yaml
     config.write_text(yaml.safe_dump(raw))
-    assert quickstart.main(["--config", str(config), "--num-cpus", "1"]) == 0
+    assert quickstart.main(["--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert "trained to step 3" in out
     assert "greedy completions" in out and out.count("[") >= 3
@@ -89,7 +90,7 @@ def test_ray_job_submit_runs_the_same_command():
                   "--address", head.dashboard_url, "--working-dir", REPO,
                   "--submission-id", job_id, "--",
                   "python", "-m", "jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
-                  "--num-cpus", "1", "--set", "train.max_steps=5", "--set", "train.eval_every=0",
+                  "--set", "train.max_steps=5", "--set", "train.eval_every=0",
                   "--set", "checkpoint.every=0", "--set", "checkpoint.average_last=0",
                   "--set", "data.world.n_entities=30",
                   "--set", "data.corpus=runs/w30/documents.jsonl",

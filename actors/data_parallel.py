@@ -1,0 +1,317 @@
+"""All-reduce data parallelism: every rank holds the whole model, gradients are summed.
+
+The scheme is torch DDP's Reducer (Li et al. 2020, "PyTorch Distributed: Experiences on
+Accelerating Data Parallel Training", §3.2), written out so it can be read in one sitting:
+
+* **Replicas start equal**: ``setup`` broadcasts rank 0's parameters and buffers (one
+  flattened tensor per dtype, not one collective per tensor).
+* **Buckets**: the parameters, in *reverse* registration order (backward produces the last
+  layers' gradients first), are packed into buckets of ``bucket_mb`` megabytes (the first one
+  ``first_bucket_mb``, so the first all-reduce starts early — DDP's 1 MB default). Each
+  bucket owns one flat buffer and every ``param.grad`` is a *view* into it
+  (``gradient_as_bucket_view``): autograd accumulates straight into the buffer, the
+  all-reduce runs on it in place, the optimizer reads it — no gradient is ever copied.
+* **Overlap**: a ``register_post_accumulate_grad_hook`` on each parameter counts the
+  gradients still missing in its bucket; when a bucket is complete an *asynchronous*
+  all-reduce of its buffer is launched while backward goes on computing earlier layers.
+  Buckets are launched strictly in bucket order (a complete bucket waits for the ones before
+  it): every rank must issue its collectives in the same order, whatever order its autograd
+  engine happens to finish them in. ``clip_and_step`` is the only place that waits.
+* **Accumulation**: inside ``no_sync()`` the hooks do nothing, gradients accumulate in the
+  buffers, and the next synced backward reduces the accumulated sum — one all-reduce per
+  bucket per optimizer step, whatever ``micro_batches`` is.
+* **SUM, not mean**: the trainer weights each micro-batch by its share of the *global* target
+  count (actors/strategy.py, actors/trainer.py), so summing over ranks already gives the
+  gradient of the global mean loss — exact with uneven micro-batches, ranks with different
+  numbers of targets, or ignored labels (averaging would be right only if every rank had the
+  same count).
+* **Unused parameters**: a parameter whose gradient never arrives on this rank in a step has
+  zeros in its slot (buffers are zeroed after each step); after the synced backward returns,
+  buckets still incomplete are launched anyway, so no rank waits for a hook that never
+  fires. With ``find_unused_parameters`` the ranks also sum a "used" bitmap (one small
+  collective per step) and parameters no rank used get ``grad = None`` for the optimizer
+  step, which then skips them exactly as a single process would (AdamW applies weight decay
+  and momentum to a zero gradient, but not to a missing one).
+* **Tied weights**: ``module.parameters()`` yields a shared Parameter once, so it has one slot
+  and one hook; autograd sums the gradients of its uses before the hook fires.
+
+Works with gloo (CPU) and NCCL (CUDA); without an initialised process group it runs as one
+rank and never communicates.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.typed_config import check_positive
+
+from .strategy import MicroResult, Strategy, build_adamw, move_batch, resolve_device
+from .train_config import TrainConfig
+
+MB = 1024 * 1024
+
+
+@dataclass
+class DataParallelConfig:
+    """Knobs of :class:`DataParallel` (names and defaults follow torch DDP)."""
+
+    bucket_mb: float = 25.0                 # DDP's bucket_cap_mb
+    first_bucket_mb: float | None = 1.0     # DDP's first bucket; None: same as bucket_mb
+    find_unused_parameters: bool = False    # sum a used-bitmap so globally unused params skip the step
+    broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
+
+    def __post_init__(self) -> None:
+        check_positive("strategy.bucket_mb", self.bucket_mb)
+        if self.first_bucket_mb is not None:
+            check_positive("strategy.first_bucket_mb", self.first_bucket_mb)
+
+
+class _Bucket:
+    """One flat gradient buffer, the parameters viewing into it, and its in-flight work."""
+
+    __slots__ = ("index", "params", "offsets", "buffer", "pending", "work")
+
+    def __init__(self, index: int, params: list[nn.Parameter], device: torch.device) -> None:
+        self.index = index
+        self.params = params
+        self.offsets: list[int] = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.buffer = torch.zeros(total, dtype=params[0].dtype, device=device)
+        self.pending = len(params)
+        self.work: Any = None
+
+    def view(self, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return self.buffer[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
+
+
+def bucket_assignment(params: Sequence[nn.Parameter], bucket_bytes: int,
+                      first_bucket_bytes: int | None = None) -> list[list[int]]:
+    """Indices of ``params`` grouped into buckets in the given order: a bucket closes once it
+    holds at least its cap in bytes (DDP's rule; a larger parameter gets a bucket of its own)
+    and never mixes dtypes or devices."""
+    buckets: list[list[int]] = []
+    open_: dict[tuple, tuple[list[int], int]] = {}
+    for i, p in enumerate(params):
+        key = (p.dtype, p.device)
+        idx, size = open_.get(key, ([], 0))
+        idx.append(i)
+        size += p.numel() * p.element_size()
+        cap = first_bucket_bytes if (not buckets and first_bucket_bytes) else bucket_bytes
+        if size >= cap:
+            buckets.append(idx)
+            open_.pop(key, None)
+        else:
+            open_[key] = (idx, size)
+    buckets.extend(idx for idx, _ in open_.values() if idx)
+    return buckets
+
+
+class DataParallel(Strategy):
+    """Replicated model, bucketed asynchronous all-reduce (SUM) of gradients; see module doc."""
+
+    def __init__(self, config: DataParallelConfig | None = None, *, group: Any = None,
+                 **overrides: Any) -> None:
+        if config is None:
+            config = DataParallelConfig(**overrides)
+        elif overrides:
+            raise TypeError("DataParallel: pass either a DataParallelConfig or keyword overrides")
+        self.config = config
+        self.group = group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self._sync = True
+        self._launched = 0              # buckets launched in the current synced backward
+        self._used: list[int] = []
+
+    # ------------------------------------------------------------ setup
+    def _pick_device(self, cfg: TrainConfig) -> torch.device:
+        device = resolve_device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        return device
+
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.device = self._pick_device(cfg)
+        self.model = model.to(self.device)
+        if self.distributed and self.world_size > 1 and self.config.broadcast_init:
+            self._broadcast_state()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        order = list(reversed(self.params))
+        c = self.config
+        first = int(c.first_bucket_mb * MB) if c.first_bucket_mb is not None else None
+        self.buckets: list[_Bucket] = []
+        self._slot: dict[int, tuple[_Bucket, int]] = {}
+        for b, idx in enumerate(bucket_assignment(order, int(c.bucket_mb * MB), first)):
+            bucket = _Bucket(b, [order[i] for i in idx], self.device)
+            for j, p in enumerate(bucket.params):
+                p.grad = bucket.view(j)         # gradient_as_bucket_view
+                self._slot[id(p)] = (bucket, j)
+            self.buckets.append(bucket)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._used = [0] * len(self.params)
+        self._ready = [False] * len(self.params)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
+        self.optimizer = build_adamw(self.model, cfg, self.params)
+
+    @torch.no_grad()
+    def _broadcast_state(self) -> None:
+        """Rank 0's parameters and buffers to every rank, one flat tensor per dtype."""
+        tensors = [t for t in [*self.model.parameters(), *self.model.buffers()]]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for group in by_dtype.values():
+            flat = torch._utils._flatten_dense_tensors([t.detach() for t in group])
+            dist.broadcast(flat, src=src, group=self.group)
+            for t, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
+                t.copy_(synced)
+
+    # ------------------------------------------------------------ backward
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        """post-accumulate-grad hook: the gradient of ``p`` for this backward is complete."""
+        bucket, j = self._slot[id(p)]
+        if p.grad is None or p.grad.data_ptr() != bucket.buffer.data_ptr() + \
+                bucket.offsets[j] * bucket.buffer.element_size():
+            # someone replaced .grad (e.g. zero_grad(set_to_none)): fold it back into the bucket
+            view = bucket.view(j)
+            if p.grad is None:
+                view.zero_()
+            else:
+                view.copy_(p.grad)
+            p.grad = view
+        i = self._index[id(p)]
+        self._used[i] = 1
+        if not self._sync or self._ready[i]:
+            return
+        self._ready[i] = True
+        bucket.pending -= 1
+        if bucket.pending == 0:
+            self._launch_ready()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        if self.world_size > 1:
+            bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM,
+                                          group=self.group, async_op=True)
+        self._launched += 1
+
+    def _launch_ready(self) -> None:
+        """Launch complete buckets in bucket order (the same order on every rank)."""
+        while self._launched < len(self.buckets) and self.buckets[self._launched].pending == 0:
+            self._launch(self.buckets[self._launched])
+
+    def _finish_backward(self) -> None:
+        """After a synced backward: buckets with gradients that never arrived (unused
+        parameters: zeros in their slots) are launched now, in order."""
+        while self._launched < len(self.buckets):
+            self.buckets[self._launched].pending = 0
+            self._launch(self.buckets[self._launched])
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Backward inside accumulates into the buckets without communicating."""
+        return _NoSync(self)
+
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
+        if self._sync and self._launched:
+            # the buckets are already on the wire: a second synced backward would race them
+            raise RuntimeError("DataParallel: a second synchronised backward before "
+                               "clip_and_step; run earlier micro-batches under no_sync()")
+        out = self.model(**move_batch(batch, self.device))
+        (out.loss * weight).backward()
+        if self._sync:
+            self._finish_backward()
+        aux = getattr(out, "aux_loss", None)
+        return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
+                           dict(getattr(out, "metrics", None) or {}))
+
+    # ------------------------------------------------------------ step
+    def _wait_all(self) -> None:
+        self._finish_backward()         # no-op after a synced backward
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+                bucket.work = None
+
+    def _reset(self) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            bucket.pending = len(bucket.params)
+        self._launched = 0
+        self._ready = [False] * len(self.params)
+        self._used = [0] * len(self.params)
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        self._wait_all()
+        skipped: list[nn.Parameter] = []
+        if self.config.find_unused_parameters:
+            used = torch.tensor(self._used, dtype=torch.int32, device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(used, group=self.group)     # gloo: CPU int tensor is fine
+            skipped = [p for p, u in zip(self.params, used.tolist()) if u == 0]
+        # Global L2 norm from the flat buffers (one norm per bucket, not one per tensor).
+        norms = [torch.linalg.vector_norm(b.buffer.float()) for b in self.buckets]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
+            for b in self.buckets:
+                b.buffer.mul_(coef.to(b.buffer.dtype))
+        for p in skipped:
+            p.grad = None
+        self.optimizer.step()
+        for p in skipped:
+            bucket, j = self._slot[id(p)]
+            p.grad = bucket.view(j)
+        self._reset()                   # zero the buffers in place: the grads stay views
+        return norm.detach()
+
+    # ------------------------------------------------------------ collectives for the loop
+    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
+        if self.world_size == 1:
+            return [float(v) for v in values]
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])     # copies in place: grads stay views
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def memory_report(self) -> dict[str, int]:
+        report = super().memory_report()
+        report["grad_bytes"] = sum(b.buffer.numel() * b.buffer.element_size()
+                                   for b in self.buckets)
+        report["num_buckets"] = len(self.buckets)
+        return report
+
+
+class _NoSync(contextlib.AbstractContextManager):
+    def __init__(self, strategy: DataParallel) -> None:
+        self.strategy = strategy
+
+    def __enter__(self) -> DataParallel:
+        self.prev, self.strategy._sync = self.strategy._sync, False
+        return self.strategy
+
+    def __exit__(self, *exc: Any) -> None:
+        self.strategy._sync = self.prev

@@ -1,0 +1,215 @@
+"""Data-parallel step throughput: bmray's DataParallel + Trainer against torch DDP (gloo).
+
+Same GPT, same initial weights (seeded), same batches (each rank's slice of the same global
+batch from `models.data.BlockStream`, held in memory so Parquet reads are not timed), same
+AdamW (fused), schedule and clipping, same bucket size. The DDP side is the loop a user writes
+by hand around `torch.nn.parallel.DistributedDataParallel`; ours is the whole `Trainer`
+(token-weighted accumulation, the loss all-reduced for logging, metrics rows) on
+`actors.data_parallel.DataParallel`. Both run inside the same gang of Ray workers
+(`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate
+(DDP, ours, DDP, ours, ...); the median step time over all repeats is reported because the machine
+is shared and noisy: quote the ratio, not the absolute numbers.
+
+    python bench/ddp_throughput.py [--workers 2 4 --steps 20 --repeats 3]
+
+Goal (issue 3): ours ≥ 1.0 × DDP at 2 and 4 workers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actors.schedule import warmup_cosine  # noqa: E402
+from actors.train_config import TrainConfig  # noqa: E402
+from models import ModelConfig  # noqa: E402
+
+
+def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
+    import torch.distributed as dist
+    from models.data import BlockStream
+
+    stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
+                         shuffle=False)
+    return [next(stream) for _ in range(n)]
+
+
+def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
+    from actors.trainer import seed_everything
+    from models import build_model
+
+    seed_everything(0)
+    return build_model(model_cfg)
+
+
+def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
+             ) -> tuple[float, list[float]]:
+    """Hand-written DDP loop; returns (seconds of the steps after ``warmup``, each step's
+    seconds)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_fresh_model(model_cfg), bucket_cap_mb=bucket_mb)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_decay_steps) / cfg.lr)
+    model.train()
+    start = 0.0
+    steps = []
+    for i, blocks in enumerate(batches):
+        if i == warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        out = model(input_ids=blocks[:, :-1], labels=blocks[:, 1:])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        float(out.loss.detach())          # what a user's logging does each step
+        if i >= warmup:
+            steps.append(time.perf_counter() - t0)
+    dist.barrier()
+    return time.perf_counter() - start, steps
+
+
+def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
+              ) -> tuple[float, list[float]]:
+    import torch.distributed as dist
+    from actors.data_parallel import DataParallel
+    from actors.trainer import Trainer
+    from models import objective_for
+
+    trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
+                      strategy=DataParallel(bucket_mb=bucket_mb), model_config=model_cfg)
+    trainer.fit(until=warmup)
+    dist.barrier()
+    start = time.perf_counter()
+    rows = trainer.fit().rows            # log_every=1: each row's elapsed_s is cumulative
+    dist.barrier()
+    wall = time.perf_counter() - start
+    elapsed = [r["elapsed_s"] for r in rows if r.get("split") == "train"]
+    return wall, [b - a for a, b in zip(elapsed, elapsed[1:])]
+
+
+def worker_bench(pack, model_cfg, cfg, block_len, global_batch, warmup, repeats, bucket_mb):
+    """Runs on every rank: alternates DDP and ours; returns rank 0's timings
+    {loop: (run wall seconds per repeat, step seconds of all repeats)}."""
+    import torch.distributed as dist
+
+    batches = _batches(pack, block_len, global_batch, cfg.max_steps)
+    loops = {"torch DDP": ddp_loop, "bmray DataParallel": ours_loop}
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in loops}
+    for _ in range(repeats):
+        for name, loop in loops.items():
+            wall, steps = loop(model_cfg, cfg, batches, warmup, bucket_mb)
+            times[name][0].append(wall)
+            times[name][1].extend(steps)
+    return times if dist.get_rank() == 0 else None
+
+
+def make_pack(root: str, block_len: int, vocab: int) -> str:
+    """Synthetic-world corpus -> BPE tokenizer -> packed Parquet blocks (the real data path)."""
+    from models.data import CorpusReader, pack_corpus
+    from models.tokenizer import train_bpe
+    from models.world import WorldConfig, write_world
+
+    write_world(WorldConfig(seed=0, n_entities=200), f"{root}/world", parts=("documents",))
+    reader = CorpusReader(f"{root}/world/documents.jsonl")
+    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
+    pack_corpus(reader, tok, block_len, f"{root}/pack")
+    return f"{root}/pack"
+
+
+def connect_ray(num_cpus: int) -> None:
+    """An embedded Ray of our own (never another user's cluster on this machine)."""
+    import ray
+
+    from cluster.connect import _repo_pythonpath
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": _repo_pythonpath()}})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
+    ap.add_argument("--block-len", type=int, default=65)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--bucket-mb", type=float, default=1.0)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "ddp_throughput.json"))
+    args = ap.parse_args()
+
+    from cluster.gang import ScalingConfig, WorkerGroup
+
+    model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
+                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
+                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
+    n = args.steps + args.warmup_steps
+    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
+                      echo=False)
+    pack = make_pack(tempfile.mkdtemp(prefix="bmray_ddp_bench_"), args.block_len, args.vocab)
+    connect_ray(num_cpus=max(8, max(args.workers)))
+    n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
+    step_tokens = args.batch * (args.block_len - 1)
+    rows = []
+    for workers in args.workers:
+        with WorkerGroup(ScalingConfig(num_workers=workers, cpus_per_worker=1)) as group:
+            times = group.execute(worker_bench, pack, model_cfg, cfg, args.block_len,
+                                  args.batch, args.warmup_steps, args.repeats,
+                                  args.bucket_mb)[0]
+        ddp_step = statistics.median(times["torch DDP"][1])
+        ddp_run = statistics.median(times["torch DDP"][0])
+        for name, (runs, steps) in times.items():
+            step, run = statistics.median(steps), statistics.median(runs)
+            rows.append({"workers": workers, "loop": name, "median_step_s": step,
+                         "steps_per_s": 1 / step, "tokens_per_s": step_tokens / step,
+                         "ratio_vs_ddp": ddp_step / step, "median_run_s": run,
+                         "run_ratio_vs_ddp": ddp_run / run, "runs_s": runs,
+                         "steps_s": steps})
+    print(f"\nGPT d_model={args.d_model} layers={args.layers} ({n_params / 1e6:.2f}M params), "
+          f"global batch {args.batch}x{args.block_len - 1} tokens, bucket {args.bucket_mb} MB, "
+          f"{args.steps} timed steps x {args.repeats} interleaved repeats, 1 thread per "
+          f"worker, gloo; steps/s from the median step time, 'run × DDP' from the median "
+          f"wall time of whole runs")
+    print(f"{'workers':>7s}  {'loop':20s} {'steps/s':>8s} {'tokens/s':>9s} {'× DDP':>6s} "
+          f"{'run × DDP':>9s}")
+    for r in rows:
+        print(f"{r['workers']:7d}  {r['loop']:20s} {r['steps_per_s']:8.2f} "
+              f"{r['tokens_per_s']:9.0f} {r['ratio_vs_ddp']:6.3f} {r['run_ratio_vs_ddp']:9.3f}")
+    goal = 1.0
+    ours = {r["workers"]: r["ratio_vs_ddp"] for r in rows if r["loop"] == "bmray DataParallel"}
+    met = all(v >= goal for v in ours.values())
+    print(f"goal: ours ≥ {goal} × DDP → {'met' if met else 'NOT met'} "
+          f"({', '.join(f'{w} workers: {v:.3f}' for w, v in ours.items())})")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"bench": "ddp_throughput", "args": vars(args), "parameters": n_params,
+                   "rows": rows, "goal_ratio": goal, "goal_met": met,
+                   "torch": torch.__version__, "cpus": os.cpu_count()}, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

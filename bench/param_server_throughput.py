@@ -1,0 +1,163 @@
+"""Parameter server (sync, async) against all-reduce data parallelism at the same worker count.
+
+Same GPT, same initial weights, same data path (synthetic world -> BPE -> packed Parquet ->
+BlockStream sliced by rank), same loop (actors.trainer.Trainer), N gang workers
+(cluster.gang.WorkerGroup, one CPU thread each); only the strategy differs:
+
+* ``all-reduce DP``       actors.data_parallel.DataParallel (bucketed gloo all-reduce, SUM)
+* ``PS sync``             actors.param_server.ParameterServer, K shards, BSP (equals DP's maths)
+* ``PS async (s=2)``      the same, SSP with staleness 2: each push is applied on arrival
+
+Reported per strategy: optimizer updates per second (sync: steps/s; async: shard versions/s,
+N per worker step), and tokens/s through the whole gang (every worker's tokens over the
+slowest worker's time). Train-step time only: ``fit`` after ``warmup`` untimed steps (no eval,
+no checkpoints, no start-up). Runs are interleaved and the
+median of the repeats is reported because the machine is shared: quote ratios.
+
+    python bench/param_server_throughput.py [--workers 2 --shards 2 --steps 20 --repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import ray
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actors.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
+                                 start_shards, stop_shards)
+from actors.train_config import TrainConfig  # noqa: E402
+from cluster import connect, shutdown  # noqa: E402
+from cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
+from models import ModelConfig  # noqa: E402
+from models.data import BlockStream, CorpusReader, pack_corpus  # noqa: E402
+from models.tokenizer import train_bpe  # noqa: E402
+from models.world import WorldConfig, write_world  # noqa: E402
+
+
+def make_pack(root: str, block_len: int, vocab: int) -> str:
+    write_world(WorldConfig(seed=0, n_entities=300), f"{root}/world", parts=("documents",))
+    reader = CorpusReader(f"{root}/world/documents.jsonl")
+    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
+    pack_corpus(reader, tok, block_len, f"{root}/pack")
+    return f"{root}/pack"
+
+
+def worker_run(kind: str, pack: str, model_cfg: ModelConfig, cfg: TrainConfig, batch: int,
+               warmup: int, shards=None, ps: ParamServerConfig | None = None) -> dict:
+    """Inside each gang worker: train ``cfg.max_steps`` steps, time those after ``warmup``."""
+    from actors.data_parallel import DataParallel
+    from actors.trainer import Trainer, seed_everything
+    from cluster.gang import worker_context
+    from models import build_model, objective_for
+
+    ctx = worker_context()
+    seed_everything(0)
+    model = build_model(model_cfg)
+    data = BlockStream(pack, model_cfg.max_seq_len, batch, rank=ctx.rank,
+                       world_size=ctx.world_size, shuffle=False)
+    strategy = ParameterServer(shards, ps) if kind == "ps" else DataParallel()
+    trainer = Trainer(model, objective_for(model_cfg), data, cfg, strategy=strategy,
+                      model_config=model_cfg)
+    trainer.fit(until=warmup)
+    start = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - start
+    steps = cfg.max_steps - warmup
+    out = {"rank": ctx.rank, "seconds": seconds, "steps": steps,
+           "tokens": steps * (batch // ctx.world_size) * (model_cfg.max_seq_len - 1),
+           "loss": result.losses[cfg.max_steps]}
+    if kind == "ps" and ctx.rank == 0:
+        st = strategy.shard_stats()
+        out["max_gap"] = max(s["max_gap"] for s in st)
+        out["waits"] = [sum(s["waits"][r] for s in st) for r in range(ctx.world_size)]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--staleness", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
+    ap.add_argument("--block-len", type=int, default=129)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "param_server_throughput.json"))
+    args = ap.parse_args()
+    vocab = 4096
+    model_cfg = ModelConfig(family="gpt", vocab_size=vocab, d_model=args.d_model,
+                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
+                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
+    n = args.steps + args.warmup_steps
+    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, device="cpu", echo=False)
+    pack = make_pack(tempfile.mkdtemp(prefix="bmray_ps_bench_"), args.block_len, vocab)
+
+    connect(num_cpus=max(8, args.workers + 2), log_to_driver=False)
+    N = args.workers
+    runs = {"all-reduce DP": ("dp", None),
+            "PS sync": ("ps", ParamServerConfig(num_shards=args.shards, mode="sync")),
+            f"PS async (s={args.staleness})": ("ps", ParamServerConfig(
+                num_shards=args.shards, mode="async", staleness=args.staleness))}
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    shards = start_shards(ParamServerConfig(num_shards=args.shards), cfg, world_size=N)
+    t0 = time.perf_counter()
+    try:
+        with WorkerGroup(ScalingConfig(num_workers=N)) as group:
+            for _ in range(args.repeats):
+                for name, (kind, ps) in runs.items():
+                    if ps is not None:
+                        reset_shards(shards, ps, cfg, world_size=N)
+                    outs = group.execute(worker_run, kind, pack, model_cfg, cfg, args.batch,
+                                         args.warmup_steps, shards, ps)
+                    wall = max(o["seconds"] for o in outs)
+                    updates = sum(o["steps"] for o in outs) if kind == "ps" and \
+                        ps.mode == "async" else outs[0]["steps"]
+                    results[name].append({
+                        "updates_per_s": updates / wall,
+                        "tokens_per_s": sum(o["tokens"] for o in outs) / wall,
+                        "worker_steps_per_s": [o["steps"] / o["seconds"] for o in outs],
+                        "final_loss": outs[0]["loss"],
+                        **{k: outs[0][k] for k in ("max_gap", "waits") if k in outs[0]}})
+    finally:
+        stop_shards(shards)
+        shutdown()
+    base = statistics.median(r["tokens_per_s"] for r in results["all-reduce DP"])
+    rows = []
+    for name, rs in results.items():
+        tps = statistics.median(r["tokens_per_s"] for r in rs)
+        rows.append({"strategy": name,
+                     "updates_per_s": statistics.median(r["updates_per_s"] for r in rs),
+                     "tokens_per_s": tps, "ratio_vs_dp": tps / base, "runs": rs})
+    params = sum(p.numel() for p in __import__("models").build_model(model_cfg).parameters())
+    print(f"\nGPT {params / 1e6:.2f}M params (d_model={args.d_model}, layers={args.layers}), "
+          f"global batch {args.batch}x{args.block_len - 1} tokens, {N} workers x 1 thread, "
+          f"{args.shards} shards, {args.steps} timed steps, median of {args.repeats}")
+    print(f"{'strategy':22s} {'updates/s':>10s} {'tokens/s':>10s} {'x DP':>6s}  notes")
+    for r in rows:
+        last = r["runs"][-1]
+        note = f"max gap {last['max_gap']}, waits/rank {last['waits']}" if "max_gap" in last \
+            and "async" in r["strategy"] else ""
+        print(f"{r['strategy']:22s} {r['updates_per_s']:10.2f} {r['tokens_per_s']:10.0f} "
+              f"{r['ratio_vs_dp']:6.2f}  {note}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"bench": "param_server_throughput", "args": vars(args), "params": params,
+                   "rows": rows, "torch": torch.__version__, "ray": ray.__version__,
+                   "wall_s": time.perf_counter() - t0}, fh, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""All-reduce data parallelism against references: the single-worker trainer (losses, eval and
+final weights for 1, 2 and 4 workers), torch autograd + a hand all-reduce (accumulated
+gradients under no_sync), and a count of the collectives actually issued.
+
+Tolerance: the ranks sum their gradients in another order than one process does, so fp32
+results differ by rounding only: losses are compared with rtol 1e-5 / atol 1e-6, weights and
+gradients with rtol 1e-5 / atol 1e-5 (and AdamW's update is bounded by lr per step, so a
+rounding difference cannot grow into a visible one in 20 steps).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from actors.checkpoint import load_checkpoint, read_manifest
+from actors.data_parallel import DataParallel, DataParallelConfig, bucket_assignment
+from actors.train_config import CheckpointConfig, TrainConfig
+from actors.trainer import Trainer, seed_everything
+from models.config import ModelConfig
+from models.data import BlockStream, eval_batches, pack_corpus
+from models.objectives import CausalLM
+from models.registry import build_model
+from models.tokenizer import train_bpe
+from models.typed_config import ConfigError
+
+torch.set_num_threads(1)
+BLOCK = 17
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
+COLORS, SIZES = ["red", "blue", "green", "black"], ["big", "small", "odd"]
+
+
+def corpus_texts() -> list[str]:
+    return [f"the {COLORS[i % 4]} cat number {i} sat on the {SIZES[i % 3]} mat and said "
+            f"{i * 7 % 13}." for i in range(160)]
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    """(pack path, vocab size): a real BPE tokenizer and packed corpus, built once."""
+    root = tmp_path_factory.mktemp("dp_pack")
+    tok = train_bpe(corpus_texts(), vocab_size=300, family="gpt")
+    pack_corpus(corpus_texts(), tok, block_len=BLOCK, out_path=str(root / "pack"),
+                eval_blocks=14, row_group_size=16, source="test")
+    return str(root / "pack"), tok.vocab_size
+
+
+@pytest.fixture(scope="module")
+def gangs(ray_session):
+    """Worker gangs by size, started on first use and shared by the module's tests."""
+    from cluster.gang import ScalingConfig, WorkerGroup
+
+    started: dict[int, WorkerGroup] = {}
+
+    def get(n: int) -> WorkerGroup:
+        if n not in started:
+            started[n] = WorkerGroup(ScalingConfig(num_workers=n)).start()
+        return started[n]
+
+    yield get
+    for group in started.values():
+        group.shutdown()
+
+
+class MaskSome(CausalLM):
+    """Ignores the labels of even token ids: ranks and micro-batches get uneven target counts."""
+
+    def __call__(self, blocks, generator=None):
+        batch = super().__call__(blocks, generator)
+        batch["labels"] = batch["labels"].masked_fill(batch["labels"] % 2 == 0, -100)
+        return batch
+
+
+def build(vocab: int, unused: bool = False) -> tuple[nn.Module, ModelConfig]:
+    mc = ModelConfig(family="gpt", vocab_size=vocab, d_model=32, n_heads=2, n_layers=1, d_ff=64,
+                     max_seq_len=32, dropout=0.0)          # tie_embeddings: a shared Parameter
+    model = build_model(mc)
+    if unused:
+        model.never_used = nn.Linear(8, 8)                 # gets no gradient, ever
+    return model, mc
+
+
+def make_trainer(pack, cfg, *, rank=0, world=1, strategy=None, objective=None, batch=8,
+                 unused=False, ckpt=None, init_seed=0) -> Trainer:
+    path, vocab = pack
+    seed_everything(init_seed)
+    model, mc = build(vocab, unused)
+    stream = BlockStream(path, BLOCK, batch, rank, world, seed=0)
+    evals = lambda: eval_batches(path, BLOCK, 5, rank, world)   # 5+5+4: some shares empty
+    return Trainer(model, objective or CausalLM(), stream, cfg, strategy=strategy,
+                   eval_data=evals, checkpoint=ckpt, model_config=mc, seed=0)
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trainer.strategy.module.state_dict().items()}
+
+
+# ---------------------------------------------------------------- worker functions
+
+def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, split_at=None):
+    """Train on this gang rank; with ``ckpt_dir``, stop at ``split_at``, rebuild everything
+    from another init and resume from the checkpoint."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ckpt = CheckpointConfig(dir=ckpt_dir, keep_last=0) if ckpt_dir else None
+    trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=objective,
+                           unused=unused, ckpt=ckpt, strategy=DataParallel(dp_cfg))
+    losses = {}
+    if ckpt_dir:
+        losses.update(trainer.fit(until=split_at).losses)
+        trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=objective,
+                               unused=unused, ckpt=ckpt, strategy=DataParallel(dp_cfg),
+                               init_seed=123 + rank)     # replicas differ until the restore
+    result = trainer.fit()
+    losses.update(result.losses)
+    return {"losses": losses, "eval": result.eval, "weights": weights(trainer),
+            "memory": trainer.strategy.memory_report(), "checkpoint": result.checkpoint}
+
+
+def _count_collectives_and_order(pack, bucket_mb):
+    """no_sync issues no collective; the synced backward launches every bucket once, the first
+    before backward has finished; the reduced gradients equal a hand all-reduce of autograd's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = TrainConfig(max_steps=1, micro_batches=2, device="cpu")
+    trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=MaskSome(),
+                           strategy=DataParallel(bucket_mb=bucket_mb, first_bucket_mb=None))
+    strategy = trainer.strategy
+    reference = copy.deepcopy(strategy.module)
+    for p in reference.parameters():
+        p.grad = None
+    batches = trainer.micro_batches(next(trainer._data_iter), 0)
+
+    events: list[tuple[str, object]] = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        events.append(("all_reduce", tensor.numel()))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    names = {id(p): n for n, p in strategy.module.named_parameters()}
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: events.append(("grad", names[id(p)])))
+             for p in strategy.params]          # registered after ours: runs after ours
+    try:
+        with strategy.no_sync():
+            strategy.forward_backward(batches[0], 0.5)
+        in_no_sync = list(events)
+        events.clear()
+        strategy.forward_backward(batches[1], 0.25)
+        synced = list(events)
+    finally:
+        dist.all_reduce = real_all_reduce
+        for h in hooks:
+            h.remove()
+    strategy._wait_all()
+    got = {n: p.grad.clone() for n, p in strategy.module.named_parameters()}
+    # reference: plain autograd on a copy, then one all-reduce per gradient
+    for batch, w in zip(batches, (0.5, 0.25)):
+        (reference(**batch).loss * w).backward()
+    expected = {}
+    for n, p in reference.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        expected[n] = g
+    return {"no_sync": in_no_sync, "synced": synced, "got": got, "expected": expected,
+            "buckets": [b.buffer.numel() for b in strategy.buckets],
+            "views": all(p.grad.untyped_storage().data_ptr() in
+                         {b.buffer.untyped_storage().data_ptr() for b in strategy.buckets}
+                         for p in strategy.params)}
+
+
+# ---------------------------------------------------------------- tests
+
+def test_bucket_assignment_follows_ddp_rule():
+    ps = [nn.Parameter(torch.zeros(n)) for n in (10, 300, 5, 5, 1000, 3)]
+    ps.append(nn.Parameter(torch.zeros(4, dtype=torch.float64)))
+    got = bucket_assignment(ps, bucket_bytes=1200, first_bucket_bytes=40)
+    # first bucket closes at >= 40 bytes; then >= 1200 bytes; float64 never shares a bucket
+    assert got == [[0], [1], [2, 3, 4], [5], [6]]
+    assert sorted(i for b in got for i in b) == list(range(len(ps)))
+    with pytest.raises(ConfigError, match="strategy.bucket_mb"):
+        DataParallelConfig(bucket_mb=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tmp_path):
+    cfg = TrainConfig(max_steps=20, lr=3e-3, warmup_steps=3, grad_clip=0.5, device="cpu",
+                      echo=False)
+    ref = make_trainer(pack, cfg)
+    ref_result = ref.fit()
+    dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002)   # several buckets
+    ckpt_dir = str(tmp_path / "ck") if workers == 2 else None    # 2 workers: stop + resume
+    outs = gangs(workers).execute(_dp_fit, pack, cfg, dp_cfg, ckpt_dir=ckpt_dir, split_at=10)
+    assert outs[0]["memory"]["num_buckets"] > 3
+    steps = sorted(ref_result.losses)
+    assert steps == list(range(1, 21))
+    ref_losses = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
+    ref_w = weights(ref)
+    for out in outs:                                   # every rank reports the same numbers
+        assert sorted(out["losses"]) == steps
+        got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
+        torch.testing.assert_close(got, ref_losses, **LOSS_TOL)
+        assert out["eval"]["eval_tokens"] == ref_result.eval["eval_tokens"]
+        assert out["eval"]["loss"] == pytest.approx(ref_result.eval["loss"], rel=1e-5)
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
+    if ckpt_dir:
+        # rank 0 alone wrote the replicated state; a single process can load it
+        manifest = read_manifest(outs[0]["checkpoint"])
+        assert manifest["files"] == ["rank_00000.pt"] and manifest["train_world_size"] == 2
+        _, state = load_checkpoint(outs[0]["checkpoint"])
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(state["model"][name], tensor, **WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("workers,micro", [(2, 3), (4, 2)])
+def test_accumulation_with_uneven_micro_batches_matches_one_big_batch(pack, gangs, workers, micro):
+    """8 blocks / 2 ranks / 3 micro-batches = 2+1+1 blocks; ignored labels make the target
+    counts differ by rank and micro-batch. Reference: one process, one micro-batch."""
+    ref_cfg = TrainConfig(max_steps=6, lr=3e-3, warmup_steps=0, device="cpu", echo=False)
+    ref = make_trainer(pack, ref_cfg, objective=MaskSome())
+    ref_result = ref.fit()
+    cfg = TrainConfig(max_steps=6, micro_batches=micro, lr=3e-3, warmup_steps=0,
+                      device="cpu", echo=False)
+    outs = gangs(workers).execute(_dp_fit, pack, cfg,
+                                  DataParallelConfig(bucket_mb=0.01, first_bucket_mb=None),
+                                  objective=MaskSome())
+    ref_losses = torch.tensor([ref_result.losses[s] for s in range(1, 7)], dtype=torch.float64)
+    ref_w = weights(ref)
+    for out in outs:
+        got = torch.tensor([out["losses"][s] for s in range(1, 7)], dtype=torch.float64)
+        torch.testing.assert_close(got, ref_losses, **LOSS_TOL)
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
+
+
+def test_no_sync_skips_communication_and_buckets_overlap_backward(pack, gangs):
+    outs = gangs(2).execute(_count_collectives_and_order, pack, 0.01)
+    for out in outs:
+        assert out["views"]                                   # gradient_as_bucket_view
+        assert not [e for e in out["no_sync"] if e[0] == "all_reduce"]
+        launches = [i for i, e in enumerate(out["synced"]) if e[0] == "all_reduce"]
+        grads = [i for i, e in enumerate(out["synced"]) if e[0] == "grad"]
+        assert [out["synced"][i][1] for i in launches] == out["buckets"]   # each bucket once
+        assert len(out["buckets"]) >= 3
+        assert launches[0] < grads[-1]        # communication started before backward ended
+        for name, g in out["expected"].items():
+            torch.testing.assert_close(out["got"][name], g, **WEIGHT_TOL, msg=name)
+
+
+def test_unused_and_tied_parameters(pack, gangs):
+    """A parameter no rank uses gets no update (as in one process: AdamW skips grad None);
+    the tied embedding / output matrix is one Parameter with one slot."""
+    cfg = TrainConfig(max_steps=4, lr=3e-3, warmup_steps=0, device="cpu", echo=False)
+    ref = make_trainer(pack, cfg, unused=True)
+    ref.fit()
+    assert ref.strategy.module.never_used.weight.grad is None
+    outs = gangs(2).execute(_dp_fit, pack, cfg,
+                            DataParallelConfig(bucket_mb=0.01, find_unused_parameters=True),
+                            unused=True)
+    ref_w = weights(ref)
+    for out in outs:
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
+    n_params = sum(p.numel() for p in ref.strategy.module.parameters())   # tied: counted once
+    assert outs[0]["memory"]["grad_bytes"] == 4 * n_params
