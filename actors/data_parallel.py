@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -283,6 +283,19 @@ class DataParallel(Strategy):
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.tolist()
+
+    def all_reduce_sum_async(self, values: Sequence[float]) -> Callable[[], list[float]]:
+        if self.world_size == 1:
+            out = [float(v) for v in values]
+            return lambda: out
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+        def wait() -> list[float]:
+            work.wait()
+            return t.tolist()
+        return wait
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -1,7 +1,12 @@
 """Parameter-server data parallelism: parameters and AdamW state live on K shard actors.
 
 The scheme of Li et al. 2014 ("Scaling Distributed Machine Learning with the Parameter
-Server", OSDI) and of DistBelief's Downpour SGD (Dean et al. 2012), on Ray actors:
+Server", OSDI) and of DistBelief's Downpour SGD (Dean et al. 2012), on Ray actors::
+
+    shards = start_shards(ParamServerConfig(num_shards=2, mode="sync"), train_cfg, world_size=N)
+    with WorkerGroup(ScalingConfig(num_workers=N)) as group:       # cluster/gang.py
+        group.execute(fn, shards)   # fn: Trainer(..., strategy=ParameterServer(shards)).fit()
+    stop_shards(shards)
 
 * **Shards** (:class:`ParameterServerShard`, separate Ray actors created by the driver with
   :func:`start_shards`) each own a partition of the parameters as two flat fp32 buffers — the
@@ -70,6 +75,12 @@ step, cheaper than another actor round trip; the tensors never touch it. ``barri
 checkpoint commits) uses it too.
 
 A set of shards serves one run (one ``setup``); ``reset_shards`` readies them for the next.
+
+Limits: fp32 parameters on CPU shards (a CUDA worker copies them to its device on each pull
+and its gradients to the host on each push); a parameter that gets no gradient in a step
+is pushed as zeros, so AdamW still moves it by its momentum and weight decay, where a single
+process would skip it (DataParallel's ``find_unused_parameters`` handles that case; here
+it is not implemented).
 """
 from __future__ import annotations
 
@@ -101,7 +112,7 @@ class ParamServerConfig:
 
     num_shards: int = 2             # K shard actors
     mode: str = "sync"              # "sync": BSP, equals single-worker training; "async": SSP
-    staleness: int = 2              # async: max steps the fastest worker may run ahead (Ho et al. 2013)
+    staleness: int = 2              # async: steps the fastest worker may lead (Ho et al. 2013)
     shard_cpus: float = 0.0         # Ray CPUs reserved per shard actor (torch threads: max(1, int))
     timeout_s: float = 300.0        # a push/pull waiting longer than this fails (a peer is gone)
 
@@ -109,7 +120,8 @@ class ParamServerConfig:
         check_positive("strategy.num_shards", self.num_shards)
         check_choice("strategy.mode", self.mode, MODES)
         if not isinstance(self.staleness, int) or self.staleness < 0:
-            raise ConfigError(f"strategy.staleness: must be an integer >= 0, got {self.staleness!r}")
+            raise ConfigError(f"strategy.staleness: must be an integer >= 0, "
+                              f"got {self.staleness!r}")
         check_positive("strategy.shard_cpus", self.shard_cpus, allow_zero=True)
         check_positive("strategy.timeout_s", self.timeout_s)
 
@@ -226,11 +238,14 @@ class ParameterServerShard:
                   {"params": [self.flat[NO_DECAY]], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"][0].numel() > 0]
         kwargs = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-        try:
-            self.optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, ValueError):
-            self.optimizer = torch.optim.AdamW(groups, foreach=True, **kwargs)
-        if exp_avg is not None and step > 0:
+        if not groups:                      # more shards than parameters: an empty shard
+            self.optimizer = None
+        else:
+            try:
+                self.optimizer = torch.optim.AdamW(groups, fused=True, **kwargs)
+            except (RuntimeError, ValueError):
+                self.optimizer = torch.optim.AdamW(groups, foreach=True, **kwargs)
+        if self.optimizer is not None and exp_avg is not None and step > 0:
             for g, p in enumerate(self.flat):
                 if p.numel():
                     self.optimizer.state[p] = {
@@ -244,11 +259,11 @@ class ParameterServerShard:
         self._reset_clocks()
         async with self._changed:
             self._changed.notify_all()
-        return self.layout.numel
+        return self.world_size
 
     def state(self) -> dict[str, Any]:
         """Version and AdamW moments of this partition (None before the first step)."""
-        st = [self.optimizer.state.get(p) for p in self.flat]
+        st = [self.optimizer.state.get(p) if self.optimizer else None for p in self.flat]
         if not any(st):
             return {"step": self.version, "exp_avg": None, "exp_avg_sq": None}
         zeros = [np.zeros(p.numel(), np.float32) for p in self.flat]
@@ -285,9 +300,10 @@ class ParameterServerShard:
         """One AdamW step of the partition with the given gradients (torch's own update)."""
         for p, g in zip(self.flat, grads):
             p.grad = g
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
         for p in self.flat:
             p.grad = None
         self.version += 1
@@ -323,8 +339,8 @@ class ParameterServerShard:
     # -------------------------------------------------------------- sync mode
     async def push(self, step: int, rank: int, grads: Sequence[Sequence[np.ndarray]],
                    lr: float) -> float:
-        """Rank ``rank``'s gradient of step ``step``; returns ‖Σ_ranks g‖² of this partition once
-        all N ranks pushed (a barrier)."""
+        """Rank ``rank``'s gradient of step ``step``; returns ‖Σ_ranks g‖² of this partition
+        once all N ranks pushed (a barrier)."""
         if step != self.version:
             raise RuntimeError(f"parameter-server shard {self.index}: rank {rank} pushed a "
                                f"gradient of step {step}, the shard is at step {self.version}")
@@ -454,28 +470,36 @@ class ParameterServer(Strategy):
         self.params = [p for _, p in named]
         # Never stepped: carries the scheduler's lr, and the checkpoint format of build_adamw.
         self.optimizer = build_adamw(self.model, cfg, self.params)
+        # Never stepped here (the shards step); tell the LR scheduler so it does not warn that
+        # scheduler.step() ran before optimizer.step().
+        self.optimizer._opt_called = True
         self.layouts = partition([(n, tuple(p.shape)) for n, p in named], self.config.num_shards)
         self.grads = [[torch.zeros(n, dtype=torch.float32, device=self.device) for n in lay.sizes]
                       for lay in self.layouts]
         for lay, bufs in zip(self.layouts, self.grads):
             for s in lay.slots:
                 self.params[s.index].grad = bufs[s.group][s.offset:s.offset + s.numel].view(s.shape)
-        params = [[np.empty(n, np.float32) for n in lay.sizes] for lay in self.layouts]
-        with torch.no_grad():
-            for lay, arrs in zip(self.layouts, params):
-                for s in lay.slots:
-                    arrs[s.group][s.offset:s.offset + s.numel] = \
-                        self.params[s.index].detach().cpu().reshape(-1).numpy()
+        params = None
+        if self.is_main:                # rank 0's initial weights (every rank seeds alike)
+            params = [[np.empty(n, np.float32) for n in lay.sizes] for lay in self.layouts]
+            with torch.no_grad():
+                for lay, arrs in zip(self.layouts, params):
+                    for s in lay.slots:
+                        arrs[s.group][s.offset:s.offset + s.numel] = \
+                            self.params[s.index].detach().cpu().reshape(-1).numpy()
         self._load_shards(params)
 
     def _load_shards(self, params, exp_avg=None, exp_avg_sq=None, step: int = 0) -> None:
         """Rank 0 installs a state on the shards; every rank then pulls it."""
         self._generation += 1
         if self.is_main:
-            ray.get([s.load.remote(self._generation, lay, params[k],
-                                   None if exp_avg is None else exp_avg[k],
-                                   None if exp_avg_sq is None else exp_avg_sq[k], step)
-                     for k, (s, lay) in enumerate(zip(self.shards, self.layouts))])
+            worlds = ray.get([s.load.remote(self._generation, lay, params[k],
+                                            None if exp_avg is None else exp_avg[k],
+                                            None if exp_avg_sq is None else exp_avg_sq[k], step)
+                              for k, (s, lay) in enumerate(zip(self.shards, self.layouts))])
+            if any(w != self.world_size for w in worlds):
+                raise ConfigError(f"parameter server: the shards expect {worlds[0]} workers but "
+                                  f"this gang has {self.world_size} (start_shards(world_size=...))")
         self._clock = 0
         self._pending = [s.pull.remote(self.rank, self._generation) for s in self.shards]
         self._materialize()
@@ -584,8 +608,8 @@ class ParameterServer(Strategy):
         for lay, st in zip(self.layouts, shards):
             if st["exp_avg"] is None:
                 continue
-            m = [torch.tensor(np.asarray(a)) for a in st["exp_avg"]]      # owned copies
-            v = [torch.tensor(np.asarray(a)) for a in st["exp_avg_sq"]]
+            m = [torch.from_numpy(np.array(a)) for a in st["exp_avg"]]      # owned copies
+            v = [torch.from_numpy(np.array(a)) for a in st["exp_avg_sq"]]
             for s in lay.slots:
                 sl = slice(s.offset, s.offset + s.numel)
                 optim["state"][index[id(self.params[s.index])]] = {
@@ -601,6 +625,9 @@ class ParameterServer(Strategy):
         optim = state.get("optimizer") or {"state": {}, "param_groups": []}
         for group, saved in zip(self.optimizer.param_groups, optim["param_groups"]):
             group["lr"] = saved["lr"]                   # the loop's schedule continues from here
+        if not self.is_main:                            # rank 0 scatters; the others pull
+            self._load_shards(None)
+            return
         index = self._param_index()
         params, exp_avg, exp_avg_sq, steps = [], [], [], []
         for lay in self.layouts:
@@ -627,5 +654,6 @@ class ParameterServer(Strategy):
 
     def memory_report(self) -> dict[str, int]:
         return {"param_bytes": sum(p.numel() * p.element_size() for p in self.params),
-                "grad_bytes": sum(b.numel() * b.element_size() for bufs in self.grads for b in bufs),
+                "grad_bytes": sum(b.numel() * b.element_size()
+                                  for bufs in self.grads for b in bufs),
                 "optimizer_bytes": 0}       # AdamW state lives on the shards

@@ -25,7 +25,10 @@ The contract, in the loop's order of calls:
                                    mixed precision: after unscaling, skip on inf).
 * ``all_reduce_sum(values)``       sums a list of python numbers over ranks in one
                                    collective (token counts, weighted losses); identity in
-                                   one process.
+                                   one process. ``all_reduce_sum_async`` starts the same
+                                   collective and returns a callable that waits for it (the
+                                   loop reduces the step's losses while the gradients are
+                                   still being reduced; default: synchronous).
 * ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
 * ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
 * ``barrier()``                    wait for every rank (checkpoint commits); no-op in one process.
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -144,6 +147,12 @@ class Strategy(ABC):
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks of a few scalars (one collective for all of them)."""
         return [float(v) for v in values]
+
+    def all_reduce_sum_async(self, values: Sequence[float]) -> Callable[[], list[float]]:
+        """Start ``all_reduce_sum(values)``; the returned callable waits and returns the sums.
+        Collectives must still be issued in the same order on every rank."""
+        out = self.all_reduce_sum(values)
+        return lambda: out
 
     def barrier(self) -> None:
         """Block until every rank gets here (a no-op in one process)."""

@@ -99,6 +99,18 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in trainer.strategy.module.state_dict().items()}
 
 
+_REFERENCE: dict = {}
+
+
+def single_worker_reference(pack, cfg: TrainConfig):
+    """(trainer, result) of the single-process run, computed once per module and config."""
+    key = (pack, repr(cfg))
+    if key not in _REFERENCE:
+        ref = make_trainer(pack, cfg)
+        _REFERENCE[key] = ref, ref.fit()
+    return _REFERENCE[key]
+
+
 # ---------------------------------------------------------------- worker functions
 
 def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, split_at=None):
@@ -189,8 +201,7 @@ def test_bucket_assignment_follows_ddp_rule():
 def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tmp_path):
     cfg = TrainConfig(max_steps=20, lr=3e-3, warmup_steps=3, grad_clip=0.5, device="cpu",
                       echo=False)
-    ref = make_trainer(pack, cfg)
-    ref_result = ref.fit()
+    ref, ref_result = single_worker_reference(pack, cfg)
     dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002)   # several buckets
     ckpt_dir = str(tmp_path / "ck") if workers == 2 else None    # 2 workers: stop + resume
     outs = gangs(workers).execute(_dp_fit, pack, cfg, dp_cfg, ckpt_dir=ckpt_dir, split_at=10)
