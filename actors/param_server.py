@@ -504,6 +504,11 @@ class ParameterServer(Strategy):
         self._pending = [s.pull.remote(self.rank, self._generation) for s in self.shards]
         self._materialize()
 
+    def flush(self) -> None:
+        """The last step's pushes applied and its parameters pulled (async mode leaves them in
+        flight until the next forward)."""
+        self._materialize()
+
     # ------------------------------------------------------------ pull
     def _materialize(self) -> None:
         """Wait for the requested parameters and make the model's parameters views of them."""

@@ -157,6 +157,10 @@ class Strategy(ABC):
     def barrier(self) -> None:
         """Block until every rank gets here (a no-op in one process)."""
 
+    def flush(self) -> None:
+        """Wait for this rank's in-flight communication (the end of a run: nothing may still be
+        on its way to a peer or a server when ``fit`` returns). A no-op where all is waited."""
+
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 

@@ -388,6 +388,7 @@ class Trainer:
                 ckpt.save_average(cc.dir, cc.average_last)
             self.strategy.barrier()
             averaged = ckpt.averaged_path(cc.dir)
+        self.strategy.flush()
         return TrainResult(step=self.step, losses=losses, eval=last_eval,
                            checkpoint=self.last_checkpoint, averaged_checkpoint=averaged,
                            resumed_from=resumed, rows=self.metrics.rows[first_row:])
