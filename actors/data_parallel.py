@@ -50,7 +50,8 @@ from torch import nn
 
 from models.typed_config import check_positive
 
-from .strategy import MicroResult, Strategy, build_adamw, move_batch, resolve_device
+from .strategy import (MicroResult, Strategy, build_adamw, resolve_device,
+                       weighted_forward_backward)
 from .train_config import TrainConfig
 
 MB = 1024 * 1024
@@ -226,13 +227,10 @@ class DataParallel(Strategy):
             # the buckets are already on the wire: a second synced backward would race them
             raise RuntimeError("DataParallel: a second synchronised backward before "
                                "clip_and_step; run earlier micro-batches under no_sync()")
-        out = self.model(**move_batch(batch, self.device))
-        (out.loss * weight).backward()
+        result = weighted_forward_backward(self.model, batch, self.device, weight)
         if self._sync:
             self._finish_backward()
-        aux = getattr(out, "aux_loss", None)
-        return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
-                           dict(getattr(out, "metrics", None) or {}))
+        return result
 
     # ------------------------------------------------------------ step
     def _wait_all(self) -> None:

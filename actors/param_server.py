@@ -99,7 +99,8 @@ from torch import nn
 
 from models.typed_config import ConfigError, check_choice, check_positive
 
-from .strategy import MicroResult, Strategy, build_adamw, move_batch, resolve_device
+from .strategy import (MicroResult, Strategy, build_adamw, resolve_device,
+                       weighted_forward_backward)
 from .train_config import TrainConfig
 
 MODES = ("sync", "async")
@@ -533,11 +534,7 @@ class ParameterServer(Strategy):
     # ------------------------------------------------------------ compute
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         self._materialize()
-        out = self.model(**move_batch(batch, self.device))
-        (out.loss * weight).backward()
-        aux = getattr(out, "aux_loss", None)
-        return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
-                           dict(getattr(out, "metrics", None) or {}))
+        return weighted_forward_backward(self.model, batch, self.device, weight)
 
     def forward(self, batch: dict[str, Any]) -> Any:
         self._materialize()

@@ -86,6 +86,21 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
+def weighted_forward_backward(model: nn.Module, batch: dict[str, Any], device: torch.device,
+                              weight: Any) -> MicroResult:
+    """Forward ``batch``, then backpropagate ``float(weight) * loss``.
+
+    ``weight`` is only converted after the forward pass: the trainer passes a lazy weight
+    whose global token count is still being all-reduced, so that small collective overlaps
+    the first forward instead of stalling before it.
+    """
+    out = model(**move_batch(batch, device))
+    (out.loss * float(weight)).backward()
+    aux = getattr(out, "aux_loss", None)
+    return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
+                       dict(getattr(out, "metrics", None) or {}))
+
+
 class MicroResult(NamedTuple):
     """What the loop keeps of one micro-batch: detached scalars, not the logits (keeping the
     outputs of every micro-batch would hold B×T×V logits per micro-batch until the step ends)."""
@@ -195,11 +210,7 @@ class SingleProcess(Strategy):
         self.optimizer = build_adamw(self.model, cfg)
 
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
-        out = self.model(**move_batch(batch, self.device))
-        (out.loss * weight).backward()
-        aux = getattr(out, "aux_loss", None)
-        return MicroResult(out.loss.detach(), None if aux is None else aux.detach(),
-                           dict(getattr(out, "metrics", None) or {}))
+        return weighted_forward_backward(self.model, batch, self.device, weight)
 
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.module.parameters() if p.grad is not None]

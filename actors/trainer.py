@@ -129,6 +129,30 @@ def token_ce_sum(out: Any, batch: dict[str, Any], objective: Any = None) -> tupl
 
 # ---------------------------------------------------------------- the loop
 
+class _GlobalCount:
+    """The step's target-token count summed over ranks, waited for on first use."""
+
+    def __init__(self, pending: Callable[[], list[float]], step: int) -> None:
+        self._pending, self._step, self._value = pending, step, None
+
+    def __call__(self) -> float:
+        if self._value is None:
+            self._value = self._pending()[0]
+            if self._value <= 0:
+                raise ValueError(f"step {self._step}: the batch has no target tokens")
+        return self._value
+
+
+class _LazyWeight:
+    """``count / global count`` as a float, computed when the strategy's backward asks."""
+
+    def __init__(self, count: int, total: _GlobalCount) -> None:
+        self.count, self.total = count, total
+
+    def __float__(self) -> float:
+        return self.count / self.total()
+
+
 @dataclass
 class TrainResult:
     """What ``train`` / ``Trainer.fit`` returns."""
@@ -202,12 +226,14 @@ class Trainer:
         callable waits for it. ``train_step`` calls it after ``clip_and_step``, so the loss
         all-reduce travels with the gradient all-reduces instead of adding a round trip."""
         counts = [count_targets(b, self.objective) for b in batches]
-        total = self.strategy.all_reduce_sum([sum(counts)])[0]
-        if total <= 0:
-            raise ValueError(f"step {self.step}: the batch has no target tokens")
-        weights = [c / total for c in counts]
+        # The global target count is all-reduced while the first micro-batch runs forward:
+        # the lazy weights resolve it only when backward needs them.
+        total_of = _GlobalCount(self.strategy.all_reduce_sum_async([sum(counts)]), self.step)
         self.strategy.train(True)
-        results = self.strategy.run_micro_batches(batches, weights)
+        results = self.strategy.run_micro_batches(
+            batches, [_LazyWeight(c, total_of) for c in counts])
+        total = total_of()
+        weights = [c / total for c in counts]
         keys = sorted({k for r in results for k in r.metrics})
         wt = torch.tensor(weights, dtype=torch.float64)
         # one host sync for all micro-batches, not one per micro-batch

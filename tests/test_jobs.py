@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from jobs import pretrain, quickstart
-from jobs.experiment import experiment_from_dict, run_experiment
+from cluster.launcher import TrainRun
 from models.typed_config import ConfigError, apply_overrides, load_yaml
 from tests.conftest import REPO
 
@@ -22,18 +22,20 @@ def isolated(tmp_path, steps: int = 4) -> list[str]:
     return [f"data.corpus={tmp_path}/world/documents.jsonl", f"data.pack_dir={tmp_path}/pack",
             f"train.metrics_path={tmp_path}/metrics.jsonl", f"checkpoint.dir={tmp_path}/ckpt",
             f"train.max_steps={steps}", "train.eval_every=0", "checkpoint.every=0",
-            "checkpoint.average_last=0", "data.world.n_entities=30"]
+            "checkpoint.average_last=0", "data.world.n_entities=30", "run.max_failures=0"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
-def test_every_config_trains(path, tmp_path):
+def test_every_config_trains(ray_session, path, tmp_path):
+    """Each shipped config, shrunk, runs the way the job runs it: on its gang and strategy."""
     raw = apply_overrides(load_yaml(path), isolated(tmp_path, steps=3)
                           + ["model.vocab_size=512", "model.n_layers=1", "model.d_model=32",
-                             "model.d_ff=64", "model.n_heads=2"])
-    result = run_experiment(experiment_from_dict(raw))
-    assert result.step == 3
-    assert all(v == v and v < 50 for v in result.losses.values())   # finite
-    assert os.path.isdir(result.checkpoint)
+                             "model.d_ff=64", "model.n_heads=2", "scaling.cpus_per_worker=1"])
+    report = TrainRun(raw).fit()
+    assert report["step"] == 3 and report["world_size"] == raw.get("scaling", {}).get(
+        "num_workers", 1)
+    assert all(v == v and v < 50 for v in report["losses"].values())   # finite
+    assert os.path.isdir(report["checkpoint"])
 
 
 def test_overrides_parse_yaml_values():
