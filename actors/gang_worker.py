@@ -23,7 +23,7 @@ import torch.distributed as dist
 # A module reference (not a copy): Ray ships this actor class by value, and the context must
 # live in the real module that `worker_context()` reads.
 from actors import worker_context as _ctx
-from actors.worker_context import WorkerContext, worker_context  # noqa: F401  (re-exported)
+from actors.worker_context import WorkerContext
 
 
 @ray.remote

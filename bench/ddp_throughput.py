@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import world_pack  # noqa: E402
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
@@ -122,19 +123,6 @@ def worker_bench(pack, model_cfg, cfg, block_len, global_batch, warmup, repeats,
     return times if dist.get_rank() == 0 else None
 
 
-def make_pack(root: str, block_len: int, vocab: int) -> str:
-    """Synthetic-world corpus -> BPE tokenizer -> packed Parquet blocks (the real data path)."""
-    from models.data import CorpusReader, pack_corpus
-    from models.tokenizer import train_bpe
-    from models.world import WorldConfig, write_world
-
-    write_world(WorldConfig(seed=0, n_entities=200), f"{root}/world", parts=("documents",))
-    reader = CorpusReader(f"{root}/world/documents.jsonl")
-    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
-    pack_corpus(reader, tok, block_len, f"{root}/pack")
-    return f"{root}/pack"
-
-
 def connect_ray(num_cpus: int) -> None:
     """An embedded Ray of our own (never another user's cluster on this machine)."""
     import ray
@@ -169,7 +157,8 @@ def main() -> None:
     n = args.steps + args.warmup_steps
     cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
                       echo=False)
-    pack = make_pack(tempfile.mkdtemp(prefix="bmray_ddp_bench_"), args.block_len, args.vocab)
+    pack = world_pack(tempfile.mkdtemp(prefix="bmray_ddp_bench_"), args.block_len, args.vocab,
+                      n_entities=200)
     connect_ray(num_cpus=max(8, max(args.workers)))
     n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
     step_tokens = args.batch * (args.block_len - 1)

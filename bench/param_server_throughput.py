@@ -31,23 +31,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import world_pack  # noqa: E402
 from actors.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
                                  start_shards, stop_shards)
 from actors.train_config import TrainConfig  # noqa: E402
 from cluster import connect, shutdown  # noqa: E402
 from cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
 from models import ModelConfig  # noqa: E402
-from models.data import BlockStream, CorpusReader, pack_corpus  # noqa: E402
-from models.tokenizer import train_bpe  # noqa: E402
-from models.world import WorldConfig, write_world  # noqa: E402
-
-
-def make_pack(root: str, block_len: int, vocab: int) -> str:
-    write_world(WorldConfig(seed=0, n_entities=300), f"{root}/world", parts=("documents",))
-    reader = CorpusReader(f"{root}/world/documents.jsonl")
-    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
-    pack_corpus(reader, tok, block_len, f"{root}/pack")
-    return f"{root}/pack"
+from models.data import BlockStream  # noqa: E402
 
 
 def worker_run(kind: str, pack: str, model_cfg: ModelConfig, cfg: TrainConfig, batch: int,
@@ -102,7 +93,7 @@ def main() -> None:
                             d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
     n = args.steps + args.warmup_steps
     cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, device="cpu", echo=False)
-    pack = make_pack(tempfile.mkdtemp(prefix="bmray_ps_bench_"), args.block_len, vocab)
+    pack = world_pack(tempfile.mkdtemp(prefix="bmray_ps_bench_"), args.block_len, vocab)
 
     connect(num_cpus=max(8, args.workers + 2), log_to_driver=False)
     N = args.workers

@@ -29,13 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import world_pack  # noqa: E402
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from actors.trainer import Trainer  # noqa: E402
 from models import ModelConfig, build_model, objective_for  # noqa: E402
-from models.data import BlockStream, CorpusReader, pack_corpus  # noqa: E402
-from models.tokenizer import train_bpe  # noqa: E402
-from models.world import WorldConfig, write_world  # noqa: E402
+from models.data import BlockStream  # noqa: E402
 
 
 def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig) -> float:
@@ -68,15 +67,6 @@ def ours_loop(model: torch.nn.Module, data, cfg: TrainConfig, model_cfg: ModelCo
     return time.perf_counter() - start
 
 
-def make_pack(root: str, block_len: int, vocab: int) -> str:
-    """Synthetic-world corpus -> BPE tokenizer -> packed Parquet blocks (the real data path)."""
-    write_world(WorldConfig(seed=0, n_entities=300), f"{root}/world", parts=("documents",))
-    reader = CorpusReader(f"{root}/world/documents.jsonl")
-    tok = train_bpe(reader, vocab_size=vocab, family="gpt")
-    pack_corpus(reader, tok, block_len, f"{root}/pack")
-    return f"{root}/pack"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30)
@@ -100,7 +90,7 @@ def main() -> None:
     n = args.steps + args.warmup_steps
     cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=10, device="cpu",
                       echo=False)
-    pack = make_pack(tempfile.mkdtemp(prefix="bmray_bench_"), args.block_len, vocab)
+    pack = world_pack(tempfile.mkdtemp(prefix="bmray_bench_"), args.block_len, vocab)
     stream = BlockStream(pack, args.block_len, args.batch, shuffle=False)
     batches = [next(stream) for _ in range(n)]   # the same blocks, held in memory
     init = build_model(model_cfg)

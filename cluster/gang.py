@@ -22,7 +22,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.gang_worker import GangWorker, WorkerContext, worker_context
+from actors.gang_worker import GangWorker
+from actors.worker_context import WorkerContext, worker_context
 from models.typed_config import ConfigError, check_choice, check_positive
 
 __all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "WorkerContext", "worker_context"]

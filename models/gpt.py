@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from models.blocks import Embeddings, TransformerBlock, init_weights, moe_for_layer, positions_for
 from models.config import ModelConfig
-from models.losses import accuracy, cross_entropy
+from models.losses import lm_loss_and_metrics
 from models.outputs import ModelOutput
 
 
@@ -80,10 +80,6 @@ class GPT(nn.Module):
         aux_loss = sum_aux(auxes, cfg.moe.aux_loss_weight) if cfg.moe else None
         loss, metrics = None, {}
         if labels is not None:
-            lm_loss = cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
-            metrics = {"lm_loss": float(lm_loss.detach()), "lm_acc": accuracy(logits, labels)}
-            if aux_loss is not None:
-                metrics["aux_loss"] = float(aux_loss.detach())
+            loss, metrics = lm_loss_and_metrics(logits, labels, aux_loss, cfg.label_smoothing)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss,
                            past_key_values=presents if use_cache else None, metrics=metrics)

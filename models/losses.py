@@ -43,3 +43,15 @@ def accuracy(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -
     if n == 0:
         return 0.0
     return float((logits.argmax(dim=-1)[valid] == labels[valid]).float().sum()) / n
+
+
+def lm_loss_and_metrics(logits: Tensor, labels: Tensor, aux_loss: Tensor | None,
+                        label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """A language-model head's loss (token CE + the MoE aux loss, if any) and its metrics —
+    shared by the decoder-only and encoder-decoder families."""
+    lm_loss = cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+    metrics = {"lm_loss": float(lm_loss.detach()), "lm_acc": accuracy(logits, labels)}
+    if aux_loss is not None:
+        metrics["aux_loss"] = float(aux_loss.detach())
+    return loss, metrics

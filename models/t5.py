@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from models.blocks import TransformerBlock, init_weights, moe_for_layer, positions_for
 from models.config import ModelConfig
 from models.gpt import sum_aux
-from models.losses import IGNORE_INDEX, accuracy, cross_entropy
+from models.losses import IGNORE_INDEX, lm_loss_and_metrics
 from models.outputs import ModelOutput
 from models.positional import build_positional
 
@@ -113,9 +113,5 @@ class T5(nn.Module):
         aux_loss = sum_aux(enc_aux + dec_aux, cfg.moe.aux_loss_weight) if cfg.moe else None
         loss, metrics = None, {}
         if labels is not None:
-            lm_loss = cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
-            metrics = {"lm_loss": float(lm_loss.detach()), "lm_acc": accuracy(logits, labels)}
-            if aux_loss is not None:
-                metrics["aux_loss"] = float(aux_loss.detach())
+            loss, metrics = lm_loss_and_metrics(logits, labels, aux_loss, cfg.label_smoothing)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, metrics=metrics)

@@ -13,7 +13,6 @@ token between two paths that should agree.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

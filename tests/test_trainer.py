@@ -15,29 +15,17 @@ from actors.schedule import build_scheduler
 from actors.train_config import CheckpointConfig, TrainConfig
 from actors.trainer import Trainer, seed_everything
 from models.config import ModelConfig
-from models.data import BlockStream, eval_batches, pack_corpus
+from models.data import BlockStream, eval_batches
 from models.objectives import CausalLM
 from models.registry import build_model
-from models.tokenizer import train_bpe
+
+from tests.tiny_corpus import BLOCK, build_pack
 
 torch.set_num_threads(1)
-BLOCK = 17
-COLORS, SIZES = ["red", "blue", "green", "black"], ["big", "small", "odd"]
-
-
-def corpus_texts() -> list[str]:
-    return [f"the {COLORS[i % 4]} cat number {i} sat on the {SIZES[i % 3]} mat and said "
-            f"{i * 7 % 13}." for i in range(160)]
-
-
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     """(pack path, vocab size): a real BPE tokenizer and a real packed corpus, built once."""
-    root = tmp_path_factory.mktemp("pack")
-    tok = train_bpe(corpus_texts(), vocab_size=300, family="gpt")
-    pack_corpus(corpus_texts(), tok, block_len=BLOCK, out_path=str(root / "pack"),
-                eval_blocks=12, row_group_size=16, source="test")
-    return str(root / "pack"), tok.vocab_size
+    return build_pack(tmp_path_factory.mktemp("pack"), eval_blocks=12)
 
 
 def model_cfg(vocab: int, dropout: float = 0.1, d_model: int = 32) -> ModelConfig:
