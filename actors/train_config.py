@@ -7,8 +7,9 @@ key path (``train.lr``), so a bad YAML value fails before any compute is spent.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from actors.activation_checkpointing import ActivationCheckpointConfig
 from models.typed_config import ConfigError, check_choice, check_positive
 
 
@@ -37,6 +38,10 @@ class TrainConfig:
     log_every: int = 1              # one JSON line of train metrics every N steps
     metrics_path: str | None = None  # JSON-lines file; None: keep rows in memory only
     echo: bool = True               # also print each metrics row as one short console line
+    # recompute chosen blocks' activations in backward instead of storing them (Chen et al.
+    # 2016): {enabled: true, blocks: [0, 2]} or all blocks when blocks is omitted
+    activation_checkpointing: ActivationCheckpointConfig = field(
+        default_factory=ActivationCheckpointConfig)
     device: str = "auto"            # "auto" (cuda if visible) | "cpu" | "cuda" | "cuda:N"
 
     def __post_init__(self) -> None:

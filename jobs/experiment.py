@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from actors.activation_checkpointing import apply_activation_checkpointing
 from actors.strategies import StrategySpec, strategy_from_dict
 from actors.strategy import Strategy
 from cluster.gang import ScalingConfig
@@ -245,6 +246,9 @@ def build_trainer(exp: ExperimentConfig, strategy: Strategy | None = None, rank:
     _, model_cfg = prepare_data(exp)
     seed_everything(exp.seed)
     model = build_model(model_cfg)
+    ac = exp.train.activation_checkpointing
+    if ac.enabled:
+        apply_activation_checkpointing(model, ac.blocks)
     stream, eval_fn = make_streams(exp, rank, world_size)
     return Trainer(model, objective_for(model_cfg), stream, exp.train, strategy=strategy,
                    eval_data=eval_fn, checkpoint=exp.checkpoint, model_config=model_cfg,
