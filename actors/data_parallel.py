@@ -73,11 +73,18 @@ class DataParallelConfig:
 
 
 class _Bucket:
-    """One flat gradient buffer, the parameters viewing into it, and its in-flight work."""
+    """One flat gradient buffer, the parameters viewing into it, and its in-flight work.
 
-    __slots__ = ("index", "params", "offsets", "buffer", "pending", "work")
+    ``pad_to``: the buffer is zero-padded to a multiple of it, so ZeRO can split every bucket
+    into equal per-rank slices (``shard_bounds`` layout, no copy at reduce-scatter time).
+    ``allocate=False`` leaves ``buffer`` None until :meth:`allocate` (ZeRO-2: the full bucket
+    only exists while its gradients are being reduced)."""
 
-    def __init__(self, index: int, params: list[nn.Parameter], device: torch.device) -> None:
+    __slots__ = ("index", "params", "offsets", "numel", "dtype", "device", "buffer", "pending",
+                 "work")
+
+    def __init__(self, index: int, params: list[nn.Parameter], device: torch.device,
+                 pad_to: int = 1, allocate: bool = True) -> None:
         self.index = index
         self.params = params
         self.offsets: list[int] = []
@@ -85,9 +92,18 @@ class _Bucket:
         for p in params:
             self.offsets.append(total)
             total += p.numel()
-        self.buffer = torch.zeros(total, dtype=params[0].dtype, device=device)
+        self.numel = -(-total // pad_to) * pad_to
+        self.dtype, self.device = params[0].dtype, device
+        self.buffer: torch.Tensor | None = None
+        if allocate:
+            self.allocate()
         self.pending = len(params)
         self.work: Any = None
+
+    def allocate(self) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+        return self.buffer
 
     def view(self, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -95,17 +111,21 @@ class _Bucket:
 
 
 def bucket_assignment(params: Sequence[nn.Parameter], bucket_bytes: int,
-                      first_bucket_bytes: int | None = None) -> list[list[int]]:
+                      first_bucket_bytes: int | None = None,
+                      group_of: Callable[[nn.Parameter], Any] | None = None,
+                      itemsize: int | None = None) -> list[list[int]]:
     """Indices of ``params`` grouped into buckets in the given order: a bucket closes once it
     holds at least its cap in bytes (DDP's rule; a larger parameter gets a bucket of its own)
-    and never mixes dtypes or devices."""
+    and never mixes dtypes or devices — nor values of ``group_of(p)`` (ZeRO keeps AdamW's
+    decay / no-decay groups in separate buckets). ``itemsize``: count bytes as if every
+    element had this size (the dtype the buckets will hold, when the model is cast later)."""
     buckets: list[list[int]] = []
     open_: dict[tuple, tuple[list[int], int]] = {}
     for i, p in enumerate(params):
-        key = (p.dtype, p.device)
+        key = (p.dtype, p.device, group_of(p) if group_of is not None else None)
         idx, size = open_.get(key, ([], 0))
         idx.append(i)
-        size += p.numel() * p.element_size()
+        size += p.numel() * (itemsize or p.element_size())
         cap = first_bucket_bytes if (not buckets and first_bucket_bytes) else bucket_bytes
         if size >= cap:
             buckets.append(idx)
@@ -147,22 +167,35 @@ class DataParallel(Strategy):
         if self.distributed and self.world_size > 1 and self.config.broadcast_init:
             self._broadcast_state()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        order = list(reversed(self.params))
+        self._build_buckets(self.bucket_plan(self.params))
+        self.optimizer = build_adamw(self.model, cfg, self.params)
+
+    def bucket_plan(self, params: Sequence[nn.Parameter], group_of: Callable | None = None,
+                    itemsize: int | None = None) -> list[list[nn.Parameter]]:
+        """``params`` in reverse order (backward's), grouped into buckets by the size caps."""
+        order = list(reversed(params))
         c = self.config
         first = int(c.first_bucket_mb * MB) if c.first_bucket_mb is not None else None
+        return [[order[i] for i in idx] for idx in
+                bucket_assignment(order, int(c.bucket_mb * MB), first, group_of, itemsize)]
+
+    def _build_buckets(self, plan: list[list[nn.Parameter]], pad_to: int = 1,
+                       allocate: bool = True) -> None:
+        """Buckets from a plan, the gradient-ready hooks, and ``param.grad`` as views into the
+        (allocated) buffers."""
         self.buckets: list[_Bucket] = []
         self._slot: dict[int, tuple[_Bucket, int]] = {}
-        for b, idx in enumerate(bucket_assignment(order, int(c.bucket_mb * MB), first)):
-            bucket = _Bucket(b, [order[i] for i in idx], self.device)
+        for b, params in enumerate(plan):
+            bucket = _Bucket(b, params, self.device, pad_to, allocate)
             for j, p in enumerate(bucket.params):
-                p.grad = bucket.view(j)         # gradient_as_bucket_view
+                if allocate:
+                    p.grad = bucket.view(j)         # gradient_as_bucket_view
                 self._slot[id(p)] = (bucket, j)
             self.buckets.append(bucket)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._used = [0] * len(self.params)
         self._ready = [False] * len(self.params)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self.params]
-        self.optimizer = build_adamw(self.model, cfg, self.params)
 
     @torch.no_grad()
     def _broadcast_state(self) -> None:
@@ -182,6 +215,7 @@ class DataParallel(Strategy):
     def _grad_ready(self, p: torch.Tensor) -> None:
         """post-accumulate-grad hook: the gradient of ``p`` for this backward is complete."""
         bucket, j = self._slot[id(p)]
+        bucket.allocate()               # no-op unless the buffer is transient (ZeRO-2)
         if p.grad is None or p.grad.data_ptr() != bucket.buffer.data_ptr() + \
                 bucket.offsets[j] * bucket.buffer.element_size():
             # someone replaced .grad (e.g. zero_grad(set_to_none)): fold it back into the bucket
@@ -242,7 +276,8 @@ class DataParallel(Strategy):
 
     def _reset(self) -> None:
         for bucket in self.buckets:
-            bucket.buffer.zero_()
+            if bucket.buffer is not None:
+                bucket.buffer.zero_()
             bucket.pending = len(bucket.params)
         self._launched = 0
         self._ready = [False] * len(self.params)
@@ -313,6 +348,9 @@ class DataParallel(Strategy):
         report["grad_bytes"] = sum(b.buffer.numel() * b.buffer.element_size()
                                    for b in self.buckets)
         report["num_buckets"] = len(self.buckets)
+        # where it lives (same keys as ZeRO's report): everything on this rank's device
+        total = report["param_bytes"] + report["grad_bytes"] + report["optimizer_bytes"]
+        report.update(model_state_bytes=total, device=total, host=0, disk=0)
         return report
 
 

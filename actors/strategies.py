@@ -2,6 +2,7 @@
 
     strategy: {kind: ddp, bucket_mb: 25}                  # all-reduce data parallelism
     strategy: {kind: param_server, num_shards: 2, mode: async, staleness: 2}
+    strategy: {kind: zero, stage: 2, param_dtype: bf16}   # ZeRO-1/2 (actors/zero.py)
     strategy: {kind: single}                              # one worker, no communication
 
 The section is flat: ``kind`` picks the strategy and every other key belongs to that kind's
@@ -16,6 +17,7 @@ from typing import Any
 from actors.data_parallel import DataParallel, DataParallelConfig
 from actors.param_server import ParameterServer, ParamServerConfig
 from actors.strategy import SingleProcess, Strategy
+from actors.zero import Zero, ZeroConfig
 from models.typed_config import ConfigError, check_choice, from_dict
 
 
@@ -25,7 +27,7 @@ class _NoOptions:
 
 
 KINDS: dict[str, type] = {"single": _NoOptions, "ddp": DataParallelConfig,
-                          "param_server": ParamServerConfig}
+                          "param_server": ParamServerConfig, "zero": ZeroConfig}
 
 
 @dataclass
@@ -62,6 +64,8 @@ def build_strategy(spec: StrategySpec, device: str, shards: list | None = None) 
         return SingleProcess(device)
     if spec.kind == "ddp":
         return DataParallel(spec.options)
+    if spec.kind == "zero":
+        return Zero(spec.options)
     if spec.kind == "param_server":
         if not shards:
             raise ValueError("the param_server strategy needs the shard actors "

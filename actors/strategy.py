@@ -119,6 +119,7 @@ class Strategy(ABC):
     model: nn.Module                   # what forward is called on (possibly a wrapper)
     optimizer: torch.optim.Optimizer
     replicated: bool = True            # same state on every rank: one checkpoint file
+    collective_state_dict: bool = False  # state_dict() is a collective: every rank calls it
 
     @property
     def is_main(self) -> bool:

@@ -333,7 +333,9 @@ class Trainer:
             raise ckpt.CheckpointError("save: no checkpoint directory (checkpoint.dir) is set")
         s = self.strategy
         writes = s.is_main or not s.replicated
-        state = self.state_dict() if writes else None
+        # A strategy whose state_dict is a collective (ZeRO consolidates its shards) needs
+        # every rank in it, even those that write nothing.
+        state = self.state_dict() if writes or s.collective_state_dict else None
         mc = self.model_config
         manifest = {"model_config": dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else mc,
                     "train_config": dataclasses.asdict(self.cfg), "seed": self.seed,

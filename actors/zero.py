@@ -1,0 +1,437 @@
+"""ZeRO stages 0, 1 and 2: data parallelism whose optimizer state (and gradients) are sharded.
+
+Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+Models", §5 (P_os, P_os+g); the bucket layout follows DeepSpeed's stage 1/2 optimizer. With
+mixed-precision Adam (K = 12 bytes of optimizer state per parameter: fp32 master, exp_avg,
+exp_avg_sq) and Ψ trainable parameters, the model-state bytes per rank are
+
+    stage 0   2Ψ + 2Ψ + 12Ψ          = 16Ψ           (replicated, = all-reduce DDP)
+    stage 1   2Ψ + 2Ψ + 12Ψ/N        = 4Ψ + 12Ψ/N    (optimizer state sharded)
+    stage 2   2Ψ + 2Ψ/N + 12Ψ/N      = 2Ψ + 14Ψ/N    (gradients sharded too)
+
+(params + grads + optimizer; with ``param_dtype: fp32`` the 2s become 4s.)
+
+How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (a subclass of
+:class:`DataParallel`, so buckets, hooks, launch order and ``no_sync`` are the same code):
+
+* **Flat buckets.** Trainable parameters (a tied weight once; frozen ones in no bucket: they
+  never change and cost no gradient or optimizer memory) are packed in reverse order into
+  buckets of ``bucket_mb``; a bucket never mixes AdamW's decay (matrices) and no-decay
+  (biases, norms) groups. Each bucket is zero-padded to a multiple of N and split with
+  :func:`actors.collectives.shard_bounds`: rank r owns slice r of *every* bucket. Any
+  parameter count works, divisible by N or not (the padding has zero gradient and stays 0).
+* **Parameters** stay replicated, in ``param_dtype`` (bf16/fp16: the compute copy of mixed
+  precision, Micikevicius et al. 2018). The fp32 *master* copy and AdamW's moments exist only
+  for this rank's slices.
+* **Stage 0/1 gradients**: ``param.grad`` views a full bucket buffer; a bucket is all-reduced
+  (SUM) asynchronously as soon as backward completes it, exactly as in DataParallel; the
+  optimizer reads this rank's slice. Stage 0 differs only in owning every slice (N = 1 for
+  the optimizer), i.e. mixed-precision DDP with an fp32 master.
+* **Stage 2 gradients**: a bucket buffer exists only while its gradients are reduced: when
+  backward completes a bucket it is reduce-scattered asynchronously, and when that finishes
+  (at most ``max_inflight_buckets`` are on the wire; older ones are retired first) this rank's
+  slice is added to its persistent gradient shard and the full buffer is freed. Gradient
+  memory is therefore the shard (2Ψ/N) plus a transient ``max_inflight_buckets × bucket_mb``
+  that the report does not count (DeepSpeed's reduce bucket is the same trade). Every
+  micro-batch is reduced (DeepSpeed does the same): accumulating full gradients under
+  ``no_sync`` would need the full buffer, which is what stage 2 saves.
+* **Step**: the global grad norm is √(Σ_ranks ‖shard‖²) (one all-reduce of a scalar),
+  clipped with ``clip_grad_norm_``'s rule, AdamW on the fp32 shards (torch's fused AdamW over
+  flat tensors — elementwise, so the same maths per element as on the unflattened model;
+  ``actors.offload.ShardedAdamW`` when it is available, which adds CPU / disk offload), then
+  every bucket's updated slices are all-gathered into the ``param_dtype`` parameters,
+  asynchronously, bucket by bucket; the next forward waits for them.
+* **Checkpoints** are consolidated: ``state_dict()`` all-gathers the shards (a collective:
+  every rank must call it) into exactly :class:`actors.strategy.SingleProcess`'s format (an
+  fp32 model state dict + torch AdamW's optimizer state dict), so ``replicated`` is True and
+  a checkpoint of any stage, world size or of a single process loads into any other;
+  ``load_state_dict`` re-shards (each rank copies its slices).
+* **Memory report** (``memory_report``): ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``
+  (master + moments), ``model_state_bytes`` (their sum) and the same total split by where it
+  lives: ``device``, ``host``, ``disk`` (and ``by_location`` per kind). Bytes are counted from
+  the tensors this rank actually holds (padding included). On a CPU-only machine device and
+  host are the same memory; a tensor is counted where it is *meant* to live.
+
+Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step —
+a flat shard cannot skip one parameter (DeepSpeed behaves the same). fp16 needs
+``actors.loss_scaler.DynamicLossScaler``.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from models.typed_config import ConfigError, check_choice, check_positive
+
+from . import collectives as C
+from .data_parallel import DataParallel, _Bucket
+from .strategy import MicroResult, build_adamw, weighted_forward_backward
+from .train_config import TrainConfig
+
+from .loss_scaler import DynamicLossScaler
+from .offload import OffloadConfig, ShardedAdamW
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ZeroConfig:
+    """Knobs of :class:`Zero` (``strategy: {kind: zero, stage: 2, ...}``)."""
+
+    stage: int = 1                          # 0: no sharding, 1: optimizer state, 2: + gradients
+    bucket_mb: float = 25.0                 # DeepSpeed's reduce_bucket_size / DDP's bucket_cap_mb
+    first_bucket_mb: float | None = None    # as in DataParallel; None: same as bucket_mb
+    param_dtype: str = "fp32"               # the replicated compute copy: fp32 | bf16 | fp16
+    offload_optimizer: str = "none"         # where master + moments live: none | cpu | disk
+    disk_dir: str | None = None             # offload_optimizer: disk — memory-mapped files here
+    max_inflight_buckets: int = 2           # stage 2: full buckets on the wire at once
+    broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
+
+    def __post_init__(self) -> None:
+        check_choice("strategy.stage", self.stage, [0, 1, 2])
+        check_positive("strategy.bucket_mb", self.bucket_mb)
+        if self.first_bucket_mb is not None:
+            check_positive("strategy.first_bucket_mb", self.first_bucket_mb)
+        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
+        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
+        if self.offload_optimizer == "disk" and not self.disk_dir:
+            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
+                              "is 'disk'")
+        check_positive("strategy.max_inflight_buckets", self.max_inflight_buckets)
+
+
+def _decays(p: nn.Parameter) -> bool:
+    """build_adamw's rule: weight decay on matrices only."""
+    return p.dim() >= 2
+
+
+def _pieces(bucket: _Bucket, lo: int, hi: int):
+    """(param index j, [a, b) in the param's flat, [a', b') in the slice) for every parameter
+    overlapping elements [lo, hi) of the bucket's flat layout."""
+    for j, (p, off) in enumerate(zip(bucket.params, bucket.offsets)):
+        a, b = max(lo, off), min(hi, off + p.numel())
+        if a < b:
+            yield j, a - off, b - off, a - lo, b - lo
+
+
+class _Scaled:
+    """A (lazy) micro-batch weight times the loss scale, converted when backward asks."""
+
+    def __init__(self, weight: Any, scale: float) -> None:
+        self.weight, self.scale = weight, scale
+
+    def __float__(self) -> float:
+        return float(self.weight) * self.scale
+
+
+class Zero(DataParallel):
+    """ZeRO stage 0/1/2 over a plain ``nn.Module``; see the module docstring."""
+
+    replicated = True                   # state_dict() consolidates: one file, any world size
+    collective_state_dict = True        # ...by all-gathering the shards: every rank takes part
+
+    def __init__(self, config: ZeroConfig | None = None, *, group: Any = None,
+                 **overrides: Any) -> None:
+        if config is None:
+            config = ZeroConfig(**overrides)
+        elif overrides:
+            raise TypeError("Zero: pass either a ZeroConfig or keyword overrides")
+        super().__init__(config, group=group)
+        self.stage = config.stage
+        self.dtype = DTYPES[config.param_dtype]
+        # the optimizer's view of the world: stage 0 owns every slice
+        self.shards = 1 if self.stage == 0 else self.world_size
+        self.shard_rank = 0 if self.stage == 0 else self.rank
+        self._gathers: list[tuple[_Bucket, Any]] = []
+        self._inflight: collections.deque[_Bucket] = collections.deque()
+        self.scaler = None
+
+    # ------------------------------------------------------------ setup
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = self._pick_device(cfg)
+        self.model = model.to(self.device)
+        if self.distributed and self.world_size > 1 and self.config.broadcast_init:
+            self._broadcast_state()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        trainable = {id(p) for p in self.params}
+        self.frozen = [p for p in self.model.parameters() if id(p) not in trainable]
+        self._names = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), []).append(name)
+        # SingleProcess's optimizer, never stepped (no state): the checkpoint layout
+        self._template = build_adamw(self.model, cfg, self.params)
+        plan = self.bucket_plan(self.params, group_of=_decays, itemsize=self.dtype.itemsize)
+        masters = [self._take_slices(ps) for ps in plan]      # fp32, before the cast
+        self.model.to(self.dtype)       # in place: Parameter identity (and ties) kept
+        self._build_buckets(plan, pad_to=self.shards, allocate=self.stage < 2)
+        self.grad_shards = ([torch.zeros(self._bounds(b).size, dtype=self.dtype,
+                                         device=self.device) for b in self.buckets]
+                            if self.stage == 2 else [])
+        on_host = self.config.offload_optimizer != "none"
+        self.masters = [nn.Parameter(m.to("cpu" if on_host else self.device))
+                        for m in masters]
+        self.decay = [_decays(b.params[0]) for b in self.buckets]
+        self.optimizer = self._build_optimizer(cfg)
+        if self.dtype == torch.float16:
+            self.scaler = DynamicLossScaler(group=self.group)
+
+    def _bounds(self, bucket: _Bucket) -> C.ShardBounds:
+        return C.shard_bounds(bucket.numel, self.shard_rank, self.shards)
+
+    def _take_slices(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """This rank's slice of the padded flat fp32 copy of ``params`` (a bucket's)."""
+        offsets = [0, *itertools.accumulate(p.numel() for p in params)]
+        numel = -(-offsets[-1] // self.shards) * self.shards
+        b = C.shard_bounds(numel, self.shard_rank, self.shards)
+        out = torch.zeros(b.size, dtype=torch.float32, device=self.device)
+        for p, off in zip(params, offsets):
+            lo, hi = max(b.start, off), min(b.stop, off + p.numel())
+            if lo < hi:
+                out[lo - b.start:hi - b.start] = p.detach().reshape(-1)[lo - off:hi - off]
+        return out
+
+    def _build_optimizer(self, cfg: TrainConfig) -> "_ShardedOptimizer":
+        """ShardedAdamW (actors/offload.py) over the fp32 master slices: one flat group per
+        bucket, decay or not as build_adamw decides; it allocates its state up front."""
+        return _ShardedOptimizer(self, cfg)
+
+    # ------------------------------------------------------------ backward
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Stage 2 reduces every micro-batch (see module doc); stages 0/1 as DataParallel."""
+        return contextlib.nullcontext() if self.stage == 2 else super().no_sync()
+
+    def _launch(self, bucket: _Bucket) -> None:
+        if self.stage < 2:
+            return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
+        bucket.allocate()                           # a bucket of unused params: zeros
+        if self.world_size > 1:
+            bucket.work = C.reduce_scatter(bucket.buffer, op="sum", group=self.group,
+                                           async_op=True)
+        self._launched += 1
+        self._inflight.append(bucket)
+        while len(self._inflight) > self.config.max_inflight_buckets:
+            self._retire(self._inflight.popleft())
+
+    def _retire(self, bucket: _Bucket) -> None:
+        """Stage 2: add this rank's reduced slice to its shard, free the full bucket."""
+        shard = bucket.work.wait() if bucket.work is not None else bucket.buffer
+        self.grad_shards[bucket.index].add_(shard)
+        for p in bucket.params:
+            p.grad = None
+        bucket.buffer, bucket.work = None, None
+
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
+        self._wait_params()
+        if self.scaler is not None:
+            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+        if self.stage < 2:
+            return super().forward_backward(batch, weight)
+        result = weighted_forward_backward(self.model, batch, self.device, weight)
+        self._finish_backward()
+        while self._inflight:
+            self._retire(self._inflight.popleft())
+        self._reset()
+        return result
+
+    def forward(self, batch: dict[str, Any]) -> Any:
+        self._wait_params()
+        return super().forward(batch)
+
+    # ------------------------------------------------------------ step
+    def _grad_slices(self) -> list[torch.Tensor]:
+        """This rank's fp32 gradient slice of every bucket (a view where no cast is needed)."""
+        if self.stage == 2:
+            return [g.float() for g in self.grad_shards]
+        self._wait_all()
+        out = []
+        for b in self.buckets:
+            s = self._bounds(b)
+            out.append(b.buffer[s.start:s.stop].float())
+        return out
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        grads = self._grad_slices()
+        skip = False
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale_and_check(grads)
+            self.scaler.update(found_inf)
+            skip = bool(found_inf)
+        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        if self.shards > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        norm = sq.sqrt()
+        if not skip:
+            if max_norm > 0:
+                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
+                for g in grads:
+                    g.mul_(coef)
+            for m, g in zip(self.masters, grads):
+                m.grad = g.to(m.device)
+            self.optimizer.step()
+            for m in self.masters:
+                m.grad = None
+        for g in self.grad_shards:
+            g.zero_()
+        self._reset()                   # stage 0/1: zero the buffers, grads stay views
+        if not skip:
+            self._gather_params()
+        return norm.detach()
+
+    def _gather_params(self) -> None:
+        """Start the all-gather of every bucket's updated slices (param_dtype), in order."""
+        for b, m in zip(self.buckets, self.masters):
+            shard = m.detach().to(self.device, self.dtype)
+            work = (C.all_gather(shard, numel=b.numel, group=self.group, async_op=True)
+                    if self.shards > 1 else None)
+            self._gathers.append((b, work if work is not None else shard))
+
+    @torch.no_grad()
+    def _wait_params(self) -> None:
+        for b, pending in self._gathers:
+            full = pending if torch.is_tensor(pending) else pending.wait()
+            for p, off in zip(b.params, b.offsets):
+                p.copy_(full[off:off + p.numel()].view_as(p))
+        self._gathers = []
+
+    def flush(self) -> None:
+        self._wait_params()
+
+    # ------------------------------------------------------------ state
+    def _gather_full(self, shards: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every bucket's full flat tensor from this rank's slices (fp32)."""
+        out = []
+        for b, s in zip(self.buckets, shards):
+            s = s.detach().to(self.device, torch.float32)
+            out.append(C.all_gather(s, numel=b.numel, group=self.group)
+                       if self.shards > 1 else s)
+        return [t.cpu() for t in out]
+
+    def _moments(self) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        inner = self.optimizer.inner
+        return inner.exp_avg, inner.exp_avg_sq, torch.tensor(float(inner.step_count))
+
+    def _template_params(self) -> list[nn.Parameter]:
+        return [p for g in self._template.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """SingleProcess's format, consolidated from the shards: a collective (all ranks)."""
+        self._wait_params()
+        exp_avg, exp_avg_sq, step = self._moments()
+        full = {"w": self._gather_full(self.masters), "m": self._gather_full(exp_avg),
+                "v": self._gather_full(exp_avg_sq)}
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for i, b in enumerate(self.buckets):
+            for p, off in zip(b.params, b.offsets):
+                per_param[id(p)] = {k: full[k][i][off:off + p.numel()].view(p.shape).clone()
+                                    for k in full}
+        model = {}
+        for k, v in self.module.state_dict().items():
+            model[k] = v.float() if v.is_floating_point() else v
+        for p in self.params:
+            for name in self._names[id(p)]:
+                model[name] = per_param[id(p)]["w"]
+        optim = self._template.state_dict()
+        lr_group = self.optimizer.param_groups[0]
+        for g in optim["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in lr_group:
+                    g[key] = lr_group[key]
+        optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
+                              "exp_avg": per_param[id(p)]["m"],
+                              "exp_avg_sq": per_param[id(p)]["v"]}
+                          for i, p in enumerate(self._template_params())}
+        return {"model": model, "optimizer": optim}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a consolidated (SingleProcess-format) state and keep this rank's slices."""
+        self._wait_params()
+        model = state["model"]
+        self.module.load_state_dict(model)          # params (cast to param_dtype), buffers
+        optim = state.get("optimizer")
+        pstate = {}
+        if optim is not None:
+            pstate = {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
+                      for i, p in enumerate(self._template_params())}
+        step = None
+        moments: dict[str, list[torch.Tensor]] = {"exp_avg": [], "exp_avg_sq": []}
+        for b, master in zip(self.buckets, self.masters):
+            s = self._bounds(b)
+            m = torch.zeros_like(master)
+            v = torch.zeros_like(master)
+            for j, a, e, lo, hi in _pieces(b, s.start, s.stop):
+                p = b.params[j]
+                master[lo:hi] = model[self._names[id(p)][0]].reshape(-1)[a:e].to(master)
+                ps = pstate.get(id(p), {})
+                if "exp_avg" in ps:
+                    m[lo:hi] = ps["exp_avg"].reshape(-1)[a:e].to(m)
+                    v[lo:hi] = ps["exp_avg_sq"].reshape(-1)[a:e].to(v)
+                    step = ps["step"]
+            moments["exp_avg"].append(m)
+            moments["exp_avg_sq"].append(v)
+        step = torch.as_tensor(step if step is not None else 0.0, dtype=torch.float32)
+        inner = self.optimizer.inner
+        inner.load_state_dict({"step": int(step), "weight_decay": inner.weight_decays,
+                               "numel": [m.numel() for m in self.masters],
+                               "master": [m.detach() for m in self.masters], **moments})
+        if optim is not None:
+            loaded = optim["param_groups"][0]
+            for g in self.optimizer.param_groups:
+                for key in ("lr", "initial_lr"):
+                    if key in loaded:
+                        g[key] = loaded[key]
+
+    # ------------------------------------------------------------ memory
+    def memory_report(self) -> dict[str, Any]:
+        """Model-state bytes this rank holds, by kind and by location (see module doc)."""
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+        param = nbytes(self.params)
+        grad = (nbytes(self.grad_shards) if self.stage == 2
+                else sum(b.numel * self.dtype.itemsize for b in self.buckets))
+        inner = self.optimizer.inner.memory_report()      # fp32 masters + moments
+        optim = {k: int(inner.get(k, 0)) for k in ("device", "host", "disk")}
+        by_location = {"param": {"device": param, "host": 0, "disk": 0},
+                       "grad": {"device": grad, "host": 0, "disk": 0},
+                       "optimizer": optim}
+        report: dict[str, Any] = {
+            "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
+            "model_state_bytes": param + grad + sum(optim.values()),
+            "frozen_param_bytes": nbytes(self.frozen),
+            "trainable_params": sum(p.numel() for p in self.params),
+            "num_buckets": len(self.buckets), "stage": self.stage, "shards": self.shards,
+            "by_location": by_location}
+        for where in ("device", "host", "disk"):
+            report[where] = sum(v[where] for v in by_location.values())
+        return report
+
+
+class _ShardedOptimizer(torch.optim.Optimizer):
+    """A torch Optimizer face for :class:`actors.offload.ShardedAdamW` over the masters, so
+    the trainer's LR scheduler (LambdaLR) drives its learning rate like any optimizer's."""
+
+    def __init__(self, zero: Zero, cfg: TrainConfig) -> None:
+        # build_adamw's two groups (decay, no decay), so the LR scheduler's state is the same
+        # as SingleProcess's and checkpoints move between them
+        decay = [m for m, d in zip(zero.masters, zero.decay) if d]
+        no_decay = [m for m, d in zip(zero.masters, zero.decay) if not d]
+        super().__init__([{"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}], dict(lr=cfg.lr))
+        offload = OffloadConfig(optimizer=zero.config.offload_optimizer,
+                                disk_dir=zero.config.disk_dir)
+        self.masters = zero.masters
+        self.inner = ShardedAdamW([(m.data, cfg.weight_decay if d else 0.0)
+                                   for m, d in zip(zero.masters, zero.decay)],
+                                  cfg, offload, name=f"zero_rank{zero.rank}")
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        self.inner.step([m.grad for m in self.masters], self.param_groups[0]["lr"])
