@@ -3,6 +3,7 @@
     strategy: {kind: ddp, bucket_mb: 25}                  # all-reduce data parallelism
     strategy: {kind: param_server, num_shards: 2, mode: async, staleness: 2}
     strategy: {kind: zero, stage: 2, param_dtype: bf16}   # ZeRO-1/2 (actors/zero.py)
+    strategy: {kind: zero, stage: 3, offload_params: true} # ZeRO-3 (actors/zero3.py; kind zero3)
     strategy: {kind: single}                              # one worker, no communication
 
 The section is flat: ``kind`` picks the strategy and every other key belongs to that kind's
@@ -18,6 +19,7 @@ from actors.data_parallel import DataParallel, DataParallelConfig
 from actors.param_server import ParameterServer, ParamServerConfig
 from actors.strategy import SingleProcess, Strategy
 from actors.zero import Zero, ZeroConfig
+from actors.zero3 import Zero3, Zero3Config
 from models.typed_config import ConfigError, check_choice, from_dict
 
 
@@ -27,7 +29,8 @@ class _NoOptions:
 
 
 KINDS: dict[str, type] = {"single": _NoOptions, "ddp": DataParallelConfig,
-                          "param_server": ParamServerConfig, "zero": ZeroConfig}
+                          "param_server": ParamServerConfig, "zero": ZeroConfig,
+                          "zero3": Zero3Config}
 
 
 @dataclass
@@ -49,6 +52,8 @@ class StrategySpec:
 def strategy_from_dict(raw: dict[str, Any] | None) -> StrategySpec:
     raw = dict(raw or {})
     kind = raw.pop("kind", "auto")
+    if kind == "zero" and raw.get("stage") == 3:
+        kind = "zero3"                  # stage 3 has its own class and options (zero3.py)
     check_choice("strategy.kind", kind, ["auto", *KINDS])
     if kind == "auto":
         if raw:
@@ -66,6 +71,8 @@ def build_strategy(spec: StrategySpec, device: str, shards: list | None = None) 
         return DataParallel(spec.options)
     if spec.kind == "zero":
         return Zero(spec.options)
+    if spec.kind == "zero3":
+        return Zero3(spec.options)
     if spec.kind == "param_server":
         if not shards:
             raise ValueError("the param_server strategy needs the shard actors "

@@ -1,0 +1,580 @@
+"""ZeRO stage 3: parameters, gradients and optimizer state all sharded (P_os+g+p).
+
+Rajbhandari et al. 2020, "ZeRO", §5.3; the unit / flat-parameter design follows PyTorch FSDP
+(Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", §3-4).
+With mixed-precision Adam and Ψ trainable parameters the model state per rank is
+
+    stage 3   2Ψ/N + 2Ψ/N + 12Ψ/N = 16Ψ/N   (params + grads + fp32 master and moments)
+
+plus the transient full parameters of the (at most ~2) units gathered at a time.
+
+How it is built (applied to a plain ``nn.Module`` from outside; the model is not changed
+except that its trainable parameters' storage belongs to the strategy):
+
+* **Units.** Every module of the model's ``block_lists`` (``GPT.block_lists = ("blocks",)``;
+  for a model without the attribute, e.g. a ``transformers`` BertModel, pass
+  ``block_lists: ["encoder.layer"]``) is one unit; every other trainable parameter belongs to
+  the **root unit**, gathered for the whole forward + backward of a micro-batch. A parameter
+  reachable from two units (tied weights) goes to the root. Frozen parameters are not
+  sharded: they stay replicated, unchanged, and count in no total.
+* **Flat parameters.** A unit's trainable parameters (decay group first, then no-decay, as
+  ``build_adamw`` splits them) are laid out in one flat buffer, zero-padded to a multiple of N
+  and split with :func:`actors.collectives.shard_bounds`: rank r keeps slice r in
+  ``param_dtype`` (the compute copy; in host memory with ``offload_params``) and the fp32
+  master slice (in :class:`actors.offload.ShardedAdamW`, through zero.py's optimizer face, so
+  the LR scheduler drives it). Each module parameter keeps its identity but its ``.data`` is a
+  view into the unit's full buffer, whose storage exists only while the unit is gathered
+  (``untyped_storage().resize_(0)`` frees it; the views, and the tensors autograd saved, see
+  the data again once it is re-gathered).
+* **Forward.** A forward pre-hook on a unit waits for (or starts) its all-gather and starts
+  the *next* unit's all-gather asynchronously (prefetch), so communication overlaps the
+  current unit's compute; a forward post-hook frees the full parameters and, when autograd
+  records, hooks the unit's output tensors.
+* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (and
+  prefetches the unit before it); when every parameter of the unit has its gradient
+  (post-accumulate-grad hooks) the gradients are flattened into a full buffer and
+  reduce-scattered (SUM) asynchronously, the parameters' ``.grad`` dropped and the unit
+  freed; the rank's slice is added to its gradient shard when the collective completes
+  (``max_inflight`` at a time). Units are reduced in a fixed order on every rank (reverse
+  unit order, root last); a unit without gradients (unused) is reduced as zeros after
+  backward. Every micro-batch is reduced (as stage 2).
+* **Step** (as zero.py): global norm from the shards, clip, AdamW on the fp32 slices, then
+  the ``param_dtype`` slices are refreshed from the masters — no all-gather: the next forward
+  gathers just in time.
+* **Checkpoints** are consolidated into :class:`actors.strategy.SingleProcess`'s format
+  (a collective: every rank calls ``state_dict``), so stage-3 checkpoints load into stages 0-2
+  or a single process and back.
+
+Observability (tests, benchmarks): ``memory_report()`` has zero.py's keys plus
+``unit_bytes`` and ``peak_gathered_bytes`` (the most full-parameter bytes ever gathered at
+once: about the root plus two blocks); setting ``strategy.trace = []`` records the events
+``("gather" | "ready" | "forward_end" | "backward" | "reduce" | "free", unit index)`` in order.
+
+Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
+broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
+not used. Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose
+options are :class:`Zero3Config`).
+
+Limitations: a unit must run its forward once per micro-batch (a block called twice is
+gathered twice, which is correct but costs a second all-gather); prefetch follows the
+``block_lists`` order, which must be the execution order for the overlap to help (correctness
+does not depend on it).
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from models.typed_config import ConfigError, check_choice, check_positive
+
+from . import collectives as C
+from .data_parallel import DataParallel
+from .loss_scaler import DynamicLossScaler
+from .strategy import MicroResult, build_adamw, weighted_forward_backward
+from .train_config import TrainConfig
+from .zero import DTYPES, _decays, _Scaled, _ShardedOptimizer
+
+
+@dataclass
+class Zero3Config:
+    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``)."""
+
+    stage: int = 3
+    param_dtype: str = "fp32"              # compute copy: fp32 | bf16 | fp16
+    offload_params: bool = False           # the rank's param shard lives in host memory
+    offload_optimizer: str = "none"        # master + moments: none | cpu | disk
+    disk_dir: str | None = None
+    block_lists: list[str] | None = None   # dotted paths of ModuleLists; None: model.block_lists
+    prefetch: bool = True                  # all-gather the next unit while this one computes
+    max_inflight: int = 2                  # reduce-scatters on the wire at once
+    broadcast_init: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("strategy.stage", self.stage, [3])
+        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
+        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
+        if self.offload_optimizer == "disk" and not self.disk_dir:
+            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
+                              "is 'disk'")
+        check_positive("strategy.max_inflight", self.max_inflight)
+
+
+class _Unit:
+    """One flat parameter: its module, params (decay first), offsets, shard and full buffer."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, params: list[nn.Parameter],
+                 world: int, rank: int) -> None:
+        self.index, self.name, self.module = index, name, module
+        params = [p for p in params if _decays(p)] + [p for p in params if not _decays(p)]
+        self.params = params
+        self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
+        total = sum(p.numel() for p in params)
+        self.decay_end = sum(p.numel() for p in params if _decays(p))
+        self.numel = -(-total // world) * world
+        self.bounds = C.shard_bounds(self.numel, rank, world)
+        self.full: torch.Tensor | None = None      # flat param_dtype buffer (storage on/off)
+        self.shard: torch.Tensor | None = None     # this rank's slice, param_dtype
+        self.grad_shard: torch.Tensor | None = None
+        self.gathered = False
+        self.pending: Any = None                   # in-flight all-gather
+        self.backward_gathered = False
+        self.missing = len(params)                 # gradients not yet complete this backward
+        self.reduced = False
+        self.pending_grad: Any = None              # in-flight reduce-scatter (or the flat grad)
+        self.segments: list[tuple[int, int, bool]] = []   # (lo, hi) in the shard, decays
+        b = self.bounds
+        for lo, hi, d in ((0, self.decay_end, True), (self.decay_end, self.numel, False)):
+            a, e = max(lo, b.start), min(hi, b.stop)
+            if a < e:
+                self.segments.append((a - b.start, e - b.start, d))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.full.element_size()
+
+    def pieces(self):
+        """(param, flat offset) of every parameter."""
+        return zip(self.params, self.offsets)
+
+
+class Zero3(DataParallel):
+    """ZeRO stage 3 over a plain ``nn.Module``; see the module docstring."""
+
+    replicated = True
+    collective_state_dict = True
+    stage = 3
+
+    def __init__(self, config: Zero3Config | None = None, *, group: Any = None,
+                 **overrides: Any) -> None:
+        if config is None:
+            config = Zero3Config(**overrides)
+        elif overrides:
+            raise TypeError("Zero3: pass either a Zero3Config or keyword overrides")
+        super().__init__(config, group=group)
+        self.dtype = DTYPES[config.param_dtype]
+        self.scaler = None
+        self.trace: list[tuple[str, int]] | None = None   # set to [] to record events
+        self.gathered_bytes = 0
+        self.peak_gathered_bytes = 0
+        self._inflight: list[_Unit] = []
+        self._launched = 0
+
+    # ------------------------------------------------------------ setup
+    def _event(self, kind: str, unit: _Unit) -> None:
+        if self.trace is not None:
+            self.trace.append((kind, unit.index))
+
+    def _block_modules(self) -> list[tuple[str, nn.Module]]:
+        paths = self.config.block_lists
+        if paths is None:
+            paths = list(getattr(self.module, "block_lists", ()) or ())
+        out = []
+        for path in paths:
+            try:
+                container = self.module.get_submodule(path)
+            except AttributeError as exc:
+                raise ConfigError(f"strategy.block_lists: {path!r} is not a submodule of "
+                                  f"{type(self.module).__name__}") from exc
+            out.extend((f"{path}.{i}", m) for i, m in enumerate(container))
+        return out
+
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.device = self._pick_device(cfg)
+        self.model = model.to(self.device)
+        if self.distributed and self.world_size > 1 and self.config.broadcast_init:
+            self._broadcast_state()
+        module = self.module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        trainable = {id(p) for p in self.params}
+        self.frozen = [p for p in module.parameters() if id(p) not in trainable]
+        self._names: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), []).append(name)
+        self._template = build_adamw(module, cfg, self.params)
+        # unit of every trainable parameter: the one block whose names hold all its uses
+        blocks = self._block_modules()
+        owner: dict[int, int] = {}
+        for id_, names in self._names.items():
+            if id_ not in trainable:
+                continue
+            homes = {next((b for b, (bn, _) in enumerate(blocks)
+                           if n.startswith(bn + ".")), -1) for n in names}
+            owner[id_] = homes.pop() if len(homes) == 1 else -1
+        masters_full = {id(p): p.detach().float().reshape(-1).clone() for p in self.params}
+        module.to(self.dtype)                   # in place: identities and ties kept
+        units: list[_Unit] = []
+        for b, (bname, bmod) in enumerate(blocks):
+            ps = [p for p in self.params if owner[id(p)] == b]
+            if ps:
+                units.append(_Unit(len(units), bname, bmod, ps, self.world_size, self.rank))
+        root_ps = [p for p in self.params if owner[id(p)] == -1]
+        self.blocks = units
+        self.root = (_Unit(len(units), "<root>", module, root_ps, self.world_size, self.rank)
+                     if root_ps else None)
+        self.units = units + ([self.root] if self.root is not None else [])
+        shard_device = "cpu" if self.config.offload_params else self.device
+        pin = self.config.offload_params and self.device.type == "cuda"
+        on_host = self.config.offload_optimizer != "none"
+        self.masters, self.decay, self._seg = [], [], []
+        for u in self.units:
+            flat = torch.zeros(u.numel, dtype=torch.float32, device=self.device)
+            for p, off in u.pieces():
+                flat[off:off + p.numel()] = masters_full[id(p)]
+            s = u.bounds
+            master = flat[s.start:s.stop]
+            u.shard = master.to(shard_device, self.dtype, copy=True)
+            if pin:
+                u.shard = u.shard.pin_memory()
+            u.grad_shard = torch.zeros(s.size, dtype=self.dtype, device=self.device)
+            u.full = torch.empty(u.numel, dtype=self.dtype, device=self.device)
+            for p, off in u.pieces():
+                p.data = u.full[off:off + p.numel()].view_as(p)
+            self._free(u)
+            for lo, hi, d in u.segments:
+                self.masters.append(nn.Parameter(master[lo:hi].to(
+                    "cpu" if on_host else self.device, copy=True)))
+                self.decay.append(d)
+                self._seg.append((u, lo, hi))
+        self._unit_of = {id(p): u for u in self.units for p in u.params}
+        self.optimizer = _ShardedOptimizer(self, self.cfg)
+        if self.dtype == torch.float16:
+            self.scaler = DynamicLossScaler(group=self.group)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                       for p in self.params]
+        for u in self.blocks:
+            u.module.register_forward_pre_hook(self._make_pre_forward(u))
+            u.module.register_forward_hook(self._make_post_forward(u))
+        module.register_forward_pre_hook(self._root_pre_forward)
+        module.register_forward_hook(self._root_post_forward)
+
+    # ------------------------------------------------------------ gather / free
+    def _alloc(self, u: _Unit) -> None:
+        storage = u.full.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(u.nbytes)
+            self.gathered_bytes += u.nbytes
+            self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+
+    def _free(self, u: _Unit) -> None:
+        storage = u.full.untyped_storage()
+        if storage.nbytes():
+            if self.gathered_bytes:
+                self.gathered_bytes -= storage.nbytes()
+            storage.resize_(0)
+        u.gathered = False
+        self._event("free", u)
+
+    def _start_gather(self, u: _Unit) -> None:
+        """Launch ``u``'s all-gather (no-op if gathered or on its way)."""
+        if u.gathered or u.pending is not None:
+            return
+        self._alloc(u)
+        self._event("gather", u)
+        shard = u.shard.to(self.device, non_blocking=True)
+        out = u.full.detach()
+        if self.world_size == 1:
+            out.copy_(shard)
+            u.pending = True
+            return
+        try:
+            u.pending = C._all_gather_flat(out, shard, group=self.group, async_op=True)
+        except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
+            if not C._unsupported(exc):
+                raise
+            views = list(out.chunk(self.world_size))
+            u.pending = dist.all_gather(views, shard, group=self.group, async_op=True)
+
+    def _wait_gather(self, u: _Unit) -> None:
+        if u.gathered:
+            return
+        self._start_gather(u)
+        if u.pending is not True:
+            u.pending.wait()
+        u.pending = None
+        u.gathered = True
+        self._event("ready", u)
+
+    def _next(self, u: _Unit, step: int) -> _Unit | None:
+        j = u.index + step
+        return self.blocks[j] if 0 <= j < len(self.blocks) else None
+
+    # ------------------------------------------------------------ hooks
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self.root is not None:
+            self._start_gather(self.root)
+        if self.config.prefetch and self.blocks:
+            self._start_gather(self.blocks[0])
+        if self.root is not None:
+            self._wait_gather(self.root)
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            self._drain_gathers()
+            if self.root is not None:
+                self._free(self.root)
+
+    def _make_pre_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._wait_gather(u)
+            nxt = self._next(u, 1)
+            recompute = torch._C._current_graph_task_id() != -1     # checkpointed block
+            if self.config.prefetch and nxt is not None and not recompute:
+                self._start_gather(nxt)
+        return hook
+
+    def _make_post_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            self._event("forward_end", u)
+            if torch._C._current_graph_task_id() != -1:
+                return None                 # recomputation inside backward: keep gathered
+            self._free(u)
+            if torch.is_grad_enabled():
+                u.backward_gathered = False
+                tensors = [t for t in tree_flatten(output)[0]
+                           if torch.is_tensor(t) and t.requires_grad]
+                for t in tensors:
+                    t.register_hook(self._make_pre_backward(u))
+            return None
+        return hook
+
+    def _make_pre_backward(self, u: _Unit):
+        def hook(grad: torch.Tensor) -> None:
+            if u.backward_gathered:
+                return None
+            u.backward_gathered = True
+            self._event("backward", u)
+            self._wait_gather(u)
+            prev = self._next(u, -1)
+            if self.config.prefetch and prev is not None and not prev.reduced:
+                self._start_gather(prev)
+            return None
+        return hook
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        u = self._unit_of[id(p)]
+        u.missing -= 1
+        if u.missing == 0:
+            self._launch_ready()
+
+    def _order(self) -> list[_Unit]:
+        """The fixed reduce order on every rank: last block first, root last."""
+        return [*reversed(self.blocks), *([self.root] if self.root is not None else [])]
+
+    def _launch_ready(self, force: bool = False) -> None:
+        order = self._order()
+        while self._launched < len(order) and (force or order[self._launched].missing <= 0):
+            self._reduce(order[self._launched])
+            self._launched += 1
+
+    @torch.no_grad()
+    def _reduce(self, u: _Unit) -> None:
+        """Flatten ``u``'s gradients, reduce-scatter them (async), free the unit."""
+        flat = torch.zeros(u.numel, dtype=self.dtype, device=self.device)
+        for p, off in u.pieces():
+            if p.grad is not None:
+                flat[off:off + p.numel()] = p.grad.reshape(-1)
+            p.grad = None
+        u.reduced = True
+        self._event("reduce", u)
+        u.pending_grad = (C.reduce_scatter(flat, op="sum", group=self.group, async_op=True)
+                          if self.world_size > 1 else flat)
+        if u is not self.root:
+            self._free(u)
+        self._inflight.append(u)
+        while len(self._inflight) > self.config.max_inflight:
+            self._retire(self._inflight.pop(0))
+
+    def _retire(self, u: _Unit) -> None:
+        pending = u.pending_grad
+        u.grad_shard.add_(pending if torch.is_tensor(pending) else pending.wait())
+        u.pending_grad = None
+
+    def _drain_gathers(self) -> None:
+        """Wait for prefetches nobody consumed and free them (collectives stay matched)."""
+        for u in self.blocks:
+            if u.pending is not None:
+                self._wait_gather(u)
+            if u.gathered:
+                self._free(u)
+
+    def _end_backward(self) -> None:
+        self._launch_ready(force=True)      # units without gradients: zeros, in order
+        while self._inflight:
+            self._retire(self._inflight.pop(0))
+        self._drain_gathers()
+        if self.root is not None:
+            self._free(self.root)
+        for u in self.units:
+            u.missing, u.reduced, u.backward_gathered = len(u.params), False, False
+        self._launched = 0
+
+    # ------------------------------------------------------------ loop API
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()     # every micro-batch is reduce-scattered (as stage 2)
+
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
+        if self.scaler is not None:
+            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+        result = weighted_forward_backward(self.model, batch, self.device, weight)
+        self._end_backward()
+        return result
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        grads = [u.grad_shard[lo:hi].float() for u, lo, hi in self._seg]
+        skip = False
+        if self.scaler is not None:
+            found_inf = self.scaler.unscale_and_check(grads)
+            self.scaler.update(found_inf)
+            skip = bool(found_inf)
+        sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
+              else torch.zeros((), device=self.device))
+        if self.world_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        norm = sq.sqrt()
+        if not skip:
+            if max_norm > 0:
+                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                for g in grads:
+                    g.mul_(coef)
+            for m, g in zip(self.masters, grads):
+                m.grad = g.to(m.device)
+            self.optimizer.step()
+            for m in self.masters:
+                m.grad = None
+            self._refresh_shards()
+        for u in self.units:
+            u.grad_shard.zero_()
+        return norm.detach()
+
+    def _refresh_shards(self) -> None:
+        for m, (u, lo, hi) in zip(self.masters, self._seg):
+            u.shard[lo:hi].copy_(m.detach())
+
+    def flush(self) -> None:
+        self._drain_gathers()
+
+    # ------------------------------------------------------------ state
+    def _template_params(self) -> list[nn.Parameter]:
+        return [p for g in self._template.param_groups for p in g["params"]]
+
+    def _full_fp32(self, u: _Unit, per_segment: list[torch.Tensor]) -> torch.Tensor:
+        shard = torch.zeros(u.bounds.size, dtype=torch.float32, device=self.device)
+        for t, (v, lo, hi) in zip(per_segment, self._seg):
+            if v is u:
+                shard[lo:hi] = t.detach().to(self.device, torch.float32)
+        full = C.all_gather(shard, numel=u.numel, group=self.group) \
+            if self.world_size > 1 else shard
+        return full.cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        """SingleProcess's format, consolidated from the shards: a collective (all ranks)."""
+        self._drain_gathers()
+        inner = self.optimizer.inner
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for u in self.units:
+            full = {"w": self._full_fp32(u, [m.detach() for m in self.masters]),
+                    "m": self._full_fp32(u, inner.exp_avg),
+                    "v": self._full_fp32(u, inner.exp_avg_sq)}
+            for p, off in u.pieces():
+                per_param[id(p)] = {k: t[off:off + p.numel()].view(p.shape).clone()
+                                    for k, t in full.items()}
+        sharded = {n: id(p) for p in self.params for n in self._names[id(p)]}
+        model = {}
+        for k, v in self.module.state_dict(keep_vars=True).items():
+            if k in sharded:
+                model[k] = per_param[sharded[k]]["w"]
+            else:
+                v = v.detach()
+                model[k] = v.float().clone() if v.is_floating_point() else v.clone()
+        optim = self._template.state_dict()
+        lr_group = self.optimizer.param_groups[0]
+        for g in optim["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in lr_group:
+                    g[key] = lr_group[key]
+        step = torch.tensor(float(inner.step_count))
+        optim["state"] = {i: {"step": step.clone(), "exp_avg": per_param[id(p)]["m"],
+                              "exp_avg_sq": per_param[id(p)]["v"]}
+                          for i, p in enumerate(self._template_params())}
+        return {"model": model, "optimizer": optim}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a consolidated (SingleProcess-format) state; keep this rank's slices."""
+        self._drain_gathers()
+        model = state["model"]
+        sharded = {n for p in self.params for n in self._names[id(p)]}
+        rest = {k: v for k, v in model.items() if k not in sharded}
+        missing, unexpected = self.module.load_state_dict(rest, strict=False)
+        if unexpected or set(missing) - sharded:
+            raise KeyError(f"Zero3.load_state_dict: unexpected {unexpected}, "
+                           f"missing {sorted(set(missing) - sharded)}")
+        optim = state.get("optimizer")
+        pstate = {}
+        if optim is not None:
+            pstate = {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
+                      for i, p in enumerate(self._template_params())}
+        step = None
+        flats = {}
+        for u in self.units:
+            w, m, v = (torch.zeros(u.numel) for _ in range(3))
+            for p, off in u.pieces():
+                n = p.numel()
+                w[off:off + n] = model[self._names[id(p)][0]].reshape(-1).float()
+                ps = pstate.get(id(p), {})
+                if "exp_avg" in ps:
+                    m[off:off + n] = ps["exp_avg"].reshape(-1).float()
+                    v[off:off + n] = ps["exp_avg_sq"].reshape(-1).float()
+                    step = ps["step"]
+            s = u.bounds
+            flats[u.index] = [t[s.start:s.stop] for t in (w, m, v)]
+        seg = lambda k: [flats[u.index][k][lo:hi].clone() for u, lo, hi in self._seg]  # noqa
+        inner = self.optimizer.inner
+        step = int(torch.as_tensor(step if step is not None else 0.0))
+        inner.load_state_dict({"step": step, "weight_decay": inner.weight_decays,
+                               "numel": [m.numel() for m in self.masters],
+                               "master": seg(0), "exp_avg": seg(1), "exp_avg_sq": seg(2)})
+        for m, t in zip(self.masters, seg(0)):
+            m.data.copy_(t)
+        self._refresh_shards()
+        if optim is not None:
+            loaded = optim["param_groups"][0]
+            for g in self.optimizer.param_groups:
+                for key in ("lr", "initial_lr"):
+                    if key in loaded:
+                        g[key] = loaded[key]
+
+    # ------------------------------------------------------------ memory
+    def memory_report(self) -> dict[str, Any]:
+        """Persistent model-state bytes of this rank, by kind and location (zero.py's keys),
+        plus ``peak_gathered_bytes`` (transient full parameters; not in the totals)."""
+        param = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
+        grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
+        inner = self.optimizer.inner.memory_report()
+        optim = {k: int(inner.get(k, 0)) for k in ("device", "host", "disk")}
+        param_at = "host" if self.config.offload_params else "device"
+        by_location = {"param": {"device": 0, "host": 0, "disk": 0},
+                       "grad": {"device": grad, "host": 0, "disk": 0},
+                       "optimizer": optim}
+        by_location["param"][param_at] = param
+        report: dict[str, Any] = {
+            "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
+            "model_state_bytes": param + grad + sum(optim.values()),
+            "frozen_param_bytes": sum(p.numel() * p.element_size() for p in self.frozen),
+            "trainable_params": sum(p.numel() for p in self.params),
+            "num_units": len(self.units), "stage": 3, "shards": self.world_size,
+            "unit_bytes": [u.nbytes for u in self.units],
+            "peak_gathered_bytes": self.peak_gathered_bytes,
+            "by_location": by_location}
+        for where in ("device", "host", "disk"):
+            report[where] = sum(v[where] for v in by_location.values())
+        return report
