@@ -101,11 +101,11 @@ def assert_matches(out, ref, ref_result, steps):
 
 # ---------------------------------------------------------------- worker functions
 
-def _fit_stages(pack, cfg, stages):
+def _fit_stages(pack, cfg, stages, **zero_options):
     rank, world = dist.get_rank(), dist.get_world_size()
     outs = {}
     for stage in stages:
-        trainer = make_trainer(pack, cfg, Zero(stage=stage, **ZCFG), rank, world)
+        trainer = make_trainer(pack, cfg, Zero(stage=stage, **ZCFG, **zero_options), rank, world)
         initial_pos = trainer.strategy.module.embed.pos.weight.detach().clone()
         result = trainer.fit()
         outs[stage] = {"losses": result.losses, "weights": weights(trainer),
@@ -228,6 +228,23 @@ def test_same_losses_and_weights_as_single_process(pack, gangs, workers):
             mem = o["memory"]
             assert mem["trainable_params"] == psi and mem["frozen_param_bytes"] == 32 * 32 * 4
             assert mem["optimizer_bytes"] == pytest.approx(12 * psi / workers, rel=0.02)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_optimizer_offload_gives_the_same_run(pack, gangs, offload, tmp_path):
+    """Stages 1 and 2 with the optimizer state in host memory or memory-mapped files: the
+    same losses and weights as one process, and the state reported where it lives."""
+    ref, ref_result = reference(pack)
+    options = {"offload_optimizer": offload}
+    if offload == "disk":
+        options["disk_dir"] = str(tmp_path)
+    outs = gangs(2).execute(_fit_stages, pack, CFG, (1, 2), **options)
+    where = {"cpu": "host", "disk": "disk"}[offload]
+    for out in outs:
+        for stage in (1, 2):
+            assert_matches(out[stage], ref, ref_result, list(range(1, 21)))
+            by_location = out[stage]["memory"]["by_location"]["optimizer"]
+            assert by_location[where] > 0 and by_location["device"] == 0
 
 
 def test_wraps_transformers_bert_from_outside(gangs):
