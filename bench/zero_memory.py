@@ -1,6 +1,6 @@
 """ZeRO memory: measured model-state bytes per rank against the formulas of Rajbhandari et al.
 2020 (§5.1, mixed-precision Adam, K = 12): stage 0 16Ψ, stage 1 4Ψ + 12Ψ/N,
-stage 2 2Ψ + 14Ψ/N — for N = 1, 2, 4 gloo workers on a Ray gang.
+stage 2 2Ψ + 14Ψ/N, stage 3 16Ψ/N — for N = 1, 2, 4 gloo workers on a Ray gang.
 
     python -m bench.zero_memory [--d-model 128 --layers 2]
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 from actors.train_config import TrainConfig
 from actors.trainer import Trainer, seed_everything
 from actors.zero import Zero
+from actors.zero3 import Zero3
 from models.config import ModelConfig
 from models.data import BlockStream
 from models.objectives import CausalLM
@@ -35,14 +36,15 @@ def _measure(pack: str, vocab: int, d_model: int, layers: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=0, device="cpu", echo=False)
     out = {}
-    for stage in (0, 1, 2):
+    for stage in (0, 1, 2, 3):
         seed_everything(0)
         model = build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=d_model,
                                         n_heads=4, n_layers=layers, d_ff=4 * d_model,
                                         max_seq_len=BLOCK, dropout=0.0))
         stream = BlockStream(pack, BLOCK, 4 * world, rank, world, seed=0)
         trainer = Trainer(model, CausalLM(), stream, cfg, seed=0,
-                          strategy=Zero(stage=stage, param_dtype="bf16"))
+                          strategy=(Zero3(param_dtype="bf16") if stage == 3
+                                    else Zero(stage=stage, param_dtype="bf16")))
         trainer.fit()
         out[stage] = trainer.strategy.memory_report()
     return out
@@ -70,8 +72,9 @@ def main() -> None:
                 reports = group.execute(_measure, pack, VOCAB, args.d_model, args.layers)
             rep = reports[0]
             psi = rep[0]["trainable_params"]
-            formula = {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n}
-            for stage in (0, 1, 2):
+            formula = {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n,
+                       3: 16 * psi / n}
+            for stage in (0, 1, 2, 3):
                 r = rep[stage]
                 rows.append({"stage": stage, "workers": n, "psi": psi,
                              "measured_bytes": r["model_state_bytes"],
