@@ -211,17 +211,31 @@ def read_manifest(path: str) -> dict[str, Any]:
     return json.loads(_read_bytes(fs, mpath).decode())
 
 
-def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device = "cpu"
-                    ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest, state) of one checkpoint directory, or of ``<path>/latest`` when ``path``
-    is a checkpoint root."""
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself when it is a checkpoint directory, else (a root) its ``latest``."""
     fs, p = resolve(path)
     if not _exists(fs, _join(p, MANIFEST)) and _exists(fs, p):
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"no complete checkpoint under {path!r}")
-        path = latest
-        fs, p = resolve(path)
+        return latest
+    return path
+
+
+def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, SingleProcess-format state) of a sharded ZeRO checkpoint: every rank file
+    read and reassembled; see :mod:`actors.sharded_state`."""
+    from .sharded_state import consolidate_sharded as _consolidate
+    return _consolidate(path, map_location)
+
+
+def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device = "cpu"
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, state) of one checkpoint directory, or of ``<path>/latest`` when ``path``
+    is a checkpoint root."""
+    path = resolve_checkpoint(path)
+    fs, p = resolve(path)
     manifest = read_manifest(path)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path!r}: unknown checkpoint format {manifest.get('format')!r}, "

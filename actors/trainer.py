@@ -340,7 +340,8 @@ class Trainer:
         manifest = {"model_config": dataclasses.asdict(mc) if dataclasses.is_dataclass(mc) else mc,
                     "train_config": dataclasses.asdict(self.cfg), "seed": self.seed,
                     "data_state": state["data"] if state else None, "tokens": self.tokens,
-                    "train_world_size": s.world_size}
+                    "train_world_size": s.world_size,
+                    "sharded_state": bool(getattr(s, "sharded_checkpoint", False))}
         files = 1 if s.replicated else s.world_size
         if s.replicated:
             if s.is_main:
@@ -365,8 +366,16 @@ class Trainer:
         Shapes are checked first: a checkpoint of another model shape raises CheckpointError
         naming the first mismatching parameter and both shapes.
         """
-        rank = 0 if self.strategy.replicated else self.strategy.rank
-        manifest, state = ckpt.load_checkpoint(path, rank)
+        path = ckpt.resolve_checkpoint(path)
+        info = ckpt.read_manifest(path)
+        if info.get("sharded_state"):
+            # a sharded ZeRO checkpoint: reassemble the full state from every rank's file,
+            # then the strategy's load_state_dict re-shards it (any world size and stage)
+            manifest, state = ckpt.consolidate_sharded(path)
+        else:
+            one_file = len(info.get("files") or [None]) == 1
+            rank = 0 if self.strategy.replicated or one_file else self.strategy.rank
+            manifest, state = ckpt.load_checkpoint(path, rank)
         ckpt.check_compatible(self.strategy.module, state["model"], source=f"checkpoint {path!r}")
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])

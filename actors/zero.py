@@ -45,7 +45,10 @@ How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (
   every rank must call it) into exactly :class:`actors.strategy.SingleProcess`'s format (an
   fp32 model state dict + torch AdamW's optimizer state dict), so ``replicated`` is True and
   a checkpoint of any stage, world size or of a single process loads into any other;
-  ``load_state_dict`` re-shards (each rank copies its slices).
+  ``load_state_dict`` re-shards (each rank copies its slices). Opt-in
+  ``sharded_checkpoint: true`` (for models too big to consolidate): ``replicated`` is False,
+  every rank writes only its own slices plus the layout, and loading reassembles them
+  (:mod:`actors.sharded_state`), so such checkpoints also load at any stage / world size.
 * **Memory report** (``memory_report``): ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``
   (master + moments), ``model_state_bytes`` (their sum) and the same total split by where it
   lives: ``device``, ``host``, ``disk`` (and ``by_location`` per kind). Bytes are counted from
@@ -78,6 +81,11 @@ from .train_config import TrainConfig
 from .loss_scaler import DynamicLossScaler
 from .offload import OffloadConfig, ShardedAdamW
 
+def check_bool(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,9 +101,11 @@ class ZeroConfig:
     disk_dir: str | None = None             # offload_optimizer: disk — memory-mapped files here
     max_inflight_buckets: int = 2           # stage 2: full buckets on the wire at once
     broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
+    sharded_checkpoint: bool = False        # each rank writes only its shard (sharded_state.py)
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [0, 1, 2])
+        check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.first_bucket_mb is not None:
             check_positive("strategy.first_bucket_mb", self.first_bucket_mb)
@@ -146,6 +156,9 @@ class Zero(DataParallel):
         super().__init__(config, group=group)
         self.stage = config.stage
         self.dtype = DTYPES[config.param_dtype]
+        # sharded checkpoints: every rank writes its own file (see actors/sharded_state.py)
+        self.sharded_checkpoint = config.sharded_checkpoint
+        self.replicated = not config.sharded_checkpoint
         # the optimizer's view of the world: stage 0 owns every slice
         self.shards = 1 if self.stage == 0 else self.world_size
         self.shard_rank = 0 if self.stage == 0 else self.rank
@@ -322,8 +335,45 @@ class Zero(DataParallel):
     def _template_params(self) -> list[nn.Parameter]:
         return [p for g in self._template.param_groups for p in g["params"]]
 
+    def _optim_template(self) -> dict[str, Any]:
+        """SingleProcess's optimizer state dict without state, with the current lr."""
+        optim = self._template.state_dict()
+        lr_group = self.optimizer.param_groups[0]
+        for g in optim["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in lr_group:
+                    g[key] = lr_group[key]
+        return optim
+
+    def _non_sharded_model(self) -> dict[str, torch.Tensor]:
+        """Frozen parameters and buffers (fp32): what a sharded file holds besides shards."""
+        sharded = {n for p in self.params for n in self._names[id(p)]}
+        return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
+                for k, v in self.module.state_dict(keep_vars=True).items() if k not in sharded}
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's shard only (no collective): see actors/sharded_state.py."""
+        from .sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+        self._wait_params()
+        exp_avg, exp_avg_sq, _ = self._moments()
+        opt_index = {id(p): i for i, p in enumerate(self._template_params())}
+        units = []
+        for b, w, m, v in zip(self.buckets, self.masters, exp_avg, exp_avg_sq):
+            s = self._bounds(b)
+            units.append(unit_entry(b.numel, s.start, s.stop, w, m, v,
+                                    param_layout(b.params, b.offsets, self._names, opt_index)))
+        sharded = {"format": SHARDED_FORMAT, "stage": self.stage, "world_size": self.world_size,
+                   "shard_rank": self.shard_rank, "shards": self.shards, "units": units,
+                   "step": int(self.optimizer.inner.step_count),
+                   "optim_template": self._optim_template(),
+                   "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {"model": self._non_sharded_model(), "sharded": sharded}
+
     def state_dict(self) -> dict[str, Any]:
-        """SingleProcess's format, consolidated from the shards: a collective (all ranks)."""
+        """SingleProcess's format, consolidated from the shards: a collective (all ranks).
+        With ``sharded_checkpoint``: this rank's shard only (``sharded_state_dict``)."""
+        if self.sharded_checkpoint:
+            return self.sharded_state_dict()
         self._wait_params()
         exp_avg, exp_avg_sq, step = self._moments()
         full = {"w": self._gather_full(self.masters), "m": self._gather_full(exp_avg),
@@ -389,6 +439,8 @@ class Zero(DataParallel):
                 for key in ("lr", "initial_lr"):
                     if key in loaded:
                         g[key] = loaded[key]
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:

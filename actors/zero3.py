@@ -79,7 +79,7 @@ from .data_parallel import DataParallel
 from .loss_scaler import DynamicLossScaler
 from .strategy import MicroResult, build_adamw, weighted_forward_backward
 from .train_config import TrainConfig
-from .zero import DTYPES, _decays, _Scaled, _ShardedOptimizer
+from .zero import DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool
 
 
 @dataclass
@@ -95,9 +95,11 @@ class Zero3Config:
     prefetch: bool = True                  # all-gather the next unit while this one computes
     max_inflight: int = 2                  # reduce-scatters on the wire at once
     broadcast_init: bool = True
+    sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
+        check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
         check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
         if self.offload_optimizer == "disk" and not self.disk_dir:
@@ -159,6 +161,8 @@ class Zero3(DataParallel):
             raise TypeError("Zero3: pass either a Zero3Config or keyword overrides")
         super().__init__(config, group=group)
         self.dtype = DTYPES[config.param_dtype]
+        self.sharded_checkpoint = config.sharded_checkpoint
+        self.replicated = not config.sharded_checkpoint   # sharded: every rank writes its file
         self.scaler = None
         self.trace: list[tuple[str, int]] | None = None   # set to [] to record events
         self.gathered_bytes = 0
@@ -475,8 +479,48 @@ class Zero3(DataParallel):
             if self.world_size > 1 else shard
         return full.cpu()
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's shard only (no collective): see actors/sharded_state.py."""
+        from .sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+        self._drain_gathers()
+        inner = self.optimizer.inner
+        opt_index = {id(p): i for i, p in enumerate(self._template_params())}
+        per_seg = {"w": [m.detach() for m in self.masters], "m": inner.exp_avg,
+                   "v": inner.exp_avg_sq}
+        units = []
+        for u in self.units:
+            shard = {}
+            for k, ts in per_seg.items():
+                t = torch.zeros(u.bounds.size, dtype=torch.float32)
+                for x, (v, lo, hi) in zip(ts, self._seg):
+                    if v is u:
+                        t[lo:hi] = x.detach().to("cpu", torch.float32)
+                shard[k] = t
+            layout = param_layout(u.params, u.offsets, self._names, opt_index)
+            units.append(unit_entry(u.numel, u.bounds.start, u.bounds.stop, shard["w"],
+                                    shard["m"], shard["v"], layout))
+        optim = self._template.state_dict()
+        lr_group = self.optimizer.param_groups[0]
+        for g in optim["param_groups"]:
+            for key in ("lr", "initial_lr"):
+                if key in lr_group:
+                    g[key] = lr_group[key]
+        sharded_names = {n for p in self.params for n in self._names[id(p)]}
+        model = {k: (v.detach().float().clone() if v.is_floating_point()
+                     else v.detach().clone())
+                 for k, v in self.module.state_dict(keep_vars=True).items()
+                 if k not in sharded_names}
+        sharded = {"format": SHARDED_FORMAT, "stage": 3, "world_size": self.world_size,
+                   "shard_rank": self.rank, "shards": self.world_size, "units": units,
+                   "step": int(inner.step_count), "optim_template": optim,
+                   "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {"model": model, "sharded": sharded}
+
     def state_dict(self) -> dict[str, Any]:
-        """SingleProcess's format, consolidated from the shards: a collective (all ranks)."""
+        """SingleProcess's format, consolidated from the shards: a collective (all ranks).
+        With ``sharded_checkpoint``: this rank's shard only (``sharded_state_dict``)."""
+        if self.sharded_checkpoint:
+            return self.sharded_state_dict()
         self._drain_gathers()
         inner = self.optimizer.inner
         per_param: dict[int, dict[str, torch.Tensor]] = {}
@@ -552,6 +596,8 @@ class Zero3(DataParallel):
                 for key in ("lr", "initial_lr"):
                     if key in loaded:
                         g[key] = loaded[key]
+        if self.scaler is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:

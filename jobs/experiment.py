@@ -120,6 +120,10 @@ class ExperimentConfig:
         if self.strategy.kind == "single" and n > 1:
             raise ConfigError(f"strategy.kind: 'single' runs one worker, but "
                               f"scaling.num_workers is {n}")
+        if getattr(self.strategy.options, "sharded_checkpoint", False) and \
+                self.checkpoint.average_last:
+            raise ConfigError("checkpoint.average_last: averaging sharded checkpoints "
+                              "(strategy.sharded_checkpoint) is not supported yet")
         if self.run.max_failures and not (self.checkpoint.dir and self.checkpoint.every):
             raise ConfigError("run.max_failures: restarts resume from checkpoints; set "
                               "checkpoint.dir and checkpoint.every")
