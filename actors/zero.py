@@ -141,6 +141,102 @@ class _Scaled:
         return float(self.weight) * self.scale
 
 
+# ------------------------------------------------------------------ shared by stages 0-3
+@torch.no_grad()
+def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
+                       optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
+                       max_norm: float, group: Any, distributed: bool) -> tuple[torch.Tensor, bool]:
+    """Unscale and check (fp16), take the global norm over all ranks' shards, clip with
+    ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped)."""
+    skip = False
+    if scaler is not None:
+        found_inf = scaler.unscale_and_check(grads)
+        scaler.update(found_inf)
+        skip = bool(found_inf)
+    sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
+          else torch.zeros((), device=masters[0].device if masters else "cpu"))
+    if distributed:
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
+    norm = sq.sqrt()
+    if not skip:
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
+            for g in grads:
+                g.mul_(coef)
+        for m, g in zip(masters, grads):
+            m.grad = g.to(m.device)
+        optimizer.step()
+        for m in masters:
+            m.grad = None
+    return norm.detach(), skip
+
+
+def optimizer_template(template: torch.optim.Optimizer,
+                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """SingleProcess's optimizer state dict without state, carrying the current lr."""
+    optim = template.state_dict()
+    lr_group = optimizer.param_groups[0]
+    for g in optim["param_groups"]:
+        for key in ("lr", "initial_lr"):
+            if key in lr_group:
+                g[key] = lr_group[key]
+    return optim
+
+
+def consolidated_optimizer(template: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,
+                           template_params: list[nn.Parameter],
+                           per_param: dict[int, dict[str, torch.Tensor]],
+                           step: torch.Tensor) -> dict[str, Any]:
+    """torch AdamW's state dict from full per-parameter moments ``per_param[id(p)]["m"/"v"]``."""
+    optim = optimizer_template(template, optimizer)
+    optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
+                          "exp_avg": per_param[id(p)]["m"],
+                          "exp_avg_sq": per_param[id(p)]["v"]}
+                      for i, p in enumerate(template_params)}
+    return optim
+
+
+def non_sharded_model(module: nn.Module, sharded_names: set[str]) -> dict[str, torch.Tensor]:
+    """Frozen parameters and buffers (fp32 copies): a model state without the shards."""
+    return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
+            for k, v in module.state_dict(keep_vars=True).items() if k not in sharded_names}
+
+
+def param_states(optim: dict[str, Any] | None,
+                 template_params: list[nn.Parameter]) -> dict[int, dict[str, Any]]:
+    """id(param) → its AdamW state in a loaded optimizer state dict (int or str keys)."""
+    if optim is None:
+        return {}
+    return {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
+            for i, p in enumerate(template_params)}
+
+
+def load_lr_and_scaler(optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
+                       state: dict[str, Any]) -> None:
+    """The scheduler's lr fields and the loss-scaler state of a loaded checkpoint."""
+    optim = state.get("optimizer")
+    if optim is not None:
+        loaded = optim["param_groups"][0]
+        for g in optimizer.param_groups:
+            for key in ("lr", "initial_lr"):
+                if key in loaded:
+                    g[key] = loaded[key]
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+
+
+def memory_totals(param: int, grad: int, optim: dict[str, int],
+                  by_location: dict[str, dict[str, int]], **extra: Any) -> dict[str, Any]:
+    """The memory report both ZeRO strategies return: totals by kind and by location."""
+    report: dict[str, Any] = {
+        "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
+        "model_state_bytes": param + grad + sum(optim.values()), **extra,
+        "by_location": by_location}
+    for where in ("device", "host", "disk"):
+        report[where] = sum(v[where] for v in by_location.values())
+    return report
+
+
 class Zero(DataParallel):
     """ZeRO stage 0/1/2 over a plain ``nn.Module``; see the module docstring."""
 
@@ -273,31 +369,14 @@ class Zero(DataParallel):
     @torch.no_grad()
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         grads = self._grad_slices()
-        skip = False
-        if self.scaler is not None:
-            found_inf = self.scaler.unscale_and_check(grads)
-            self.scaler.update(found_inf)
-            skip = bool(found_inf)
-        sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        if self.shards > 1:
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
-        norm = sq.sqrt()
-        if not skip:
-            if max_norm > 0:
-                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
-                for g in grads:
-                    g.mul_(coef)
-            for m, g in zip(self.masters, grads):
-                m.grad = g.to(m.device)
-            self.optimizer.step()
-            for m in self.masters:
-                m.grad = None
+        norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
+                                        max_norm, self.group, self.shards > 1)
         for g in self.grad_shards:
             g.zero_()
         self._reset()                   # stage 0/1: zero the buffers, grads stay views
         if not skip:
             self._gather_params()
-        return norm.detach()
+        return norm
 
     def _gather_params(self) -> None:
         """Start the all-gather of every bucket's updated slices (param_dtype), in order."""
@@ -335,22 +414,6 @@ class Zero(DataParallel):
     def _template_params(self) -> list[nn.Parameter]:
         return [p for g in self._template.param_groups for p in g["params"]]
 
-    def _optim_template(self) -> dict[str, Any]:
-        """SingleProcess's optimizer state dict without state, with the current lr."""
-        optim = self._template.state_dict()
-        lr_group = self.optimizer.param_groups[0]
-        for g in optim["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in lr_group:
-                    g[key] = lr_group[key]
-        return optim
-
-    def _non_sharded_model(self) -> dict[str, torch.Tensor]:
-        """Frozen parameters and buffers (fp32): what a sharded file holds besides shards."""
-        sharded = {n for p in self.params for n in self._names[id(p)]}
-        return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
-                for k, v in self.module.state_dict(keep_vars=True).items() if k not in sharded}
-
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's shard only (no collective): see actors/sharded_state.py."""
         from .sharded_state import SHARDED_FORMAT, param_layout, unit_entry
@@ -365,9 +428,10 @@ class Zero(DataParallel):
         sharded = {"format": SHARDED_FORMAT, "stage": self.stage, "world_size": self.world_size,
                    "shard_rank": self.shard_rank, "shards": self.shards, "units": units,
                    "step": int(self.optimizer.inner.step_count),
-                   "optim_template": self._optim_template(),
+                   "optim_template": optimizer_template(self._template, self.optimizer),
                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
-        return {"model": self._non_sharded_model(), "sharded": sharded}
+        sharded_names = {n for p in self.params for n in self._names[id(p)]}
+        return {"model": non_sharded_model(self.module, sharded_names), "sharded": sharded}
 
     def state_dict(self) -> dict[str, Any]:
         """SingleProcess's format, consolidated from the shards: a collective (all ranks).
@@ -389,17 +453,8 @@ class Zero(DataParallel):
         for p in self.params:
             for name in self._names[id(p)]:
                 model[name] = per_param[id(p)]["w"]
-        optim = self._template.state_dict()
-        lr_group = self.optimizer.param_groups[0]
-        for g in optim["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in lr_group:
-                    g[key] = lr_group[key]
-        optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
-                              "exp_avg": per_param[id(p)]["m"],
-                              "exp_avg_sq": per_param[id(p)]["v"]}
-                          for i, p in enumerate(self._template_params())}
-        return {"model": model, "optimizer": optim}
+        return {"model": model, "optimizer": consolidated_optimizer(
+            self._template, self.optimizer, self._template_params(), per_param, step)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -407,11 +462,7 @@ class Zero(DataParallel):
         self._wait_params()
         model = state["model"]
         self.module.load_state_dict(model)          # params (cast to param_dtype), buffers
-        optim = state.get("optimizer")
-        pstate = {}
-        if optim is not None:
-            pstate = {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
-                      for i, p in enumerate(self._template_params())}
+        pstate = param_states(state.get("optimizer"), self._template_params())
         step = None
         moments: dict[str, list[torch.Tensor]] = {"exp_avg": [], "exp_avg_sq": []}
         for b, master in zip(self.buckets, self.masters):
@@ -433,14 +484,7 @@ class Zero(DataParallel):
         inner.load_state_dict({"step": int(step), "weight_decay": inner.weight_decays,
                                "numel": [m.numel() for m in self.masters],
                                "master": [m.detach() for m in self.masters], **moments})
-        if optim is not None:
-            loaded = optim["param_groups"][0]
-            for g in self.optimizer.param_groups:
-                for key in ("lr", "initial_lr"):
-                    if key in loaded:
-                        g[key] = loaded[key]
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        load_lr_and_scaler(self.optimizer, self.scaler, state)
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
@@ -454,16 +498,11 @@ class Zero(DataParallel):
         by_location = {"param": {"device": param, "host": 0, "disk": 0},
                        "grad": {"device": grad, "host": 0, "disk": 0},
                        "optimizer": optim}
-        report: dict[str, Any] = {
-            "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
-            "model_state_bytes": param + grad + sum(optim.values()),
-            "frozen_param_bytes": nbytes(self.frozen),
-            "trainable_params": sum(p.numel() for p in self.params),
-            "num_buckets": len(self.buckets), "stage": self.stage, "shards": self.shards,
-            "by_location": by_location}
-        for where in ("device", "host", "disk"):
-            report[where] = sum(v[where] for v in by_location.values())
-        return report
+        return memory_totals(param, grad, optim, by_location,
+                             frozen_param_bytes=nbytes(self.frozen),
+                             trainable_params=sum(p.numel() for p in self.params),
+                             num_buckets=len(self.buckets), stage=self.stage,
+                             shards=self.shards)
 
 
 class _ShardedOptimizer(torch.optim.Optimizer):

@@ -79,7 +79,9 @@ from .data_parallel import DataParallel
 from .loss_scaler import DynamicLossScaler
 from .strategy import MicroResult, build_adamw, weighted_forward_backward
 from .train_config import TrainConfig
-from .zero import DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool
+from .zero import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
+                   consolidated_optimizer, load_lr_and_scaler, memory_totals,
+                   non_sharded_model, optimizer_template, param_states, step_master_shards)
 
 
 @dataclass
@@ -434,30 +436,13 @@ class Zero3(DataParallel):
     @torch.no_grad()
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         grads = [u.grad_shard[lo:hi].float() for u, lo, hi in self._seg]
-        skip = False
-        if self.scaler is not None:
-            found_inf = self.scaler.unscale_and_check(grads)
-            self.scaler.update(found_inf)
-            skip = bool(found_inf)
-        sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
-              else torch.zeros((), device=self.device))
-        if self.world_size > 1:
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
-        norm = sq.sqrt()
+        norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
+                                        max_norm, self.group, self.world_size > 1)
         if not skip:
-            if max_norm > 0:
-                coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-                for g in grads:
-                    g.mul_(coef)
-            for m, g in zip(self.masters, grads):
-                m.grad = g.to(m.device)
-            self.optimizer.step()
-            for m in self.masters:
-                m.grad = None
             self._refresh_shards()
         for u in self.units:
             u.grad_shard.zero_()
-        return norm.detach()
+        return norm
 
     def _refresh_shards(self) -> None:
         for m, (u, lo, hi) in zip(self.masters, self._seg):
@@ -499,20 +484,12 @@ class Zero3(DataParallel):
             layout = param_layout(u.params, u.offsets, self._names, opt_index)
             units.append(unit_entry(u.numel, u.bounds.start, u.bounds.stop, shard["w"],
                                     shard["m"], shard["v"], layout))
-        optim = self._template.state_dict()
-        lr_group = self.optimizer.param_groups[0]
-        for g in optim["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in lr_group:
-                    g[key] = lr_group[key]
         sharded_names = {n for p in self.params for n in self._names[id(p)]}
-        model = {k: (v.detach().float().clone() if v.is_floating_point()
-                     else v.detach().clone())
-                 for k, v in self.module.state_dict(keep_vars=True).items()
-                 if k not in sharded_names}
+        model = non_sharded_model(self.module, sharded_names)
         sharded = {"format": SHARDED_FORMAT, "stage": 3, "world_size": self.world_size,
                    "shard_rank": self.rank, "shards": self.world_size, "units": units,
-                   "step": int(inner.step_count), "optim_template": optim,
+                   "step": int(inner.step_count),
+                   "optim_template": optimizer_template(self._template, self.optimizer),
                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
         return {"model": model, "sharded": sharded}
 
@@ -539,17 +516,9 @@ class Zero3(DataParallel):
             else:
                 v = v.detach()
                 model[k] = v.float().clone() if v.is_floating_point() else v.clone()
-        optim = self._template.state_dict()
-        lr_group = self.optimizer.param_groups[0]
-        for g in optim["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in lr_group:
-                    g[key] = lr_group[key]
         step = torch.tensor(float(inner.step_count))
-        optim["state"] = {i: {"step": step.clone(), "exp_avg": per_param[id(p)]["m"],
-                              "exp_avg_sq": per_param[id(p)]["v"]}
-                          for i, p in enumerate(self._template_params())}
-        return {"model": model, "optimizer": optim}
+        return {"model": model, "optimizer": consolidated_optimizer(
+            self._template, self.optimizer, self._template_params(), per_param, step)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -562,11 +531,7 @@ class Zero3(DataParallel):
         if unexpected or set(missing) - sharded:
             raise KeyError(f"Zero3.load_state_dict: unexpected {unexpected}, "
                            f"missing {sorted(set(missing) - sharded)}")
-        optim = state.get("optimizer")
-        pstate = {}
-        if optim is not None:
-            pstate = {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
-                      for i, p in enumerate(self._template_params())}
+        pstate = param_states(state.get("optimizer"), self._template_params())
         step = None
         flats = {}
         for u in self.units:
@@ -590,14 +555,7 @@ class Zero3(DataParallel):
         for m, t in zip(self.masters, seg(0)):
             m.data.copy_(t)
         self._refresh_shards()
-        if optim is not None:
-            loaded = optim["param_groups"][0]
-            for g in self.optimizer.param_groups:
-                for key in ("lr", "initial_lr"):
-                    if key in loaded:
-                        g[key] = loaded[key]
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
+        load_lr_and_scaler(self.optimizer, self.scaler, state)
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
@@ -612,15 +570,10 @@ class Zero3(DataParallel):
                        "grad": {"device": grad, "host": 0, "disk": 0},
                        "optimizer": optim}
         by_location["param"][param_at] = param
-        report: dict[str, Any] = {
-            "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
-            "model_state_bytes": param + grad + sum(optim.values()),
-            "frozen_param_bytes": sum(p.numel() * p.element_size() for p in self.frozen),
-            "trainable_params": sum(p.numel() for p in self.params),
-            "num_units": len(self.units), "stage": 3, "shards": self.world_size,
-            "unit_bytes": [u.nbytes for u in self.units],
-            "peak_gathered_bytes": self.peak_gathered_bytes,
-            "by_location": by_location}
-        for where in ("device", "host", "disk"):
-            report[where] = sum(v[where] for v in by_location.values())
-        return report
+        return memory_totals(
+            param, grad, optim, by_location,
+            frozen_param_bytes=sum(p.numel() * p.element_size() for p in self.frozen),
+            trainable_params=sum(p.numel() for p in self.params),
+            num_units=len(self.units), stage=3, shards=self.world_size,
+            unit_bytes=[u.nbytes for u in self.units],
+            peak_gathered_bytes=self.peak_gathered_bytes)
