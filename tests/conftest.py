@@ -21,3 +21,21 @@ def ray_session():
     connect(num_cpus=8, log_to_driver=False)
     yield
     shutdown()
+
+
+@pytest.fixture(scope="module")
+def gangs(ray_session):
+    """Worker gangs by size, started on first use and shared by one module's tests (a gang
+    start costs seconds; the equivalence tests of every strategy reuse them)."""
+    from cluster.gang import ScalingConfig, WorkerGroup
+
+    started: dict = {}
+
+    def get(n: int) -> WorkerGroup:
+        if n not in started:
+            started[n] = WorkerGroup(ScalingConfig(num_workers=n)).start()
+        return started[n]
+
+    yield get
+    for group in started.values():
+        group.shutdown()

@@ -37,23 +37,6 @@ def pack(tmp_path_factory):
     return build_pack(tmp_path_factory.mktemp("dp_pack"), eval_blocks=14)
 
 
-@pytest.fixture(scope="module")
-def gangs(ray_session):
-    """Worker gangs by size, started on first use and shared by the module's tests."""
-    from cluster.gang import ScalingConfig, WorkerGroup
-
-    started: dict[int, WorkerGroup] = {}
-
-    def get(n: int) -> WorkerGroup:
-        if n not in started:
-            started[n] = WorkerGroup(ScalingConfig(num_workers=n)).start()
-        return started[n]
-
-    yield get
-    for group in started.values():
-        group.shutdown()
-
-
 class MaskSome(CausalLM):
     """Ignores the labels of even token ids: ranks and micro-batches get uneven target counts."""
 

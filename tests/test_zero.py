@@ -45,22 +45,6 @@ def pack(tmp_path_factory):
     return build_pack(tmp_path_factory.mktemp("zero_pack"), eval_blocks=14)
 
 
-@pytest.fixture(scope="module")
-def gangs(ray_session):
-    from cluster.gang import ScalingConfig, WorkerGroup
-
-    started: dict[int, WorkerGroup] = {}
-
-    def get(n: int) -> WorkerGroup:
-        if n not in started:
-            started[n] = WorkerGroup(ScalingConfig(num_workers=n)).start()
-        return started[n]
-
-    yield get
-    for group in started.values():
-        group.shutdown()
-
-
 def build(vocab: int) -> nn.Module:
     """Tiny GPT: tied embeddings (one Parameter used twice), a frozen positional embedding,
     d_ff = 63 so the trainable parameter count is odd (not divisible by 2 or 4)."""
