@@ -18,7 +18,7 @@ On a 128 GiB host that bound (~16 bytes per parameter: ~7B) comes before the GPU
 stage 3's bf16 parameter shard to the host.
 
 Throughput: median step time over ``--steps`` timed steps after ``--warmup-steps``;
-tokens/s = micro_batch × seq / step. MFU (Chowdhery et al. 2022, appendix B) uses the model
+tokens/s = micro_batch × grad_accum × seq / step. MFU (Chowdhery et al. 2022, appendix B) uses the model
 FLOPs of a decoder, without the recompute of activation checkpointing:
 
     FLOPs per token = 6Ψ + 12 · n_layers · d_model · seq      (Ψ: parameters)
@@ -155,7 +155,8 @@ def run_rung(args: argparse.Namespace) -> dict[str, Any]:
                       max_seq_len=args.seq, dropout=0.0)
     psi = n_params(d, layers, args.vocab, args.seq)
     out: dict[str, Any] = {"rung": args.rung, "d_model": d, "n_layers": layers, "params": psi,
-                           "seq": args.seq, "micro_batch": args.micro_batch}
+                           "seq": args.seq, "micro_batch": args.micro_batch,
+                           "grad_accum": args.grad_accum}
     phase = "build"
     try:
         describe, factory = strategy_factory(args.offload, args.offload_params)
@@ -183,10 +184,11 @@ def run_rung(args: argparse.Namespace) -> dict[str, Any]:
         n_steps = args.warmup_steps + args.steps
         gen = torch.Generator().manual_seed(0)
         # token 0 is the pad id (ignored by CausalLM): draw from 1..vocab-1
-        batches = [torch.randint(1, args.vocab, (args.micro_batch, args.seq + 1), generator=gen)
+        batches = [torch.randint(1, args.vocab, (args.micro_batch * args.grad_accum,
+                                                  args.seq + 1), generator=gen)
                    for _ in range(n_steps)]
         tcfg = TrainConfig(max_steps=n_steps, lr=1e-4, warmup_steps=0, log_every=1,
-                           echo=False, device=str(device))
+                           micro_batches=args.grad_accum, echo=False, device=str(device))
         trainer = Trainer(model, objective_for(cfg), iter(batches), tcfg, strategy=factory(),
                           model_config=cfg)
         out["setup_s"] = time.perf_counter() - t0
@@ -203,7 +205,7 @@ def run_rung(args: argparse.Namespace) -> dict[str, Any]:
                 steps.append(time.perf_counter() - t)
             losses.append(row["loss"])
         step = statistics.median(steps)
-        tokens = args.micro_batch * args.seq
+        tokens = args.micro_batch * args.grad_accum * args.seq
         fpt = flops_per_token(psi, d, layers, args.seq)
         out.update(status="ok", steps_s=steps, median_step_s=step, losses=losses,
                    tokens_per_s=tokens / step, flops_per_token=fpt,
@@ -252,6 +254,7 @@ def child_command(args: argparse.Namespace, name: str, d: int, layers: int) -> l
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--rung", name,
            "--d-model", str(d), "--n-layers", str(layers), "--vocab", str(args.vocab),
            "--seq", str(args.seq), "--micro-batch", str(args.micro_batch),
+           "--grad-accum", str(args.grad_accum),
            "--head-dim", str(args.head_dim), "--steps", str(args.steps),
            "--warmup-steps", str(args.warmup_steps), "--peak-tflops", str(args.peak_tflops),
            "--offload", args.offload, "--fake-oom-params", str(args.fake_oom_params)]
@@ -341,6 +344,9 @@ def main() -> None:
     ap.add_argument("--ladder", nargs="+", help=f"rung names (default all): {list(LADDER)}")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches per optimizer step: the host-side Adam step is paid "
+                         "once per grad_accum x micro_batch x seq tokens")
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per rung")
