@@ -28,10 +28,29 @@ except that its trainable parameters' storage belongs to the strategy):
   the data again once it is re-gathered).
 * **Forward.** A forward pre-hook on a unit waits for (or starts) its all-gather and starts
   the *next* unit's all-gather asynchronously (prefetch), so communication overlaps the
-  current unit's compute; a forward post-hook frees the full parameters and, when autograd
-  records, hooks the unit's output tensors.
-* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (and
-  prefetches the unit before it); when every parameter of the unit has its gradient
+  current unit's compute; a forward post-hook frees the full parameters (level 3, below)
+  and, when autograd records, hooks the unit's output tensors.
+* **Per-block ZeRO level** (BMTrain's ``CheckpointBlock(block, zero_level=2|3)``; FSDP2's
+  ``fully_shard(reshard_after_forward=False)``, FSDP1's ``SHARD_GRAD_OP``). ``block_levels``
+  maps glob patterns over unit names (:func:`fnmatch.fnmatchcase`: ``"blocks.0"``,
+  ``"blocks.*"``, ``"bert.encoder.layer.1[0-1]"``) to a level, applied in order (a later
+  pattern overrides an earlier one: ``{"blocks.*": 2, "blocks.0": 3}``); unmatched blocks are
+  level 3. **Level 3** frees a block after its forward and all-gathers it again in backward:
+  2 all-gathers per micro-batch, and at most ~2 blocks' full parameters alive. **Level 2**
+  keeps the block gathered from its forward until its gradients are reduce-scattered: 1
+  all-gather per micro-batch (a third less communication for that block: 1 gather + 1
+  reduce-scatter instead of 2 + 1), at the price of its full parameters for the whole
+  forward-backward span. Gradients and optimizer state stay sharded at both levels; only the
+  transient parameter memory differs, and the results are the same to rounding. The root
+  unit is always held from forward to backward (level 2). A pattern that matches no unit is
+  a ConfigError naming the units. Activation checkpointing (``train.activation_checkpointing``,
+  actors/activation_checkpointing.py) is chosen per block independently and composes with
+  both levels: a checkpointed block is recomputed in backward after its unit is gathered
+  (level 3: re-gathered; level 2: still gathered), so level 2 + checkpointing keeps parameters
+  and drops activations, level 3 without checkpointing the reverse.
+* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (a level-2
+  unit is still gathered: no collective) and prefetches the unit before it (a no-op when that
+  one is level 2); when every parameter of the unit has its gradient
   (post-accumulate-grad hooks) the gradients are flattened into a full buffer and
   reduce-scattered (SUM) asynchronously, the parameters' ``.grad`` dropped and the unit
   freed; the rank's slice is added to its gradient shard when the collective completes
@@ -40,29 +59,36 @@ except that its trainable parameters' storage belongs to the strategy):
   backward. Every micro-batch is reduced (as stage 2).
 * **Step** (as zero.py): global norm from the shards, clip, AdamW on the fp32 slices, then
   the ``param_dtype`` slices are refreshed from the masters — no all-gather: the next forward
-  gathers just in time.
+  gathers just in time. With ``param_dtype: fp16`` backward runs on the loss times the
+  :class:`actors.loss_scaler.DynamicLossScaler` scale; after the reduce-scatter an
+  inf/NaN may sit in one rank's gradient shard only, so the scaler all-reduces the found-inf
+  flag (MAX): every rank skips the step (masters, shards and Adam's step count untouched)
+  and halves the scale.
 * **Checkpoints** are consolidated into :class:`actors.strategy.SingleProcess`'s format
   (a collective: every rank calls ``state_dict``), so stage-3 checkpoints load into stages 0-2
   or a single process and back.
 
 Observability (tests, benchmarks): ``memory_report()`` has zero.py's keys plus
-``unit_bytes`` and ``peak_gathered_bytes`` (the most full-parameter bytes ever gathered at
-once: about the root plus two blocks); setting ``strategy.trace = []`` records the events
-``("gather" | "ready" | "forward_end" | "backward" | "reduce" | "free", unit index)`` in order.
+``unit_bytes``, ``unit_levels`` (per unit, root last) and ``peak_gathered_bytes`` (the most
+full-parameter bytes ever gathered at once, a unit counted from its all-gather until it is
+freed: about the root plus two blocks, plus every level-2 block); setting
+``strategy.trace = []`` records the events ``("gather" | "ready" | "forward_end" |
+"backward" | "reduce" | "free", unit index)`` in order (tests count all-gathers per unit).
 
 Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
 broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
 not used. Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose
 options are :class:`Zero3Config`).
 
-Limitations: a unit must run its forward once per micro-batch (a block called twice is
-gathered twice, which is correct but costs a second all-gather); prefetch follows the
+Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
+is gathered twice, which is correct but costs a second all-gather); prefetch follows the
 ``block_lists`` order, which must be the execution order for the overlap to help (correctness
 does not depend on it).
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -98,9 +124,22 @@ class Zero3Config:
     max_inflight: int = 2                  # reduce-scatters on the wire at once
     broadcast_init: bool = True
     sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
+    block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
+        if self.block_levels is not None:
+            if not isinstance(self.block_levels, dict):
+                raise ConfigError(f"strategy.block_levels: expected a mapping of unit-name "
+                                  f"patterns to levels 2 or 3, got {self.block_levels!r}")
+            for pattern, level in self.block_levels.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ConfigError(f"strategy.block_levels: {pattern!r} is not a unit-name "
+                                      f"pattern (e.g. 'blocks.0', 'blocks.*')")
+                if isinstance(level, bool) or level not in (2, 3):
+                    raise ConfigError(f"strategy.block_levels.{pattern}: {level!r} is not one "
+                                      f"of [2, 3] (2: keep gathered until backward, "
+                                      f"3: free after forward)")
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
         check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
@@ -116,6 +155,7 @@ class _Unit:
     def __init__(self, index: int, name: str, module: nn.Module, params: list[nn.Parameter],
                  world: int, rank: int) -> None:
         self.index, self.name, self.module = index, name, module
+        self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
         params = [p for p in params if _decays(p)] + [p for p in params if not _decays(p)]
         self.params = params
         self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
@@ -191,6 +231,18 @@ class Zero3(DataParallel):
             out.extend((f"{path}.{i}", m) for i, m in enumerate(container))
         return out
 
+    def _assign_levels(self, blocks: list[_Unit]) -> None:
+        """``block_levels`` patterns, in order, onto the block units (see module docstring)."""
+        for pattern, level in (self.config.block_levels or {}).items():
+            hit = [u for u in blocks if fnmatch.fnmatchcase(u.name, pattern)]
+            if not hit:
+                names = ", ".join(u.name for u in blocks) or "none"
+                raise ConfigError(f"strategy.block_levels: {pattern!r} matches no unit; the "
+                                  f"units are {names} (blocks without trainable parameters "
+                                  f"have none; the root is always held)")
+            for u in hit:
+                u.level = level
+
     def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.device = self._pick_device(cfg)
@@ -225,6 +277,9 @@ class Zero3(DataParallel):
         self.blocks = units
         self.root = (_Unit(len(units), "<root>", module, root_ps, self.world_size, self.rank)
                      if root_ps else None)
+        self._assign_levels(units)
+        if self.root is not None:
+            self.root.level = 2                 # gathered for the whole forward + backward
         self.units = units + ([self.root] if self.root is not None else [])
         shard_device = "cpu" if self.config.offload_params else self.device
         pin = self.config.offload_params and self.device.type == "cuda"
@@ -341,13 +396,16 @@ class Zero3(DataParallel):
             self._event("forward_end", u)
             if torch._C._current_graph_task_id() != -1:
                 return None                 # recomputation inside backward: keep gathered
-            self._free(u)
-            if torch.is_grad_enabled():
-                u.backward_gathered = False
-                tensors = [t for t in tree_flatten(output)[0]
-                           if torch.is_tensor(t) and t.requires_grad]
-                for t in tensors:
-                    t.register_hook(self._make_pre_backward(u))
+            if not torch.is_grad_enabled():
+                self._free(u)               # no backward follows: both levels free
+                return None
+            if u.level == 3:
+                self._free(u)               # level 2 stays gathered until _reduce frees it
+            u.backward_gathered = False
+            tensors = [t for t in tree_flatten(output)[0]
+                       if torch.is_tensor(t) and t.requires_grad]
+            for t in tensors:
+                t.register_hook(self._make_pre_backward(u))
             return None
         return hook
 
@@ -576,4 +634,5 @@ class Zero3(DataParallel):
             trainable_params=sum(p.numel() for p in self.params),
             num_units=len(self.units), stage=3, shards=self.world_size,
             unit_bytes=[u.nbytes for u in self.units],
+            unit_levels=[u.level for u in self.units],
             peak_gathered_bytes=self.peak_gathered_bytes)

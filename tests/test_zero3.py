@@ -1,8 +1,9 @@
 """ZeRO stage 3 (actors/zero3.py) against references: the single-process trainer (per-step
 losses and final weights, 20 steps, 1/2/4 workers, with and without parameter offload), a
 transformers BertModel trained by SingleProcess, the 16Ψ/N memory formula, parameters really
-freed between uses and prefetched, and checkpoints moving between stage 3 and stage 1 /
-a single process.
+freed between uses and prefetched, checkpoints moving between stage 3 and stage 1 /
+a single process, per-block ZeRO levels (2 and 3 mixed, with activation checkpointing:
+all-gathers counted per unit) and fp16 with an overflow forced on one rank.
 
 One gang of 4 Ray workers (cluster.gang.WorkerGroup) runs everything: a run on N < 4
 workers uses a process group of the first N of them (``dist.new_group``) and the others sit
@@ -12,10 +13,18 @@ gang start, not the training, is what costs time on a 2-core machine).
 Tolerance (fp32): as tests/test_zero.py — ranks sum gradients in another order and the grad
 norm is summed from shards, so results differ by rounding only: losses rtol 1e-5 / atol 1e-6,
 weights rtol 1e-5 / atol 1e-5. Memory: model-state bytes per rank within 10% of 16Ψ/N
-(bf16 parameters, Ψ = trainable parameters).
+(bf16 parameters, Ψ = trainable parameters). Per-block levels (2 workers, 4 steps at lr 3e-3,
+the plain model's key biases frozen: see ``tiny_gpt``) use the fp32 tolerance; measured
+worst weight difference 3e-6.
+
+fp16 (parameters and gradients in fp16, fp32 masters, against fp32 SingleProcess; two Adam
+steps at lr 1e-3 with eps 1e-3, see FP16_TRAIN): losses rtol 1e-3 (measured 4e-6 relative),
+weights atol 1e-4 (measured 2e-5; the weights move by up to 2e-3, so a step that was not
+skipped — one more update of ~lr — fails it).
 """
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -39,6 +48,12 @@ from tests.test_zero import (CFG, LOSS_TOL, assert_matches, bert_batches, build_
 from tests.tiny_corpus import build_pack
 
 torch.set_num_threads(1)
+FP16_LOSS_TOL = dict(rtol=1e-3, atol=0.0)
+FP16_WEIGHT_TOL = dict(rtol=0.0, atol=1e-4)
+# Adam's eps raised from 1e-8 so that an update is smooth in its gradient: with a tiny eps
+# the first step is lr·sign(g), and fp16 rounding flips the sign of near-zero gradients — a
+# 2·lr weight difference that says nothing about the strategy.
+FP16_TRAIN = dict(lr=1e-3, eps=1e-3, warmup_steps=0, device="cpu", echo=False)
 
 
 def consolidated(trainer) -> dict[str, torch.Tensor]:
@@ -249,8 +264,9 @@ class Toy(nn.Module):
         return types.SimpleNamespace(loss=loss)
 
 
-def _steps(strategy, model, batches):
-    strategy.setup(model, TrainConfig(lr=1e-2, warmup_steps=0, device="cpu", echo=False))
+def _steps(strategy, model, batches, **train):
+    train = dict(dict(lr=1e-2, warmup_steps=0, device="cpu", echo=False), **train)
+    strategy.setup(model, TrainConfig(**train))
     losses = []
     for batch in batches:
         losses.append(float(strategy.forward_backward(batch, 1.0).loss))
@@ -321,3 +337,184 @@ def test_checkpoint_moves_between_stage3_and_stage1(pack, gang, tmp_path):
     sp_path = sp.save(str(tmp_path / "ck1"))
     for out in on(gang, 2, _checkpoint_resume, pack, sp_path):
         assert_matches(out, ref, ref_result, steps)
+
+
+# ---------------------------------------------------------------- per-block ZeRO levels, fp16
+
+def tiny_gpt(n_layers: int, vocab: int = 50) -> nn.Module:
+    """A GPT whose key biases are frozen: softmax is invariant to adding q·b_k to every score
+    of a query, so their exact gradient is 0 and the computed one is rounding noise, which
+    AdamW (g / sqrt(v)) turns into ±lr steps whose sign depends on the summation order — a
+    2-rank run and one process would differ by ~lr there and nowhere else."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=32, n_heads=2,
+                                    n_layers=n_layers, d_ff=64, max_seq_len=32, dropout=0.0))
+    for block in model.blocks:
+        block.attn.k_proj.bias.requires_grad_(False)
+    return model
+
+
+def lm_batches(n: int, rows: int = 4, vocab: int = 50, seed: int = 3) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, vocab, (rows, 8), generator=g)),
+             "labels": ids.roll(1, 1)} for _ in range(n)]
+
+
+def _levels(group, rank, batches, levels, ac_blocks):
+    """Zero3 with ``block_levels`` on this rank's half of each batch (weight 1/N: the sum over
+    ranks is the full batch's mean loss); the first step traced."""
+    world = dist.get_world_size(group)
+    model = tiny_gpt(4)
+    apply_activation_checkpointing(model, ac_blocks)
+    z = Zero3(block_levels=levels, group=group)
+    z.setup(model, TrainConfig(lr=3e-3, warmup_steps=0, device="cpu", echo=False))
+    held = []                       # bytes of each block's full buffer right after its forward
+    hooks = [b.register_forward_hook(lambda m, a, o: held.append(
+        m.ffn.up.weight.untyped_storage().nbytes())) for b in model.blocks]
+    z.trace = []
+    losses = []
+    for step, batch in enumerate(batches):
+        share = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        loss = z.forward_backward(share, 1.0 / world).loss
+        losses.append(z.all_reduce_sum([float(loss) / world])[0])
+        if step == 0:
+            trace, z.trace = z.trace, None
+            for h in hooks:
+                h.remove()
+            freed = all(p.untyped_storage().nbytes() == 0
+                        for p in model.parameters() if p.requires_grad)
+        z.clip_and_step(1.0)
+    weights = {k: v.detach().float().clone() for k, v in z.state_dict()["model"].items()}
+    return {"losses": losses, "weights": weights, "trace": trace, "held": held,
+            "freed_after_backward": freed, "memory": z.memory_report()}
+
+
+def test_block_levels_config():
+    """``block_levels``: typed, validated, routed; patterns apply in order; a pattern that
+    matches no unit names the units."""
+    spec = strategy_from_dict({"kind": "zero", "stage": 3,
+                               "block_levels": {"blocks.*": 2, "blocks.0": 3}})
+    assert spec.options.block_levels == {"blocks.*": 2, "blocks.0": 3}
+    assert strategy_from_dict(spec.to_dict()) == spec
+    z = build_strategy(spec, "cpu")
+    z.setup(tiny_gpt(3), TrainConfig(device="cpu", echo=False))
+    assert [(u.name, u.level) for u in z.units] == [
+        ("blocks.0", 3), ("blocks.1", 2), ("blocks.2", 2), ("<root>", 2)]   # later wins
+    assert z.memory_report()["unit_levels"] == [3, 2, 2, 2]
+    z3 = Zero3()
+    z3.setup(tiny_gpt(2), TrainConfig(device="cpu", echo=False))
+    assert [u.level for u in z3.units] == [3, 3, 2]                          # default: all 3
+    bad = [({"blocks.0": 1}, r"strategy.block_levels.blocks.0: 1 is not one of \[2, 3\]"),
+           ({"blocks.0": True}, r"strategy.block_levels.blocks.0: expected an integer"),
+           ({"blocks.0": "2"}, r"strategy.block_levels.blocks.0: expected an integer"),
+           (["blocks.0"], r"strategy.block_levels: .*expected a mapping"),
+           ({"": 2}, r"strategy.block_levels: '' is not a unit-name pattern")]
+    for levels, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            strategy_from_dict({"kind": "zero", "stage": 3, "block_levels": levels})
+    for levels in ({"blocks.0": True}, {"blocks.0": 4}):          # built directly, no YAML
+        with pytest.raises(ConfigError, match="strategy.block_levels.blocks.0: .* not one of"):
+            Zero3Config(block_levels=levels)
+    for pattern in ("blocks.3", "layers.*", "<root>"):
+        with pytest.raises(ConfigError, match=rf"strategy.block_levels: '{re.escape(pattern)}' "
+                                              r"matches no unit; the units are blocks.0, "
+                                              r"blocks.1, blocks.2"):
+            Zero3(block_levels={pattern: 2}).setup(tiny_gpt(3),
+                                                   TrainConfig(device="cpu", echo=False))
+
+
+def test_mixed_block_levels_and_checkpointing_on_two_workers(gang):
+    """Four blocks, blocks.0 at level 2 and blocks.1-3 at level 3, blocks 0 and 2
+    activation-checkpointed (so every level x checkpointing pair runs), 2 workers: losses and
+    final weights of the plain model trained by SingleProcess (LOSS_TOL, weights 1e-5); the
+    level-2 block is all-gathered once per micro-batch and stays gathered after its forward,
+    the level-3 ones twice and freed; the peak of gathered bytes is the root + the held block
+    + the two level-3 blocks in flight (one computing, one prefetched). All level 2 (FSDP's
+    SHARD_GRAD_OP): one gather per unit, every unit held at once."""
+    batches = lm_batches(4)
+    ref_losses, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(4), batches, lr=3e-3)
+    for levels, gathers in (({"blocks.0": 2}, [1, 2, 2, 2, 1]),
+                            ({"blocks.*": 2}, [1, 1, 1, 1, 1])):
+        for out in on(gang, 2, _levels, batches, levels, [0, 2]):
+            torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref_losses),
+                                       **LOSS_TOL)
+            for name, tensor in ref_w.items():
+                torch.testing.assert_close(out["weights"][name], tensor, rtol=1e-5, atol=1e-5,
+                                           msg=name)
+            t = out["trace"]
+            assert [sum(e == ("gather", i) for e in t) for i in range(5)] == gathers, t
+            assert [e[1] for e in t if e[0] == "reduce"] == [3, 2, 1, 0, 4]
+            mem = out["memory"]
+            units, unit_levels = mem["unit_bytes"], mem["unit_levels"]
+            assert unit_levels == [3 - (g == 1) for g in gathers[:-1]] + [2]     # root: 2
+            assert out["held"] == [b if lv == 2 else 0
+                                   for b, lv in zip(units[:-1], unit_levels[:-1])]
+            assert out["freed_after_backward"]
+            root, block = units[-1], units[0]                 # the four blocks are alike
+            all_held = unit_levels[1] == 2
+            # all level 3 would peak at root + 2 blocks (test_params_freed_between_uses...)
+            assert mem["peak_gathered_bytes"] == root + (4 if all_held else 3) * block
+
+
+def _fp16_overflow(group, rank, batches, overflow_step):
+    """fp16 Zero3 with scale 1024; at ``overflow_step`` rank 1 alone gets an inf in one
+    gradient element during backward (it lands in one rank's shard after reduce-scatter)."""
+    world = dist.get_world_size(group)
+    z = Zero3(param_dtype="fp16", group=group)
+    z.setup(tiny_gpt(2), TrainConfig(**FP16_TRAIN))
+    z.scaler.load_state_dict({"scale": 1024.0, "growth_tracker": 0})
+    target = z.module.blocks[1].ffn.up.weight
+
+    def poison(g):
+        g = g.clone()
+        g[0, 0] = float("inf")
+        return g
+
+    steps, losses = [], []
+    for step, batch in enumerate(batches):
+        handle = target.register_hook(poison) if step == overflow_step and rank == 1 else None
+        share = {k: v.chunk(world)[rank] for k, v in batch.items()}
+        loss = z.forward_backward(share, 1.0 / world).loss
+        losses.append(z.all_reduce_sum([float(loss) / world])[0])
+        if handle is not None:
+            handle.remove()
+        local_inf = any(not bool(torch.isfinite(u.grad_shard).all()) for u in z.units)
+        before = [m.detach().clone() for m in z.masters]
+        shards = [u.shard.clone() for u in z.units]
+        norm = z.clip_and_step(1.0)
+        updated = any(not torch.equal(b, m) for b, m in zip(before, z.masters))
+        shard_moved = any(not torch.equal(s, u.shard) for s, u in zip(shards, z.units))
+        steps.append({"local_inf": local_inf, "updated": updated, "shard_moved": shard_moved,
+                      "finite_norm": bool(torch.isfinite(norm)), "scale": z.scaler.scale_value,
+                      "adam_steps": int(z.optimizer.inner.step_count)})
+    weights = {k: v.detach().float().clone() for k, v in z.state_dict()["model"].items()}
+    return {"steps": steps, "losses": losses, "weights": weights,
+            "skipped": z.scaler.skipped_steps}
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(gang):
+    """fp16 parameters + the dynamic loss scaler under ZeRO-3, 2 workers: an inf forced into
+    one rank's gradient at step 2 is found by both ranks (only one holds it in its shard), both
+    skip the step (fp32 masters and fp16 shards unchanged, Adam's step count too) and halve
+    the scale 1024 → 512; the other steps train. Against SingleProcess fp32 on steps 1 and 3
+    only (the skipped batch left out): the module docstring's fp16 tolerance."""
+    batches = lm_batches(3)
+    ref_losses, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(2), [batches[0], batches[2]],
+                               **FP16_TRAIN)
+    outs = on(gang, 2, _fp16_overflow, batches, 1)
+    assert sum(o["steps"][1]["local_inf"] for o in outs) == 1          # one rank sees it
+    for o in outs:
+        s = o["steps"]
+        assert [x["updated"] for x in s] == [True, False, True]
+        assert [x["shard_moved"] for x in s] == [True, False, True]
+        assert [x["finite_norm"] for x in s] == [True, False, True]
+        assert [x["scale"] for x in s] == [1024.0, 512.0, 512.0]
+        assert [x["adam_steps"] for x in s] == [1, 1, 2] and o["skipped"] == 1
+        assert not s[0]["local_inf"] and not s[2]["local_inf"]
+        got = torch.tensor([o["losses"][0], o["losses"][2]])
+        torch.testing.assert_close(got, torch.tensor(ref_losses), **FP16_LOSS_TOL)
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(o["weights"][name], tensor, **FP16_WEIGHT_TOL, msg=name)
+    assert outs[0]["weights"].keys() == outs[1]["weights"].keys()
+    for name, tensor in outs[0]["weights"].items():          # ranks agree bit for bit
+        assert torch.equal(tensor, outs[1]["weights"][name]), name
