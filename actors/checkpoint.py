@@ -249,18 +249,21 @@ def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device =
     return manifest, state
 
 
-def check_compatible(model: torch.nn.Module, model_state: Mapping[str, torch.Tensor],
-                     source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the first parameter whose name or shape differs."""
-    expected = model.state_dict()
-    for name, tensor in expected.items():
+def check_compatible(model: torch.nn.Module | Mapping[str, tuple[int, ...]],
+                     model_state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first parameter whose name or shape differs.
+    ``model``: the module, or its state-dict shapes (a strategy that holds only part of the
+    model compares against the full model's: ``Strategy.checkpoint_shapes``)."""
+    expected = ({k: tuple(v.shape) for k, v in model.state_dict().items()}
+                if isinstance(model, torch.nn.Module) else dict(model))
+    for name, shape in expected.items():
         if name not in model_state:
             raise CheckpointError(f"{source} does not fit the model: parameter {name!r} "
-                                  f"(shape {tuple(tensor.shape)}) is missing from the checkpoint")
+                                  f"(shape {tuple(shape)}) is missing from the checkpoint")
         got = tuple(model_state[name].shape)
-        if got != tuple(tensor.shape):
+        if got != tuple(shape):
             raise CheckpointError(f"{source} does not fit the model: parameter {name!r} has "
-                                  f"shape {got} in the checkpoint but {tuple(tensor.shape)} "
+                                  f"shape {got} in the checkpoint but {tuple(shape)} "
                                   f"in the model")
     extra = [k for k in model_state if k not in expected]
     if extra:

@@ -4,6 +4,7 @@
     strategy: {kind: param_server, num_shards: 2, mode: async, staleness: 2}
     strategy: {kind: zero, stage: 2, param_dtype: bf16}   # ZeRO-1/2 (actors/zero.py)
     strategy: {kind: zero, stage: 3, offload_params: true} # ZeRO-3 (actors/zero3.py; kind zero3)
+    strategy: {kind: mesh, tp: 2, pp: 2, zero_stage: 1}   # dp x tp x pp (actors/mesh_parallel.py)
     strategy: {kind: single}                              # one worker, no communication
 
 The section is flat: ``kind`` picks the strategy and every other key belongs to that kind's
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.data_parallel import DataParallel, DataParallelConfig
+from actors.mesh_parallel import MeshParallel, MeshParallelConfig
 from actors.param_server import ParameterServer, ParamServerConfig
 from actors.strategy import SingleProcess, Strategy
 from actors.zero import Zero, ZeroConfig
@@ -30,7 +32,7 @@ class _NoOptions:
 
 KINDS: dict[str, type] = {"single": _NoOptions, "ddp": DataParallelConfig,
                           "param_server": ParamServerConfig, "zero": ZeroConfig,
-                          "zero3": Zero3Config}
+                          "zero3": Zero3Config, "mesh": MeshParallelConfig}
 
 
 @dataclass
@@ -44,6 +46,12 @@ class StrategySpec:
             return self
         kind = "single" if num_workers == 1 else "ddp"
         return StrategySpec(kind, KINDS[kind]())
+
+    def model_parallel_size(self) -> int:
+        """Workers per model replica (tp x pp for ``mesh``, else 1): the data is split over
+        ``num_workers / model_parallel_size`` replicas."""
+        opts = self.options
+        return getattr(opts, "tp", 1) * getattr(opts, "pp", 1) if self.kind == "mesh" else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **vars(self.options)}
@@ -73,6 +81,8 @@ def build_strategy(spec: StrategySpec, device: str, shards: list | None = None) 
         return Zero(spec.options)
     if spec.kind == "zero3":
         return Zero3(spec.options)
+    if spec.kind == "mesh":
+        return MeshParallel(spec.options)
     if spec.kind == "param_server":
         if not shards:
             raise ValueError("the param_server strategy needs the shard actors "

@@ -134,6 +134,12 @@ class Strategy(ABC):
     @abstractmethod
     def setup(self, model: nn.Module, cfg: TrainConfig) -> None: ...
 
+    def data_shard(self, rank: int, world_size: int) -> tuple[int, int]:
+        """(index, count) of the data slice this rank reads, given its gang rank and size.
+        Every rank reads its own slice; ranks that hold parts of one model replica
+        (tensor / pipeline parallel: actors/mesh_parallel.py) read the same one."""
+        return rank, world_size
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Context for accumulation micro-batches whose gradients need no communication yet."""
         return contextlib.nullcontext()
@@ -182,6 +188,11 @@ class Strategy(ABC):
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.module.parameters()
+
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of the model state a checkpoint holds (checked before loading one):
+        the module's own, or the full model's where this rank holds a part of it."""
+        return {k: tuple(v.shape) for k, v in self.module.state_dict().items()}
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...

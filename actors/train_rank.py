@@ -33,7 +33,8 @@ def train_rank(raw_experiment: dict[str, Any], shards: list | None = None,
         dist.barrier()
     spec = strategy_from_dict(raw_experiment.get("strategy")).resolved(ctx.world_size)
     strategy = build_strategy(spec, exp.train.device, shards)
-    trainer = build_trainer(exp, strategy, rank=ctx.rank, world_size=ctx.world_size)
+    data_rank, data_world = strategy.data_shard(ctx.rank, ctx.world_size)
+    trainer = build_trainer(exp, strategy, rank=data_rank, world_size=data_world)
     result = trainer.fit()
     report: dict[str, Any] = {
         "rank": ctx.rank, "world_size": ctx.world_size, "strategy": spec.kind,
@@ -45,7 +46,7 @@ def train_rank(raw_experiment: dict[str, Any], shards: list | None = None,
         "memory": trainer.strategy.memory_report(),
         "wall_s": time.perf_counter() - start,
     }
-    if samples and ctx.rank == 0:
+    if samples and ctx.rank == 0 and strategy.replicated and spec.kind != "mesh":
         report["samples"] = {p: _complete(trainer, exp, p, max_new_tokens) for p in samples}
     return report
 

@@ -376,7 +376,8 @@ class Trainer:
             one_file = len(info.get("files") or [None]) == 1
             rank = 0 if self.strategy.replicated or one_file else self.strategy.rank
             manifest, state = ckpt.load_checkpoint(path, rank)
-        ckpt.check_compatible(self.strategy.module, state["model"], source=f"checkpoint {path!r}")
+        ckpt.check_compatible(self.strategy.checkpoint_shapes(), state["model"],
+                              source=f"checkpoint {path!r}")
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])

@@ -65,7 +65,7 @@ import collections
 import contextlib
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -145,16 +145,25 @@ class _Scaled:
 @torch.no_grad()
 def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
                        optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
-                       max_norm: float, group: Any, distributed: bool) -> tuple[torch.Tensor, bool]:
+                       max_norm: float, group: Any, distributed: bool,
+                       local_square: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, bool]:
     """Unscale and check (fp16), take the global norm over all ranks' shards, clip with
-    ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped)."""
+    ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped).
+
+    ``local_square(grads)`` replaces this rank's squared-norm contribution Σ‖g‖² where some
+    elements are held by several ranks of ``group`` (tensor-parallel replicas, a tied weight on
+    two pipeline stages: actors/mesh_parallel.py) and must be counted once."""
     skip = False
     if scaler is not None:
         found_inf = scaler.unscale_and_check(grads)
         scaler.update(found_inf)
         skip = bool(found_inf)
-    sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
-          else torch.zeros((), device=masters[0].device if masters else "cpu"))
+    if local_square is not None:
+        sq = local_square(grads)
+    else:
+        sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
+              else torch.zeros((), device=masters[0].device if masters else "cpu"))
     if distributed:
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
     norm = sq.sqrt()
@@ -370,13 +379,18 @@ class Zero(DataParallel):
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         grads = self._grad_slices()
         norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
-                                        max_norm, self.group, self.shards > 1)
+                                        max_norm, *self._norm_reduction())
         for g in self.grad_shards:
             g.zero_()
         self._reset()                   # stage 0/1: zero the buffers, grads stay views
         if not skip:
             self._gather_params()
         return norm
+
+    def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
+        """(group, distributed, local_square) of the global grad norm: the shards of this
+        rank's data-parallel group; a composite strategy widens it (actors/mesh_parallel.py)."""
+        return self.group, self.shards > 1, None
 
     def _gather_params(self) -> None:
         """Start the all-gather of every bucket's updated slices (param_dtype), in order."""

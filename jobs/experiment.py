@@ -110,16 +110,22 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         m, d = self.model, self.data
-        n = self.scaling.num_workers
+        workers = self.scaling.num_workers
+        mp = self.strategy.model_parallel_size()
+        if workers % mp:
+            raise ConfigError(f"scaling.num_workers: {workers} is not divisible by strategy.tp x "
+                              f"strategy.pp = {mp}")
+        n = workers // mp               # data-parallel replicas: each reads its own slice
         if d.global_batch_size % n:
             raise ConfigError(f"data.global_batch_size: {d.global_batch_size} is not divisible "
-                              f"by scaling.num_workers {n}")
+                              f"by the {n} data-parallel replicas")
         if d.global_batch_size // n < self.train.micro_batches:
             raise ConfigError(f"train.micro_batches: {self.train.micro_batches} but each of the "
-                              f"{n} workers gets only {d.global_batch_size // n} blocks per step")
-        if self.strategy.kind == "single" and n > 1:
+                              f"{n} data-parallel replicas gets only {d.global_batch_size // n} "
+                              f"blocks per step")
+        if self.strategy.kind == "single" and workers > 1:
             raise ConfigError(f"strategy.kind: 'single' runs one worker, but "
-                              f"scaling.num_workers is {n}")
+                              f"scaling.num_workers is {workers}")
         if getattr(self.strategy.options, "sharded_checkpoint", False) and \
                 self.checkpoint.average_last:
             raise ConfigError("checkpoint.average_last: averaging sharded checkpoints "

@@ -28,9 +28,11 @@ def isolated(tmp_path, steps: int = 4) -> list[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_every_config_trains(ray_session, path, tmp_path):
     """Each shipped config, shrunk, runs the way the job runs it: on its gang and strategy."""
+    stages = load_yaml(path).get("strategy", {}).get("pp", 1)     # a layer per stage at least
     raw = apply_overrides(load_yaml(path), isolated(tmp_path, steps=3)
-                          + ["model.vocab_size=512", "model.n_layers=1", "model.d_model=32",
-                             "model.d_ff=64", "model.n_heads=2", "scaling.cpus_per_worker=1"])
+                          + ["model.vocab_size=512", f"model.n_layers={stages}",
+                             "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
+                             "scaling.cpus_per_worker=1"])
     report = TrainRun(raw).fit()
     assert report["step"] == 3 and report["world_size"] == raw.get("scaling", {}).get(
         "num_workers", 1)

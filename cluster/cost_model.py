@@ -1,0 +1,592 @@
+"""What a parallel layout of a transformer costs per GPU: model-state memory (ZeRO), activation
+memory, the pipeline bubble and an estimated step time. The formulas the planner
+(``python -m jobs.plan``) ranks layouts with, kept apart from its search so each can be read
+(and tested) against its paper.
+
+A layout is ``dp × tp × pp`` GPUs, a ZeRO stage over the dp group, optimizer / parameter
+offload, ``m`` micro-batches per step and activation checkpointing on or off. All sizes are
+bytes *per GPU*; a pipeline stage's numbers are those of one of its ranks.
+
+**Parameters** (:class:`ModelSpec`, counted exactly from the model built on the ``meta``
+device, trainable only). Tensor parallelism splits the Megatron-LM matrices (Shoeybi et al.
+2019, sec. 3): column-parallel ``q/k/v_proj`` and ``ffn.up`` (weight and bias), row-parallel
+``out_proj`` and ``ffn.down`` (weight; the bias is replicated) and, for GPT, the
+vocabulary-parallel token embedding / output layer (BERT, ELECTRA and T5 keep embeddings and
+heads replicated, as :mod:`actors.tensor_parallel` does); LayerNorms and positional embeddings
+are replicated. MoE blocks take no tensor parallelism (experts are for expert parallelism). A pipeline stage
+holds a contiguous run of blocks; the first stage also the embeddings, the last one the head
+(final LayerNorm, output layer). A tied output layer counts on both the first and the last stage:
+Megatron-LM keeps a copy of the word embedding on the last stage and all-reduces its gradient
+with the first stage's.
+
+**Model states** (Rajbhandari et al. 2020, "ZeRO", sec. 3 and 5), mixed-precision AdamW with
+Ψ = the parameters one GPU holds (its stage, its tp slice) and N = dp::
+
+    stage 0   bΨ + bΨ + 12Ψ          (2+2+12 = 16Ψ in bf16)
+    stage 1   bΨ + bΨ + 12Ψ/N        (4Ψ + 12Ψ/N)
+    stage 2   bΨ + bΨ/N + 12Ψ/N      (2Ψ + 14Ψ/N)
+    stage 3   bΨ/N + bΨ/N + 12Ψ/N    (16Ψ/N)
+
+with b the bytes of ``param_dtype`` (gradients are kept in the same dtype) and 12 the fp32
+master copy plus both Adam moments. This is exactly what :meth:`actors.zero.Zero.memory_report`
+and :meth:`actors.zero3.Zero3.memory_report` count: in fp32 the parameters are 4Ψ (not 2Ψ) and
+the fp32 master is still a separate copy, so stage 0 is 20Ψ (``kind: ddp``, without a master,
+holds 16Ψ). The measured bytes exceed these by the padding of each flat bucket / unit to a
+multiple of N (≤ N−1 elements each). Optimizer offload moves the 12Ψ/N to host memory, where a
+GPU run also keeps a pinned fp32 gradient staging buffer (4Ψ/N, reported with the optimizer,
+as :class:`actors.offload.ShardedAdamW` does); stage-3 parameter offload moves the bΨ/N
+parameter shard to host.
+
+Not in ``memory_report`` but on the device (``transient``): stage 2's reduce buckets on the wire
+(``max_inflight_buckets + 1`` of ``bucket_mb``) and stage 3's gathered units (the root unit plus
+two blocks gathered, two blocks' gradients being reduce-scattered).
+
+**Activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", sec. 4): what one block saves for backward, per micro-batch of b sequences
+of s tokens, width h, a heads, FFN width f, activations of e bytes, dropout masks of 1 byte::
+
+    attention   LN input e·sbh, Q/K/V input e·sbh, Q and K 2e·sbh, V e·sbh,
+                out-projection input e·sbh, residual dropout mask sbh,
+                scores (eager only): softmax e·as²b; with dropout also its mask as²b and
+                output e·as²b
+    MLP         LN input e·sbh, up input e·sbh, GELU input e·sbf, down input e·sbf,
+                residual dropout mask sbh
+
+With e = 2, f = 4h and dropout this is the paper's eq. 1, ``sbh(34 + 5as/h)``; tensor
+parallelism t divides the Q/K/V, projection, FFN and score terms (eq. 2,
+``sbh(10 + 24/t + 5as/(ht))``), sequence parallelism also the rest (eq. 4, everything / t).
+``attention="fused"`` (our models call ``F.scaled_dot_product_attention``, whose flash /
+memory-efficient kernels save no s×s matrix) replaces the score terms by the log-sum-exp
+(4·asb bytes). We also count the LayerNorm statistics (mean and rstd, 8·sb bytes per
+LayerNorm) and, on the first / last stage, the token ids and the head: final-LN input, output
+layer input (e·sbh each) and the fp32 log-probabilities of the loss (4·sbV/t, what
+``models.losses.cross_entropy`` saves). Activation checkpointing of every block (Chen et al.
+2016; the paper's "full recomputation") keeps only each block's input (e·sbh, /t with sequence
+parallelism) plus, while one block is recomputed in backward, that block's full activations.
+
+Pipeline schedules (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on
+GPU Clusters Using Megatron-LM", sec. 2.2): with ``p`` stages and ``m`` micro-batches the bubble
+is ``(p−1)/(m+p−1)`` of the step for both GPipe and 1F1B; GPipe keeps all ``m`` micro-batches'
+activations, 1F1B at most ``p − i`` on stage i (the first stage holds the most).
+
+**Step time** (:func:`step_time`; only to *rank* layouts, the absolute value is rough):
+
+    per micro-batch, per stage   t = F·(4/3 for checkpointed blocks) / (tp·peak·mfu)
+                                     + TP all-reduces (Megatron's f/g: 4 per block, 6 with
+                                       recomputation, each 2(t−1)/t·e·sbh over NVLink)
+                                     + pipeline send/recv (2·e·sbh)
+    pipeline                     (m + p − 1) · max over stages of t   (= ideal / (1 − bubble))
+    + data parallel              stage 0: all-reduce of the gradients; 1: + all-gather of the
+                                 parameters; 2: a reduce-scatter per micro-batch + all-gather;
+                                 3: per micro-batch two all-gathers and a reduce-scatter
+                                 (~1.5× stage 2 at m = 1) — ring volumes (N−1)/N·bytes, over
+                                 NVLink within a node and the network across nodes
+    every collective or send also costs a fixed latency (Hockney's α; per bucket for data
+    parallelism, per unit for stage 3), which is what makes tiny models prefer plain dp
+    + offload                    PCIe (fp32 gradients down, masters up; stage-3 parameter
+                                 shards up at every gather) and the CPU Adam step, memory-bound
+                                 at 28 bytes per parameter over the node's share of host bandwidth
+
+with F = 6 × tokens × matmul parameters + 12 × tokens × s·h per attention (Kaplan et al.
+2020; Narayanan et al. 2021 eq. 3). No overlap of communication with compute is assumed, the
+same pessimism for every layout.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import nn
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+ADAM_BYTES = 12             # fp32 master + exp_avg + exp_avg_sq per parameter (ZeRO's K)
+STAGING_BYTES = 4           # offload from a GPU: pinned fp32 gradient buffer per element
+ATTENTION = ("fused", "eager")
+SCHEDULES = ("1f1b", "gpipe")
+
+# Megatron-LM's tensor-parallel layout, by parameter-name suffix (module-relative names).
+_COLUMN = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight",
+           "v_proj.bias", "up.weight", "up.bias")
+_ROW = ("out_proj.weight", "down.weight")
+_VOCAB = ("tok.weight", "shared.weight", "lm_head.weight", "decoder.weight", "decoder.bias")
+
+
+def tp_sharded(name: str, vocab_parallel: bool = True) -> bool:
+    """Whether tensor parallelism splits the parameter called ``name`` (see module doc)."""
+    return name.endswith(_COLUMN + _ROW + (_VOCAB if vocab_parallel else ()))
+
+
+# ------------------------------------------------------------------ the model
+@dataclass(frozen=True)
+class Params:
+    """A trainable-parameter count split by what tensor parallelism does to it."""
+
+    sharded: int = 0            # split over the tp ranks
+    replicated: int = 0         # held whole by every tp rank
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.replicated
+
+    def per_rank(self, tp: int) -> int:
+        """What one of ``tp`` ranks holds (uneven splits: the larger chunk)."""
+        return self.replicated + -(-self.sharded // tp)
+
+    def __add__(self, other: "Params") -> "Params":
+        return Params(self.sharded + other.sharded, self.replicated + other.replicated)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One transformer block as the activation and FLOP formulas see it."""
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    params: Params
+    matmul_params: int              # Linear weights a token goes through (MoE: top_k experts)
+    cross_attention: bool = False   # T5 decoder: a second attention over the encoder output
+    ffn_tokens: float = 1.0         # MoE: top_k · capacity_factor expert slots per token
+    moe: bool = False               # an MoE feed-forward (no tensor parallelism)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's parameters and shapes, from the module itself (``from_module``)."""
+
+    family: str
+    vocab_size: int
+    layers: tuple[LayerShape, ...]
+    embed: Params                   # first stage: embeddings (a tied output layer included)
+    head: Params                    # last stage: everything else outside the blocks (+ tied)
+    total: Params                   # unique trainable parameters (a tied weight once)
+    head_width: int                 # input width of the output layer
+    head_matmul_params: int         # Linear weights outside the blocks (output layer, heads)
+    dropout: float = 0.0
+    vocab_parallel: bool = False    # tp splits the embedding, output layer and loss (GPT)
+
+    @classmethod
+    def from_module(cls, model: nn.Module, family: str = "", dropout: float = 0.0,
+                    block_lists: Sequence[str] | None = None) -> "ModelSpec":
+        """Count ``model``'s trainable parameters (on any device, ``meta`` included); the
+        vocabulary is tensor-parallel for ``family="gpt"`` only."""
+        vocab_parallel = family == "gpt"
+        names: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                names.setdefault(id(p), []).append(name)
+                params[id(p)] = p
+        sharded = {i for i, ns in names.items()
+                   if any(tp_sharded(n, vocab_parallel) for n in ns)}
+        split = lambda ids: Params(  # noqa: E731
+            sum(params[i].numel() for i in ids if i in sharded),
+            sum(params[i].numel() for i in ids if i not in sharded))
+        blocks = _blocks(model, block_lists)
+        in_blocks: set[int] = set()
+        layers = []
+        for block in blocks:
+            ids = {id(p) for p in block.parameters() if id(p) in params}
+            in_blocks |= ids
+            layers.append(_layer_shape(block, split(ids)))
+        owners = {name: type(mod) for name, mod in model.named_modules()}
+        embed_ids, head_ids = set(), set()
+        for i in set(params) - in_blocks:
+            for n in names[i]:
+                owner = owners.get(n.rpartition(".")[0])
+                is_embedding = owner is not None and "Embedding" in owner.__name__
+                (embed_ids if is_embedding else head_ids).add(i)
+        block_ids = {id(b) for b in blocks}
+        prefixes = tuple(name + "." for name, mod in model.named_modules()
+                         if id(mod) in block_ids)
+        head_linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                        and not (name + ".").startswith(prefixes)]
+        head_width = max((m.in_features for m in head_linears), default=layers[-1].d_model
+                         if layers else 0)
+        vocab = max((m.out_features for m in head_linears), default=0)
+        return cls(family=family, vocab_size=vocab, layers=tuple(layers),
+                   embed=split(embed_ids), head=split(head_ids), total=split(set(params)),
+                   head_width=head_width,
+                   head_matmul_params=sum(m.weight.numel() for m in head_linears),
+                   dropout=dropout, vocab_parallel=vocab_parallel)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def stage_params(self, lo: int, hi: int, n_stages: int, stage: int) -> Params:
+        """Trainable parameters of pipeline stage ``stage`` holding blocks ``[lo, hi)``."""
+        if n_stages == 1:
+            return self.total
+        out = Params()
+        for layer in self.layers[lo:hi]:
+            out = out + layer.params
+        if stage == 0:
+            out = out + self.embed
+        if stage == n_stages - 1:
+            out = out + self.head
+        return out
+
+
+def _blocks(model: nn.Module, block_lists: Sequence[str] | None) -> list[nn.Module]:
+    paths = block_lists if block_lists is not None else getattr(type(model), "block_lists", None)
+    if not paths:
+        raise ValueError(f"{type(model).__name__}: no block_lists (the ModuleLists holding the "
+                         f"transformer blocks); pass block_lists")
+    out: list[nn.Module] = []
+    for path in paths:
+        out.extend(model.get_submodule(path))
+    return out
+
+
+def _layer_shape(block: nn.Module, params: Params) -> LayerShape:
+    attn = getattr(block, "attn", None)
+    ffn = getattr(block, "ffn", None)
+    if attn is None or ffn is None:
+        raise ValueError(f"{type(block).__name__}: the planner knows blocks with .attn "
+                         f"(q/k/v/out_proj) and .ffn (up/down or MoE experts)")
+    d_model = attn.q_proj.in_features
+    n_heads = attn.q_proj.out_features // attn.d_head
+    attn_mm = sum(m.weight.numel() for m in attn.modules() if isinstance(m, nn.Linear))
+    cross = getattr(block, "cross_attn", None)
+    if cross is not None:
+        attn_mm += sum(m.weight.numel() for m in cross.modules() if isinstance(m, nn.Linear))
+    if hasattr(ffn, "experts"):                          # models.moe.MoEFeedForward
+        expert = ffn.experts[0]
+        d_ff = expert.up.out_features
+        ffn_mm = ffn.top_k * (expert.up.weight.numel() + expert.down.weight.numel()) \
+            + ffn.router.weight.numel()
+        ffn_tokens = ffn.top_k * ffn.capacity_factor
+    else:
+        d_ff = ffn.up.out_features
+        ffn_mm = ffn.up.weight.numel() + ffn.down.weight.numel()
+        ffn_tokens = 1.0
+    return LayerShape(d_model=d_model, n_heads=n_heads, d_ff=d_ff, params=params,
+                      matmul_params=attn_mm + ffn_mm, cross_attention=cross is not None,
+                      ffn_tokens=ffn_tokens, moe=hasattr(ffn, "experts"))
+
+
+def partition(spec: ModelSpec, pp: int) -> list[tuple[int, int]]:
+    """Blocks ``[lo, hi)`` of each of ``pp`` stages: contiguous, at least one block each,
+    minimising the largest stage's parameter count (embeddings on the first stage, the head on
+    the last). Exact min-max by dynamic programming, O(pp · L²)."""
+    n = spec.n_layers
+    if not 1 <= pp <= n:
+        raise ValueError(f"pp={pp}: needs 1 <= pp <= n_layers ({n})")
+    if pp == 1:
+        return [(0, n)]
+    prefix = [0]
+    for layer in spec.layers:
+        prefix.append(prefix[-1] + layer.params.total)
+
+    def cost(stage: int, lo: int, hi: int) -> int:
+        extra = (spec.embed.total if stage == 0 else 0) + \
+            (spec.head.total if stage == pp - 1 else 0)
+        return prefix[hi] - prefix[lo] + extra
+
+    inf = float("inf")
+    # best[k][j]: min over splits of blocks [0, j) into k stages of the largest stage
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for k in range(1, pp + 1):
+        for j in range(k, n - (pp - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(k - 1, i, j))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    bounds, j = [], n
+    for k in range(pp, 0, -1):
+        i = cut[k][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+# ------------------------------------------------------------------ model states (ZeRO)
+@dataclass(frozen=True)
+class ModelStates:
+    """Model-state bytes of one GPU, as ``memory_report`` names them, and where they live."""
+
+    param: float
+    grad: float
+    optimizer: float            # fp32 master + moments (+ pinned staging when offloaded)
+    device: float
+    host: float
+
+    @property
+    def total(self) -> float:
+        return self.param + self.grad + self.optimizer
+
+
+def model_state_bytes(psi: int, stage: int, dp: int, param_dtype: str = "bf16",
+                      offload_optimizer: bool = False, offload_params: bool = False,
+                      gpu: bool = True) -> ModelStates:
+    """ZeRO's per-GPU model states (module doc). ``psi``: trainable parameters this GPU's
+    stage and tp slice hold; ``dp``: the ZeRO group size N; ``gpu``: a GPU run, whose
+    optimizer offload adds the pinned staging buffer (a CPU run has none)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    if offload_params and stage != 3:
+        raise ValueError("parameter offload needs ZeRO stage 3")
+    b = DTYPE_BYTES[param_dtype]
+    shards = 1 if stage == 0 else dp
+    param = psi * b / dp if stage == 3 else psi * b
+    grad = psi * b / dp if stage >= 2 else psi * b
+    optim = ADAM_BYTES * psi / shards
+    staging = STAGING_BYTES * psi / shards if offload_optimizer and gpu else 0.0
+    host = (optim + staging if offload_optimizer else 0.0) + (param if offload_params else 0.0)
+    total = param + grad + optim + staging
+    return ModelStates(param=param, grad=grad, optimizer=optim + staging,
+                       device=total - host, host=host)
+
+
+def transient_bytes(stage: int, params: Params, layers: Sequence[LayerShape], tp: int,
+                    param_dtype: str, bucket_mb: float = 25.0, inflight: int = 2) -> float:
+    """Device bytes the strategy holds for a moment, outside ``memory_report``: stage 2's
+    reduce buckets, stage 3's gathered units (root + two blocks) and reduce-scatter buffers."""
+    b = DTYPE_BYTES[param_dtype]
+    psi = params.per_rank(tp)
+    if stage == 2:
+        return min((inflight + 1) * bucket_mb * 2 ** 20, psi * b)
+    if stage == 3:
+        block = max((layer.params.per_rank(tp) for layer in layers), default=0)
+        root = psi - sum(layer.params.per_rank(tp) for layer in layers)
+        return b * (root + 2 * block + inflight * block)
+    return 0.0
+
+
+# ------------------------------------------------------------------ activations
+def layer_activation_bytes(layer: LayerShape, seq: int, micro_batch: int, act_bytes: int,
+                           tp: int = 1, sequence_parallel: bool = False,
+                           dropout: bool = False, attention: str = "fused") -> float:
+    """Bytes one block saves for backward for one micro-batch (Korthikanti et al. eq. 1-4,
+    itemised in the module doc)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    s, b, h, a, f, e = seq, micro_batch, layer.d_model, layer.n_heads, layer.d_ff, act_bytes
+    sbh, mask = s * b * h, (1 if dropout else 0)
+    ln_stats = 8 * s * b                                 # mean + rstd, fp32
+    sub_attention = 1 + int(layer.cross_attention)
+    replicated = sub_attention * ((2 * e + mask) * sbh + ln_stats) \
+        + (2 * e + mask) * sbh + ln_stats                # + the MLP's
+    sharded = sub_attention * 4 * e * sbh + 2 * e * s * b * f * layer.ffn_tokens
+    if attention == "eager":
+        scores = a * s * s * b * ((2 * e + 1) if dropout else e)
+    else:
+        scores = 4 * a * s * b                           # log-sum-exp, fp32
+    scores *= sub_attention
+    rep = replicated / tp if sequence_parallel else replicated
+    return rep + (sharded + scores) / tp
+
+
+def korthikanti_layer_bytes(seq: int, micro_batch: int, d_model: int, n_heads: int, tp: int = 1,
+                            sequence_parallel: bool = False) -> float:
+    """The paper's closed forms (16-bit activations, dropout, f = 4h, unfused attention):
+    eq. 1 ``sbh(34 + 5as/h)``, eq. 2 ``sbh(10 + 24/t + 5as/(ht))``, eq. 4 ``sbh/t·(34 +
+    5as/h)``."""
+    s, b, h, a, t = seq, micro_batch, d_model, n_heads, tp
+    if sequence_parallel:
+        return s * b * h / t * (34 + 5 * a * s / h)
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def checkpointed_layer_bytes(layer: LayerShape, seq: int, micro_batch: int, act_bytes: int,
+                             tp: int = 1, sequence_parallel: bool = False) -> float:
+    """What a checkpointed block keeps: its input (the paper's 2sbh in 16 bits)."""
+    kept = act_bytes * seq * micro_batch * layer.d_model
+    return kept / tp if sequence_parallel else kept
+
+
+def head_activation_bytes(spec: ModelSpec, seq: int, micro_batch: int, act_bytes: int,
+                          tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Last stage, per micro-batch: final-LN input and output-layer input (e·sbh each), LN
+    statistics, the loss's fp32 log-probabilities (4·sbV, /t when the vocabulary is
+    tensor-parallel), its row mask and label index."""
+    s, b, e = seq, micro_batch, act_bytes
+    rep = 2 * e * s * b * spec.head_width + 8 * s * b
+    rep = rep / tp if sequence_parallel else rep
+    vocab_tp = tp if spec.vocab_parallel else 1
+    return rep + 4 * s * b * spec.vocab_size / vocab_tp + 9 * s * b
+
+
+def embed_activation_bytes(spec: ModelSpec, seq: int, micro_batch: int,
+                           tp: int = 1, sequence_parallel: bool = False) -> float:
+    """First stage, per micro-batch: token and position ids (int64), the embedding dropout
+    mask."""
+    width = spec.layers[0].d_model if spec.layers else spec.head_width
+    mask = seq * micro_batch * width if spec.dropout > 0 else 0
+    return 8 * seq * (micro_batch + 1) + (mask / tp if sequence_parallel else mask)
+
+
+def in_flight(stage: int, pp: int, micro_batches: int, schedule: str = "1f1b") -> int:
+    """Micro-batches whose activations stage ``stage`` holds at once: GPipe all ``m``, 1F1B
+    at most ``pp − stage`` (Narayanan et al. 2021, sec. 2.2); without a pipeline one."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if pp == 1:
+        return 1
+    return micro_batches if schedule == "gpipe" else min(pp - stage, micro_batches)
+
+
+def stage_activation_bytes(spec: ModelSpec, lo: int, hi: int, stage: int, pp: int, *,
+                           seq: int, micro_batch: int, micro_batches: int, act_bytes: int,
+                           tp: int = 1, sequence_parallel: bool = False,
+                           recompute: bool = False, attention: str = "fused",
+                           schedule: str = "1f1b") -> float:
+    """Peak saved activations of one rank of pipeline stage ``stage`` (blocks ``[lo, hi)``)."""
+    args = dict(tp=tp, sequence_parallel=sequence_parallel)
+    full = [layer_activation_bytes(layer, seq, micro_batch, act_bytes, dropout=spec.dropout > 0,
+                                   attention=attention, **args) for layer in spec.layers[lo:hi]]
+    if recompute:
+        per_mb = sum(checkpointed_layer_bytes(layer, seq, micro_batch, act_bytes, **args)
+                     for layer in spec.layers[lo:hi])
+        once = max(full, default=0.0)       # the block being recomputed in backward
+    else:
+        per_mb, once = sum(full), 0.0
+    if stage == 0:
+        per_mb += embed_activation_bytes(spec, seq, micro_batch, **args)
+    if stage == pp - 1:
+        per_mb += head_activation_bytes(spec, seq, micro_batch, act_bytes, **args)
+    return in_flight(stage, pp, micro_batches, schedule) * per_mb + once
+
+
+def bubble_fraction(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a pipeline step, (p − 1)/(m + p − 1) (GPipe and 1F1B alike)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+# ------------------------------------------------------------------ step time
+@dataclass(frozen=True)
+class Hardware:
+    """What the step-time estimate assumes about the machines (defaults: H100 SXM nodes)."""
+
+    gpus_per_node: int = 8
+    peak_tflops: float = 989.0      # dense bf16/fp16 matmul peak per GPU (fp32 runs at half)
+    mfu: float = 0.5                # fraction of peak the matmuls reach
+    nvlink_gbs: float = 300.0       # per-GPU bus bandwidth of collectives within a node (GB/s)
+    network_gbs: float = 25.0       # per-GPU bandwidth across nodes (a 200 Gb/s NIC per GPU)
+    pcie_gbs: float = 25.0          # host <-> device per GPU
+    host_memory_gbs: float = 200.0  # host memory bandwidth of a node (CPU Adam is bound by it)
+    latency_us: float = 10.0        # fixed cost of one collective or send (Hockney's alpha)
+    bucket_mb: float = 25.0         # gradient bucket / reduce bucket (ZeroConfig.bucket_mb)
+
+    def __post_init__(self) -> None:
+        for key in ("gpus_per_node", "peak_tflops", "mfu", "nvlink_gbs", "network_gbs",
+                    "pcie_gbs", "host_memory_gbs", "latency_us", "bucket_mb"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"hardware.{key}: must be > 0, got {getattr(self, key)!r}")
+        if self.mfu > 1:
+            raise ValueError(f"hardware.mfu: must be <= 1, got {self.mfu!r}")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step, by term (see the module doc)."""
+
+    compute: float              # pipeline time of the matmuls (bubble and recompute included)
+    tp: float
+    pp: float
+    dp: float
+    offload: float
+    total: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "total",
+                           self.compute + self.tp + self.pp + self.dp + self.offload)
+
+
+def _ring(volume_factor: float, nbytes: float, gbs: float) -> float:
+    return volume_factor * nbytes / (gbs * 1e9)
+
+
+def step_time(spec: ModelSpec, bounds: Sequence[tuple[int, int]], *, dp: int, tp: int,
+              stage: int, offload_optimizer: bool, offload_params: bool, micro_batches: int,
+              micro_batch: int, seq: int, recompute: bool, param_dtype: str,
+              hw: Hardware) -> StepTime:
+    """Estimated step time of a layout (module doc); ``bounds`` from :func:`partition`."""
+    pp, m, e = len(bounds), micro_batches, DTYPE_BYTES[param_dtype]
+    alpha = hw.latency_us * 1e-6
+    tokens = seq * micro_batch
+    flops_per_s = tp * hw.peak_tflops * 1e12 * hw.mfu * (0.5 if param_dtype == "fp32" else 1.0)
+    comp, tpc = [], []
+    for i, (lo, hi) in enumerate(bounds):
+        blocks = sum(6 * tokens * layer.matmul_params
+                     + 12 * tokens * seq * layer.d_model * (1 + layer.cross_attention)
+                     for layer in spec.layers[lo:hi])
+        flops = blocks * (4 / 3 if recompute else 1.0)
+        if i == pp - 1:
+            flops += 6 * tokens * spec.head_matmul_params
+        comp.append(flops / flops_per_s)
+        reduces = sum((4 + 2 * recompute) * (1 + layer.cross_attention)
+                      for layer in spec.layers[lo:hi])
+        tpc.append(_ring(2 * (tp - 1) / tp, reduces * e * tokens * spec.layers[lo].d_model,
+                         hw.nvlink_gbs) + reduces * alpha if tp > 1 else 0.0)
+    slots = m + pp - 1
+    worst = max(range(pp), key=lambda i: comp[i] + tpc[i])
+    pp_bw = hw.nvlink_gbs if tp * pp <= hw.gpus_per_node else hw.network_gbs
+    pp_time = slots * 2 * (e * tokens * spec.head_width / (pp_bw * 1e9) + alpha) \
+        if pp > 1 else 0.0
+    world = dp * tp * pp
+    dp_bw = hw.nvlink_gbs if world <= hw.gpus_per_node else hw.network_gbs
+    dp_time, off_time = 0.0, 0.0
+    for i, (lo, hi) in enumerate(bounds):
+        psi = spec.stage_params(lo, hi, pp, i).per_rank(tp)
+        nbytes = psi * e
+        ring = (dp - 1) / dp
+        volume = {0: 2, 1: 3, 2: m + 1, 3: 3 * m}[stage] * ring if dp > 1 else 0.0
+        buckets = max(1, math.ceil(nbytes / (hw.bucket_mb * 2 ** 20)))
+        calls = {0: buckets, 1: 2 * buckets, 2: (m + 1) * buckets,
+                 3: 3 * m * (hi - lo + 1)}[stage] if dp > 1 else 0
+        dp_time = max(dp_time, _ring(volume, nbytes, dp_bw) + calls * alpha)
+        shards = 1 if stage == 0 else dp
+        t_off = 0.0
+        if offload_optimizer:
+            t_off += 8 * psi / shards / (hw.pcie_gbs * 1e9)
+            t_off += 28 * psi / shards / (hw.host_memory_gbs * 1e9 / hw.gpus_per_node)
+        if offload_params:
+            t_off += 2 * m * nbytes / dp / (hw.pcie_gbs * 1e9)
+        off_time = max(off_time, t_off)
+    return StepTime(compute=slots * comp[worst], tp=slots * tpc[worst], pp=pp_time,
+                    dp=dp_time, offload=off_time)
+
+
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
+_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def memory_bytes(text: str) -> int:
+    """``"80GB"`` (10⁹ bytes a GB), ``"80GiB"`` (2³⁰), ``"512MB"``, ``"1.5TB"``,
+    ``"85899345920"`` (bytes) → bytes; anything else is a ValueError saying what is wrong."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"memory size {text!r}: expected a number and a unit such as '80GB', "
+                         f"'80GiB', '512MB', or plain bytes")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit.lower() not in _UNITS:
+        raise ValueError(f"memory size {text!r}: unknown unit {unit!r}; use B, KB, MB, GB, TB "
+                         f"(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
+    nbytes = value * _UNITS[unit.lower()]
+    if not math.isfinite(nbytes) or nbytes < 1:
+        raise ValueError(f"memory size {text!r}: must be a finite size of at least one byte")
+    return int(nbytes)
+
+
+def human_seconds(t: float) -> str:
+    """Seconds as s / ms / µs with 3 significant digits."""
+    for unit, size in (("s", 1.0), ("ms", 1e-3)):
+        if t >= size:
+            return f"{t / size:.3g} {unit}"
+    return f"{t / 1e-6:.3g} µs"
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as GiB / MiB / KiB with 3 significant digits (what nvidia-smi calls GB)."""
+    for unit, size in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            v = n / size
+            return f"{v:.0f} {unit}" if abs(v) >= 100 else f"{v:.3g} {unit}"
+    return f"{int(n)} B"

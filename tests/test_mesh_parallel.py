@@ -1,0 +1,295 @@
+"""dp × tp × pp (actors/mesh_parallel.py) against single-process training of the same GPT.
+
+For each mesh the issue names — (tp=2), (pp=2, GPipe and 1F1B), (dp=2, tp=2), (dp=2, pp=2),
+(tp=2, pp=2) and (dp=2, tp=2, pp=2 with ZeRO-1) — 10 optimizer steps on the tiny corpus give the
+same losses and the same final weights (gathered into the full model's state dict) as the
+SingleProcess trainer on the same global batches.
+
+The model is chosen to exercise the awkward cases: tied embeddings (split over TP as a
+vocabulary-parallel matrix, and a copy on each end of the pipeline), d_ff = 63 (uneven TP
+slices), a frozen positional embedding, 2 heads (one per TP rank), 2 layers (one per stage).
+
+Tolerance (fp32): the parallel runs sum the same terms in another order — TP splits the matmul
+reductions and the softmax normaliser, the pipeline accumulates micro-batch gradients in
+schedule order, dp sums over replicas, and the clipping norm is summed from slices — so
+results differ by rounding only: losses rtol 1e-5 / atol 1e-6, weights rtol 1e-5 / atol 1e-5
+after 10 AdamW steps (as tests/test_zero.py).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from actors.mesh_parallel import MeshParallel, MeshParallelConfig
+from actors.strategies import strategy_from_dict
+from actors.train_config import TrainConfig
+from actors.trainer import Trainer, seed_everything
+from models.config import ModelConfig
+from models.data import BlockStream
+from models.objectives import CausalLM
+from models.registry import build_model
+from models.typed_config import ConfigError
+
+from tests.tiny_corpus import BLOCK, build_pack
+
+torch.set_num_threads(1)
+
+LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
+STEPS = 10
+CFG = TrainConfig(max_steps=STEPS, micro_batches=2, lr=3e-3, warmup_steps=2, grad_clip=0.5,
+                  device="cpu", echo=False)
+
+# (workers, strategy options): the meshes of the issue, dp = workers / (tp * pp)
+MESHES = [
+    (2, dict(tp=2)),
+    (2, dict(pp=2, schedule="gpipe")),
+    (2, dict(pp=2, schedule="1f1b")),
+    (4, dict(tp=2)),
+    (4, dict(pp=2)),
+    (4, dict(tp=2, pp=2)),
+    (4, dict(tp=2, zero_stage=2)),
+    (8, dict(tp=2, pp=2, zero_stage=1)),
+    (8, dict(tp=2, pp=2, zero_stage=0, sequence_parallel=True)),
+]
+
+
+def mesh_id(case) -> str:
+    n, o = case
+    dp = n // (o.get("tp", 1) * o.get("pp", 1))
+    parts = [f"{k}{v}" for k, v in (("dp", dp), ("tp", o.get("tp", 1)), ("pp", o.get("pp", 1)))
+             if v > 1]
+    extra = [o["schedule"]] if "schedule" in o else []
+    extra += [f"zero{o['zero_stage']}"] if "zero_stage" in o else []
+    extra += ["sp"] if o.get("sequence_parallel") else []
+    return "-".join(parts + extra)
+
+
+def build(vocab: int) -> nn.Module:
+    model = build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=32, n_heads=2,
+                                    n_layers=2, d_ff=63, max_seq_len=32, dropout=0.0))
+    model.embed.pos.weight.requires_grad_(False)
+    return model
+
+
+def make_trainer(pack, cfg, strategy=None, rank=0, world=1) -> Trainer:
+    path, vocab = pack
+    seed_everything(0)
+    stream = BlockStream(path, BLOCK, 8, rank, world, seed=0)
+    return Trainer(build(vocab), CausalLM(), stream, cfg, strategy=strategy, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    return build_pack(tmp_path_factory.mktemp("mesh_pack"), eval_blocks=14)
+
+
+@pytest.fixture(scope="module")
+def reference(pack):
+    trainer = make_trainer(pack, CFG)
+    result = trainer.fit()
+    return result, {k: v.detach().clone() for k, v in trainer.strategy.module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def gang_of(ray_session):
+    """One gang at a time (8 logical CPUs: a gang of 8 leaves no room for another)."""
+    from cluster.gang import ScalingConfig, WorkerGroup
+
+    current: dict = {}
+
+    def get(n: int):
+        if n not in current:
+            for group in current.values():
+                group.shutdown()
+            current.clear()
+            current[n] = WorkerGroup(ScalingConfig(num_workers=n)).start()
+        return current[n]
+
+    yield get
+    for group in current.values():
+        group.shutdown()
+
+
+# ---------------------------------------------------------------- worker functions
+
+def _fit(pack, cfg, options):
+    strategy = MeshParallel(**options)
+    rank, world = strategy.data_shard(dist.get_rank(), dist.get_world_size())
+    trainer = make_trainer(pack, cfg, strategy, rank, world)
+    result = trainer.fit()
+    state = trainer.strategy.state_dict()          # a collective: every rank calls it
+    return {"losses": result.losses,
+            "weights": {k: v.detach().float().clone() for k, v in state["model"].items()},
+            "memory": trainer.strategy.memory_report()}
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("case", MESHES, ids=[mesh_id(c) for c in MESHES])
+def test_mesh_matches_single_process(pack, reference, gang_of, case):
+    workers, options = case
+    ref_result, ref_weights = reference
+    outs = gang_of(workers).execute(_fit, pack, CFG, options)
+    steps = sorted(ref_result.losses)
+    assert len(steps) == STEPS
+    exp = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
+    for rank, out in enumerate(outs):
+        got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
+        torch.testing.assert_close(got, exp, **LOSS_TOL, msg=f"rank {rank} losses")
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(outs[0]["weights"][name], tensor.float(), **WEIGHT_TOL,
+                                   msg=name)
+    mesh = outs[-1]["memory"]["mesh"]
+    assert mesh["dp"] * mesh["tp"] * mesh["pp"] == workers
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="strategy.tp"):
+        MeshParallelConfig(tp=0)
+    with pytest.raises(ConfigError, match="zero_stage"):
+        MeshParallelConfig(pp=2, zero_stage=2)
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        MeshParallelConfig(sequence_parallel=True)
+    with pytest.raises(ConfigError, match="schedule"):
+        MeshParallelConfig(pp=2, schedule="zigzag")
+    with pytest.raises(ConfigError, match="strategy"):
+        strategy_from_dict({"kind": "mesh", "tp": 2, "stages": 2})
+    spec = strategy_from_dict({"kind": "mesh", "tp": 2, "pp": 2})
+    assert spec.model_parallel_size() == 4
+
+
+# ---------------------------------------------------------------- checkpoints across meshes
+
+def _save_mesh(pack, options, root):
+    strategy = MeshParallel(**options)
+    rank, world = strategy.data_shard(dist.get_rank(), dist.get_world_size())
+    trainer = make_trainer(pack, CFG, strategy, rank, world)
+    losses = trainer.fit(until=5).losses
+    return {"losses": losses, "path": trainer.save(root)}      # a collective
+
+
+def _resume_mesh(pack, options, path):
+    strategy = MeshParallel(**options)
+    rank, world = strategy.data_shard(dist.get_rank(), dist.get_world_size())
+    torch.manual_seed(99)          # the restore must overwrite everything
+    trainer = make_trainer(pack, CFG, strategy, rank, world)
+    trainer.restore(path)
+    result = trainer.fit()
+    state = trainer.strategy.state_dict()
+    return {"losses": result.losses,
+            "weights": {k: v.detach().float().clone() for k, v in state["model"].items()}}
+
+
+def assert_continues(out, reference, steps):
+    ref_result, ref_weights = reference
+    got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
+    exp = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
+    torch.testing.assert_close(got, exp, **LOSS_TOL)
+    for name, tensor in ref_weights.items():
+        torch.testing.assert_close(out["weights"][name], tensor.float(), **WEIGHT_TOL, msg=name)
+
+
+def test_checkpoints_move_between_meshes_and_single_process(pack, reference, gang_of, tmp_path):
+    """Saved at step 5 on (dp=2, tp=2, pp=2), resumed on (dp=4, tp=2) and by a single process;
+    and a single-process checkpoint resumed on (dp=2, tp=2, pp=2): each continues exactly
+    as the uninterrupted single-process run."""
+    gang = gang_of(8)
+    saved = gang.execute(_save_mesh, pack, dict(tp=2, pp=2), str(tmp_path / "mesh"))
+    path = saved[0]["path"]
+    later = range(6, STEPS + 1)
+    for rank_out in gang.execute(_resume_mesh, pack, dict(tp=2), path)[:1]:
+        assert_continues(rank_out, reference, later)
+    single = make_trainer(pack, CFG)
+    single.restore(path)
+    result = single.fit()
+    assert_continues({"losses": result.losses,
+                      "weights": {k: v.detach().float() for k, v in
+                                  single.strategy.module.state_dict().items()}}, reference, later)
+
+    first = make_trainer(pack, CFG)
+    first.fit(until=5)
+    single_path = first.save(str(tmp_path / "single"))
+    outs = gang.execute(_resume_mesh, pack, dict(tp=2, pp=2, schedule="gpipe"), single_path)
+    assert_continues(outs[0], reference, later)
+    assert_continues(outs[-1], reference, later)
+
+
+def test_checkpoint_of_another_model_is_refused(pack, gang_of, tmp_path):
+    other = build_model(ModelConfig(family="gpt", vocab_size=pack[1], d_model=16, n_heads=2,
+                                    n_layers=2, d_ff=63, max_seq_len=32, dropout=0.0))
+    from actors import checkpoint as ckpt
+    trainer = make_trainer(pack, CFG)
+    trainer.strategy.module.load_state_dict  # the single-process trainer writes the file
+    state = trainer.state_dict()
+    state["model"] = other.state_dict()
+    path = ckpt.save_checkpoint(str(tmp_path / "other"), 1, state)
+    errors = gang_of(8).execute(_resume_error, pack, dict(tp=2, pp=2), path)
+    assert all("does not fit the model" in e and "embed.tok.weight" in e for e in errors), errors
+
+
+def _resume_error(pack, options, path):
+    strategy = MeshParallel(**options)
+    rank, world = strategy.data_shard(dist.get_rank(), dist.get_world_size())
+    trainer = make_trainer(pack, CFG, strategy, rank, world)
+    try:
+        trainer.restore(path)
+    except Exception as exc:        # noqa: BLE001 - the message is what the test checks
+        return str(exc)
+    return "loaded"
+
+
+# ---------------------------------------------------------------- mixed precision, recompute
+
+def _fit_low_precision(pack, options, checkpointing):
+    from actors.activation_checkpointing import apply_activation_checkpointing
+    strategy = MeshParallel(**options)
+    rank, world = strategy.data_shard(dist.get_rank(), dist.get_world_size())
+    trainer = make_trainer(pack, CFG, strategy, rank, world) if not checkpointing else None
+    if checkpointing:
+        path, vocab = pack
+        seed_everything(0)
+        model = build(vocab)
+        apply_activation_checkpointing(model, "all")
+        stream = BlockStream(path, BLOCK, 8, rank, world, seed=0)
+        trainer = Trainer(model, CausalLM(), stream, CFG, strategy=strategy, seed=0)
+    result = trainer.fit()
+    return {"losses": result.losses,
+            "scale": getattr(trainer.strategy.scaler, "scale_value", None)}
+
+
+def low_precision_reference(pack, dtype):
+    """Single process, the same mixed precision (fp32 master, ``dtype`` compute copy, the
+    dynamic loss scaler for fp16) and activation checkpointing: ZeRO-0 on one rank."""
+    from actors.activation_checkpointing import apply_activation_checkpointing
+    from actors.zero import Zero
+    path, vocab = pack
+    seed_everything(0)
+    model = build(vocab)
+    apply_activation_checkpointing(model, "all")
+    stream = BlockStream(path, BLOCK, 8, 0, 1, seed=0)
+    trainer = Trainer(model, CausalLM(), stream, CFG, strategy=Zero(stage=0, param_dtype=dtype),
+                      seed=0)
+    return trainer.fit(), trainer.strategy.scaler
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_and_checkpointing_compose(pack, gang_of, dtype):
+    """(dp=2, tp=2, pp=2, ZeRO-1) with {dtype} compute, fp32 masters, activation checkpointing on
+    every block: the same losses as one process with the same precision. Tolerance: the 16-bit
+    products are rounded in another order (TP splits them), so per-step losses agree to
+    rtol 2e-2 — about 2^-7 (bf16's epsilon) times a few roundings; a missing loss-scale
+    division, a gradient counted twice or a skipped dp reduction moves them far more."""
+    options = dict(tp=2, pp=2, zero_stage=1, param_dtype=dtype)
+    outs = gang_of(8).execute(_fit_low_precision, pack, options, True)
+    ref, scaler = low_precision_reference(pack, dtype)
+    steps = sorted(ref.losses)
+    exp = torch.tensor([ref.losses[s] for s in steps], dtype=torch.float64)
+    for out in outs:
+        got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
+        torch.testing.assert_close(got, exp, rtol=2e-2, atol=0.0)
+    assert exp[-1] < exp[0] - 0.3                       # it trains
+    if dtype == "fp16":
+        assert {out["scale"] for out in outs} == {scaler.scale_value}
