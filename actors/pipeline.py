@@ -418,8 +418,14 @@ class PipelineEngine:
         return results
 
     def _shape(self, batch: dict[str, Any]) -> tuple[int, int, int]:
+        """[b, T, d_model] of the activations between stages; with sequence parallelism
+        (actors/tensor_parallel.py) each TP rank passes on its T / tp shard of the sequence."""
         ids = batch["input_ids"]
-        return ids.size(0), ids.size(1), self.module.config.d_model
+        t = ids.size(1)
+        info = getattr(self.module, "tensor_parallel", None)
+        if info is not None and info.sequence_parallel:
+            t //= info.tp_size
+        return ids.size(0), t, self.module.config.d_model
 
     def _compute(self, fn: Callable[[], Any]) -> Any:
         t0, c0 = time.perf_counter(), time.thread_time()

