@@ -215,8 +215,10 @@ class DataParallel(Strategy):
     def _grad_ready(self, p: torch.Tensor) -> None:
         """post-accumulate-grad hook: the gradient of ``p`` for this backward is complete."""
         bucket, j = self._slot[id(p)]
-        bucket.allocate()               # no-op unless the buffer is transient (ZeRO-2)
-        if p.grad is None or p.grad.data_ptr() != bucket.buffer.data_ptr() + \
+        if bucket.buffer is None:
+            bucket.allocate()           # a transient buffer (ZeRO-2)
+        grad = p.grad
+        if grad is None or grad.data_ptr() != bucket.buffer.data_ptr() + \
                 bucket.offsets[j] * bucket.buffer.element_size():
             # someone replaced .grad (e.g. zero_grad(set_to_none)): fold it back into the bucket
             view = bucket.view(j)

@@ -184,7 +184,10 @@ class Strategy(ABC):
         on its way to a peer or a server when ``fit`` returns). A no-op where all is waited."""
 
     def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
+        """Switch train/eval mode; the loop calls it every step, so the walk over every
+        submodule happens only when the mode changes."""
+        if self.model.training != mode:
+            self.model.train(mode)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.module.parameters()

@@ -130,10 +130,14 @@ def token_ce_sum(out: Any, batch: dict[str, Any], objective: Any = None) -> tupl
 # ---------------------------------------------------------------- the loop
 
 class _GlobalCount:
-    """The step's target-token count summed over ranks, waited for on first use."""
+    """The step's target-token count summed over ranks, waited for on first use (or already
+    known: the previous step's loss reduction carried it, see ``Trainer.train_step``)."""
 
-    def __init__(self, pending: Callable[[], list[float]], step: int) -> None:
+    def __init__(self, pending: Callable[[], list[float]] | None, step: int,
+                 value: float | None = None) -> None:
         self._pending, self._step, self._value = pending, step, None
+        if value is not None:
+            self._pending = lambda: [value]
 
     def __call__(self) -> float:
         if self._value is None:
@@ -151,6 +155,21 @@ class _LazyWeight:
 
     def __float__(self) -> float:
         return self.count / self.total()
+
+
+@dataclass
+class _NextStep:
+    """A step's batch read ahead during the previous step, so that its global target count
+    travels in the previous step's loss all-reduce (one small collective per step, not two).
+    ``data_state``: the stream's position before these blocks were read — what a checkpoint
+    taken now must record, since the step has not run."""
+
+    step: int
+    blocks: torch.Tensor
+    data_state: Any
+    batches: list[dict[str, Any]] | None = None
+    counts: list[int] | None = None
+    total: float | None = None
 
 
 @dataclass
@@ -199,6 +218,7 @@ class Trainer:
         self.elapsed = 0.0            # seconds spent in train steps, all sessions of the run
         self.last_checkpoint: str | None = None
         self._log_time, self._log_tokens = 0.0, 0      # train-step seconds / tokens since last log
+        self._next: _NextStep | None = None             # the next step's batch, read ahead
 
     # ------------------------------------------------------------ one step
     def _generator(self, step: int, micro: int, domain: int = _TRAIN) -> torch.Generator:
@@ -220,15 +240,24 @@ class Trainer:
         collective: two small all-reduces per step, not three)."""
         return self.accumulate_async(batches, input_tokens)()
 
-    def accumulate_async(self, batches: list[dict[str, Any]], input_tokens: int = 0
+    def accumulate_async(self, batches: list[dict[str, Any]], input_tokens: int = 0,
+                         counts: list[int] | None = None, total: float | None = None,
+                         read_ahead: Callable[[], _NextStep | None] | None = None
                          ) -> Callable[[], dict[str, float]]:
         """``accumulate``, but the reduction of the step's losses is only started: the returned
         callable waits for it. ``train_step`` calls it after ``clip_and_step``, so the loss
-        all-reduce travels with the gradient all-reduces instead of adding a round trip."""
-        counts = [count_targets(b, self.objective) for b in batches]
-        # The global target count is all-reduced while the first micro-batch runs forward:
-        # the lazy weights resolve it only when backward needs them.
-        total_of = _GlobalCount(self.strategy.all_reduce_sum_async([sum(counts)]), self.step)
+        all-reduce travels with the gradient all-reduces instead of adding a round trip.
+
+        ``total``: the global target count when it is already known (read ahead); else it is
+        all-reduced while the first micro-batch runs forward (the lazy weights resolve it only
+        when backward needs it). ``read_ahead()``, called after the backward passes, reads the
+        next step's batch; its target count joins this step's loss all-reduce."""
+        counts = counts if counts is not None else [count_targets(b, self.objective)
+                                                    for b in batches]
+        if total is not None:
+            total_of = _GlobalCount(None, self.step, total)
+        else:
+            total_of = _GlobalCount(self.strategy.all_reduce_sum_async([sum(counts)]), self.step)
         self.strategy.train(True)
         results = self.strategy.run_micro_batches(
             batches, [_LazyWeight(c, total_of) for c in counts])
@@ -244,11 +273,15 @@ class Trainer:
         local = [float((wt * losses).sum()), float((wt * auxes).sum()), float(input_tokens)]
         local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
                   for k in keys]
-        pending = self.strategy.all_reduce_sum_async(local)
+        nxt = read_ahead() if read_ahead is not None else None
+        ahead = nxt is not None and nxt.counts is not None
+        pending = self.strategy.all_reduce_sum_async(local + ([sum(nxt.counts)] if ahead else []))
         has_aux = any(r.aux_loss is not None for r in results)
 
         def finish() -> dict[str, float]:
             reduced = pending()
+            if ahead:
+                nxt.total = reduced.pop()
             out = {"loss": reduced[0], "target_tokens": int(total),
                    "input_tokens": int(reduced[2])}
             if has_aux:
@@ -257,12 +290,44 @@ class Trainer:
             return out
         return finish
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics row (also logged every ``log_every``)."""
+    def _read_ahead(self) -> _NextStep | None:
+        """Read the next step's blocks and build its micro-batches now (no collective: the
+        objective's generators are seeded by step). None when the data is exhausted; a batch
+        the objective rejects is kept and fails when its step runs, as it would have."""
+        state = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        try:
+            blocks = next(self._data_iter)
+        except StopIteration:
+            return None
+        nxt = _NextStep(self.step + 1, blocks, state)
+        try:
+            nxt.batches = self.micro_batches(blocks, nxt.step)
+            nxt.counts = [count_targets(b, self.objective) for b in nxt.batches]
+        except Exception:       # noqa: BLE001 - re-raised when the step runs
+            nxt.batches = nxt.counts = None
+        self._next = nxt
+        return nxt
+
+    def train_step(self, read_ahead: bool = False) -> dict[str, Any]:
+        """One optimizer step; returns its metrics row (also logged every ``log_every``).
+
+        With ``read_ahead`` (``fit`` sets it when another step follows) the next step's batch
+        is read during this one and its global target count rides in this step's loss
+        all-reduce, so a step costs one small collective besides the gradients' (torch DDP's
+        loop has none; ours reports the global loss)."""
         t0 = time.perf_counter()
-        blocks = next(self._data_iter)
+        nxt, self._next = self._next, None
+        if nxt is not None and nxt.step == self.step:
+            blocks = nxt.blocks
+            batches = nxt.batches if nxt.batches is not None else \
+                self.micro_batches(blocks, self.step)      # raises what read-ahead caught
+            counts, total = nxt.counts, nxt.total
+        else:
+            blocks = next(self._data_iter)
+            batches, counts, total = self.micro_batches(blocks, self.step), None, None
         lr = self.scheduler.get_last_lr()[0]
-        finish = self.accumulate_async(self.micro_batches(blocks, self.step), blocks.numel())
+        finish = self.accumulate_async(batches, blocks.numel(), counts, total,
+                                       self._read_ahead if read_ahead else None)
         grad_norm = float(self.strategy.clip_and_step(self.cfg.grad_clip))
         stats = finish()
         self.scheduler.step()
@@ -315,8 +380,11 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         state = self.strategy.state_dict()
-        state.update(scheduler=self.scheduler.state_dict(), rng=capture_rng(),
-                     data=self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+        if self._next is not None:          # the read-ahead batch belongs to the next step
+            data = self._next.data_state
+        else:
+            data = self.data.state_dict() if hasattr(self.data, "state_dict") else None
+        state.update(scheduler=self.scheduler.state_dict(), rng=capture_rng(), data=data,
                      loop={"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed})
         return state
 
@@ -381,6 +449,7 @@ class Trainer:
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])
+        self._next = None
         if state.get("data") is not None and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
         loop = state["loop"]
@@ -409,7 +478,7 @@ class Trainer:
         losses: dict[int, float] = {}
         last_eval, saved_at = None, None
         while self.step < until:
-            row = self.train_step()
+            row = self.train_step(read_ahead=self.step + 1 < until)
             losses[self.step] = row["loss"]
             if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 last_eval = self.evaluate()
