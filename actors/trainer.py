@@ -133,11 +133,8 @@ class _GlobalCount:
     """The step's target-token count summed over ranks, waited for on first use (or already
     known: the previous step's loss reduction carried it, see ``Trainer.train_step``)."""
 
-    def __init__(self, pending: Callable[[], list[float]] | None, step: int,
-                 value: float | None = None) -> None:
+    def __init__(self, pending: Callable[[], list[float]], step: int) -> None:
         self._pending, self._step, self._value = pending, step, None
-        if value is not None:
-            self._pending = lambda: [value]
 
     def __call__(self) -> float:
         if self._value is None:
@@ -169,7 +166,7 @@ class _NextStep:
     data_state: Any
     batches: list[dict[str, Any]] | None = None
     counts: list[int] | None = None
-    total: float | None = None
+    total: Callable[[], float] | None = None     # waits for the previous step's reduction
 
 
 @dataclass
@@ -241,21 +238,23 @@ class Trainer:
         return self.accumulate_async(batches, input_tokens)()
 
     def accumulate_async(self, batches: list[dict[str, Any]], input_tokens: int = 0,
-                         counts: list[int] | None = None, total: float | None = None,
+                         counts: list[int] | None = None,
+                         total: Callable[[], float] | None = None,
                          read_ahead: Callable[[], _NextStep | None] | None = None
                          ) -> Callable[[], dict[str, float]]:
         """``accumulate``, but the reduction of the step's losses is only started: the returned
         callable waits for it. ``train_step`` calls it after ``clip_and_step``, so the loss
         all-reduce travels with the gradient all-reduces instead of adding a round trip.
 
-        ``total``: the global target count when it is already known (read ahead); else it is
-        all-reduced while the first micro-batch runs forward (the lazy weights resolve it only
-        when backward needs it). ``read_ahead()``, called after the backward passes, reads the
-        next step's batch; its target count joins this step's loss all-reduce."""
+        ``total()``: the global target count when it is already on its way (read ahead, it
+        rides in the previous step's loss all-reduce); else it is all-reduced while the first
+        micro-batch runs forward. Either way the lazy weights wait for it only when backward
+        needs it. ``read_ahead()``, called after the backward passes, reads the next step's
+        batch; its target count joins this step's loss all-reduce."""
         counts = counts if counts is not None else [count_targets(b, self.objective)
                                                     for b in batches]
         if total is not None:
-            total_of = _GlobalCount(None, self.step, total)
+            total_of = _GlobalCount(lambda: [total()], self.step)
         else:
             total_of = _GlobalCount(self.strategy.all_reduce_sum_async([sum(counts)]), self.step)
         self.strategy.train(True)
@@ -276,17 +275,23 @@ class Trainer:
         nxt = read_ahead() if read_ahead is not None else None
         ahead = nxt is not None and nxt.counts is not None
         pending = self.strategy.all_reduce_sum_async(local + ([sum(nxt.counts)] if ahead else []))
+        done: list[list[float]] = []
+
+        def reduced() -> list[float]:
+            if not done:
+                done.append(pending())
+            return done[0]
+        if ahead:
+            nxt.total = lambda: reduced()[-1]
         has_aux = any(r.aux_loss is not None for r in results)
 
         def finish() -> dict[str, float]:
-            reduced = pending()
-            if ahead:
-                nxt.total = reduced.pop()
-            out = {"loss": reduced[0], "target_tokens": int(total),
-                   "input_tokens": int(reduced[2])}
+            reduced_ = reduced()[:-1] if ahead else reduced()
+            out = {"loss": reduced_[0], "target_tokens": int(total),
+                   "input_tokens": int(reduced_[2])}
             if has_aux:
-                out["aux_loss"] = reduced[1]
-            out.update(zip(keys, reduced[3:]))
+                out["aux_loss"] = reduced_[1]
+            out.update(zip(keys, reduced_[3:]))
             return out
         return finish
 
@@ -313,8 +318,15 @@ class Trainer:
 
         With ``read_ahead`` (``fit`` sets it when another step follows) the next step's batch
         is read during this one and its global target count rides in this step's loss
-        all-reduce, so a step costs one small collective besides the gradients' (torch DDP's
-        loop has none; ours reports the global loss)."""
+        all-reduce, so a step costs one small collective besides the gradients'."""
+        return self._start_step(read_ahead)()
+
+    def _start_step(self, read_ahead: bool) -> Callable[[], dict[str, Any]]:
+        """Run one optimizer step; return the callable that waits for the step's loss
+        all-reduce and makes (and logs) its row. ``fit`` calls it only after the next step
+        has started, so waiting for the loss never holds a rank at the end of a step: like
+        torch DDP's loop, the ranks meet only in the gradient reductions (the loss reduction
+        is long done by then, and the next step's count rode in it)."""
         t0 = time.perf_counter()
         nxt, self._next = self._next, None
         if nxt is not None and nxt.step == self.step:
@@ -328,25 +340,29 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         finish = self.accumulate_async(batches, blocks.numel(), counts, total,
                                        self._read_ahead if read_ahead else None)
-        grad_norm = float(self.strategy.clip_and_step(self.cfg.grad_clip))
-        stats = finish()
+        grad_norm = self.strategy.clip_and_step(self.cfg.grad_clip)
         self.scheduler.step()
         self.step += 1
-        step_tokens = stats.pop("input_tokens")
-        self.tokens += step_tokens
-        self._log_tokens += step_tokens
+        step = self.step
         dt = time.perf_counter() - t0
-        self.elapsed += dt
-        self._log_time += dt
-        row = {"step": self.step, "loss": stats.pop("loss"), "lr": lr, "grad_norm": grad_norm,
-               "tokens": self.tokens, **stats}
-        if self.step % self.cfg.log_every == 0:
-            row["tokens_per_s"] = self._log_tokens / max(self._log_time, 1e-9)
-            row["elapsed_s"] = self.elapsed
-            self._log_time, self._log_tokens = 0.0, 0
-            if self.strategy.is_main:
-                self.metrics.log({"split": "train", **row})
-        return row
+
+        def complete() -> dict[str, Any]:
+            stats = finish()
+            step_tokens = stats.pop("input_tokens")
+            self.tokens += step_tokens
+            self._log_tokens += step_tokens
+            self.elapsed += dt
+            self._log_time += dt
+            row = {"step": step, "loss": stats.pop("loss"), "lr": lr,
+                   "grad_norm": float(grad_norm), "tokens": self.tokens, **stats}
+            if step % self.cfg.log_every == 0:
+                row["tokens_per_s"] = self._log_tokens / max(self._log_time, 1e-9)
+                row["elapsed_s"] = self.elapsed
+                self._log_time, self._log_tokens = 0.0, 0
+                if self.strategy.is_main:
+                    self.metrics.log({"split": "train", **row})
+            return row
+        return complete
 
     # ------------------------------------------------------------ eval
     def _eval_iterable(self) -> Iterable[torch.Tensor]:
@@ -477,14 +493,30 @@ class Trainer:
         first_row = len(self.metrics.rows)
         losses: dict[int, float] = {}
         last_eval, saved_at = None, None
+        pending: Callable[[], dict[str, Any]] | None = None
+
+        def complete_pending() -> None:
+            nonlocal pending
+            if pending is not None:
+                row = pending()
+                losses[row["step"]] = row["loss"]
+                pending = None
+
         while self.step < until:
-            row = self.train_step(read_ahead=self.step + 1 < until)
-            losses[self.step] = row["loss"]
-            if self.eval_data is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+            started = self._start_step(read_ahead=self.step + 1 < until)
+            complete_pending()          # the previous step's row: its reduction is done
+            pending = started
+            evals = self.eval_data is not None and self.cfg.eval_every and \
+                self.step % self.cfg.eval_every == 0
+            saves = cc.dir and cc.every and self.step % cc.every == 0
+            if evals or saves:
+                complete_pending()      # rows in step order, counters final for the checkpoint
+            if evals:
                 last_eval = self.evaluate()
-            if cc.dir and cc.every and self.step % cc.every == 0:
+            if saves:
                 self.save()
                 saved_at = self.step
+        complete_pending()
         if self.eval_data is not None and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self.evaluate()
         if cc.dir and saved_at != self.step and (losses or resumed is None):

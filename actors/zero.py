@@ -9,7 +9,18 @@ exp_avg_sq) and Ψ trainable parameters, the model-state bytes per rank are
     stage 1   2Ψ + 2Ψ + 12Ψ/N        = 4Ψ + 12Ψ/N    (optimizer state sharded)
     stage 2   2Ψ + 2Ψ/N + 12Ψ/N      = 2Ψ + 14Ψ/N    (gradients sharded too)
 
-(params + grads + optimizer; with ``param_dtype: fp32`` the 2s become 4s.)
+(params + grads + optimizer). With ``param_dtype: fp32`` and the optimizer on the device
+(``offload_optimizer: none``) the fp32 master would be a second copy of the parameters, so it
+is not kept (see "Aliased fp32 masters" below; DeepSpeed 0.19's stage 1/2 optimizer still
+clones its fp32 partition when the model is fp32): K = 8 (exp_avg, exp_avg_sq) on top of
+4-byte parameters and gradients,
+
+    stage 0   4Ψ + 4Ψ + 8Ψ           = 16Ψ           (was 20Ψ with a separate master)
+    stage 1   4Ψ + 4Ψ + 8Ψ/N         = 8Ψ + 8Ψ/N     (was 8Ψ + 12Ψ/N)
+    stage 2   4Ψ + 4Ψ/N + 8Ψ/N       = 4Ψ + 12Ψ/N    (was 4Ψ + 16Ψ/N)
+
+— exactly DDP's 16Ψ at stage 0. fp32 with optimizer offload keeps a separate master in host
+memory (stage 1: 4Ψ + 4Ψ + 12Ψ/N, the 12Ψ/N on the host); bf16/fp16 are as in the table.
 
 How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (a subclass of
 :class:`DataParallel`, so buckets, hooks, launch order and ``no_sync`` are the same code):
@@ -23,6 +34,16 @@ How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (
 * **Parameters** stay replicated, in ``param_dtype`` (bf16/fp16: the compute copy of mixed
   precision, Micikevicius et al. 2018). The fp32 *master* copy and AdamW's moments exist only
   for this rank's slices.
+* **Aliased fp32 masters** (``param_dtype: fp32``, ``offload_optimizer: none``): each
+  bucket's parameters are views into one flat fp32 buffer laid out like the bucket (zero
+  padding at the end; ``p.data = flat[off:off + n].view_as(p)``, so Parameter objects, ties
+  and attributes such as ``tp_dim`` are kept), and this rank's master is the view
+  ``flat[shard.start:shard.stop]`` — AdamW updates that slice of the parameters in place, and
+  the all-gather after the step only fills in the other ranks' slices (through a temporary
+  full buffer; stage 0 owns every slice and gathers nothing). ``load_state_dict`` writes the
+  parameters, hence the masters. The memory report counts the flat buffers (padding
+  included) as ``param_bytes`` and only the moments as ``optimizer_bytes``
+  (``master_aliased: true``).
 * **Stage 0/1 gradients**: ``param.grad`` views a full bucket buffer; a bucket is all-reduced
   (SUM) asynchronously as soon as backward completes it, exactly as in DataParallel; the
   optimizer reads this rank's slice. Stage 0 differs only in owning every slice (N = 1 for
@@ -50,10 +71,11 @@ How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (
   every rank writes only its own slices plus the layout, and loading reassembles them
   (:mod:`actors.sharded_state`), so such checkpoints also load at any stage / world size.
 * **Memory report** (``memory_report``): ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``
-  (master + moments), ``model_state_bytes`` (their sum) and the same total split by where it
-  lives: ``device``, ``host``, ``disk`` (and ``by_location`` per kind). Bytes are counted from
-  the tensors this rank actually holds (padding included). On a CPU-only machine device and
-  host are the same memory; a tensor is counted where it is *meant* to live.
+  (master + moments; the moments only when the master is aliased), ``model_state_bytes`` (their
+  sum) and the same total split by where it lives: ``device``, ``host``, ``disk`` (and
+  ``by_location`` per kind). Bytes are counted from the tensors this rank actually holds
+  (padding included). On a CPU-only machine device and host are the same memory; a tensor is
+  counted where it is *meant* to live.
 
 Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step —
 a flat shard cannot skip one parameter (DeepSpeed behaves the same). fp16 needs
@@ -287,15 +309,28 @@ class Zero(DataParallel):
         # SingleProcess's optimizer, never stepped (no state): the checkpoint layout
         self._template = build_adamw(self.model, cfg, self.params)
         plan = self.bucket_plan(self.params, group_of=_decays, itemsize=self.dtype.itemsize)
-        masters = [self._take_slices(ps) for ps in plan]      # fp32, before the cast
-        self.model.to(self.dtype)       # in place: Parameter identity (and ties) kept
+        on_host = self.config.offload_optimizer != "none"
+        # fp32 parameters on the optimizer's device: the master *is* this rank's slice of the
+        # parameters (module doc, "Aliased fp32 masters"); otherwise a separate fp32 copy
+        self.aliased = self.dtype == torch.float32 and not on_host
+        self.flat_params: list[torch.Tensor] = []
+        if self.aliased:
+            self.model.to(self.dtype)   # in place (a no-op for an fp32 model)
+            self.flat_params = [self._flatten_params(ps) for ps in plan]
+        else:
+            masters = [self._take_slices(ps) for ps in plan]  # fp32, before the cast
+            self.model.to(self.dtype)   # in place: Parameter identity (and ties) kept
         self._build_buckets(plan, pad_to=self.shards, allocate=self.stage < 2)
         self.grad_shards = ([torch.zeros(self._bounds(b).size, dtype=self.dtype,
                                          device=self.device) for b in self.buckets]
                             if self.stage == 2 else [])
-        on_host = self.config.offload_optimizer != "none"
-        self.masters = [nn.Parameter(m.to("cpu" if on_host else self.device))
-                        for m in masters]
+        if self.aliased:
+            # nn.Parameter(view) aliases the view's storage: no copy
+            self.masters = [nn.Parameter(flat[s.start:s.stop])
+                            for flat, s in zip(self.flat_params, map(self._bounds, self.buckets))]
+        else:
+            self.masters = [nn.Parameter(m.to("cpu" if on_host else self.device))
+                            for m in masters]
         self.decay = [_decays(b.params[0]) for b in self.buckets]
         self.optimizer = self._build_optimizer(cfg)
         if self.dtype == torch.float16:
@@ -315,6 +350,20 @@ class Zero(DataParallel):
             if lo < hi:
                 out[lo - b.start:hi - b.start] = p.detach().reshape(-1)[lo - off:hi - off]
         return out
+
+    @torch.no_grad()
+    def _flatten_params(self, params: list[nn.Parameter]) -> torch.Tensor:
+        """One flat fp32 buffer for a bucket's parameters (its layout: ``_Bucket``'s offsets,
+        zero-padded to a multiple of the shards); every parameter becomes a view into it
+        (``p.data = ...``: the same Parameter object, so ties, hooks and python attributes such
+        as ``tp_dim`` are kept)."""
+        offsets = [0, *itertools.accumulate(p.numel() for p in params)]
+        numel = -(-offsets[-1] // self.shards) * self.shards
+        flat = torch.zeros(numel, dtype=torch.float32, device=self.device)
+        for p, off in zip(params, offsets):
+            flat[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = flat[off:off + p.numel()].view_as(p)
+        return flat
 
     def _build_optimizer(self, cfg: TrainConfig) -> "_ShardedOptimizer":
         """ShardedAdamW (actors/offload.py) over the fp32 master slices: one flat group per
@@ -393,7 +442,16 @@ class Zero(DataParallel):
         return self.group, self.shards > 1, None
 
     def _gather_params(self) -> None:
-        """Start the all-gather of every bucket's updated slices (param_dtype), in order."""
+        """Start the all-gather of every bucket's updated slices (param_dtype), in order.
+        Aliased fp32 masters: the step already updated this rank's slice of the parameters;
+        with one shard (stage 0) there is nothing to gather, otherwise the other ranks'
+        slices arrive in a full temporary buffer copied over the flat parameters."""
+        if self.aliased:
+            if self.shards > 1:
+                for b, m in zip(self.buckets, self.masters):
+                    self._gathers.append((b, C.all_gather(m.detach(), numel=b.numel,
+                                                          group=self.group, async_op=True)))
+            return
         for b, m in zip(self.buckets, self.masters):
             shard = m.detach().to(self.device, self.dtype)
             work = (C.all_gather(shard, numel=b.numel, group=self.group, async_op=True)
@@ -404,6 +462,9 @@ class Zero(DataParallel):
     def _wait_params(self) -> None:
         for b, pending in self._gathers:
             full = pending if torch.is_tensor(pending) else pending.wait()
+            if self.aliased:            # own slice copied onto itself: same values
+                self.flat_params[b.index].copy_(full)
+                continue
             for p, off in zip(b.params, b.offsets):
                 p.copy_(full[off:off + p.numel()].view_as(p))
         self._gathers = []
@@ -504,11 +565,14 @@ class Zero(DataParallel):
     def memory_report(self) -> dict[str, Any]:
         """Model-state bytes this rank holds, by kind and by location (see module doc)."""
         nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
-        param = nbytes(self.params)
+        # aliased: the flat parameter buffers (padding included) — the masters live in them
+        param = nbytes(self.flat_params) if self.aliased else nbytes(self.params)
         grad = (nbytes(self.grad_shards) if self.stage == 2
                 else sum(b.numel * self.dtype.itemsize for b in self.buckets))
         inner = self.optimizer.inner.memory_report()      # fp32 masters + moments
         optim = {k: int(inner.get(k, 0)) for k in ("device", "host", "disk")}
+        if self.aliased:                # the masters are counted once, as parameters
+            optim["device"] -= nbytes(self.masters)
         by_location = {"param": {"device": param, "host": 0, "disk": 0},
                        "grad": {"device": grad, "host": 0, "disk": 0},
                        "optimizer": optim}
@@ -516,7 +580,7 @@ class Zero(DataParallel):
                              frozen_param_bytes=nbytes(self.frozen),
                              trainable_params=sum(p.numel() for p in self.params),
                              num_buckets=len(self.buckets), stage=self.stage,
-                             shards=self.shards)
+                             shards=self.shards, master_aliased=self.aliased)
 
 
 class _ShardedOptimizer(torch.optim.Optimizer):

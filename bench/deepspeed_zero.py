@@ -18,9 +18,11 @@ Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the issue
 (DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU (AVX2, no
 AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
 thread), so a bf16 step of the default GPT takes ~10 s on either side and the comparison
-measures torch's bf16 GEMM fallback, not the two ZeRO implementations. With fp32 both sides
-still keep a separate fp32 master + two moments (12 bytes per parameter) in their optimizer;
-the parameters and gradients cost 4 bytes each instead of 2.
+measures torch's bf16 GEMM fallback, not the two ZeRO implementations. With fp32 DeepSpeed
+still clones an fp32 master partition (12 bytes per parameter of optimizer state with the two
+moments); ours steps this rank's slice of the flat fp32 parameter buffer in place when the
+optimizer is not offloaded (8 bytes: the moments; actors/zero.py, "aliased fp32 masters"). The
+parameters and gradients cost 4 bytes each instead of 2.
 
 Optimizers: ours always uses torch's fused AdamW kernel over flat shards
 (``actors.offload.ShardedAdamW``). DeepSpeed with ``offload_optimizer: cpu`` insists on its

@@ -29,16 +29,20 @@ with the first stage's.
 
 with b the bytes of ``param_dtype`` (gradients are kept in the same dtype) and 12 the fp32
 master copy plus both Adam moments. This is exactly what :meth:`actors.zero.Zero.memory_report`
-and :meth:`actors.zero3.Zero3.memory_report` count: in fp32 the parameters are 4Ψ (not 2Ψ) and
-the fp32 master is still a separate copy, so stage 0 is 20Ψ (``kind: ddp``, without a master,
-holds 16Ψ). The measured bytes exceed these by the padding of each flat bucket / unit to a
-multiple of N (≤ N−1 elements each). Optimizer offload moves the 12Ψ/N to host memory, where a
-GPU run's step also holds the fp32 gradient slices copied to the host (4Ψ/N, counted with the
-optimizer: ``step_master_shards``' ``g.to(master.device)``; our ZeRO strategies keep the
-masters themselves in host memory, so :class:`actors.offload.ShardedAdamW` allocates no pinned
-staging buffer and ``memory_report`` shows 12Ψ/N host — the H100 check,
-bench/results/plan_gpu_check.json, measured exactly that, 12Ψ, against the predicted 16Ψ host
-peak); stage-3 parameter offload moves the bΨ/N parameter shard to host.
+and :meth:`actors.zero3.Zero3.memory_report` count. In fp32 the parameters are 4Ψ (not 2Ψ);
+at stages 0-2 with the optimizer on the device the fp32 master *is* this rank's slice of the
+parameters (actors/zero.py, "Aliased fp32 masters"), so the optimizer holds only the
+moments, 8Ψ/N: stage 0 4Ψ + 4Ψ + 8Ψ = 16Ψ (as ``kind: ddp``), stage 1 8Ψ + 8Ψ/N, stage 2
+4Ψ + 12Ψ/N. Stage 3 (its own parameter shards) and optimizer offload (the master in host
+memory) keep a separate fp32 master: 12Ψ/N (fp32 stage 3: 20Ψ/N). The measured bytes exceed
+these by the padding of each flat bucket / unit to a multiple of N (≤ N−1 elements each).
+Optimizer offload moves the 12Ψ/N to host memory, where a GPU run's step also holds the fp32
+gradient slices copied to the host (4Ψ/N, counted with the optimizer: ``step_master_shards``'
+``g.to(master.device)``; our ZeRO strategies keep the masters themselves in host memory, so
+:class:`actors.offload.ShardedAdamW` allocates no pinned staging buffer and ``memory_report``
+shows 12Ψ/N host — the H100 check, bench/results/plan_gpu_check.json, measured exactly that,
+12Ψ, against the predicted 16Ψ host peak); stage-3 parameter offload moves the bΨ/N parameter
+shard to host.
 
 Not in ``memory_report`` but on the device (``transient``): stage 2's reduce buckets on the wire
 (``max_inflight_buckets + 1`` of ``bucket_mb``) and stage 3's gathered units (the root unit plus
@@ -360,7 +364,9 @@ def model_state_bytes(psi: int, stage: int, dp: int, param_dtype: str = "bf16",
     shards = 1 if stage == 0 else dp
     param = psi * b / dp if stage == 3 else psi * b
     grad = psi * b / dp if stage >= 2 else psi * b
-    optim = ADAM_BYTES * psi / shards
+    # fp32 stages 0-2, optimizer on the device: the master aliases the parameters (module doc)
+    aliased = b == 4 and stage < 3 and not offload_optimizer
+    optim = (ADAM_BYTES - (4 if aliased else 0)) * psi / shards
     staging = STAGING_BYTES * psi / shards if offload_optimizer and gpu else 0.0
     host = (optim + staging if offload_optimizer else 0.0) + (param if offload_params else 0.0)
     total = param + grad + optim + staging
@@ -395,9 +401,9 @@ def step_transient_bytes(spec: ModelSpec, params: Params, layers: Sequence[Layer
     (``g.pow(2)``: 4 bytes times the largest slice — a bucket, which closes at ``bucket_mb``
     and so holds at most one parameter more, or for stage 3 the largest unit over N), and
     stages 0-2 then cast the updated masters to ``param_dtype`` for the all-gather (bΨ/N',
-    none for fp32 masters on the device: the master itself) into full buckets (bΨ when
-    N' > 1), held until the next forward copies them into the parameters. ZeRO-3 copies the
-    masters into its shards in place."""
+    none for fp32 masters on the device: the master is the parameters' own slice) into full
+    buckets (bΨ when N' > 1), held until the next forward copies them into the parameters.
+    ZeRO-3 copies the masters into its shards in place."""
     b = DTYPE_BYTES[param_dtype]
     psi = params.per_rank(tp)
     shards = 1 if stage == 0 else dp
