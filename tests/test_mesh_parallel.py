@@ -32,6 +32,7 @@ from models.objectives import CausalLM
 from models.registry import build_model
 from models.typed_config import ConfigError
 
+from tests import test_zero as zero_tests
 from tests.tiny_corpus import BLOCK, build_pack
 
 torch.set_num_threads(1)
@@ -68,17 +69,12 @@ def mesh_id(case) -> str:
 
 
 def build(vocab: int) -> nn.Module:
-    model = build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=32, n_heads=2,
-                                    n_layers=2, d_ff=63, max_seq_len=32, dropout=0.0))
-    model.embed.pos.weight.requires_grad_(False)
-    return model
+    """tests/test_zero.py's tiny GPT with 2 layers (one per pipeline stage)."""
+    return zero_tests.build(vocab, n_layers=2)
 
 
 def make_trainer(pack, cfg, strategy=None, rank=0, world=1) -> Trainer:
-    path, vocab = pack
-    seed_everything(0)
-    stream = BlockStream(path, BLOCK, 8, rank, world, seed=0)
-    return Trainer(build(vocab), CausalLM(), stream, cfg, strategy=strategy, seed=0)
+    return zero_tests.make_trainer(pack, cfg, strategy, rank, world, n_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -46,20 +46,20 @@ def pack(tmp_path_factory):
     return build_pack(tmp_path_factory.mktemp("zero_pack"), eval_blocks=14)
 
 
-def build(vocab: int) -> nn.Module:
+def build(vocab: int, n_layers: int = 1) -> nn.Module:
     """Tiny GPT: tied embeddings (one Parameter used twice), a frozen positional embedding,
     d_ff = 63 so the trainable parameter count is odd (not divisible by 2 or 4)."""
     model = build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=32, n_heads=2,
-                                    n_layers=1, d_ff=63, max_seq_len=32, dropout=0.0))
+                                    n_layers=n_layers, d_ff=63, max_seq_len=32, dropout=0.0))
     model.embed.pos.weight.requires_grad_(False)
     return model
 
 
-def make_trainer(pack, cfg, strategy=None, rank=0, world=1) -> Trainer:
+def make_trainer(pack, cfg, strategy=None, rank=0, world=1, n_layers: int = 1) -> Trainer:
     path, vocab = pack
     seed_everything(0)
     stream = BlockStream(path, BLOCK, 8, rank, world, seed=0)
-    return Trainer(build(vocab), CausalLM(), stream, cfg, strategy=strategy, seed=0)
+    return Trainer(build(vocab, n_layers), CausalLM(), stream, cfg, strategy=strategy, seed=0)
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
