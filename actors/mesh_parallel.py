@@ -207,7 +207,7 @@ class MeshParallel(Zero):
         elif c.tp > 1:
             self.model = TensorParallelLM(self.model, self.tp_group)
         if self.scaler is not None:     # an overflow on any rank skips the step everywhere
-            self.scaler = DynamicLossScaler(group=None)
+            self.scaler = DynamicLossScaler(cfg.loss_scale, group=None)
         self._sequence_params = [p for p in self.params if getattr(p, "sequence_parallel", False)]
         self._norm_weights = self._weights_for_norm()
 

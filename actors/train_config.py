@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.activation_checkpointing import ActivationCheckpointConfig
+from actors.loss_scaler import LossScalerConfig
 from models.typed_config import ConfigError, check_choice, check_positive
 
 
@@ -42,6 +43,9 @@ class TrainConfig:
     # 2016): {enabled: true, blocks: [0, 2]} or all blocks when blocks is omitted
     activation_checkpointing: ActivationCheckpointConfig = field(
         default_factory=ActivationCheckpointConfig)
+    # dynamic loss scaling of fp16 parameters (ZeRO's param_dtype: fp16): initial scale, the
+    # growth window and factors, {init_scale: 65536, growth_interval: 2000, ...}
+    loss_scale: LossScalerConfig = field(default_factory=LossScalerConfig)
     device: str = "auto"            # "auto" (cuda if visible) | "cpu" | "cuda" | "cuda:N"
 
     def __post_init__(self) -> None:

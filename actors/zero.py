@@ -334,7 +334,7 @@ class Zero(DataParallel):
         self.decay = [_decays(b.params[0]) for b in self.buckets]
         self.optimizer = self._build_optimizer(cfg)
         if self.dtype == torch.float16:
-            self.scaler = DynamicLossScaler(group=self.group)
+            self.scaler = DynamicLossScaler(cfg.loss_scale, group=self.group)
 
     def _bounds(self, bucket: _Bucket) -> C.ShardBounds:
         return C.shard_bounds(bucket.numel, self.shard_rank, self.shards)

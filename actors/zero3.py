@@ -307,7 +307,7 @@ class Zero3(DataParallel):
         self._unit_of = {id(p): u for u in self.units for p in u.params}
         self.optimizer = _ShardedOptimizer(self, self.cfg)
         if self.dtype == torch.float16:
-            self.scaler = DynamicLossScaler(group=self.group)
+            self.scaler = DynamicLossScaler(self.cfg.loss_scale, group=self.group)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for p in self.params]
         for u in self.blocks:

@@ -245,3 +245,38 @@ def test_overflow_on_one_rank_skips_every_rank(ray_session):
     with WorkerGroup(ScalingConfig(num_workers=2)) as group:
         r0, r1 = group.execute(_rank_steps)
     assert r0 == r1 == [(True, 512.0), (False, 512.0), (False, 1024.0), (True, 512.0)]
+
+
+# ------------------------------------------------------------------------------ from config
+
+@pytest.mark.parametrize("kind", ["zero", "zero3", "mesh"])
+def test_train_loss_scale_config_drives_the_strategies_scaler(kind):
+    """``train.loss_scale`` (YAML → TrainConfig) is the scaler fp16 ZeRO / mesh training uses:
+    a clean run of 5 steps with a window of 2 doubles the configured initial scale twice,
+    and a scale too large for fp16 backs off by the configured factor on the first step."""
+    from actors.mesh_parallel import MeshParallel
+    from actors.train_config import TrainConfig
+    from actors.trainer import Trainer, seed_everything
+    from actors.zero import Zero
+    from actors.zero3 import Zero3
+    from models import ModelConfig, build_model, objective_for
+
+    def run(loss_scale, steps):
+        cfg = from_dict(TrainConfig, {"max_steps": steps, "lr": 1e-3, "warmup_steps": 0,
+                                      "device": "cpu", "echo": False,
+                                      "loss_scale": loss_scale}, "train")
+        mcfg = ModelConfig(family="gpt", vocab_size=64, d_model=16, n_heads=2, n_layers=1,
+                           d_ff=32, max_seq_len=16, dropout=0.0)
+        seed_everything(0)
+        data = iter([torch.randint(1, 64, (2, 9)) for _ in range(steps)])
+        strategy = {"zero": lambda: Zero(stage=1, param_dtype="fp16"),
+                    "zero3": lambda: Zero3(param_dtype="fp16"),
+                    "mesh": lambda: MeshParallel(param_dtype="fp16")}[kind]()
+        trainer = Trainer(build_model(mcfg), objective_for(mcfg), data, cfg, strategy=strategy)
+        trainer.fit()
+        return trainer.strategy.scaler
+
+    clean = run({"init_scale": 64.0, "growth_interval": 2, "growth_factor": 2.0}, 5)
+    assert clean.scale_value == 256.0 and clean.skipped_steps == 0
+    huge = run({"init_scale": 2.0 ** 40, "backoff_factor": 0.25, "growth_interval": 1000}, 1)
+    assert huge.skipped_steps == 1 and huge.scale_value == 2.0 ** 38
