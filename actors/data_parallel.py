@@ -161,11 +161,16 @@ class DataParallel(Strategy):
             device = torch.device("cuda", torch.cuda.current_device())
         return device
 
-    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+    def _place(self, model: nn.Module, cfg: TrainConfig) -> None:
+        """Move ``model`` to this rank's device and, unless told not to, give every rank rank
+        0's parameters and buffers (shared by the ZeRO strategies' setups)."""
         self.device = self._pick_device(cfg)
         self.model = model.to(self.device)
         if self.distributed and self.world_size > 1 and self.config.broadcast_init:
             self._broadcast_state()
+
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self._place(model, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._build_buckets(self.bucket_plan(self.params))
         self.optimizer = build_adamw(self.model, cfg, self.params)

@@ -283,9 +283,6 @@ class MeshParallel(Zero):
                     total -= (1.0 - w) * sq[lo:hi].sum()
         return total
 
-    def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
-        return super().all_reduce_sum(values)          # the dp group: one count per replica
-
     def barrier(self) -> None:
         if self.dims.world_size > 1:
             dist.barrier()

@@ -245,10 +245,7 @@ class Zero3(DataParallel):
 
     def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.device = self._pick_device(cfg)
-        self.model = model.to(self.device)
-        if self.distributed and self.world_size > 1 and self.config.broadcast_init:
-            self._broadcast_state()
+        self._place(model, cfg)
         module = self.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         trainable = {id(p) for p in self.params}

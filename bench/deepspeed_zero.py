@@ -183,6 +183,21 @@ def ds_model_state(engine) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the two loops (in workers)
 
+def deepspeed_gang_env() -> Any:
+    """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_*) from the existing gang and import deepspeed, so every side of a
+    benchmark starts from the same RSS baseline; returns the worker context."""
+    from actors.worker_context import worker_context
+
+    ctx = worker_context()
+    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
+                      LOCAL_RANK=str(ctx.local_rank),
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    import deepspeed  # noqa: F401
+    return ctx
+
+
 def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
     import torch.distributed as dist
     from models.data import BlockStream
@@ -297,15 +312,8 @@ def worker_run(side, stage, offload, dtype, pack, model_cfg, cfg, block_len, glo
                bucket_mb, sample_ms):
     """One run on every rank: returns this rank's timings, memory and losses (or the error)."""
     import torch.distributed as dist
-    from actors.worker_context import worker_context
 
-    ctx = worker_context()
-    # DeepSpeed reads the launcher's variables; give it those of the existing gang
-    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
-                      LOCAL_RANK=str(ctx.local_rank),
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    import deepspeed  # noqa: F401 - imported by both sides so their RSS baselines match
+    ctx = deepspeed_gang_env()
 
     batches = _batches(pack, block_len, global_batch, cfg.max_steps)
     _trim()

@@ -84,7 +84,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.deepspeed_zero import PeakRSS, _rss, _trim, connect_ray  # noqa: E402
+from bench.deepspeed_zero import (PeakRSS, _rss, _trim, connect_ray,  # noqa: E402
+                                  deepspeed_gang_env)
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
@@ -372,15 +373,8 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
 def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
     """One run of ``loop`` on this rank: timings, losses, memory, or the error."""
     import torch.distributed as dist
-    from actors.worker_context import worker_context
 
-    ctx = worker_context()
-    # DeepSpeed reads the launcher's variables; give it those of the existing gang
-    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
-                      LOCAL_RANK=str(ctx.local_rank),
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    import deepspeed  # noqa: F401 - imported by every loop so their RSS baselines match
+    ctx = deepspeed_gang_env()      # every loop imports deepspeed: equal RSS baselines
 
     batches = _batches(model_cfg, batch, seq, cfg.max_steps)
     _trim()
