@@ -34,6 +34,15 @@ Accelerating Data Parallel Training", §3.2), written out so it can be read in o
   and momentum to a zero gradient, but not to a missing one).
 * **Tied weights**: ``module.parameters()`` yields a shared Parameter once, so it has one slot
   and one hook; autograd sums the gradients of its uses before the hook fires.
+* **The step's statistics ride with the gradients**: the trainer logs the global loss and
+  needs the next step's global token count; sent alone they would cost a collective per step,
+  and on gloo a collective costs the same ~30 context switches and ~1-2 ms of CPU per rank
+  whatever its size (bench/results/ddp_throughput.json has the measurement). So the last
+  bucket (the first layers' gradients, complete only at the very end of backward) has
+  ``STATS_SLOTS`` extra elements and is held back after a synced backward until the loop
+  hands over its numbers (``reduce_step_stats``, microseconds later), then reduced with them.
+  Counts travel as base-2048 digits, so their sums stay exact in fp32 (world < 8192). With
+  nobody asking, ``clip_and_step`` launches the held bucket itself.
 
 Works with gloo (CPU) and NCCL (CUDA); without an initialised process group it runs as one
 rank and never communicates.
@@ -55,6 +64,21 @@ from .strategy import (MicroResult, Strategy, build_adamw, resolve_device,
 from .train_config import TrainConfig
 
 MB = 1024 * 1024
+STATS_SLOTS = 64                # values + 4 digits per count carried in the last bucket
+_DIGIT_BITS, _DIGITS = 11, 4    # counts < 2**44, digit sums exact in fp32 below 8192 ranks
+
+
+def count_digits(count: int) -> list[float]:
+    """``count`` as ``_DIGITS`` base-2**11 digits, least significant first (their sums over
+    fewer than 8192 ranks are exact in fp32, where the count's own sum might not be)."""
+    if not 0 <= count < 1 << (_DIGIT_BITS * _DIGITS):
+        raise ValueError(f"a step count of {count} cannot be carried (0 <= count < 2**44)")
+    mask = (1 << _DIGIT_BITS) - 1
+    return [float((count >> (_DIGIT_BITS * i)) & mask) for i in range(_DIGITS)]
+
+
+def digits_count(digits: Sequence[float]) -> int:
+    return sum(int(round(d)) << (_DIGIT_BITS * i) for i, d in enumerate(digits))
 
 
 @dataclass
@@ -78,13 +102,14 @@ class _Bucket:
     ``pad_to``: the buffer is zero-padded to a multiple of it, so ZeRO can split every bucket
     into equal per-rank slices (``shard_bounds`` layout, no copy at reduce-scatter time).
     ``allocate=False`` leaves ``buffer`` None until :meth:`allocate` (ZeRO-2: the full bucket
-    only exists while its gradients are being reduced)."""
+    only exists while its gradients are being reduced). ``extra`` elements after the
+    gradients (``numel``) carry the step's statistics (module doc)."""
 
-    __slots__ = ("index", "params", "offsets", "numel", "dtype", "device", "buffer", "pending",
-                 "work")
+    __slots__ = ("index", "params", "offsets", "numel", "extra", "dtype", "device", "buffer",
+                 "pending", "work")
 
     def __init__(self, index: int, params: list[nn.Parameter], device: torch.device,
-                 pad_to: int = 1, allocate: bool = True) -> None:
+                 pad_to: int = 1, allocate: bool = True, extra: int = 0) -> None:
         self.index = index
         self.params = params
         self.offsets: list[int] = []
@@ -93,6 +118,7 @@ class _Bucket:
             self.offsets.append(total)
             total += p.numel()
         self.numel = -(-total // pad_to) * pad_to
+        self.extra = extra
         self.dtype, self.device = params[0].dtype, device
         self.buffer: torch.Tensor | None = None
         if allocate:
@@ -102,8 +128,14 @@ class _Bucket:
 
     def allocate(self) -> torch.Tensor:
         if self.buffer is None:
-            self.buffer = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.buffer = torch.zeros(self.numel + self.extra, dtype=self.dtype,
+                                      device=self.device)
         return self.buffer
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """The gradient part of the buffer (without the statistics slots)."""
+        return self.buffer[:self.numel] if self.extra else self.buffer
 
     def view(self, i: int) -> torch.Tensor:
         p = self.params[i]
@@ -153,6 +185,9 @@ class DataParallel(Strategy):
         self._sync = True
         self._launched = 0              # buckets launched in the current synced backward
         self._used: list[int] = []
+        self._carrier: _Bucket | None = None    # the last bucket, when it carries statistics
+        self._held = False              # the carrier waits for the step's statistics
+        self._on_reduced: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ setup
     def _pick_device(self, cfg: TrainConfig) -> torch.device:
@@ -172,7 +207,7 @@ class DataParallel(Strategy):
     def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
         self._place(model, cfg)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self._build_buckets(self.bucket_plan(self.params))
+        self._build_buckets(self.bucket_plan(self.params), stats_slots=STATS_SLOTS)
         self.optimizer = build_adamw(self.model, cfg, self.params)
 
     def bucket_plan(self, params: Sequence[nn.Parameter], group_of: Callable | None = None,
@@ -185,18 +220,24 @@ class DataParallel(Strategy):
                 bucket_assignment(order, int(c.bucket_mb * MB), first, group_of, itemsize)]
 
     def _build_buckets(self, plan: list[list[nn.Parameter]], pad_to: int = 1,
-                       allocate: bool = True) -> None:
+                       allocate: bool = True, stats_slots: int = 0) -> None:
         """Buckets from a plan, the gradient-ready hooks, and ``param.grad`` as views into the
-        (allocated) buffers."""
+        (allocated) buffers. ``stats_slots``: the last bucket carries the step's statistics
+        when there is someone to send them to and its dtype keeps them (fp32 / fp64)."""
         self.buckets: list[_Bucket] = []
         self._slot: dict[int, tuple[_Bucket, int]] = {}
+        carries = stats_slots and self.world_size > 1 and plan and \
+            plan[-1][0].dtype in (torch.float32, torch.float64) and \
+            self.world_size < 1 << (24 - _DIGIT_BITS)
         for b, params in enumerate(plan):
-            bucket = _Bucket(b, params, self.device, pad_to, allocate)
+            extra = stats_slots if carries and b == len(plan) - 1 else 0
+            bucket = _Bucket(b, params, self.device, pad_to, allocate, extra)
             for j, p in enumerate(bucket.params):
                 if allocate:
                     p.grad = bucket.view(j)         # gradient_as_bucket_view
                 self._slot[id(p)] = (bucket, j)
             self.buckets.append(bucket)
+        self._carrier = self.buckets[-1] if carries else None
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._used = [0] * len(self.params)
         self._ready = [False] * len(self.params)
@@ -247,24 +288,37 @@ class DataParallel(Strategy):
                                           group=self.group, async_op=True)
         self._launched += 1
 
+    def _launchable(self) -> int:
+        """How many buckets backward may launch: all but a statistics carrier."""
+        return len(self.buckets) - (self._carrier is not None)
+
     def _launch_ready(self) -> None:
         """Launch complete buckets in bucket order (the same order on every rank)."""
-        while self._launched < len(self.buckets) and self.buckets[self._launched].pending == 0:
+        while self._launched < self._launchable() and self.buckets[self._launched].pending == 0:
             self._launch(self.buckets[self._launched])
 
     def _finish_backward(self) -> None:
         """After a synced backward: buckets with gradients that never arrived (unused
-        parameters: zeros in their slots) are launched now, in order."""
-        while self._launched < len(self.buckets):
+        parameters: zeros in their slots) are launched now, in order; the statistics
+        carrier is held for ``reduce_step_stats``."""
+        while self._launched < self._launchable():
             self.buckets[self._launched].pending = 0
             self._launch(self.buckets[self._launched])
+        if self._carrier is not None and self._launched < len(self.buckets):
+            self._held = True
+
+    def _launch_held(self) -> None:
+        if self._held:
+            self._held = False
+            self._carrier.pending = 0
+            self._launch(self._carrier)
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Backward inside accumulates into the buckets without communicating."""
         return _NoSync(self)
 
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
-        if self._sync and self._launched:
+        if self._sync and (self._launched or self._held):
             # the buckets are already on the wire: a second synced backward would race them
             raise RuntimeError("DataParallel: a second synchronised backward before "
                                "clip_and_step; run earlier micro-batches under no_sync()")
@@ -276,10 +330,13 @@ class DataParallel(Strategy):
     # ------------------------------------------------------------ step
     def _wait_all(self) -> None:
         self._finish_backward()         # no-op after a synced backward
+        self._launch_held()             # nobody handed statistics over: reduce it alone
         for bucket in self.buckets:
             if bucket.work is not None:
                 bucket.work.wait()
                 bucket.work = None
+        if self._on_reduced is not None:    # read the statistics before the buffers are zeroed
+            self._on_reduced()
 
     def _reset(self) -> None:
         for bucket in self.buckets:
@@ -300,12 +357,12 @@ class DataParallel(Strategy):
                 dist.all_reduce(used, group=self.group)     # gloo: CPU int tensor is fine
             skipped = [p for p, u in zip(self.params, used.tolist()) if u == 0]
         # Global L2 norm from the flat buffers (one norm per bucket, not one per tensor).
-        norms = [torch.linalg.vector_norm(b.buffer.float()) for b in self.buckets]
+        norms = [torch.linalg.vector_norm(b.grads.float()) for b in self.buckets]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         if max_norm > 0:
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
             for b in self.buckets:
-                b.buffer.mul_(coef.to(b.buffer.dtype))
+                b.grads.mul_(coef.to(b.buffer.dtype))
         for p in skipped:
             p.grad = None
         self.optimizer.step()
@@ -323,6 +380,36 @@ class DataParallel(Strategy):
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.tolist()
+
+    def reduce_step_stats(self, values: Sequence[float], counts: Sequence[int] = ()
+                          ) -> Callable[[], tuple[list[float], list[int]]]:
+        """The statistics in the held last bucket's spare slots, launched with it now (module
+        doc); the plain collective when no bucket is held or they do not fit."""
+        bucket, n = self._carrier, len(values) + _DIGITS * len(counts)
+        if not self._held or bucket is None or n > bucket.extra:
+            return super().reduce_step_stats(values, counts)
+        payload = [float(v) for v in values] + [d for c in counts for d in count_digits(int(c))]
+        tail = bucket.buffer[bucket.numel:bucket.numel + n]
+        tail.copy_(torch.tensor(payload, dtype=tail.dtype))
+        self._launch_held()
+        reduced: list[list[float]] = []
+
+        def collect() -> None:
+            self._on_reduced = None
+            reduced.append(tail.tolist())
+
+        self._on_reduced = collect
+
+        def wait() -> tuple[list[float], list[int]]:
+            if not reduced:             # asked before clip_and_step: wait for the bucket now
+                if bucket.work is not None:
+                    bucket.work.wait()
+                    bucket.work = None
+                collect()
+            out = reduced[0]
+            k = len(values)
+            return out[:k], [digits_count(out[i:i + _DIGITS]) for i in range(k, n, _DIGITS)]
+        return wait
 
     def all_reduce_sum_async(self, values: Sequence[float]) -> Callable[[], list[float]]:
         if self.world_size == 1:
@@ -352,7 +439,7 @@ class DataParallel(Strategy):
 
     def memory_report(self) -> dict[str, int]:
         report = super().memory_report()
-        report["grad_bytes"] = sum(b.buffer.numel() * b.buffer.element_size()
+        report["grad_bytes"] = sum(b.grads.numel() * b.buffer.element_size()
                                    for b in self.buckets)
         report["num_buckets"] = len(self.buckets)
         # where it lives (same keys as ZeRO's report): everything on this rank's device

@@ -29,6 +29,10 @@ The contract, in the loop's order of calls:
                                    collective and returns a callable that waits for it (the
                                    loop reduces the step's losses while the gradients are
                                    still being reduced; default: synchronous).
+* ``reduce_step_stats(values, counts)``
+                                   the step's logged sums and token counts, started right
+                                   after the backward (data parallelism carries them in the
+                                   last gradient bucket: no collective of their own).
 * ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
 * ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
 * ``barrier()``                    wait for every rank (checkpoint commits); no-op in one process.
@@ -175,6 +179,24 @@ class Strategy(ABC):
         Collectives must still be issued in the same order on every rank."""
         out = self.all_reduce_sum(values)
         return lambda: out
+
+    def reduce_step_stats(self, values: Sequence[float], counts: Sequence[int] = ()
+                          ) -> Callable[[], tuple[list[float], list[int]]]:
+        """Start the cross-rank sum of a step's logged ``values`` (losses, metrics) and
+        non-negative integer ``counts`` (tokens), called once per step right after the
+        micro-batches' backward; the returned callable waits and returns (sums, counts).
+
+        The default is one ``all_reduce_sum_async`` in float64 (counts exact below 2**53).
+        Data parallelism overrides it to send them inside the step's last gradient bucket:
+        a collective costs the same few context switches whatever its size, so a step then
+        costs exactly as many collectives as torch DDP's, logging included."""
+        n = len(values)
+        pending = self.all_reduce_sum_async([*map(float, values), *map(float, counts)])
+
+        def wait() -> tuple[list[float], list[int]]:
+            out = pending()
+            return out[:n], [int(round(c)) for c in out[n:]]
+        return wait
 
     def barrier(self) -> None:
         """Block until every rank gets here (a no-op in one process)."""

@@ -157,7 +157,8 @@ class _LazyWeight:
 @dataclass
 class _NextStep:
     """A step's batch read ahead during the previous step, so that its global target count
-    travels in the previous step's loss all-reduce (one small collective per step, not two).
+    travels in the previous step's loss reduction (``Strategy.reduce_step_stats``: inside the
+    gradient reductions where the strategy can, else one small collective per step).
     ``data_state``: the stream's position before these blocks were read — what a checkpoint
     taken now must record, since the step has not run."""
 
@@ -233,8 +234,7 @@ class Trainer:
     def accumulate(self, batches: list[dict[str, Any]], input_tokens: int = 0) -> dict[str, float]:
         """Forward + backward of one step's micro-batches with token-count weights; returns the
         step's loss (token-weighted, summed over ranks) and the models' own metrics, and as
-        ``input_tokens`` the sum over ranks of ``input_tokens`` (folded into the same
-        collective: two small all-reduces per step, not three)."""
+        ``input_tokens`` the sum over ranks of ``input_tokens`` (in the same reduction)."""
         return self.accumulate_async(batches, input_tokens)()
 
     def accumulate_async(self, batches: list[dict[str, Any]], input_tokens: int = 0,
@@ -247,12 +247,15 @@ class Trainer:
         all-reduce travels with the gradient all-reduces instead of adding a round trip.
 
         ``total()``: the global target count when it is already on its way (read ahead, it
-        rides in the previous step's loss all-reduce); else it is all-reduced while the first
+        rides in the previous step's loss reduction); else it is all-reduced while the first
         micro-batch runs forward. Either way the lazy weights wait for it only when backward
-        needs it. ``read_ahead()``, called after the backward passes, reads the next step's
-        batch; its target count joins this step's loss all-reduce."""
+        needs it. ``read_ahead()``, called before the forward passes (so that nothing stands
+        between the last backward and the reduction), reads the next step's batch; its target
+        count joins this step's loss reduction (``Strategy.reduce_step_stats``: data
+        parallelism sends it inside the last gradient bucket)."""
         counts = counts if counts is not None else [count_targets(b, self.objective)
                                                     for b in batches]
+        nxt = read_ahead() if read_ahead is not None else None
         if total is not None:
             total_of = _GlobalCount(lambda: [total()], self.step)
         else:
@@ -269,29 +272,28 @@ class Trainer:
         auxes = torch.stack([r.aux_loss.double() if r.aux_loss is not None
                              else torch.zeros((), dtype=torch.float64, device=r.loss.device)
                              for r in results]).cpu()
-        local = [float((wt * losses).sum()), float((wt * auxes).sum()), float(input_tokens)]
-        local += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
-                  for k in keys]
-        nxt = read_ahead() if read_ahead is not None else None
+        values = [float((wt * losses).sum()), float((wt * auxes).sum())]
+        values += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
+                   for k in keys]
         ahead = nxt is not None and nxt.counts is not None
-        pending = self.strategy.all_reduce_sum_async(local + ([sum(nxt.counts)] if ahead else []))
-        done: list[list[float]] = []
+        pending = self.strategy.reduce_step_stats(
+            values, [int(input_tokens)] + ([sum(nxt.counts)] if ahead else []))
+        done: list[tuple[list[float], list[int]]] = []
 
-        def reduced() -> list[float]:
+        def reduced() -> tuple[list[float], list[int]]:
             if not done:
                 done.append(pending())
             return done[0]
         if ahead:
-            nxt.total = lambda: reduced()[-1]
+            nxt.total = lambda: reduced()[1][1]
         has_aux = any(r.aux_loss is not None for r in results)
 
         def finish() -> dict[str, float]:
-            reduced_ = reduced()[:-1] if ahead else reduced()
-            out = {"loss": reduced_[0], "target_tokens": int(total),
-                   "input_tokens": int(reduced_[2])}
+            sums, tokens = reduced()
+            out = {"loss": sums[0], "target_tokens": int(total), "input_tokens": tokens[0]}
             if has_aux:
-                out["aux_loss"] = reduced_[1]
-            out.update(zip(keys, reduced_[3:]))
+                out["aux_loss"] = sums[1]
+            out.update(zip(keys, sums[2:]))
             return out
         return finish
 

@@ -168,14 +168,16 @@ class _Scaled:
 def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
                        optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
                        max_norm: float, group: Any, distributed: bool,
-                       local_square: Callable[[list[torch.Tensor]], torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, bool]:
+                       local_square: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
+                       stats: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
     """Unscale and check (fp16), take the global norm over all ranks' shards, clip with
     ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped).
 
     ``local_square(grads)`` replaces this rank's squared-norm contribution Σ‖g‖² where some
     elements are held by several ranks of ``group`` (tensor-parallel replicas, a tied weight on
-    two pipeline stages: actors/mesh_parallel.py) and must be counted once."""
+    two pipeline stages: actors/mesh_parallel.py) and must be counted once. ``stats`` (float64)
+    is summed over ``group`` in place, in the same all-reduce as the norm
+    (:class:`StatsWithNorm`)."""
     skip = False
     if scaler is not None:
         found_inf = scaler.unscale_and_check(grads)
@@ -186,7 +188,12 @@ def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
     else:
         sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
               else torch.zeros((), device=masters[0].device if masters else "cpu"))
-    if distributed:
+    if distributed and stats is not None:
+        both = torch.cat([sq.double().reshape(1), stats.to(sq.device)])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
+        sq = both[0].to(sq.dtype)
+        stats.copy_(both[1:])
+    elif distributed:
         dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
     norm = sq.sqrt()
     if not skip:
@@ -200,6 +207,48 @@ def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
         for m in masters:
             m.grad = None
     return norm.detach(), skip
+
+
+class StatsWithNorm:
+    """Mixin for the sharded strategies: the step's statistics (``reduce_step_stats``) ride in
+    the all-reduce of the global gradient norm that ``clip_and_step`` makes anyway, so logging
+    costs no collective of its own (each costs ~1-2 ms of CPU per rank on gloo, whatever its
+    size; actors/data_parallel.py). Applies when the norm is summed over the same group as
+    the statistics (not a mesh, whose norm spans tensor and pipeline ranks too)."""
+
+    _stats: tuple[torch.Tensor, list] | None = None
+
+    def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
+        return self.group, self.world_size > 1, None
+
+    def reduce_step_stats(self, values: Sequence[float], counts: Sequence[int] = ()
+                          ) -> Callable[[], tuple[list[float], list[int]]]:
+        group, distributed, _ = self._norm_reduction()
+        if not distributed or group is not self.group:
+            return super().reduce_step_stats(values, counts)
+        payload = torch.tensor([*map(float, values), *map(float, counts)], dtype=torch.float64)
+        box: list[list[float]] = []
+        self._stats = (payload, box)
+
+        def wait() -> tuple[list[float], list[int]]:
+            if not box:                 # asked before clip_and_step: reduce them alone
+                self._stats = None
+                dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
+                box.append(payload.tolist())
+            out, n = box[0], len(values)
+            return out[:n], [int(round(c)) for c in out[n:]]
+        return wait
+
+    def _take_stats(self) -> torch.Tensor | None:
+        """The pending statistics for ``step_master_shards(stats=...)``; call
+        :meth:`_stats_reduced` after it."""
+        return self._stats[0] if self._stats is not None else None
+
+    def _stats_reduced(self) -> None:
+        if self._stats is not None:
+            payload, box = self._stats
+            self._stats = None
+            box.append(payload.tolist())
 
 
 def optimizer_template(template: torch.optim.Optimizer,
@@ -268,7 +317,7 @@ def memory_totals(param: int, grad: int, optim: dict[str, int],
     return report
 
 
-class Zero(DataParallel):
+class Zero(StatsWithNorm, DataParallel):
     """ZeRO stage 0/1/2 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True                   # state_dict() consolidates: one file, any world size
@@ -425,7 +474,9 @@ class Zero(DataParallel):
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         grads = self._grad_slices()
         norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
-                                        max_norm, *self._norm_reduction())
+                                        max_norm, *self._norm_reduction(),
+                                        stats=self._take_stats())
+        self._stats_reduced()
         for g in self.grad_shards:
             g.zero_()
         self._reset()                   # stage 0/1: zero the buffers, grads stay views

@@ -107,7 +107,8 @@ from .strategy import MicroResult, build_adamw, weighted_forward_backward
 from .train_config import TrainConfig
 from .zero import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
                    consolidated_optimizer, load_lr_and_scaler, memory_totals,
-                   non_sharded_model, optimizer_template, param_states, step_master_shards)
+                   non_sharded_model, optimizer_template, param_states, step_master_shards,
+                   StatsWithNorm)
 
 
 @dataclass
@@ -188,7 +189,7 @@ class _Unit:
         return zip(self.params, self.offsets)
 
 
-class Zero3(DataParallel):
+class Zero3(StatsWithNorm, DataParallel):
     """ZeRO stage 3 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True
@@ -492,7 +493,9 @@ class Zero3(DataParallel):
     def clip_and_step(self, max_norm: float) -> torch.Tensor:
         grads = [u.grad_shard[lo:hi].float() for u, lo, hi in self._seg]
         norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
-                                        max_norm, self.group, self.world_size > 1)
+                                        max_norm, *self._norm_reduction(),
+                                        stats=self._take_stats())
+        self._stats_reduced()
         if not skip:
             self._refresh_shards()
         for u in self.units:

@@ -14,3 +14,14 @@ def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> 
     tok = train_bpe(reader, vocab_size=vocab, family="gpt")
     pack_corpus(reader, tok, block_len, f"{root}/pack")
     return f"{root}/pack"
+
+
+def balanced_order(names: list[str], repeats: int) -> list[str]:
+    """Run order for ``repeats`` interleaved repeats of each of ``names``, alternating forward
+    and reversed rounds (A B, B A, A B, ...): on a shared machine the position in a round
+    (right after another run's teardown, or first after a pause) has a cost of its own, and
+    this gives every side each position equally often."""
+    order: list[str] = []
+    for r in range(repeats):
+        order.extend(names if r % 2 == 0 else reversed(names))
+    return order

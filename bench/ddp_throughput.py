@@ -4,11 +4,14 @@ Same GPT, same initial weights (seeded), same batches (each rank's slice of the 
 batch from `models.data.BlockStream`, held in memory so Parquet reads are not timed), same
 AdamW (fused), schedule and clipping, same bucket size. The DDP side is the loop a user writes
 by hand around `torch.nn.parallel.DistributedDataParallel`; ours is the whole `Trainer`
-(token-weighted accumulation, the loss all-reduced for logging, metrics rows) on
+(token-weighted accumulation, the global loss summed for logging — it rides in the last
+gradient bucket, so a step makes the same collectives as DDP's — metrics rows) on
 `actors.data_parallel.DataParallel`. Both run inside the same gang of Ray workers
-(`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate
-(DDP, ours, DDP, ours, ...); the median step time over all repeats is reported because the machine
-is shared and noisy: quote the ratio, not the absolute numbers.
+(`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate in balanced
+rounds (DDP, ours, ours, DDP, ...), each run starting after a full garbage collection so neither
+pays for the other's garbage; the median step time over all repeats is reported because the
+machine is shared and noisy: quote the ratio, not the absolute numbers. The per-round ratios
+(one DDP run against the adjacent run of ours) show the spread.
 
     python bench/ddp_throughput.py [--workers 2 4 --steps 20 --repeats 3]
 
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import world_pack  # noqa: E402
+from bench.common import balanced_order, world_pack  # noqa: E402
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
@@ -110,16 +113,18 @@ def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: floa
 def worker_bench(pack, model_cfg, cfg, block_len, global_batch, warmup, repeats, bucket_mb):
     """Runs on every rank: alternates DDP and ours; returns rank 0's timings
     {loop: (run wall seconds per repeat, step seconds of all repeats)}."""
+    import gc
+
     import torch.distributed as dist
 
     batches = _batches(pack, block_len, global_batch, cfg.max_steps)
     loops = {"torch DDP": ddp_loop, "bmray DataParallel": ours_loop}
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in loops}
-    for _ in range(repeats):
-        for name, loop in loops.items():
-            wall, steps = loop(model_cfg, cfg, batches, warmup, bucket_mb)
-            times[name][0].append(wall)
-            times[name][1].extend(steps)
+    for name in balanced_order(list(loops), repeats):
+        gc.collect()
+        wall, steps = loops[name](model_cfg, cfg, batches, warmup, bucket_mb)
+        times[name][0].append(wall)
+        times[name][1].extend(steps)
     return times if dist.get_rank() == 0 else None
 
 
@@ -169,24 +174,28 @@ def main() -> None:
                                   args.batch, args.warmup_steps, args.repeats,
                                   args.bucket_mb)[0]
         ddp_step = statistics.median(times["torch DDP"][1])
-        ddp_run = statistics.median(times["torch DDP"][0])
+        ddp_runs = times["torch DDP"][0]
         for name, (runs, steps) in times.items():
             step, run = statistics.median(steps), statistics.median(runs)
+            paired = sorted(d / r for d, r in zip(ddp_runs, runs))
             rows.append({"workers": workers, "loop": name, "median_step_s": step,
                          "steps_per_s": 1 / step, "tokens_per_s": step_tokens / step,
                          "ratio_vs_ddp": ddp_step / step, "median_run_s": run,
-                         "run_ratio_vs_ddp": ddp_run / run, "runs_s": runs,
+                         "run_ratio_vs_ddp": statistics.median(paired),
+                         "run_ratio_range": [paired[0], paired[-1]], "runs_s": runs,
                          "steps_s": steps})
     print(f"\nGPT d_model={args.d_model} layers={args.layers} ({n_params / 1e6:.2f}M params), "
           f"global batch {args.batch}x{args.block_len - 1} tokens, bucket {args.bucket_mb} MB, "
           f"{args.steps} timed steps x {args.repeats} interleaved repeats, 1 thread per "
-          f"worker, gloo; steps/s from the median step time, 'run × DDP' from the median "
-          f"wall time of whole runs")
+          f"worker, gloo; steps/s from the median step time, 'run × DDP' the median (and range) "
+          f"of the per-round ratios of whole-run wall times")
     print(f"{'workers':>7s}  {'loop':20s} {'steps/s':>8s} {'tokens/s':>9s} {'× DDP':>6s} "
-          f"{'run × DDP':>9s}")
+          f"{'run × DDP':>9s}  {'range':>11s}")
     for r in rows:
+        lo, hi = r["run_ratio_range"]
         print(f"{r['workers']:7d}  {r['loop']:20s} {r['steps_per_s']:8.2f} "
-              f"{r['tokens_per_s']:9.0f} {r['ratio_vs_ddp']:6.3f} {r['run_ratio_vs_ddp']:9.3f}")
+              f"{r['tokens_per_s']:9.0f} {r['ratio_vs_ddp']:6.3f} {r['run_ratio_vs_ddp']:9.3f}"
+              f"  {lo:5.3f}–{hi:5.3f}")
     goal = 1.0
     ours = {r["workers"]: r["ratio_vs_ddp"] for r in rows if r["loop"] == "bmray DataParallel"}
     met = all(v >= goal for v in ours.values())

@@ -8,7 +8,7 @@ weights and AdamW moments on both sides, the same AdamW hyper-parameters
 and two groups (decay on matrices only), the same warmup + cosine schedule, the same
 gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` on
 ``actors.zero.Zero(stage, param_dtype="bf16", offload_optimizer="cpu"|"none")`` (token-weighted
-loss, the loss all-reduced for logging each step); DeepSpeed's is the loop its docs show
+loss, the global loss summed for logging each step, inside the grad-norm all-reduce); DeepSpeed's is the loop its docs show
 (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``) after
 ``deepspeed.initialize`` inside the same Ray gang (``cluster.gang.WorkerGroup``: one torch
 thread per worker, torch.distributed on gloo already initialised — DeepSpeed wraps that group

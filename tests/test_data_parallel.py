@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from actors.checkpoint import load_checkpoint, read_manifest
-from actors.data_parallel import DataParallel, DataParallelConfig, bucket_assignment
+from actors.data_parallel import (STATS_SLOTS, DataParallel, DataParallelConfig,
+                                  bucket_assignment)
 from actors.train_config import CheckpointConfig, TrainConfig
 from actors.trainer import Trainer, seed_everything
 from models.config import ModelConfig
@@ -104,8 +105,10 @@ def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, spli
 
 
 def _count_collectives_and_order(pack, bucket_mb):
-    """no_sync issues no collective; the synced backward launches every bucket once, the first
-    before backward has finished; the reduced gradients equal a hand all-reduce of autograd's."""
+    """no_sync issues no collective; the synced backward launches every bucket but the last
+    once, the first before backward has finished; the last (the statistics carrier) waits for
+    the step's statistics or ``clip_and_step``; the reduced gradients equal a hand all-reduce
+    of autograd's."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(max_steps=1, micro_batches=2, device="cpu")
     trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=MaskSome(),
@@ -134,11 +137,13 @@ def _count_collectives_and_order(pack, bucket_mb):
         events.clear()
         strategy.forward_backward(batches[1], 0.25)
         synced = list(events)
+        events.clear()
+        strategy._wait_all()
+        at_step = list(events)
     finally:
         dist.all_reduce = real_all_reduce
         for h in hooks:
             h.remove()
-    strategy._wait_all()
     got = {n: p.grad.clone() for n, p in strategy.module.named_parameters()}
     # reference: plain autograd on a copy, then one all-reduce per gradient
     for batch, w in zip(batches, (0.5, 0.25)):
@@ -148,11 +153,56 @@ def _count_collectives_and_order(pack, bucket_mb):
         g = p.grad.clone()
         dist.all_reduce(g)
         expected[n] = g
-    return {"no_sync": in_no_sync, "synced": synced, "got": got, "expected": expected,
-            "buckets": [b.buffer.numel() for b in strategy.buckets],
+    return {"no_sync": in_no_sync, "synced": synced, "at_step": at_step, "got": got,
+            "expected": expected, "buckets": [b.buffer.numel() for b in strategy.buckets],
+            "extra": [b.extra for b in strategy.buckets],
             "views": all(p.grad.untyped_storage().data_ptr() in
                          {b.buffer.untyped_storage().data_ptr() for b in strategy.buckets}
                          for p in strategy.params)}
+
+
+def _strategy(kind: str):
+    if kind == "data_parallel":
+        return DataParallel(bucket_mb=0.01, first_bucket_mb=None)
+    if kind == "zero3":
+        from actors.zero3 import Zero3
+        return Zero3()
+    from actors.zero import Zero
+    return Zero(stage=int(kind[-1]), bucket_mb=0.01)
+
+
+def _stats_ride_with_the_gradients(pack, kind):
+    """All-reduces per training step, and the carried sums (counts past fp32's 2**24)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = TrainConfig(max_steps=5, device="cpu", echo=False)
+    trainer = make_trainer(pack, cfg, rank=rank, world=world, strategy=_strategy(kind))
+    strategy = trainer.strategy
+    trainer.fit(until=2)            # step 1 reduces its own target count; later steps read ahead
+    calls = []
+    real_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        losses = trainer.fit(until=4).losses
+    finally:
+        dist.all_reduce = real_all_reduce
+    batch = trainer.micro_batches(next(trainer._data_iter), 9)[0]
+    sums = []
+    for wait_first in (False, True):        # waited after clip_and_step, or before it
+        strategy.forward_backward(batch, 1.0)
+        wait = strategy.reduce_step_stats([0.1 * (rank + 1), -2.5], [2 ** 40 + rank, 3])
+        if wait_first:
+            sums.append(wait())
+        strategy.clip_and_step(1.0)
+        if not wait_first:
+            sums.append(wait())
+    buckets = [b.buffer.numel() for b in strategy.buckets] if kind == "data_parallel" else None
+    return {"calls": calls, "buckets": buckets,
+            "losses": [losses[s] for s in sorted(losses)], "sums": sums}
 
 
 # ---------------------------------------------------------------- tests
@@ -226,11 +276,40 @@ def test_no_sync_skips_communication_and_buckets_overlap_backward(pack, gangs):
         assert not [e for e in out["no_sync"] if e[0] == "all_reduce"]
         launches = [i for i, e in enumerate(out["synced"]) if e[0] == "all_reduce"]
         grads = [i for i, e in enumerate(out["synced"]) if e[0] == "grad"]
-        assert [out["synced"][i][1] for i in launches] == out["buckets"]   # each bucket once
+        # each bucket once: the last one (with its statistics slots) at the step
+        assert [out["synced"][i][1] for i in launches] == out["buckets"][:-1]
+        assert out["at_step"] == [("all_reduce", out["buckets"][-1])]
+        assert out["extra"] == [0] * (len(out["buckets"]) - 1) + [STATS_SLOTS]
         assert len(out["buckets"]) >= 3
         assert launches[0] < grads[-1]        # communication started before backward ended
         for name, g in out["expected"].items():
             torch.testing.assert_close(out["got"][name], g, **WEIGHT_TOL, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["data_parallel", "zero1", "zero2", "zero3"])
+def test_step_statistics_ride_with_the_gradients(pack, gangs, kind):
+    """The logged loss and the next step's target count cost no collective of their own:
+    data parallelism carries them in the last gradient bucket's spare slots (after the first
+    step a step issues one all-reduce per bucket and nothing else), ZeRO in the global
+    grad-norm all-reduce (one small all-reduce per step). Sums are exact for counts and
+    fp32 (bucket) or fp64 (norm) for values, waited for before or after ``clip_and_step``."""
+    world = 4 if kind == "data_parallel" else 2
+    outs = gangs(world).execute(_stats_ride_with_the_gradients, pack, kind)
+    for out in outs:
+        # step 3 reduces its own target count (fit(until=2) had no next step to read ahead);
+        # step 4's count rode in step 3's reduction, its statistics in its own; then the
+        # end-of-run eval sums (cross-entropy, tokens)
+        if kind == "data_parallel":
+            assert out["calls"] == [1] + out["buckets"] * 2 + [2]
+        else:
+            # one small all-reduce a step: 1 (norm) + the values + input tokens [+ next count]
+            first, step3, step4, last = [n for n in out["calls"] if n < 64]
+            assert (first, last) == (1, 2) and step3 == step4 + 1 > 3
+        assert out["losses"] == outs[0]["losses"] and len(out["losses"]) == 2
+        for values, counts in out["sums"]:
+            assert counts == [world * 2 ** 40 + sum(range(world)), 3 * world]
+            assert values == pytest.approx([0.1 * sum(range(1, world + 1)), -2.5 * world],
+                                           rel=1e-6)
 
 
 def test_unused_and_tied_parameters(pack, gangs):
