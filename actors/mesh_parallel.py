@@ -71,6 +71,7 @@ from .tensor_parallel import (TensorParallelLM, apply_tensor_parallel,
                               gather_tensor_parallel_state, shard_tensor_parallel_state,
                               tensor_parallel_dims, tensor_parallel_loss)
 from .train_config import TrainConfig
+from .data_parallel import TRANSPORTS
 from .zero import DTYPES, Zero, ZeroConfig, _pieces, _Scaled, check_bool
 
 
@@ -89,8 +90,10 @@ class MeshParallelConfig:
     offload_optimizer: str = "none"    # none | cpu | disk
     disk_dir: str | None = None
     broadcast_init: bool = True
+    transport: str = "auto"            # dp buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
+        check_choice("strategy.transport", self.transport, TRANSPORTS)
         for key in ("tp", "pp"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -115,7 +118,8 @@ class MeshParallelConfig:
     def zero_config(self) -> ZeroConfig:
         return ZeroConfig(stage=self.zero_stage, bucket_mb=self.bucket_mb,
                           param_dtype=self.param_dtype, offload_optimizer=self.offload_optimizer,
-                          disk_dir=self.disk_dir, broadcast_init=self.broadcast_init)
+                          disk_dir=self.disk_dir, broadcast_init=self.broadcast_init,
+                          transport=self.transport)
 
 
 @dataclass

@@ -96,7 +96,7 @@ from torch import nn
 from models.typed_config import ConfigError, check_choice, check_positive
 
 from . import collectives as C
-from .data_parallel import DataParallel, _Bucket
+from .data_parallel import TRANSPORTS, DataParallel, _Bucket
 from .strategy import MicroResult, build_adamw, weighted_forward_backward
 from .train_config import TrainConfig
 
@@ -124,9 +124,11 @@ class ZeroConfig:
     max_inflight_buckets: int = 2           # stage 2: full buckets on the wire at once
     broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
     sharded_checkpoint: bool = False        # each rank writes only its shard (sharded_state.py)
+    transport: str = "auto"                 # buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [0, 1, 2])
+        check_choice("strategy.transport", self.transport, TRANSPORTS)
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.first_bucket_mb is not None:
@@ -367,6 +369,7 @@ class Zero(StatsWithNorm, DataParallel):
             masters = [self._take_slices(ps) for ps in plan]  # fp32, before the cast
             self.model.to(self.dtype)   # in place: Parameter identity (and ties) kept
         self._build_buckets(plan, pad_to=self.shards, allocate=self.stage < 2)
+        self._open_transport()          # shared memory for the buckets' collectives, if it can
         self.grad_shards = ([torch.zeros(self._bounds(b).size, dtype=self.dtype,
                                          device=self.device) for b in self.buckets]
                             if self.stage == 2 else [])
@@ -425,7 +428,9 @@ class Zero(StatsWithNorm, DataParallel):
         if self.stage < 2:
             return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
         bucket.allocate()                           # a bucket of unused params: zeros
-        if self.world_size > 1:
+        if self._shm is not None:
+            bucket.work = self._shm.reduce_scatter(bucket.buffer, async_op=True)
+        elif self.world_size > 1:
             bucket.work = C.reduce_scatter(bucket.buffer, op="sum", group=self.group,
                                            async_op=True)
         self._launched += 1
@@ -497,14 +502,17 @@ class Zero(StatsWithNorm, DataParallel):
         if self.aliased:
             if self.shards > 1:
                 for b, m in zip(self.buckets, self.masters):
-                    self._gathers.append((b, C.all_gather(m.detach(), numel=b.numel,
-                                                          group=self.group, async_op=True)))
+                    self._gathers.append((b, self._all_gather(m.detach(), b.numel)))
             return
         for b, m in zip(self.buckets, self.masters):
             shard = m.detach().to(self.device, self.dtype)
-            work = (C.all_gather(shard, numel=b.numel, group=self.group, async_op=True)
-                    if self.shards > 1 else None)
+            work = self._all_gather(shard, b.numel) if self.shards > 1 else None
             self._gathers.append((b, work if work is not None else shard))
+
+    def _all_gather(self, shard: torch.Tensor, numel: int) -> Any:
+        if self._shm is not None:
+            return self._shm.all_gather(shard, numel, async_op=True)
+        return C.all_gather(shard, numel=numel, group=self.group, async_op=True)
 
     @torch.no_grad()
     def _wait_params(self) -> None:

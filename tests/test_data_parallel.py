@@ -101,6 +101,7 @@ def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, spli
     result = trainer.fit()
     losses.update(result.losses)
     return {"losses": losses, "eval": result.eval, "weights": weights(trainer),
+            "shm": trainer.strategy._shm is not None,
             "memory": trainer.strategy.memory_report(), "checkpoint": result.checkpoint}
 
 
@@ -112,7 +113,8 @@ def _count_collectives_and_order(pack, bucket_mb):
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = TrainConfig(max_steps=1, micro_batches=2, device="cpu")
     trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=MaskSome(),
-                           strategy=DataParallel(bucket_mb=bucket_mb, first_bucket_mb=None))
+                           strategy=DataParallel(bucket_mb=bucket_mb, first_bucket_mb=None,
+                                                 transport="process_group"))
     strategy = trainer.strategy
     reference = copy.deepcopy(strategy.module)
     for p in reference.parameters():
@@ -162,8 +164,8 @@ def _count_collectives_and_order(pack, bucket_mb):
 
 
 def _strategy(kind: str):
-    if kind == "data_parallel":
-        return DataParallel(bucket_mb=0.01, first_bucket_mb=None)
+    if kind == "data_parallel":     # counted at torch.distributed: not in shared memory
+        return DataParallel(bucket_mb=0.01, first_bucket_mb=None, transport="process_group")
     if kind == "zero3":
         from actors.zero3 import Zero3
         return Zero3()
@@ -218,15 +220,20 @@ def test_bucket_assignment_follows_ddp_rule():
         DataParallelConfig(bucket_mb=0)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tmp_path):
+@pytest.mark.parametrize("workers,transport", [(1, "auto"), (2, "auto"), (4, "auto"),
+                                               (4, "process_group")])
+def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, transport,
+                                                       tmp_path):
+    """``auto`` sums the buckets in shared memory (one host), ``process_group`` over gloo."""
     cfg = TrainConfig(max_steps=20, lr=3e-3, warmup_steps=3, grad_clip=0.5, device="cpu",
                       echo=False)
     ref, ref_result = single_worker_reference(pack, cfg)
-    dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002)   # several buckets
+    dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002,   # several buckets
+                                transport=transport)
     ckpt_dir = str(tmp_path / "ck") if workers == 2 else None    # 2 workers: stop + resume
     outs = gangs(workers).execute(_dp_fit, pack, cfg, dp_cfg, ckpt_dir=ckpt_dir, split_at=10)
     assert outs[0]["memory"]["num_buckets"] > 3
+    assert all(out["shm"] == (transport == "auto" and workers > 1) for out in outs)
     steps = sorted(ref_result.losses)
     assert steps == list(range(1, 21))
     ref_losses = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
