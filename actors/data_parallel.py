@@ -234,7 +234,7 @@ class DataParallel(Strategy):
                 raise ConfigError("strategy.transport: shm needs CPU workers on Linux x86-64 "
                                   f"(this rank trains on {self.device.type})")
             return
-        capacity = int(min(max(self.config.bucket_mb * MB, MB), 8 * MB))
+        capacity = int(min(max(self.config.bucket_mb * MB, MB), 4 * MB))   # pieces beyond
         try:
             self._shm = shm_transport.ShmGroup(self.group, capacity_bytes=capacity)
         except shm_transport.Unavailable as exc:

@@ -11,18 +11,20 @@ kernel instead of spinning (the gangs oversubscribe cores).
 
 Layout of the mapping (a file under /dev/shm, unlinked as soon as every rank has mapped it,
 so nothing is left behind whatever happens to the processes): one cache line of counters per
-rank, then one input slot per rank and one output slot, ``capacity`` bytes each.
+rank, then one slot of ``capacity`` bytes per rank.
 
-All-reduce of op number s (each rank's counter moves 2s → 2s+1 → 2s+2):
-  1. copy the tensor into my slot; counter = 2s+1; wake;
-  2. wait until every counter ≥ 2s+1; sum my chunk of every slot, in rank order, into the
-     output slot (``shard_bounds``: the same split as ZeRO's shards);
-  3. counter = 2s+2; wake; wait until every counter ≥ 2s+2; copy the output slot back.
-A rank can only reach step 1 of op s+1 after every rank has finished reading op s (they all
-passed 2s+2), so the slots need no second buffer. Every chunk is summed once, in a fixed
-order, and read by all: the result is identical on every rank, and deterministic.
-Reduce-scatter stops after step 2 (each rank keeps its chunk); all-gather writes its shard
-straight into the output slot. Tensors larger than ``capacity`` go in pieces.
+All-reduce, op number s (each rank's counter moves 3s → 3s+1 → 3s+2 → 3s+3):
+  0. wait until every counter ≥ 3s: everyone has finished reading op s-1;
+  1. copy the tensor into my slot; counter = 3s+1 (and a futex wake);
+  2. wait until every counter ≥ 3s+1; sum my chunk (``shard_bounds``, the split ZeRO's
+     shards use) of every slot, in rank order, and write it over that chunk of my own slot
+     (the others read only their own chunks of it meanwhile); counter = 3s+2;
+  3. wait until every counter ≥ 3s+2; read every other rank's chunk from its slot;
+     counter = 3s+3.
+Every chunk is summed once, in a fixed order, and read by all: the result is bit-identical on
+every rank and deterministic. Reduce-scatter stops after step 2 (each rank keeps its chunk,
+summed straight into its output); all-gather copies the shard into the slot and reads every
+slot. Tensors larger than ``capacity`` go in pieces.
 
 Ops run in order on one background thread per group, so they overlap the caller's
 computation like gloo's async work (``Work.wait()``). A peer that dies is noticed within a
@@ -114,7 +116,7 @@ class ShmGroup:
             raise Unavailable("the ranks are on different hosts")
         self.pids = [p["pid"] for p in peers]
         path = peers[0]["name"]
-        size = self.world * _LINE + (self.world + 1) * self.capacity
+        size = self.world * (_LINE + self.capacity)
         created = [None]
         if self.rank == 0:
             created[0] = _attempt(lambda: _create(path, size))
@@ -138,7 +140,6 @@ class ShmGroup:
         data = raw[self.world * _LINE:]
         self._slots = [data[i * self.capacity:(i + 1) * self.capacity]
                        for i in range(self.world)]
-        self._out = data[self.world * self.capacity:(self.world + 1) * self.capacity]
         self._seq = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmray-shm")
 
@@ -164,70 +165,89 @@ class ShmGroup:
                         raise RuntimeError(f"shared-memory collective: rank {j} "
                                            f"(pid {self.pids[j]}) died")
 
-    def _phase(self) -> int:
+    def _begin(self) -> int:
+        """Start op s: wait until every rank has finished reading op s-1's slots (usually
+        long true), then return the op's base counter 3s."""
+        base = 3 * self._seq
+        self._wait_all(base)
         self._seq += 1
-        return 2 * self._seq
+        return base
 
     # ------------------------------------------------------------ the ops (background thread)
     def _slot(self, i: int, like: torch.Tensor, n: int) -> torch.Tensor:
         return self._slots[i][:n * like.element_size()].view(like.dtype)
 
-    def _out_view(self, like: torch.Tensor, n: int) -> torch.Tensor:
-        return self._out[:n * like.element_size()].view(like.dtype)
-
-    def _pieces(self, t: torch.Tensor):
-        """Flat pieces of ``t`` that fit a slot, split at multiples of the world size so
-        each piece's chunks stay aligned with ``shard_bounds`` of the whole."""
-        per = self.capacity // t.element_size() // self.world * self.world
-        flat = t.view(-1)
-        for lo in range(0, flat.numel(), per):
-            yield flat[lo:lo + per]
-
-    def _reduce_chunks(self, x: torch.Tensor) -> tuple[int, int]:
-        """Steps 1-2 for one piece: my chunk summed into the output slot; returns its
-        bounds."""
-        n = x.numel()
-        base = self._phase()
-        self._slot(self.rank, x, n).copy_(x)
-        self._post(base - 1)
-        self._wait_all(base - 1)
-        b = shard_bounds(n, self.rank, self.world)
-        lo, hi = b.start, b.stop
-        if hi > lo:
-            out = self._out_view(x, n)[lo:hi]
-            out.copy_(self._slot(0, x, n)[lo:hi])
-            for j in range(1, self.world):
-                out.add_(self._slot(j, x, n)[lo:hi])
-        return lo, hi
+    def _pieces(self, flat: torch.Tensor, per: int):
+        """``(lo, hi)`` ranges of ``per`` elements (a whole number of them per slot)."""
+        return [(lo, min(lo + per, flat.numel())) for lo in range(0, flat.numel(), per)]
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            for x in self._pieces(t):
-                self._reduce_chunks(x)
-                self._post(2 * self._seq)
-                self._wait_all(2 * self._seq)
-                x.copy_(self._out_view(x, x.numel()))
+            flat = t.view(-1)
+            for lo, hi in self._pieces(flat, self.capacity // t.element_size()):
+                x = flat[lo:hi]
+                n = x.numel()
+                base = self._begin()
+                mine = self._slot(self.rank, x, n)
+                mine.copy_(x)
+                self._post(base + 1)
+                self._wait_all(base + 1)
+                # my chunk of the sum, in rank order, into my own tensor and then into my slot
+                # where the others read it (they read only other chunks of my slot meanwhile)
+                b = shard_bounds(n, self.rank, self.world)
+                if b.stop > b.start:
+                    acc = x[b.start:b.stop]
+                    acc.copy_(self._slot(0, x, n)[b.start:b.stop])
+                    for j in range(1, self.world):
+                        acc.add_(self._slot(j, x, n)[b.start:b.stop])
+                    mine[b.start:b.stop].copy_(acc)
+                self._post(base + 2)
+                self._wait_all(base + 2)
+                for j in range(self.world):
+                    if j != self.rank:
+                        c = shard_bounds(n, j, self.world)
+                        x[c.start:c.stop].copy_(self._slot(j, x, n)[c.start:c.stop])
+                self._post(base + 3)
         return t
 
-    def _reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's elements ``shard_bounds(numel)`` of the sum of flat ``t``."""
+    def _reduce_scatter(self, t: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
+        """This rank's elements ``shard_bounds(numel)`` of the sum of flat ``t``; with
+        ``into`` (that many elements) added to it in place instead of a new tensor."""
         with torch.no_grad():
             b = shard_bounds(t.numel(), self.rank, self.world)
             per = b.padded
             flat = t.reshape(-1)
             if per * self.world != flat.numel():
                 flat = torch.cat([flat, flat.new_zeros(per * self.world - flat.numel())])
-            out = t.new_empty(per)
-            # pieces of ``cols`` columns of the [world, per] layout: each rank's chunk of a
-            # piece is its own row, i.e. a slice of its share
-            cols = max(1, self.capacity // t.element_size() // self.world)
             grid = flat.view(self.world, per)
-            for c in range(0, per, cols):
-                piece = grid[:, c:c + cols].contiguous().view(-1)
-                lo, hi = self._reduce_chunks(piece)
-                out[c:c + (hi - lo)].copy_(self._out_view(piece, piece.numel())[lo:hi])
-                self._post(2 * self._seq)
-                self._wait_all(2 * self._seq)
+            if into is not None and (into.numel() != b.size or not into.is_contiguous()):
+                raise ValueError(f"shared-memory reduce_scatter: into= needs {b.size} "
+                                 f"contiguous elements, got {tuple(into.shape)}")
+            in_place = into is not None and b.size == per    # else via a padded temporary
+            out = into.view(-1) if in_place else t.new_empty(per)
+            # pieces of ``cols`` columns of the [world, per] layout: a piece's row r is a slice
+            # of rank r's share, copied into each slot without a temporary
+            cols = max(1, self.capacity // t.element_size() // self.world)
+            for lo, hi in self._pieces(out, cols):
+                k = hi - lo
+                base = self._begin()
+                self._slot(self.rank, t, self.world * k).view(self.world, k).copy_(
+                    grid[:, lo:hi])
+                self._post(base + 1)
+                self._wait_all(base + 1)
+                acc = out[lo:hi]
+                first = self._slot(0, t, self.world * k).view(self.world, k)[self.rank]
+                if in_place:
+                    acc.add_(first)
+                else:
+                    acc.copy_(first)
+                for j in range(1, self.world):
+                    acc.add_(self._slot(j, t, self.world * k).view(self.world, k)[self.rank])
+                self._post(base + 3)
+            if into is not None:
+                if not in_place:
+                    into.add_(out[:b.size].view_as(into))
+                return into
             return out[:b.size]
 
     def _all_gather(self, shard: torch.Tensor, numel: int) -> torch.Tensor:
@@ -240,19 +260,16 @@ class ShmGroup:
             per = b.padded
             full = shard.new_empty(per * self.world)
             grid = full.view(self.world, per)
-            cols = max(1, self.capacity // shard.element_size() // self.world)
             flat = shard.reshape(-1)
-            for c in range(0, per, cols):
-                k = min(cols, per - c)
-                base = self._phase()
-                out = self._out_view(shard, k * self.world).view(self.world, k)
-                mine = flat[c:min(c + k, b.size)]
-                out[self.rank, :mine.numel()].copy_(mine)
-                self._post(base - 1)
-                self._wait_all(base - 1)
-                grid[:, c:c + k].copy_(out)
-                self._post(base)
-                self._wait_all(base)
+            for lo, hi in self._pieces(grid[0], self.capacity // shard.element_size()):
+                base = self._begin()
+                mine = flat[lo:min(hi, b.size)]
+                self._slot(self.rank, shard, hi - lo)[:mine.numel()].copy_(mine)
+                self._post(base + 1)
+                self._wait_all(base + 1)
+                for j in range(self.world):
+                    grid[j, lo:hi].copy_(self._slot(j, shard, hi - lo))
+                self._post(base + 3)
             return full[:numel]
 
     # ------------------------------------------------------------ public API
@@ -269,10 +286,13 @@ class ShmGroup:
             raise ValueError("shared-memory all_reduce needs a contiguous tensor")
         return self._submit(self._all_reduce, t, async_op)
 
-    def reduce_scatter(self, t: torch.Tensor, async_op: bool = False) -> Any:
+    def reduce_scatter(self, t: torch.Tensor, async_op: bool = False,
+                       into: torch.Tensor | None = None) -> Any:
         """This rank's elements (``shard_bounds``) of the sum of ``t``, flattened — what
-        ``actors.collectives.reduce_scatter`` returns for a 1-d tensor."""
-        return self._submit(self._reduce_scatter, t, async_op)
+        ``actors.collectives.reduce_scatter`` returns for a 1-d tensor. ``into``: add them to
+        this tensor in place and return it (ZeRO-2 accumulates its gradient shard so,
+        without a temporary the size of the shard)."""
+        return self._submit(self._reduce_scatter, t, async_op, into)
 
     def all_gather(self, shard: torch.Tensor, numel: int, async_op: bool = False) -> Any:
         """The inverse of ``reduce_scatter``'s split: every rank's shard of a flat tensor of

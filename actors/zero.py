@@ -428,8 +428,9 @@ class Zero(StatsWithNorm, DataParallel):
         if self.stage < 2:
             return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
         bucket.allocate()                           # a bucket of unused params: zeros
-        if self._shm is not None:
-            bucket.work = self._shm.reduce_scatter(bucket.buffer, async_op=True)
+        if self._shm is not None:           # summed straight into this rank's shard
+            bucket.work = self._shm.reduce_scatter(bucket.buffer, async_op=True,
+                                                   into=self.grad_shards[bucket.index])
         elif self.world_size > 1:
             bucket.work = C.reduce_scatter(bucket.buffer, op="sum", group=self.group,
                                            async_op=True)
@@ -441,7 +442,8 @@ class Zero(StatsWithNorm, DataParallel):
     def _retire(self, bucket: _Bucket) -> None:
         """Stage 2: add this rank's reduced slice to its shard, free the full bucket."""
         shard = bucket.work.wait() if bucket.work is not None else bucket.buffer
-        self.grad_shards[bucket.index].add_(shard)
+        if self._shm is None:
+            self.grad_shards[bucket.index].add_(shard)
         for p in bucket.params:
             p.grad = None
         bucket.buffer, bucket.work = None, None

@@ -4,7 +4,10 @@ Both run in the same process group of the same gang (cluster.gang.WorkerGroup on
 Ray; torch.multiprocessing if Ray is unavailable), on the same float32 tensors of 1 .. 256 MB
 (MB = 2^20 bytes): ``actors.collectives.all_reduce(t, "sum")`` against
 ``torch.distributed.all_reduce(t)``. So the table measures what the wrapper costs (validation,
-op lookup, the Handle), not a different algorithm.
+op lookup, the Handle), not a different algorithm. A third column, ``shm``, is the
+shared-memory transport the data-parallel strategies use between the ranks of one host
+(``actors.shm_transport.ShmGroup.all_reduce``, 8 MB slots, larger tensors in pieces): a
+different algorithm, measured on the same tensors.
 
 Bandwidths as nccl-tests define them (nccl-tests/doc/PERFORMANCE.md):
     algbw = bytes / time;    busbw = algbw * 2(n-1)/n  (all-reduce moves 2(n-1)/n of the buffer
@@ -57,15 +60,20 @@ def bench_rank(sizes_mb: list[int], repeats: int) -> dict:
     x = torch.randn(1000, generator=g)
     same = torch.equal(C.all_reduce(x.clone(), "sum"), _plain(x.clone()))
     impls = {"plain": _plain, "ours": lambda t: C.all_reduce(t, "sum")}
+    from actors import shm_transport
+    if shm_transport.available():
+        shm = shm_transport.ShmGroup(None, capacity_bytes=8 * MB)
+        impls["shm"] = shm.all_reduce
+        torch.testing.assert_close(shm.all_reduce(x.clone()), _plain(x.clone()))
     out: dict = {}
     for size in sizes_mb:
         t = torch.zeros(size * MB // 4, dtype=torch.float32)
         k = iters_for(size)
         for fn in impls.values():          # warm-up: gloo buffers, page faults
             fn(t)
-        times: dict[str, list[float]] = {"plain": [], "ours": []}
+        times: dict[str, list[float]] = {name: [] for name in impls}
         for r in range(repeats):
-            order = ["plain", "ours"] if r % 2 == 0 else ["ours", "plain"]
+            order = list(impls) if r % 2 == 0 else list(reversed(impls))
             for name in order:
                 fn = impls[name]
                 dist.barrier()
@@ -91,7 +99,9 @@ def summarize(per_rank: list[dict], sizes_mb: list[int]) -> list[dict]:
     for size in sizes_mb:
         row: dict = {"ranks": world, "size_mb": size, "iters": per_rank[0]["times"][size]["iters"]}
         slowest = {}
-        for name in ("plain", "ours"):
+        for name in per_rank[0]["times"][size]:
+            if name == "iters":
+                continue
             slowest[name] = [max(ts) for ts in zip(*(p["times"][size][name] for p in per_rank))]
             sec = statistics.median(slowest[name])
             algbw = size * MB / sec / 1e9
@@ -100,8 +110,10 @@ def summarize(per_rank: list[dict], sizes_mb: list[int]) -> list[dict]:
             row[f"{name}_busbw_GBps"] = round(algbw * factor, 3)
         # Paired: each repeat timed plain and ours back to back, so their ratio cancels the
         # machine's slow drifts; the median of the paired ratios is the headline number.
-        row["ratio_ours_over_plain"] = round(statistics.median(
-            p / o for p, o in zip(slowest["plain"], slowest["ours"])), 3)
+        for name in slowest:
+            if name != "plain":
+                row[f"ratio_{name}_over_plain"] = round(statistics.median(
+                    p / o for p, o in zip(slowest["plain"], slowest[name])), 3)
         rows.append(row)
     return rows
 
@@ -135,17 +147,21 @@ def run_spawn(n: int, sizes_mb: list[int], repeats: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = (f"{'ranks':>5} {'size':>7} {'iters':>5} | {'plain ms':>9} {'algbw':>7} {'busbw':>7} | "
-            f"{'ours ms':>9} {'algbw':>7} {'busbw':>7} | {'ours/plain':>10}")
+    names = [n for n in ("plain", "ours", "shm") if f"{n}_ms" in rows[0]]
+    ratios = [n for n in names if n != "plain"]
+    head = (f"{'ranks':>5} {'size':>7} {'iters':>5} | "
+            + " | ".join(f"{n + ' ms':>9} {'algbw':>7} {'busbw':>7}" for n in names) + " | "
+            + " ".join(f"{n + '/plain':>10}" for n in ratios))
     print(head)
     print("-" * len(head))
     for r in rows:
         cols = [f"{r[f'{n}_ms']:>9.2f} {r[f'{n}_algbw_GBps']:>7.3f} {r[f'{n}_busbw_GBps']:>7.3f}"
-                for n in ("plain", "ours")]
-        print(f"{r['ranks']:>5} {str(r['size_mb']) + ' MB':>7} {r['iters']:>5} | {cols[0]} | "
-              f"{cols[1]} | {r['ratio_ours_over_plain']:>10.3f}")
-    print("(bandwidths in GB/s = 1e9 B/s; busbw = algbw * 2(n-1)/n; ours/plain = median of "
-          "paired per-repeat plain time / ours time = ours bandwidth / plain bandwidth)")
+                for n in names]
+        print(f"{r['ranks']:>5} {str(r['size_mb']) + ' MB':>7} {r['iters']:>5} | "
+              + " | ".join(cols) + " | "
+              + " ".join(f"{r[f'ratio_{n}_over_plain']:>10.3f}" for n in ratios))
+    print("(bandwidths in GB/s = 1e9 B/s; busbw = algbw * 2(n-1)/n; x/plain = median of "
+          "paired per-repeat plain time / x time = x bandwidth / plain bandwidth)")
 
 
 def main() -> None:
@@ -191,7 +207,9 @@ def main() -> None:
                         "time": "slowest rank, per all-reduce, median of repeats",
                         "ratio_ours_over_plain": "median over repeats of plain time / ours time, "
                                                  "each repeat timing both back to back "
-                                                 "(= ours bandwidth / plain bandwidth)"},
+                                                 "(= ours bandwidth / plain bandwidth)",
+                        "ratio_shm_over_plain": "the same for the shared-memory transport "
+                                                "(actors/shm_transport.py)"},
         "repeats": args.repeats, "same_result": all(checks), "rows": rows,
         "elapsed_s": round(elapsed, 1),
         "env": {"torch": torch.__version__, "python": platform.python_version(),

@@ -6,7 +6,10 @@ AdamW (fused), schedule and clipping, same bucket size. The DDP side is the loop
 by hand around `torch.nn.parallel.DistributedDataParallel`; ours is the whole `Trainer`
 (token-weighted accumulation, the global loss summed for logging — it rides in the last
 gradient bucket, so a step makes the same collectives as DDP's — metrics rows) on
-`actors.data_parallel.DataParallel`. Both run inside the same gang of Ray workers
+`actors.data_parallel.DataParallel`, whose buckets go through shared memory between the
+workers of one host (``transport: auto``, actors/shm_transport.py); a third row runs ours with
+``transport: process_group`` — the same gloo all-reduces as DDP — to show where the margin
+comes from. All run inside the same gang of Ray workers
 (`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate in balanced
 rounds (DDP, ours, ours, DDP, ...), each run starting after a full garbage collection so neither
 pays for the other's garbage; the median step time over all repeats is reported because the
@@ -91,15 +94,16 @@ def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
     return time.perf_counter() - start, steps
 
 
-def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
-              ) -> tuple[float, list[float]]:
+def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
+              transport: str = "auto") -> tuple[float, list[float]]:
     import torch.distributed as dist
     from actors.data_parallel import DataParallel
     from actors.trainer import Trainer
     from models import objective_for
 
     trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
-                      strategy=DataParallel(bucket_mb=bucket_mb), model_config=model_cfg)
+                      strategy=DataParallel(bucket_mb=bucket_mb, transport=transport),
+                      model_config=model_cfg)
     trainer.fit(until=warmup)
     dist.barrier()
     start = time.perf_counter()
@@ -113,12 +117,14 @@ def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: floa
 def worker_bench(pack, model_cfg, cfg, block_len, global_batch, warmup, repeats, bucket_mb):
     """Runs on every rank: alternates DDP and ours; returns rank 0's timings
     {loop: (run wall seconds per repeat, step seconds of all repeats)}."""
+    import functools
     import gc
 
     import torch.distributed as dist
 
     batches = _batches(pack, block_len, global_batch, cfg.max_steps)
-    loops = {"torch DDP": ddp_loop, "bmray DataParallel": ours_loop}
+    loops = {"torch DDP": ddp_loop, "bmray DataParallel": ours_loop,
+             "bmray DP over gloo": functools.partial(ours_loop, transport="process_group")}
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in loops}
     for name in balanced_order(list(loops), repeats):
         gc.collect()

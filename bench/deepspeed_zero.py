@@ -6,7 +6,9 @@ slice of the same global batch from ``models.data.BlockStream`` over the synthet
 held in memory so Parquet reads are not timed), the same parameter dtype with fp32 master
 weights and AdamW moments on both sides, the same AdamW hyper-parameters
 and two groups (decay on matrices only), the same warmup + cosine schedule, the same
-gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` on
+gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` (its buckets
+and parameter all-gathers in shared memory between the workers of this host: ``transport:
+auto``, actors/shm_transport.py; DeepSpeed's go through gloo) on
 ``actors.zero.Zero(stage, param_dtype="bf16", offload_optimizer="cpu"|"none")`` (token-weighted
 loss, the global loss summed for logging each step, inside the grad-norm all-reduce); DeepSpeed's is the loop its docs show
 (``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``) after
@@ -229,7 +231,7 @@ def ours_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmu
         if i == warmup:
             dist.barrier()
         t0 = time.perf_counter()
-        row = trainer.train_step()
+        row = trainer.train_step(read_ahead=i + 1 < len(batches))     # as fit() does
         if i >= warmup:
             steps.append(time.perf_counter() - t0)
         losses.append(row["loss"])

@@ -55,8 +55,11 @@ def _all_ops():
                 shm.all_reduce(reduced)
                 b = shard_bounds(n, me, world)
                 scattered = shm.reduce_scatter(x.clone())
+                into = torch.ones(b.size, dtype=dtype)
+                added = shm.reduce_scatter(x.clone(), into=into)
                 gathered = shm.all_gather(x[b.start:b.stop].clone(), n)
-                out[(world, n, name)] = (reduced, scattered, gathered, x.dtype == dtype)
+                out[(world, n, name)] = (reduced, scattered, gathered, x.dtype == dtype,
+                                         added is into and added)
         # async handles complete in launch order whatever order they are waited in
         ts = [torch.full((300,), float(me + 10 * i)) for i in range(3)]
         handles = [shm.all_reduce(t, async_op=True) for t in ts]
@@ -75,7 +78,8 @@ def test_all_reduce_reduce_scatter_all_gather_match_numpy(gangs):
                 total = torch.from_numpy(np.sum(inputs, axis=0) if n else inputs[0])
                 first = None
                 for me, global_rank in enumerate(members):
-                    reduced, scattered, gathered, dtype_kept = outs[global_rank][(world, n, name)]
+                    reduced, scattered, gathered, dtype_kept, added = \
+                        outs[global_rank][(world, n, name)]
                     assert dtype_kept
                     torch.testing.assert_close(reduced, total, **TOL[name])
                     if first is None:
@@ -83,6 +87,8 @@ def test_all_reduce_reduce_scatter_all_gather_match_numpy(gangs):
                     assert torch.equal(reduced, first)      # bit-identical on every rank
                     b = shard_bounds(n, me, world)
                     torch.testing.assert_close(scattered, total[b.start:b.stop], **TOL[name])
+                    # into=: accumulated in place (ZeRO-2's gradient shard)
+                    torch.testing.assert_close(added, total[b.start:b.stop] + 1, **TOL[name])
                     torch.testing.assert_close(gathered, torch.from_numpy(inputs[me]).new_tensor(
                         np.concatenate([x[shard_bounds(n, r, world).start:
                                           shard_bounds(n, r, world).stop]
