@@ -477,8 +477,13 @@ class DataParallel(Strategy):
         report["num_buckets"] = len(self.buckets)
         # where it lives (same keys as ZeRO's report): everything on this rank's device
         total = report["param_bytes"] + report["grad_bytes"] + report["optimizer_bytes"]
-        report.update(model_state_bytes=total, device=total, host=0, disk=0)
+        report.update(model_state_bytes=total, device=total, host=0, disk=0,
+                      comm_buffer_bytes=self._comm_buffer_bytes())
         return report
+
+    def _comm_buffer_bytes(self) -> int:
+        """The shared-memory slots this rank maps (not model state: reported beside it)."""
+        return self._shm.mapped_bytes if self._shm is not None else 0
 
 
 class _NoSync(contextlib.AbstractContextManager):

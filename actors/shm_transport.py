@@ -141,6 +141,7 @@ class ShmGroup:
         self._slots = [data[i * self.capacity:(i + 1) * self.capacity]
                        for i in range(self.world)]
         self._seq = 0
+        self.mapped_bytes = size
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmray-shm")
 
     # ------------------------------------------------------------ synchronisation

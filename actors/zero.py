@@ -638,7 +638,8 @@ class Zero(StatsWithNorm, DataParallel):
                              frozen_param_bytes=nbytes(self.frozen),
                              trainable_params=sum(p.numel() for p in self.params),
                              num_buckets=len(self.buckets), stage=self.stage,
-                             shards=self.shards, master_aliased=self.aliased)
+                             shards=self.shards, master_aliased=self.aliased,
+                             comm_buffer_bytes=self._comm_buffer_bytes())
 
 
 class _ShardedOptimizer(torch.optim.Optimizer):

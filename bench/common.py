@@ -17,11 +17,12 @@ def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> 
 
 
 def balanced_order(names: list[str], repeats: int) -> list[str]:
-    """Run order for ``repeats`` interleaved repeats of each of ``names``, alternating forward
-    and reversed rounds (A B, B A, A B, ...): on a shared machine the position in a round
-    (right after another run's teardown, or first after a pause) has a cost of its own, and
-    this gives every side each position equally often."""
+    """Run order for ``repeats`` interleaved repeats of each of ``names``: round r is the
+    list rotated by r (A B, B A, ... for two; A B C, B C A, C A B, ... for three). On a shared
+    machine the position in a round (right after another run's teardown, or first after a
+    pause) has a cost of its own; over len(names) rounds every side takes every position."""
     order: list[str] = []
     for r in range(repeats):
-        order.extend(names if r % 2 == 0 else reversed(names))
+        k = r % len(names)
+        order.extend(names[k:] + names[:k])
     return order

@@ -10,13 +10,14 @@ gradient bucket, so a step makes the same collectives as DDP's — metrics rows)
 workers of one host (``transport: auto``, actors/shm_transport.py); a third row runs ours with
 ``transport: process_group`` — the same gloo all-reduces as DDP — to show where the margin
 comes from. All run inside the same gang of Ray workers
-(`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate in balanced
-rounds (DDP, ours, ours, DDP, ...), each run starting after a full garbage collection so neither
-pays for the other's garbage; the median step time over all repeats is reported because the
-machine is shared and noisy: quote the ratio, not the absolute numbers. The per-round ratios
-(one DDP run against the adjacent run of ours) show the spread.
+(`cluster.gang.WorkerGroup`, one torch thread per worker, gloo) and alternate in rounds
+that rotate the order (``bench.common.balanced_order``: every loop takes every position), each
+run starting after a full garbage collection so none pays for another's garbage; the median
+step time over all repeats is reported because the machine is shared and noisy: quote the
+ratio, not the absolute numbers. The per-round ratios (a DDP run against the same round's run
+of ours) show the spread.
 
-    python bench/ddp_throughput.py [--workers 2 4 --steps 20 --repeats 3]
+    python bench/ddp_throughput.py [--workers 2 4 --steps 40 --repeats 12]
 
 Goal (issue 3): ours ≥ 1.0 × DDP at 2 and 4 workers.
 """
@@ -147,9 +148,10 @@ def connect_ray(num_cpus: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps per run")
     ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=12, help="rounds (a multiple of 3 "
+                    "gives each loop each position equally often)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
     ap.add_argument("--d-model", type=int, default=128)

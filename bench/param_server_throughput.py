@@ -4,7 +4,8 @@ Same GPT, same initial weights, same data path (synthetic world -> BPE -> packed
 BlockStream sliced by rank), same loop (actors.trainer.Trainer), N gang workers
 (cluster.gang.WorkerGroup, one CPU thread each); only the strategy differs:
 
-* ``all-reduce DP``       actors.data_parallel.DataParallel (bucketed gloo all-reduce, SUM)
+* ``all-reduce DP``       actors.data_parallel.DataParallel (bucketed all-reduce, SUM; shared
+                          memory between the workers of this host, ``transport: auto``)
 * ``PS sync``             actors.param_server.ParameterServer, K shards, BSP (equals DP's maths)
 * ``PS async (s=2)``      the same, SSP with staleness 2: each push is applied on arrival
 

@@ -234,6 +234,9 @@ def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tra
     outs = gangs(workers).execute(_dp_fit, pack, cfg, dp_cfg, ckpt_dir=ckpt_dir, split_at=10)
     assert outs[0]["memory"]["num_buckets"] > 3
     assert all(out["shm"] == (transport == "auto" and workers > 1) for out in outs)
+    # the shared-memory slots are reported beside the model state: one 1 MB slot per rank
+    assert all(out["memory"]["comm_buffer_bytes"] == (workers * (64 + (1 << 20))
+                                                      if out["shm"] else 0) for out in outs)
     steps = sorted(ref_result.losses)
     assert steps == list(range(1, 21))
     ref_losses = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
