@@ -149,15 +149,19 @@ class ShmGroup:
         return int(self._counters[rank * _LINE // 4])
 
     def _post(self, value: int) -> None:
-        self._counters[self.rank * _LINE // 4] = value
+        self._counters[self.rank * _LINE // 4] = _int32(value)
         _futex(self._base + self.rank * _LINE, _FUTEX_WAKE, 2 ** 31 - 1)
 
     def _wait_all(self, value: int) -> None:
+        """Until every rank's counter has reached ``value``. Counters are 32-bit and wrap
+        (every 2**32 / 3 ops); ranks are never more than one op apart, so "reached" is
+        decided on the wrapped difference, as TCP compares sequence numbers."""
+        target = _int32(value)
         for j in range(self.world):
             last_check = time.monotonic()
             while True:
                 seen = self._counter(j)
-                if seen >= value:
+                if (seen - target) & 0xFFFFFFFF < 0x80000000:
                     break
                 _futex(self._base + j * _LINE, _FUTEX_WAIT, seen, self.peer_check_s)
                 if time.monotonic() - last_check >= self.peer_check_s:
@@ -302,6 +306,11 @@ class ShmGroup:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _int32(value: int) -> int:
+    """``value`` modulo 2**32 as a signed 32-bit int (what the counter words hold)."""
+    return (value + 2 ** 31) % 2 ** 32 - 2 ** 31
 
 
 def _attempt(fn: Callable[[], Any]) -> str | None:

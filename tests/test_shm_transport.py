@@ -101,6 +101,31 @@ def test_all_reduce_reduce_scatter_all_gather_match_numpy(gangs):
                 assert torch.all(t == expected)
 
 
+def _across_the_counter_wrap():
+    """Ops whose 32-bit counters wrap past 2**31 and 2**32 mid-sequence still agree."""
+    from actors.shm_transport import ShmGroup, _int32
+
+    shm = ShmGroup(None, capacity_bytes=256)
+    results = []
+    for seq in (2 ** 31 // 3 - 2, 2 ** 32 // 3 - 2):
+        dist.barrier()
+        shm._seq = seq                                  # as if seq ops had run already
+        shm._post(3 * seq)
+        dist.barrier()
+        for i in range(5):
+            x = torch.full((100,), float(dist.get_rank() + i))
+            shm.all_reduce(x)
+            results.append(float(x[0]))
+        results.append(_int32(3 * shm._seq) == shm._counter(dist.get_rank()))
+    return results
+
+
+def test_counters_wrap_around(gangs):
+    outs = gangs(2).execute(_across_the_counter_wrap)
+    expected = [float(1 + 2 * i) for i in range(5)] + [True]
+    assert outs[0] == outs[1] == expected * 2
+
+
 def _dead_peer():
     """Rank 0 waits for a 'rank 1' whose pid is a finished process: a clear error, soon."""
     import time
