@@ -40,8 +40,11 @@ import ctypes
 import mmap
 import os
 import platform
+import queue
+import threading
 import time
 import uuid
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -142,7 +145,11 @@ class ShmGroup:
                        for i in range(self.world)]
         self._seq = 0
         self.mapped_bytes = size
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bmray-shm")
+        # One daemon thread runs the ops in order. It holds only the queue, so the group can
+        # be collected (which stops the thread); a daemon never holds up interpreter exit.
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_serve, args=(self._ops,), name="bmray-shm", daemon=True).start()
+        self._closed = weakref.finalize(self, self._ops.put, None)
 
     # ------------------------------------------------------------ synchronisation
     def _counter(self, rank: int) -> int:
@@ -281,7 +288,10 @@ class ShmGroup:
     def _submit(self, fn: Callable, arg: torch.Tensor, async_op: bool, *args: Any) -> Any:
         if arg.device.type != "cpu":
             raise ValueError("shared-memory collectives take CPU tensors")
-        future = self._pool.submit(fn, arg, *args)
+        if not self._closed.alive:
+            raise RuntimeError("shared-memory group is closed")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._ops.put((future, fn, (arg, *args)))
         return _Handle(future) if async_op else future.result()
 
     def all_reduce(self, t: torch.Tensor, async_op: bool = False) -> Any:
@@ -305,7 +315,23 @@ class ShmGroup:
         return self._submit(self._all_gather, shard, async_op, numel)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Stop the op thread once the queued ops are done (they still complete)."""
+        self._closed()
+
+
+def _serve(ops: queue.SimpleQueue) -> None:
+    """The op thread: run (future, fn, args) items in order until a None arrives."""
+    while True:
+        item = ops.get()
+        if item is None:
+            return
+        future, fn, args = item
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:    # noqa: BLE001 - handed to whoever waits
+                future.set_exception(exc)
+        del item, future, fn, args          # no reference to the group between ops
 
 
 def _int32(value: int) -> int:

@@ -126,6 +126,33 @@ def test_counters_wrap_around(gangs):
     assert outs[0] == outs[1] == expected * 2
 
 
+def _dropped_group_stops_its_thread():
+    import gc
+    import threading
+    import time
+
+    from actors.shm_transport import ShmGroup
+
+    def threads():
+        return sum(t.name == "bmray-shm" for t in threading.enumerate())
+
+    before = threads()
+    shm = ShmGroup(None, capacity_bytes=256)
+    shm.all_reduce(torch.ones(3))
+    during = threads()
+    del shm
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threads() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return before, during, threads()
+
+
+def test_a_dropped_group_stops_its_thread(gangs):
+    for before, during, after in gangs(2).execute(_dropped_group_stops_its_thread):
+        assert during == before + 1 and after == before
+
+
 def _dead_peer():
     """Rank 0 waits for a 'rank 1' whose pid is a finished process: a clear error, soon."""
     import time
