@@ -36,8 +36,8 @@ Accelerating Data Parallel Training", §3.2), written out so it can be read in o
   and one hook; autograd sums the gradients of its uses before the hook fires.
 * **The step's statistics ride with the gradients**: the trainer logs the global loss and
   needs the next step's global token count; sent alone they would cost a collective per step,
-  and on gloo a collective costs the same ~30 context switches and ~1-2 ms of CPU per rank
-  whatever its size (bench/results/ddp_throughput.json has the measurement). So the last
+  and on gloo a collective costs ~1.4-2.1 ms of CPU and 10-30 context switches per rank
+  whatever its size (measured with getrusage at 2 and 4 ranks on a 2-core machine). So the last
   bucket (the first layers' gradients, complete only at the very end of backward) has
   ``STATS_SLOTS`` extra elements and is held back after a synced backward until the loop
   hands over its numbers (``reduce_step_stats``, microseconds later), then reduced with them.
@@ -45,8 +45,9 @@ Accelerating Data Parallel Training", §3.2), written out so it can be read in o
   nobody asking, ``clip_and_step`` launches the held bucket itself.
 
 * **Transport**: ``transport: auto`` (default) sums the buckets of CPU workers that share a
-  host in shared memory (actors/shm_transport.py: ~4x less CPU per bucket than gloo's TCP
-  loopback, bench/results/collective_bandwidth.json), and goes through the process group
+  host in shared memory (actors/shm_transport.py: 3-5x less CPU per bucket than gloo's TCP
+  loopback, 2.4-4x its bandwidth in bench/results/collective_bandwidth.json), and goes
+  through the process group
   (gloo, NCCL) otherwise; ``shm`` insists (a clear error where it cannot), ``process_group``
   never uses it.
 
