@@ -226,7 +226,7 @@ class DataParallel(Strategy):
     def _open_transport(self) -> None:
         """The shared-memory group for the buckets, where ``transport`` allows and the ranks
         can use one (CPU, Linux x86-64, one host); every rank of the group decides alike."""
-        choice = getattr(self.config, "transport", "auto")
+        choice = self.config.transport
         if choice == "process_group" or not self.distributed or self.world_size == 1:
             return
         usable = self.device.type == "cpu" and shm_transport.available()

@@ -190,14 +190,11 @@ class ShmGroup:
     def _slot(self, i: int, like: torch.Tensor, n: int) -> torch.Tensor:
         return self._slots[i][:n * like.element_size()].view(like.dtype)
 
-    def _pieces(self, flat: torch.Tensor, per: int):
-        """``(lo, hi)`` ranges of ``per`` elements (a whole number of them per slot)."""
-        return [(lo, min(lo + per, flat.numel())) for lo in range(0, flat.numel(), per)]
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             flat = t.view(-1)
-            for lo, hi in self._pieces(flat, self.capacity // t.element_size()):
+            for lo, hi in _pieces(flat, self.capacity // t.element_size()):
                 x = flat[lo:hi]
                 n = x.numel()
                 base = self._begin()
@@ -241,7 +238,7 @@ class ShmGroup:
             # pieces of ``cols`` columns of the [world, per] layout: a piece's row r is a slice
             # of rank r's share, copied into each slot without a temporary
             cols = max(1, self.capacity // t.element_size() // self.world)
-            for lo, hi in self._pieces(out, cols):
+            for lo, hi in _pieces(out, cols):
                 k = hi - lo
                 base = self._begin()
                 self._slot(self.rank, t, self.world * k).view(self.world, k).copy_(
@@ -274,7 +271,7 @@ class ShmGroup:
             full = shard.new_empty(per * self.world)
             grid = full.view(self.world, per)
             flat = shard.reshape(-1)
-            for lo, hi in self._pieces(grid[0], self.capacity // shard.element_size()):
+            for lo, hi in _pieces(grid[0], self.capacity // shard.element_size()):
                 base = self._begin()
                 mine = flat[lo:min(hi, b.size)]
                 self._slot(self.rank, shard, hi - lo)[:mine.numel()].copy_(mine)
@@ -318,6 +315,11 @@ class ShmGroup:
     def close(self) -> None:
         """Stop the op thread once the queued ops are done (they still complete)."""
         self._closed()
+
+
+def _pieces(flat: torch.Tensor, per: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of at most ``per`` elements covering ``flat``."""
+    return [(lo, min(lo + per, flat.numel())) for lo in range(0, flat.numel(), per)]
 
 
 def _serve(ops: queue.SimpleQueue) -> None:

@@ -105,6 +105,11 @@ def weighted_forward_backward(model: nn.Module, batch: dict[str, Any], device: t
                        dict(getattr(out, "metrics", None) or {}))
 
 
+def split_step_stats(sums: Sequence[float], n_values: int) -> tuple[list[float], list[int]]:
+    """``reduce_step_stats``'s answer from one summed list: values first, then counts."""
+    return list(sums[:n_values]), [int(round(c)) for c in sums[n_values:]]
+
+
 class MicroResult(NamedTuple):
     """What the loop keeps of one micro-batch: detached scalars, not the logits (keeping the
     outputs of every micro-batch would hold B×T×V logits per micro-batch until the step ends)."""
@@ -190,13 +195,8 @@ class Strategy(ABC):
         Data parallelism overrides it to send them inside the step's last gradient bucket:
         a collective costs the same few context switches whatever its size, so a step then
         costs exactly as many collectives as torch DDP's, logging included."""
-        n = len(values)
         pending = self.all_reduce_sum_async([*map(float, values), *map(float, counts)])
-
-        def wait() -> tuple[list[float], list[int]]:
-            out = pending()
-            return out[:n], [int(round(c)) for c in out[n:]]
-        return wait
+        return lambda: split_step_stats(pending(), len(values))
 
     def barrier(self) -> None:
         """Block until every rank gets here (a no-op in one process)."""

@@ -97,7 +97,7 @@ from models.typed_config import ConfigError, check_choice, check_positive
 
 from . import collectives as C
 from .data_parallel import TRANSPORTS, DataParallel, _Bucket
-from .strategy import MicroResult, build_adamw, weighted_forward_backward
+from .strategy import MicroResult, build_adamw, split_step_stats, weighted_forward_backward
 from .train_config import TrainConfig
 
 from .loss_scaler import DynamicLossScaler
@@ -237,8 +237,7 @@ class StatsWithNorm:
                 self._stats = None
                 dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
                 box.append(payload.tolist())
-            out, n = box[0], len(values)
-            return out[:n], [int(round(c)) for c in out[n:]]
+            return split_step_stats(box[0], len(values))
         return wait
 
     def _take_stats(self) -> torch.Tensor | None:
