@@ -338,3 +338,11 @@ def test_unused_and_tied_parameters(pack, gangs):
             torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
     n_params = sum(p.numel() for p in ref.strategy.module.parameters())   # tied: counted once
     assert outs[0]["memory"]["grad_bytes"] == 4 * n_params
+
+
+def test_an_unknown_transport_is_a_config_error():
+    from actors.zero import ZeroConfig
+
+    for make in (DataParallelConfig, ZeroConfig):
+        with pytest.raises(ConfigError, match="strategy.transport"):
+            make(transport="tcp")
