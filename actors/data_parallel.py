@@ -223,9 +223,11 @@ class DataParallel(Strategy):
         self._open_transport()
         self.optimizer = build_adamw(self.model, cfg, self.params)
 
-    def _open_transport(self) -> None:
+    def _open_transport(self, capacity_bytes: int | None = None) -> None:
         """The shared-memory group for the buckets, where ``transport`` allows and the ranks
-        can use one (CPU, Linux x86-64, one host); every rank of the group decides alike."""
+        can use one (CPU, Linux x86-64, one host); every rank of the group decides alike.
+        ``capacity_bytes``: each rank's slot (default: the bucket size, 1-4 MB; larger
+        tensors go in pieces)."""
         choice = self.config.transport
         if choice == "process_group" or not self.distributed or self.world_size == 1:
             return
@@ -235,7 +237,9 @@ class DataParallel(Strategy):
                 raise ConfigError("strategy.transport: shm needs CPU workers on Linux x86-64 "
                                   f"(this rank trains on {self.device.type})")
             return
-        capacity = int(min(max(self.config.bucket_mb * MB, MB), 4 * MB))   # pieces beyond
+        if capacity_bytes is None:
+            capacity_bytes = int(self.config.bucket_mb * MB)
+        capacity = int(min(max(capacity_bytes, MB), 4 * MB))   # pieces beyond
         try:
             self._shm = shm_transport.ShmGroup(self.group, capacity_bytes=capacity)
         except shm_transport.Unavailable as exc:

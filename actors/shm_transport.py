@@ -260,15 +260,22 @@ class ShmGroup:
                 return into
             return out[:b.size]
 
-    def _all_gather(self, shard: torch.Tensor, numel: int) -> torch.Tensor:
-        """Every rank's ``shard`` (its ``shard_bounds(numel)`` elements) concatenated."""
+    def _all_gather(self, shard: torch.Tensor, numel: int,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+        """Every rank's ``shard`` (its ``shard_bounds(numel)`` elements) concatenated; into
+        ``out`` (``numel`` contiguous elements) when given."""
         with torch.no_grad():
             b = shard_bounds(numel, self.rank, self.world)
             if shard.numel() != b.size:
                 raise ValueError(f"shared-memory all_gather: rank {self.rank} has "
                                  f"{shard.numel()} elements but owns {b.size} of {numel}")
             per = b.padded
-            full = shard.new_empty(per * self.world)
+            if out is not None and (out.numel() != numel or not out.is_contiguous()
+                                    or out.dtype != shard.dtype):
+                raise ValueError(f"shared-memory all_gather: out= needs {numel} contiguous "
+                                 f"{shard.dtype} elements, got {tuple(out.shape)} {out.dtype}")
+            direct = out is not None and per * self.world == numel   # no padding: gather in place
+            full = out.view(-1) if direct else shard.new_empty(per * self.world)
             grid = full.view(self.world, per)
             flat = shard.reshape(-1)
             for lo, hi in _pieces(grid[0], self.capacity // shard.element_size()):
@@ -280,7 +287,11 @@ class ShmGroup:
                 for j in range(self.world):
                     grid[j, lo:hi].copy_(self._slot(j, shard, hi - lo))
                 self._post(base + 3)
-            return full[:numel]
+            if out is None:
+                return full[:numel]
+            if not direct:
+                out.view(-1).copy_(full[:numel])
+            return out
 
     # ------------------------------------------------------------ public API
     def _submit(self, fn: Callable, arg: torch.Tensor, async_op: bool, *args: Any) -> Any:
@@ -307,10 +318,12 @@ class ShmGroup:
         without a temporary the size of the shard)."""
         return self._submit(self._reduce_scatter, t, async_op, into)
 
-    def all_gather(self, shard: torch.Tensor, numel: int, async_op: bool = False) -> Any:
+    def all_gather(self, shard: torch.Tensor, numel: int, async_op: bool = False,
+                   out: torch.Tensor | None = None) -> Any:
         """The inverse of ``reduce_scatter``'s split: every rank's shard of a flat tensor of
-        ``numel`` elements, concatenated (``actors.collectives.all_gather`` for 1-d)."""
-        return self._submit(self._all_gather, shard, async_op, numel)
+        ``numel`` elements, concatenated (``actors.collectives.all_gather`` for 1-d). ``out``:
+        write them there (ZeRO-3 gathers straight into a unit's flat parameter buffer)."""
+        return self._submit(self._all_gather, shard, async_op, numel, out)
 
     def close(self) -> None:
         """Stop the op thread once the queued ops are done (they still complete)."""

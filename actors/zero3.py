@@ -77,7 +77,11 @@ freed: about the root plus two blocks, plus every level-2 block); setting
 
 Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
 broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
-not used. Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose
+not used. ``transport`` as there: between the CPU workers of one host (``auto``) the units'
+all-gathers write straight into their flat buffers and their reduce-scatters add straight
+into the gradient shards through shared memory (actors/shm_transport.py: ~4× less CPU per
+collective than gloo's loopback TCP), else they go through the process group. The grad-norm,
+found-inf and checkpoint collectives stay on the process group. Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose
 options are :class:`Zero3Config`).
 
 Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
@@ -101,7 +105,7 @@ from torch.utils._pytree import tree_flatten
 from models.typed_config import ConfigError, check_choice, check_positive
 
 from . import collectives as C
-from .data_parallel import DataParallel
+from .data_parallel import TRANSPORTS, DataParallel
 from .loss_scaler import DynamicLossScaler
 from .strategy import MicroResult, build_adamw, weighted_forward_backward
 from .train_config import TrainConfig
@@ -126,9 +130,11 @@ class Zero3Config:
     broadcast_init: bool = True
     sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
     block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
+    transport: str = "auto"                # gathers + reduce-scatters: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
+        check_choice("strategy.transport", self.transport, TRANSPORTS)
         if self.block_levels is not None:
             if not isinstance(self.block_levels, dict):
                 raise ConfigError(f"strategy.block_levels: expected a mapping of unit-name "
@@ -313,6 +319,8 @@ class Zero3(StatsWithNorm, DataParallel):
             u.module.register_forward_hook(self._make_post_forward(u))
         module.register_forward_pre_hook(self._root_pre_forward)
         module.register_forward_hook(self._root_post_forward)
+        # shared memory for the units' gathers and reduce-scatters, if it can (data_parallel.py)
+        self._open_transport(capacity_bytes=max([u.nbytes for u in self.units] + [1 << 20]))
 
     # ------------------------------------------------------------ gather / free
     def _alloc(self, u: _Unit) -> None:
@@ -342,6 +350,9 @@ class Zero3(StatsWithNorm, DataParallel):
         if self.world_size == 1:
             out.copy_(shard)
             u.pending = True
+            return
+        if self._shm is not None:           # straight into the unit's flat buffer
+            u.pending = self._shm.all_gather(shard, u.numel, async_op=True, out=out)
             return
         try:
             u.pending = C._all_gather_flat(out, shard, group=self.group, async_op=True)
@@ -446,8 +457,12 @@ class Zero3(StatsWithNorm, DataParallel):
             p.grad = None
         u.reduced = True
         self._event("reduce", u)
-        u.pending_grad = (C.reduce_scatter(flat, op="sum", group=self.group, async_op=True)
-                          if self.world_size > 1 else flat)
+        if self.world_size == 1:
+            u.pending_grad = flat
+        elif self._shm is not None:         # summed straight into the gradient shard
+            u.pending_grad = self._shm.reduce_scatter(flat, async_op=True, into=u.grad_shard)
+        else:
+            u.pending_grad = C.reduce_scatter(flat, op="sum", group=self.group, async_op=True)
         if u is not self.root:
             self._free(u)
         self._inflight.append(u)
@@ -456,7 +471,9 @@ class Zero3(StatsWithNorm, DataParallel):
 
     def _retire(self, u: _Unit) -> None:
         pending = u.pending_grad
-        u.grad_shard.add_(pending if torch.is_tensor(pending) else pending.wait())
+        reduced = pending if torch.is_tensor(pending) else pending.wait()
+        if reduced is not u.grad_shard:     # the shared-memory op added it in place already
+            u.grad_shard.add_(reduced)
         u.pending_grad = None
 
     def _drain_gathers(self) -> None:
@@ -635,4 +652,5 @@ class Zero3(StatsWithNorm, DataParallel):
             num_units=len(self.units), stage=3, shards=self.world_size,
             unit_bytes=[u.nbytes for u in self.units],
             unit_levels=[u.level for u in self.units],
-            peak_gathered_bytes=self.peak_gathered_bytes)
+            peak_gathered_bytes=self.peak_gathered_bytes,
+            comm_buffer_bytes=self._comm_buffer_bytes())

@@ -342,7 +342,8 @@ def test_unused_and_tied_parameters(pack, gangs):
 
 def test_an_unknown_transport_is_a_config_error():
     from actors.zero import ZeroConfig
+    from actors.zero3 import Zero3Config
 
-    for make in (DataParallelConfig, ZeroConfig):
+    for make in (DataParallelConfig, ZeroConfig, Zero3Config):
         with pytest.raises(ConfigError, match="strategy.transport"):
             make(transport="tcp")

@@ -58,8 +58,11 @@ def _all_ops():
                 into = torch.ones(b.size, dtype=dtype)
                 added = shm.reduce_scatter(x.clone(), into=into)
                 gathered = shm.all_gather(x[b.start:b.stop].clone(), n)
+                buf = torch.empty(n, dtype=dtype)       # out=: ZeRO-3's flat parameter buffer
+                gathered_out = shm.all_gather(x[b.start:b.stop].clone(), n, out=buf)
+                assert gathered_out is buf
                 out[(world, n, name)] = (reduced, scattered, gathered, x.dtype == dtype,
-                                         added is into and added)
+                                         added is into and added, gathered_out)
         # async handles complete in launch order whatever order they are waited in
         ts = [torch.full((300,), float(me + 10 * i)) for i in range(3)]
         handles = [shm.all_reduce(t, async_op=True) for t in ts]
@@ -78,8 +81,9 @@ def test_all_reduce_reduce_scatter_all_gather_match_numpy(gangs):
                 total = torch.from_numpy(np.sum(inputs, axis=0) if n else inputs[0])
                 first = None
                 for me, global_rank in enumerate(members):
-                    reduced, scattered, gathered, dtype_kept, added = \
+                    reduced, scattered, gathered, dtype_kept, added, gathered_out = \
                         outs[global_rank][(world, n, name)]
+                    assert torch.equal(gathered_out, gathered)
                     assert dtype_kept
                     torch.testing.assert_close(reduced, total, **TOL[name])
                     if first is None:

@@ -98,13 +98,15 @@ def _on(n, fn, *args):
 def _fit(group, rank, pack, cfg, variants):
     world = dist.get_world_size(group)
     outs = {}
-    for offload in variants:
-        trainer = make_trainer(pack, cfg, Zero3(offload_params=offload, group=group), rank,
-                               world)
+    for variant in variants:        # offload_params, or a transport name
+        opts = ({"transport": variant} if isinstance(variant, str)
+                else {"offload_params": variant})
+        trainer = make_trainer(pack, cfg, Zero3(group=group, **opts), rank, world)
         pos = trainer.strategy.module.embed.pos.weight.detach().clone()
         result = trainer.fit()
-        outs[offload] = {"losses": result.losses, "weights": consolidated(trainer),
-                         "initial_pos": pos, "memory": trainer.strategy.memory_report()}
+        outs[variant] = {"losses": result.losses, "weights": consolidated(trainer),
+                         "initial_pos": pos, "memory": trainer.strategy.memory_report(),
+                         "shm": trainer.strategy._shm is not None}
     # one bf16 step for the memory formula
     mcfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=0, device="cpu", echo=False)
     t = make_trainer(pack, mcfg, Zero3(param_dtype="bf16", group=group), rank, world)
@@ -167,18 +169,23 @@ def test_same_losses_weights_and_memory(pack, gang, workers):
     psi = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert psi % 2 == 1                                     # not divisible by 2 or 4
     steps = list(range(1, 21))
-    outs = on(gang, workers, _fit, pack, CFG, (False, True))
+    # default transport (auto: shared memory between the workers), with and without offload,
+    # and the same over the process group (gloo)
+    outs = on(gang, workers, _fit, pack, CFG, (False, True, "process_group"))
     assert len(outs) == workers
     for out in outs:
-        for offload in (False, True):
-            o = out[offload]
+        assert out[False]["shm"] == out[True]["shm"] == (workers > 1)
+        assert not out["process_group"]["shm"]
+        assert (out[False]["memory"]["comm_buffer_bytes"] > 0) == (workers > 1)
+        for variant in (False, True, "process_group"):
+            o = out[variant]
             assert sorted(o["losses"]) == steps
             assert_matches(o, ref, ref_result, steps)
             torch.testing.assert_close(o["weights"]["embed.pos.weight"], o["initial_pos"],
                                        rtol=0, atol=0)      # frozen: unchanged
             mem = o["memory"]
             assert mem["trainable_params"] == psi and mem["frozen_param_bytes"] == 32 * 32 * 4
-            where = "host" if offload else "device"
+            where = "host" if variant is True else "device"
             assert mem["by_location"]["param"][where] == mem["param_bytes"] > 0
         bf16 = out["bf16"]
         predicted = 16 * psi / workers
