@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import torch
 
@@ -68,11 +69,29 @@ def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
     return build_model(model_cfg)
 
 
+def _timed(batches, warmup: int, step: Callable[[torch.Tensor], None]
+           ) -> tuple[float, list[float]]:
+    """Run ``step(blocks)`` over ``batches``; returns (seconds of the steps after ``warmup``,
+    each of their seconds). The ranks start and end the timed part together."""
+    import torch.distributed as dist
+
+    start = 0.0
+    steps = []
+    for i, blocks in enumerate(batches):
+        if i == warmup:
+            dist.barrier()
+            start = time.perf_counter()
+        t0 = time.perf_counter()
+        step(blocks)
+        if i >= warmup:
+            steps.append(time.perf_counter() - t0)
+    dist.barrier()
+    return time.perf_counter() - start, steps
+
+
 def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
              ) -> tuple[float, list[float]]:
-    """Hand-written DDP loop; returns (seconds of the steps after ``warmup``, each step's
-    seconds)."""
-    import torch.distributed as dist
+    """Hand-written DDP loop; returns ``_timed``'s (run seconds, step seconds)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     model = DDP(_fresh_model(model_cfg), bucket_cap_mb=bucket_mb)
@@ -85,13 +104,8 @@ def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
         s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_decay_steps) / cfg.lr)
     model.train()
-    start = 0.0
-    steps = []
-    for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-            start = time.perf_counter()
-        t0 = time.perf_counter()
+
+    def step(blocks: torch.Tensor) -> None:
         out = model(input_ids=blocks[:, :-1], labels=blocks[:, 1:])
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -99,16 +113,12 @@ def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
         sched.step()
         opt.zero_grad(set_to_none=True)
         float(out.loss.detach())          # what a user's logging does each step
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
-    dist.barrier()
-    return time.perf_counter() - start, steps
+    return _timed(batches, warmup, step)
 
 
 def dp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
             ) -> tuple[float, list[float]]:
     """``ddp_loop`` with our DataParallel in DDP's place, through its public strategy API."""
-    import torch.distributed as dist
     from actors.data_parallel import DataParallel
     from actors.schedule import build_scheduler
 
@@ -117,21 +127,13 @@ def dp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
     sched = build_scheduler(dp.optimizer, cfg)
     dp.train(True)
     weight = 1.0 / dp.world_size        # DDP averages over ranks; our buckets sum
-    start = 0.0
-    steps = []
-    for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-            start = time.perf_counter()
-        t0 = time.perf_counter()
+
+    def step(blocks: torch.Tensor) -> None:
         out = dp.forward_backward({"input_ids": blocks[:, :-1], "labels": blocks[:, 1:]}, weight)
         dp.clip_and_step(cfg.grad_clip)
         sched.step()
         float(out.loss)                   # what a user's logging does each step
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
-    dist.barrier()
-    return time.perf_counter() - start, steps
+    return _timed(batches, warmup, step)
 
 
 def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
