@@ -26,19 +26,36 @@ def blocks(b=4, length=32, seed=0):
 
 # ------------------------------------------------------------------------------------------- losses
 
+def _smoothed_ce_reference(logits, labels, eps):
+    """The formula written out in float64: mean over counted positions of
+    (1 - eps) * -log p_y + eps * mean_j -log p_j."""
+    x = logits.reshape(-1, logits.size(-1)).double()
+    y = labels.reshape(-1)
+    keep = y != -100
+    logp = x[keep] - torch.logsumexp(x[keep], dim=-1, keepdim=True)
+    nll = -logp.gather(1, y[keep][:, None]).squeeze(1)
+    return ((1 - eps) * nll + eps * -logp.mean(dim=-1)).mean()
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
-def test_cross_entropy_matches_torch_with_smoothing_and_ignore_index(eps):
+@pytest.mark.parametrize("ignored", ["few", "most"])     # all rows / only the counted rows
+def test_cross_entropy_matches_the_formula_with_smoothing_and_ignore_index(eps, ignored):
     g = gen(0)
     logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)
     labels = torch.randint(0, 11, (3, 7), generator=g)
     labels[0, :4] = -100
     labels[2, -1] = -100
+    if ignored == "most":           # masked LM: fewer than half the positions count
+        labels[1:, :] = -100
     ours = cross_entropy(logits, labels, label_smoothing=eps)
-    ref = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100, label_smoothing=eps)
-    torch.testing.assert_close(ours, ref)
+    ref = _smoothed_ce_reference(logits, labels, eps)
+    torch.testing.assert_close(ours.double(), ref)
     g1, = torch.autograd.grad(ours, logits)
     g2, = torch.autograd.grad(ref, logits)
-    torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(g1, g2.float())
+    # and torch's own smoothing agrees
+    torch.testing.assert_close(ours, F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1),
+                                                     ignore_index=-100, label_smoothing=eps))
 
 
 def test_cross_entropy_with_nothing_to_predict_is_zero_not_nan():
@@ -51,6 +68,7 @@ def test_cross_entropy_with_nothing_to_predict_is_zero_not_nan():
 def test_accuracy_ignores_ignored_positions():
     logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
     assert accuracy(logits, torch.tensor([[1, 1, -100]])) == pytest.approx(0.5)
+
 
 
 # ------------------------------------------------------------------------------------------ causal
