@@ -365,8 +365,8 @@ def pipeline_idle(step: list[dict]) -> float:
 
 
 def test_measured_bubble_matches_formula_p2(gangs):
-    """p = 2, m = 4, both schedules: in the least idle of 16 steps, the pipeline's measured
-    idle fraction (idle time over step time, summed over the stages) is within 5 points of
+    """p = 2, m = 4, both schedules: the lower quartile of 16 steps' measured pipeline idle
+    fractions (idle time over step time, summed over the stages) is within 5 points of
     (p-1)/(m+p-1) = 0.2. Each stage's own fraction is not held to it: it also moves with how
     much faster its process ran that step than its peer's (here +-10 points between runs; the
     formula assumes equal stages), which moves idle time from one stage to the other.
@@ -378,12 +378,16 @@ def test_measured_bubble_matches_formula_p2(gangs):
     formula = bubble_fraction(2, m)
     for schedule in ("gpipe", "1f1b"):
         stage_steps = [o[schedule] for o in outs]
-        # Noise (another process on a core, a late message) only ever adds idle time to the
-        # schedule's own bubble, so the least idle step is the estimate of the bubble; a
-        # schedule that idles more (or a measurement that counts less) fails in every step.
+        # Noise (another process on a core, a late message) mostly adds idle time to the
+        # schedule's own bubble, so a low quantile of the steps estimates the bubble; a schedule
+        # that idles more (or a measurement that counts less) fails in every step. Not the
+        # minimum: a single step also comes out low now and then (a stage preempted mid-compute
+        # counts the stretch as busy while its peer's wait is already over), e.g. 0.156 below a
+        # bulk of 0.20-0.25 in an otherwise clean run, and a full suite once saw 0.145.
         fractions = [pipeline_idle([steps[k] for steps in stage_steps])
                      for k in range(len(stage_steps[0]))]
-        best = min(range(len(fractions)), key=fractions.__getitem__)
+        ranked = sorted(range(len(fractions)), key=fractions.__getitem__)
+        best = ranked[len(ranked) // 4]
         step = [steps[best] for steps in stage_steps]
         pipeline = fractions[best]
         idle = [s["idle_fraction"] for s in step]
