@@ -81,8 +81,10 @@ not used. ``transport`` as there: between the CPU workers of one host (``auto``)
 all-gathers write straight into their flat buffers and their reduce-scatters add straight
 into the gradient shards through shared memory (actors/shm_transport.py: ~4× less CPU per
 collective than gloo's loopback TCP), else they go through the process group. The grad-norm,
-found-inf and checkpoint collectives stay on the process group. Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose
-options are :class:`Zero3Config`).
+found-inf and checkpoint collectives stay on the process group.
+
+Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose options are
+:class:`Zero3Config`).
 
 Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
 is gathered twice, which is correct but costs a second all-gather); prefetch follows the
