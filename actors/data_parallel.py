@@ -66,6 +66,7 @@ from torch import nn
 
 from models.typed_config import ConfigError, check_choice, check_positive
 
+from . import collectives as C
 from . import shm_transport
 from .strategy import (MicroResult, Strategy, build_adamw, resolve_device,
                        weighted_forward_backward)
@@ -410,6 +411,33 @@ class DataParallel(Strategy):
         self._reset()                   # zero the buffers in place: the grads stay views
         return norm.detach()
 
+    # ------------------------------------------------------------ sharded collectives (ZeRO)
+    def _reduce_scatter_into(self, t: torch.Tensor, shard: torch.Tensor) -> Any:
+        """Start summing flat ``t`` over the group and adding this rank's slice of the sum
+        (``shard_bounds``) to ``shard``; the handle's ``wait()`` returns ``shard`` with it
+        added. Shared memory adds in place (no temporary); the process group's slice is added
+        on ``wait()``."""
+        if self._shm is not None:
+            return self._shm.reduce_scatter(t, async_op=True, into=shard)
+        return _AddOnWait(C.reduce_scatter(t, op="sum", group=self.group, async_op=True), shard)
+
+    def _all_gather(self, shard: torch.Tensor, numel: int, out: torch.Tensor | None = None
+                    ) -> Any:
+        """Start gathering every rank's ``shard`` of a flat tensor of ``numel`` elements; with
+        ``out`` (``numel`` elements, a multiple of the world size) straight into it, else into
+        a new tensor that ``wait()`` returns."""
+        if self._shm is not None:
+            return self._shm.all_gather(shard, numel, async_op=True, out=out)
+        if out is None:
+            return C.all_gather(shard, numel=numel, group=self.group, async_op=True)
+        try:
+            return C._all_gather_flat(out, shard, group=self.group, async_op=True)
+        except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
+            if not C._unsupported(exc):
+                raise
+            return dist.all_gather(list(out.chunk(self.world_size)), shard, group=self.group,
+                                   async_op=True)
+
     # ------------------------------------------------------------ collectives for the loop
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
         if self.world_size == 1:
@@ -489,6 +517,17 @@ class DataParallel(Strategy):
     def _comm_buffer_bytes(self) -> int:
         """The shared-memory slots this rank maps (not model state: reported beside it)."""
         return self._shm.mapped_bytes if self._shm is not None else 0
+
+
+class _AddOnWait:
+    """A process-group reduce-scatter whose slice is added to ``shard`` when waited for."""
+
+    def __init__(self, work: Any, shard: torch.Tensor) -> None:
+        self.work, self.shard = work, shard
+
+    def wait(self) -> torch.Tensor:
+        self.shard.add_(self.work.wait())
+        return self.shard
 
 
 class _NoSync(contextlib.AbstractContextManager):

@@ -190,7 +190,6 @@ class ShmGroup:
     def _slot(self, i: int, like: torch.Tensor, n: int) -> torch.Tensor:
         return self._slots[i][:n * like.element_size()].view(like.dtype)
 
-
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             flat = t.view(-1)

@@ -427,12 +427,9 @@ class Zero(StatsWithNorm, DataParallel):
         if self.stage < 2:
             return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
         bucket.allocate()                           # a bucket of unused params: zeros
-        if self._shm is not None:           # summed straight into this rank's shard
-            bucket.work = self._shm.reduce_scatter(bucket.buffer, async_op=True,
-                                                   into=self.grad_shards[bucket.index])
-        elif self.world_size > 1:
-            bucket.work = C.reduce_scatter(bucket.buffer, op="sum", group=self.group,
-                                           async_op=True)
+        if self.world_size > 1:             # summed into this rank's gradient shard
+            bucket.work = self._reduce_scatter_into(bucket.buffer,
+                                                    self.grad_shards[bucket.index])
         self._launched += 1
         self._inflight.append(bucket)
         while len(self._inflight) > self.config.max_inflight_buckets:
@@ -440,9 +437,10 @@ class Zero(StatsWithNorm, DataParallel):
 
     def _retire(self, bucket: _Bucket) -> None:
         """Stage 2: add this rank's reduced slice to its shard, free the full bucket."""
-        shard = bucket.work.wait() if bucket.work is not None else bucket.buffer
-        if self._shm is None:
-            self.grad_shards[bucket.index].add_(shard)
+        if bucket.work is not None:
+            bucket.work.wait()
+        else:                                       # one rank: the bucket is the sum
+            self.grad_shards[bucket.index].add_(bucket.buffer)
         for p in bucket.params:
             p.grad = None
         bucket.buffer, bucket.work = None, None
@@ -509,11 +507,6 @@ class Zero(StatsWithNorm, DataParallel):
             shard = m.detach().to(self.device, self.dtype)
             work = self._all_gather(shard, b.numel) if self.shards > 1 else None
             self._gathers.append((b, work if work is not None else shard))
-
-    def _all_gather(self, shard: torch.Tensor, numel: int) -> Any:
-        if self._shm is not None:
-            return self._shm.all_gather(shard, numel, async_op=True)
-        return C.all_gather(shard, numel=numel, group=self.group, async_op=True)
 
     @torch.no_grad()
     def _wait_params(self) -> None:

@@ -100,7 +100,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
@@ -322,7 +321,8 @@ class Zero3(StatsWithNorm, DataParallel):
         module.register_forward_pre_hook(self._root_pre_forward)
         module.register_forward_hook(self._root_post_forward)
         # shared memory for the units' gathers and reduce-scatters, if it can (data_parallel.py)
-        self._open_transport(capacity_bytes=max([u.nbytes for u in self.units] + [1 << 20]))
+        self._open_transport(
+            capacity_bytes=max((u.nbytes for u in self.units), default=1 << 20))
 
     # ------------------------------------------------------------ gather / free
     def _alloc(self, u: _Unit) -> None:
@@ -353,16 +353,7 @@ class Zero3(StatsWithNorm, DataParallel):
             out.copy_(shard)
             u.pending = True
             return
-        if self._shm is not None:           # straight into the unit's flat buffer
-            u.pending = self._shm.all_gather(shard, u.numel, async_op=True, out=out)
-            return
-        try:
-            u.pending = C._all_gather_flat(out, shard, group=self.group, async_op=True)
-        except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
-            if not C._unsupported(exc):
-                raise
-            views = list(out.chunk(self.world_size))
-            u.pending = dist.all_gather(views, shard, group=self.group, async_op=True)
+        u.pending = self._all_gather(shard, u.numel, out=out)   # straight into the buffer
 
     def _wait_gather(self, u: _Unit) -> None:
         if u.gathered:
@@ -459,12 +450,8 @@ class Zero3(StatsWithNorm, DataParallel):
             p.grad = None
         u.reduced = True
         self._event("reduce", u)
-        if self.world_size == 1:
-            u.pending_grad = flat
-        elif self._shm is not None:         # summed straight into the gradient shard
-            u.pending_grad = self._shm.reduce_scatter(flat, async_op=True, into=u.grad_shard)
-        else:
-            u.pending_grad = C.reduce_scatter(flat, op="sum", group=self.group, async_op=True)
+        u.pending_grad = (self._reduce_scatter_into(flat, u.grad_shard)
+                          if self.world_size > 1 else flat)
         if u is not self.root:
             self._free(u)
         self._inflight.append(u)
@@ -473,9 +460,10 @@ class Zero3(StatsWithNorm, DataParallel):
 
     def _retire(self, u: _Unit) -> None:
         pending = u.pending_grad
-        reduced = pending if torch.is_tensor(pending) else pending.wait()
-        if reduced is not u.grad_shard:     # the shared-memory op added it in place already
-            u.grad_shard.add_(reduced)
+        if torch.is_tensor(pending):        # one rank: the flat gradient is the sum
+            u.grad_shard.add_(pending)
+        else:
+            pending.wait()                  # added to the shard
         u.pending_grad = None
 
     def _drain_gathers(self) -> None:
