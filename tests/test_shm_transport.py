@@ -190,7 +190,12 @@ def _refuse_cuda_and_strided():
     errors = []
     with pytest.raises(ValueError, match="contiguous"):
         shm.all_reduce(torch.ones(4, 4).t())
-    errors.append("ok")
+    with pytest.raises(ValueError, match="out= needs 4 contiguous"):   # the wrong size
+        shm.all_gather(torch.ones(2), 4, out=torch.empty(3))
+    with pytest.raises(ValueError, match="out= needs 4 contiguous"):   # the wrong dtype
+        shm.all_gather(torch.ones(2), 4, out=torch.empty(4, dtype=torch.float64))
+    gathered = shm.all_gather(torch.ones(2), 4, out=torch.empty(4))   # the group still works
+    errors.append("ok" if gathered.tolist() == [1.0] * 4 else gathered.tolist())
     return errors
 
 
