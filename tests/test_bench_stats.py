@@ -1,12 +1,18 @@
-"""The statistics the benchmarks report: the rotating run order and the bootstrap interval."""
+"""The statistics the benchmarks report: the rotating run order, the bootstrap interval, a
+gang's step times, and the --quick switch. References are written out here (plain medians,
+sorted lists), never a bench's own earlier output."""
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
+import sys
 from collections import Counter
 
-from bench.common import balanced_order
-from bench.ddp_throughput import bootstrap_ratio
+import pytest
+
+from bench.common import (balanced_order, bootstrap_ratio, gang_steps, parse_args,
+                          pooled_median, ratio_with_interval)
 
 
 def test_balanced_order_gives_every_loop_every_position():
@@ -50,3 +56,63 @@ def test_bootstrap_ratio_interval_covers_the_true_ratio_and_narrows_with_rounds(
         assert low < 1.05 < high
         widths.append(high - low)
     assert widths[1] < widths[0]
+
+
+def test_balanced_order_of_three_rotates_and_rejects_bad_input():
+    assert balanced_order(["a", "b", "c"], 4) == list("abc" "bca" "cab" "abc")
+    with pytest.raises(ValueError, match="distinct"):
+        balanced_order(["a", "a"], 2)
+    with pytest.raises(ValueError, match="repeats"):
+        balanced_order(["a", "b"], 0)
+
+
+def test_ratio_with_interval_is_the_ratio_of_pooled_medians():
+    """Three rounds, odd sample counts: the pooled medians are read off by hand."""
+    num = [[3.0, 1.0], [5.0], [2.0, 4.0]]          # pooled 1 2 3 4 5 -> median 3
+    den = [[1.5], [0.5, 2.5], [1.0, 2.0]]          # pooled 0.5 1 1.5 2 2.5 -> median 1.5
+    assert pooled_median(num) == 3.0 and pooled_median(den) == 1.5
+    rec = ratio_with_interval(num, den)
+    assert rec["ratio"] == 2.0 and rec["rounds"] == 3
+    low, high = rec["interval"]
+    assert low <= 2.0 <= high
+    # every resample is a ratio of medians of some rounds: bounded by the extreme round ratios
+    assert low >= min(map(min, num)) / max(map(max, den))
+    assert high <= max(map(max, num)) / min(map(min, den))
+
+
+def test_bootstrap_ratio_rejects_unmatched_or_empty_rounds():
+    with pytest.raises(ValueError, match="same rounds"):
+        bootstrap_ratio([[1.0], [1.0]], [[1.0]])
+    with pytest.raises(ValueError, match="at least one sample"):
+        bootstrap_ratio([[1.0], []], [[1.0], [1.0]])
+    with pytest.raises(ValueError, match="at least one sample"):
+        pooled_median([])
+
+
+def test_gang_steps_take_the_slowest_rank_of_each_step():
+    rank0 = [0.10, 0.30, 0.20]
+    rank1 = [0.15, 0.25, 0.20]
+    assert gang_steps([rank0, rank1]) == [0.15, 0.30, 0.20]
+    assert gang_steps([rank0]) == rank0
+    with pytest.raises(ValueError, match="different step counts"):
+        gang_steps([rank0, rank1[:2]])
+    with pytest.raises(ValueError, match="no ranks"):
+        gang_steps([])
+
+
+def test_quick_switch_sets_smoke_defaults_but_explicit_flags_win(monkeypatch):
+    def parser() -> argparse.ArgumentParser:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--steps", type=int, default=40)
+        ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
+        return ap
+
+    quick = {"steps": 3, "workers": [2]}
+    monkeypatch.setattr(sys, "argv", ["bench"])
+    full = parse_args(parser(), quick)
+    assert (full.steps, full.workers, full.quick) == (40, [2, 4], False)
+    monkeypatch.setattr(sys, "argv", ["bench", "--quick"])
+    smoke = parse_args(parser(), quick)
+    assert (smoke.steps, smoke.workers) == (3, [2])
+    monkeypatch.setattr(sys, "argv", ["bench", "--quick", "--steps", "7"])
+    assert parse_args(parser(), quick).steps == 7
