@@ -181,6 +181,7 @@ class TrainResult:
     averaged_checkpoint: str | None             # <dir>/averaged when checkpoint.average_last
     resumed_from: str | None                    # the checkpoint this call started from
     rows: list[dict] = field(default_factory=list)   # every metrics row logged by this call
+    grad_norms: dict[int, float] = field(default_factory=dict)  # step -> pre-clip gradient norm
 
 
 class Trainer:
@@ -494,6 +495,7 @@ class Trainer:
                 resumed = latest
         first_row = len(self.metrics.rows)
         losses: dict[int, float] = {}
+        grad_norms: dict[int, float] = {}
         last_eval, saved_at = None, None
         pending: Callable[[], dict[str, Any]] | None = None
 
@@ -502,6 +504,7 @@ class Trainer:
             if pending is not None:
                 row = pending()
                 losses[row["step"]] = row["loss"]
+                grad_norms[row["step"]] = row["grad_norm"]
                 pending = None
 
         while self.step < until:
@@ -530,7 +533,7 @@ class Trainer:
             self.strategy.barrier()
             averaged = ckpt.averaged_path(cc.dir)
         self.strategy.flush()
-        return TrainResult(step=self.step, losses=losses, eval=last_eval,
+        return TrainResult(step=self.step, losses=losses, grad_norms=grad_norms, eval=last_eval,
                            checkpoint=self.last_checkpoint, averaged_checkpoint=averaged,
                            resumed_from=resumed, rows=self.metrics.rows[first_row:])
 

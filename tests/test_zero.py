@@ -1,17 +1,19 @@
 """ZeRO stages 1 and 2 (actors/zero.py) against references: the single-process trainer
-(per-step losses and final weights, 20 steps, 1/2/4 workers), a transformers BertModel trained
-by SingleProcess, the ZeRO memory formulas, and a checkpoint reloaded at another stage and
-world size.
+(per-step losses, per-step pre-clip gradient norms and final weights, 20 steps, 1/2/4 workers,
+with clipping and without), the reduced gradients themselves (read back from the first AdamW
+update and compared with plain autograd on the whole batch), a transformers BertModel trained
+by SingleProcess, and a checkpoint reloaded at another stage and world size. A gradient scaled
+by 2 in the reduction (tests/equivalence.py ``scaled_reduction``) must fail these checks.
 
-Tolerance (fp32): ranks sum gradients in another order than one process and the grad norm is
-summed from shards, so results differ by rounding only: losses rtol 1e-5 / atol 1e-6,
-weights rtol 1e-5 / atol 1e-5 (as tests/test_data_parallel.py). Memory: measured
-model-state bytes per rank within 10% of 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N (bf16 params), where Ψ
-counts trainable parameters; fp32 without offload (masters aliased to the parameters):
-16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N up to the padding of each bucket (≤ N−1 elements, 16 bytes each).
+Tolerances and the optimizer's eps: see tests/equivalence.py. Memory: model-state bytes per
+rank within 10% of 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N (bf16 params), where Ψ counts trainable
+parameters; fp32 without offload (masters aliased to the parameters): 16Ψ, 8Ψ + 8Ψ/N,
+4Ψ + 12Ψ/N up to the padding of each bucket (≤ N−1 elements, 16 bytes each).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import types
 
 import pytest
@@ -31,13 +33,14 @@ from models.objectives import CausalLM
 from models.registry import build_model
 from models.typed_config import ConfigError
 
+from tests.equivalence import (EPS, LOSS_TOL, WEIGHT_TOL, assert_same_run,
+                               gradient_from_first_update, scaled_reduction)
 from tests.tiny_corpus import BLOCK, build_pack
 
 torch.set_num_threads(1)
-LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
-WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
-CFG = TrainConfig(max_steps=20, micro_batches=2, lr=3e-3, warmup_steps=3, grad_clip=0.5,
-                  device="cpu", echo=False)
+CFG = TrainConfig(max_steps=20, micro_batches=2, lr=3e-3, eps=EPS, warmup_steps=3,
+                  grad_clip=0.5, device="cpu", echo=False)
+NO_CLIP = dataclasses.replace(CFG, grad_clip=0.0)
 ZCFG = dict(bucket_mb=0.01, first_bucket_mb=0.002)       # several buckets, mixed sizes
 
 
@@ -76,26 +79,65 @@ def reference(pack, cfg=CFG):
     return _REF[repr(cfg)]
 
 
-def assert_matches(out, ref, ref_result, steps):
-    got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
-    exp = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
-    torch.testing.assert_close(got, exp, **LOSS_TOL)
-    for name, tensor in weights(ref).items():
-        torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
+def assert_matches(out, ref, ref_result, steps, what=""):
+    """Per-step losses and pre-clip gradient norms, and the final weights (equivalence.py)."""
+    assert_same_run(out, ref_result.losses, ref_result.grad_norms, weights(ref), steps,
+                    what=what)
 
 
 # ---------------------------------------------------------------- worker functions
 
-def _fit_stages(pack, cfg, stages, **zero_options):
+def _fit_stages(pack, cfg, stages, fault=None, **zero_options):
+    """Train each stage on this gang rank; ``fault``: a factor injected into the reductions."""
     rank, world = dist.get_rank(), dist.get_world_size()
     outs = {}
     for stage in stages:
         trainer = make_trainer(pack, cfg, Zero(stage=stage, **ZCFG, **zero_options), rank, world)
         initial_pos = trainer.strategy.module.embed.pos.weight.detach().clone()
-        result = trainer.fit()
-        outs[stage] = {"losses": result.losses, "weights": weights(trainer),
-                       "initial_pos": initial_pos, "memory": trainer.strategy.memory_report()}
+        with scaled_reduction(fault) if fault else contextlib.nullcontext():
+            result = trainer.fit()
+        outs[stage] = {"losses": result.losses, "grad_norms": result.grad_norms,
+                       "weights": weights(trainer), "initial_pos": initial_pos,
+                       "memory": trainer.strategy.memory_report()}
     return outs
+
+
+# one AdamW step that reads back as the gradient: lr 1, eps 1 ≫ |g| (update ≈ g), no decay,
+# no clipping, no warmup (tests/equivalence.py gradient_from_first_update)
+FIRST_STEP = TrainConfig(max_steps=1, micro_batches=2, lr=1.0, min_lr=0.0, eps=1.0,
+                         weight_decay=0.0, warmup_steps=0, grad_clip=0.0, device="cpu",
+                         echo=False)
+
+
+def _first_update(pack, make_strategy):
+    """(weights before, weights after) one step of ``make_strategy()`` on this rank's share."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    trainer = make_trainer(pack, FIRST_STEP, make_strategy(), rank, world)
+    before = {k: v.detach().float().clone() for k, v in trainer.strategy.state_dict()["model"].items()}
+    trainer.fit()
+    after = {k: v.detach().float().clone() for k, v in trainer.strategy.state_dict()["model"].items()}
+    return before, after
+
+
+def autograd_gradients(pack) -> dict[str, torch.Tensor]:
+    """The independent reference: the plain model's autograd gradient of the mean token loss
+    over the whole global batch (the 8 blocks every world size splits), in float64."""
+    path, vocab = pack
+    seed_everything(0)
+    model = build(vocab).double()
+    blocks = next(iter(BlockStream(path, BLOCK, 8, 0, 1, seed=0)))
+    model(**CausalLM()(blocks)).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_reduced_gradients(outs, ref_grads):
+    """Each rank's first update, read back as a gradient, equals autograd's: a missing or extra
+    1/N, a shard added twice or a slice left out moves some element by far more than 1e-5
+    of its size (float32 rounding: ~1e-6 relative)."""
+    for before, after in outs:
+        for name, g in ref_grads.items():
+            got = gradient_from_first_update(before[name], after[name], lr=1.0, eps=1.0)
+            torch.testing.assert_close(got, g, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def _memory(pack, world):
@@ -139,7 +181,8 @@ def _aliased_fp32(pack):
         tied = module.lm_head.weight is module.embed.tok.weight
         before = layout_ok()
         result = trainer.fit()
-        outs[stage] = {"losses": result.losses, "weights": weights(trainer), "tied": tied,
+        outs[stage] = {"losses": result.losses, "grad_norms": result.grad_norms,
+                       "weights": weights(trainer), "tied": tied,
                        "before": before, "after": layout_ok(),
                        "memory": z.memory_report(),
                        "padding": sum(b.numel - b.offsets[-1] - b.params[-1].numel()
@@ -159,7 +202,8 @@ def _checkpoint_resume(pack, path, stage):
     torch.manual_seed(99)      # the restore must overwrite everything
     trainer = make_trainer(pack, CFG, Zero(stage=stage, **ZCFG), rank, world)
     trainer.restore(path)
-    return {"losses": trainer.fit().losses, "weights": weights(trainer)}
+    result = trainer.fit()
+    return {"losses": result.losses, "grad_norms": result.grad_norms, "weights": weights(trainer)}
 
 
 class BertLoss(nn.Module):
@@ -198,7 +242,7 @@ def bert_batches(steps: int):
 
 
 def run_bert(strategy, rank=0, world=1, steps=3):
-    cfg = TrainConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
+    cfg = TrainConfig(lr=1e-3, eps=EPS, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
     strategy.setup(build_bert(), cfg)
     losses = []
     for batch in bert_batches(steps):
@@ -225,22 +269,25 @@ def test_config_is_validated():
             ZeroConfig(**bad)
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_same_losses_and_weights_as_single_process(pack, gangs, workers):
-    ref, ref_result = reference(pack)
+@pytest.mark.parametrize("workers,cfg", [(1, CFG), (2, CFG), (4, CFG), (2, NO_CLIP)],
+                         ids=["1", "2", "4", "2-no-clip"])
+def test_same_losses_norms_and_weights_as_single_process(pack, gangs, workers, cfg):
+    ref, ref_result = reference(pack, cfg)
     module = ref.strategy.module
     psi = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert psi % 2 == 1                                     # not divisible by 2 or 4
     # tied embeddings: one Parameter under two names
     assert len(list(module.named_parameters(remove_duplicate=False))) > \
         len(list(module.named_parameters()))
-    outs = gangs(workers).execute(_fit_stages, pack, CFG, (1, 2))
+    # the clipped run clips at every step (the unclipped one is the other path)
+    assert cfg.grad_clip == 0 or min(ref_result.grad_norms.values()) > cfg.grad_clip
+    outs = gangs(workers).execute(_fit_stages, pack, cfg, (1, 2))
     steps = list(range(1, 21))
     for out in outs:
         for stage in (1, 2):
             o = out[stage]
             assert sorted(o["losses"]) == steps
-            assert_matches(o, ref, ref_result, steps)
+            assert_matches(o, ref, ref_result, steps, what=f"stage {stage}")
             # the frozen parameter never changed and costs no gradient / optimizer memory
             torch.testing.assert_close(o["weights"]["embed.pos.weight"], o["initial_pos"],
                                        rtol=0, atol=0)
@@ -251,33 +298,70 @@ def test_same_losses_and_weights_as_single_process(pack, gangs, workers):
             assert mem["optimizer_bytes"] == pytest.approx(8 * psi / workers, rel=0.02)
 
 
-@pytest.mark.parametrize("offload", ["cpu", "disk"])
-def test_optimizer_offload_gives_the_same_run(pack, gangs, offload, tmp_path):
-    """Stages 1 and 2 with the optimizer state in host memory or memory-mapped files: the
-    same losses and weights as one process, and the state reported where it lives."""
+@pytest.mark.parametrize("workers", [2, 4])
+def test_reduced_gradients_equal_autograd(pack, gangs, workers):
+    """Stages 0, 1 and 2: the gradient each rank's optimizer applied at step 1 (read back from
+    the update, tests/equivalence.py) is the plain model's autograd gradient of the whole
+    global batch, element by element — not only up to a scale that clipping or Adam hides."""
+    ref_grads = autograd_gradients(pack)
+    for stage in (0, 1, 2):
+        outs = gangs(workers).execute(_first_update, pack,
+                                      lambda stage=stage: Zero(stage=stage, **ZCFG))
+        assert_reduced_gradients(outs, ref_grads)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_wrong_gradient_scale_fails_the_checks(pack, gangs, stage):
+    """The fault these tests exist for: the reduction sends 2× its input (a missing 1/N).
+    With clipping on, the losses may barely move; the gradient-norm check must still fail,
+    and without clipping the weights must too. And the direct gradient check fails."""
+    for cfg in (CFG, NO_CLIP):
+        ref, ref_result = reference(pack, cfg)
+        out = gangs(2).execute(_fit_stages, pack, cfg, (stage,), fault=2.0)[0][stage]
+        with pytest.raises(AssertionError, match="grad norms"):     # the norms alone
+            assert_same_run(out, out["losses"], ref_result.grad_norms, None, range(1, 21))
+        if cfg is NO_CLIP:
+            with pytest.raises(AssertionError, match="embed"):      # the weights alone
+                assert_same_run(out, out["losses"], None, weights(ref), range(1, 21))
+    outs = gangs(2).execute(_first_update_with_fault, pack, stage)
+    with pytest.raises(AssertionError):
+        assert_reduced_gradients(outs, autograd_gradients(pack))
+
+
+def _first_update_with_fault(pack, stage):
+    with scaled_reduction(2.0):
+        return _first_update(pack, lambda: Zero(stage=stage, **ZCFG))
+
+
+@pytest.mark.parametrize("workers,offload", [(1, "cpu"), (1, "disk"), (4, "cpu"),
+                                             (4, "disk")])
+def test_optimizer_offload_gives_the_same_run(pack, gangs, workers, offload, tmp_path):
+    """Stages 1 and 2 with the optimizer state in host memory or memory-mapped files, at 1
+    and 4 workers: the same losses, gradient norms and weights as one process, and the state
+    reported where it lives."""
     ref, ref_result = reference(pack)
     options = {"offload_optimizer": offload}
     if offload == "disk":
         options["disk_dir"] = str(tmp_path)
-    outs = gangs(2).execute(_fit_stages, pack, CFG, (1, 2), **options)
+    outs = gangs(workers).execute(_fit_stages, pack, CFG, (1, 2), **options)
     where = {"cpu": "host", "disk": "disk"}[offload]
     for out in outs:
         for stage in (1, 2):
-            assert_matches(out[stage], ref, ref_result, list(range(1, 21)))
+            assert_matches(out[stage], ref, ref_result, list(range(1, 21)),
+                           what=f"stage {stage}")
             by_location = out[stage]["memory"]["by_location"]["optimizer"]
             assert by_location[where] > 0 and by_location["device"] == 0
 
 
 def test_wraps_transformers_bert_from_outside(gangs):
-    """Weights atol 1e-4 (lr / 10): AdamW normalises near-zero gradients, so a rounding-level
-    difference moves such an element by up to ~lr — one process that merely splits the batch
-    in two micro-batches already differs from itself by 2e-5 here."""
+    """Tolerances of tests/equivalence.py (eps 1e-3: BERT's key biases get a zero gradient
+    too, whose rounding noise the default eps would turn into ~lr steps)."""
     ref_losses, ref_w = run_bert(SingleProcess("cpu"))
     for stage in (1, 2):
         for losses, w in gangs(2).execute(_bert, stage):
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
             for name, tensor in ref_w.items():
-                torch.testing.assert_close(w[name], tensor, rtol=1e-5, atol=1e-4, msg=name)
+                torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
 
 
 def test_memory_matches_zero_formulas(pack, gangs):
@@ -308,7 +392,9 @@ def test_checkpoint_loads_across_stages_and_world_sizes(pack, gangs, tmp_path):
     assert state["optimizer"]["param_groups"][0].keys() == \
         single.strategy.optimizer.state_dict()["param_groups"][0].keys()
     single.restore(path)
-    single_out = {"losses": single.fit().losses, "weights": weights(single)}
+    result = single.fit()
+    single_out = {"losses": result.losses, "grad_norms": result.grad_norms,
+                  "weights": weights(single)}
     steps = list(range(11, 21))
     assert_matches(single_out, ref, ref_result, steps)
     for out in gangs(4).execute(_checkpoint_resume, pack, path, 1):
