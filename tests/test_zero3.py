@@ -1,18 +1,18 @@
 """ZeRO stage 3 (actors/zero3.py) against references: the single-process trainer (per-step
-losses and final weights, 20 steps, 1/2/4 workers, with and without parameter offload), a
-transformers BertModel trained by SingleProcess, the 16Ψ/N memory formula, parameters really
-freed between uses and prefetched, checkpoints moving between stage 3 and stage 1 /
-a single process, per-block ZeRO levels (2 and 3 mixed, with activation checkpointing:
-all-gathers counted per unit) and fp16 with an overflow forced on one rank.
+losses, pre-clip gradient norms and final weights, 20 steps, 1/2/4 workers, with and without
+clipping, with parameter offload, optimizer offload and over gloo), the reduced gradients read
+back from the first update against autograd, a transformers BertModel trained by
+SingleProcess, the 16Ψ/N memory formula, parameters really freed between uses and
+prefetched, checkpoints moving between stage 3 and stage 1 / a single process, per-block ZeRO
+levels (2 and 3 mixed, with activation checkpointing: all-gathers counted per unit) and fp16
+with an overflow forced on one rank. A reduce-scatter scaled by 2 must fail these checks.
 
 One gang of 4 Ray workers (cluster.gang.WorkerGroup) runs everything: a run on N < 4
 workers uses a process group of the first N of them (``dist.new_group``) and the others sit
 it out — the same strategy code on N processes, without starting a gang per world size (the
 gang start, not the training, is what costs time on a 2-core machine).
 
-Tolerance (fp32): as tests/test_zero.py — ranks sum gradients in another order and the grad
-norm is summed from shards, so results differ by rounding only: losses rtol 1e-5 / atol 1e-6,
-weights rtol 1e-5 / atol 1e-5. Memory: model-state bytes per rank within 10% of 16Ψ/N
+Tolerance (fp32) and the optimizer's eps: tests/equivalence.py. Memory: model-state bytes per rank within 10% of 16Ψ/N
 (bf16 parameters, Ψ = trainable parameters). Per-block levels (2 workers, 4 steps at lr 3e-3,
 the plain model's key biases frozen: see ``tiny_gpt``) use the fp32 tolerance; measured
 worst weight difference 3e-6.
@@ -24,6 +24,7 @@ skipped — one more update of ~lr — fails it).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 
@@ -43,8 +44,11 @@ from models.config import ModelConfig
 from models.registry import build_model
 from models.typed_config import ConfigError
 
-from tests.test_zero import (CFG, LOSS_TOL, assert_matches, bert_batches, build_bert,
-                             make_trainer, reference, weights)
+from tests.equivalence import (EPS, LOSS_TOL, NORM_TOL, WEIGHT_TOL, assert_same_run,
+                               scaled_reduction)
+from tests.test_zero import (CFG, FIRST_STEP, NO_CLIP, assert_matches,
+                             assert_reduced_gradients, autograd_gradients, bert_batches,
+                             build_bert, make_trainer, reference, weights)
 from tests.tiny_corpus import build_pack
 
 torch.set_num_threads(1)
@@ -95,16 +99,21 @@ def _on(n, fn, *args):
 
 # ---------------------------------------------------------------- worker functions
 
-def _fit(group, rank, pack, cfg, variants):
+VARIANTS = {"default": {}, "offload_params": {"offload_params": True},
+            "offload_optimizer": {"offload_optimizer": "cpu"},
+            "process_group": {"transport": "process_group"}}
+
+
+def _fit(group, rank, pack, cfg, variants, fault=None):
     world = dist.get_world_size(group)
     outs = {}
-    for variant in variants:        # offload_params, or a transport name
-        opts = ({"transport": variant} if isinstance(variant, str)
-                else {"offload_params": variant})
-        trainer = make_trainer(pack, cfg, Zero3(group=group, **opts), rank, world)
+    for variant in variants:        # names of VARIANTS
+        trainer = make_trainer(pack, cfg, Zero3(group=group, **VARIANTS[variant]), rank, world)
         pos = trainer.strategy.module.embed.pos.weight.detach().clone()
-        result = trainer.fit()
-        outs[variant] = {"losses": result.losses, "weights": consolidated(trainer),
+        with scaled_reduction(fault) if fault else contextlib.nullcontext():
+            result = trainer.fit()
+        outs[variant] = {"losses": result.losses, "grad_norms": result.grad_norms,
+                         "weights": consolidated(trainer),
                          "initial_pos": pos, "memory": trainer.strategy.memory_report(),
                          "shm": trainer.strategy._shm is not None}
     # one bf16 step for the memory formula
@@ -124,12 +133,14 @@ def _checkpoint_resume(group, rank, pack, path):
     torch.manual_seed(99)
     trainer = make_trainer(pack, CFG, Zero3(group=group), rank, dist.get_world_size(group))
     trainer.restore(path)
-    return {"losses": trainer.fit().losses, "weights": consolidated(trainer)}
+    result = trainer.fit()
+    return {"losses": result.losses, "grad_norms": result.grad_norms,
+            "weights": consolidated(trainer)}
 
 
 def run_bert(strategy, rank=0, world=1, steps=3):
     """tests.test_zero.run_bert, reading the weights through the strategy's state_dict."""
-    cfg = TrainConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
+    cfg = TrainConfig(lr=1e-3, eps=EPS, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
     strategy.setup(build_bert(), cfg)
     losses = []
     for batch in bert_batches(steps):
@@ -162,31 +173,36 @@ def test_config_and_routing():
     assert type(build_strategy(strategy_from_dict({"kind": "zero", "stage": 2}), "cpu")) is Zero
 
 
-@pytest.mark.parametrize("workers", [1, 2, 4])
-def test_same_losses_weights_and_memory(pack, gang, workers):
-    ref, ref_result = reference(pack)
+@pytest.mark.parametrize("workers,cfg", [(1, CFG), (2, CFG), (4, CFG), (2, NO_CLIP)],
+                         ids=["1", "2", "4", "2-no-clip"])
+def test_same_losses_norms_weights_and_memory(pack, gang, workers, cfg):
+    ref, ref_result = reference(pack, cfg)
     module = ref.strategy.module
     psi = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert psi % 2 == 1                                     # not divisible by 2 or 4
     steps = list(range(1, 21))
-    # default transport (auto: shared memory between the workers), with and without offload,
-    # and the same over the process group (gloo)
-    outs = on(gang, workers, _fit, pack, CFG, (False, True, "process_group"))
+    # default transport (auto: shared memory between the workers), parameter offload,
+    # optimizer offload, and the same over the process group (gloo)
+    variants = tuple(VARIANTS) if cfg is CFG else ("default",)
+    outs = on(gang, workers, _fit, pack, cfg, variants)
     assert len(outs) == workers
     for out in outs:
-        assert out[False]["shm"] == out[True]["shm"] == (workers > 1)
-        assert not out["process_group"]["shm"]
-        assert (out[False]["memory"]["comm_buffer_bytes"] > 0) == (workers > 1)
-        for variant in (False, True, "process_group"):
+        assert out["default"]["shm"] == (workers > 1)
+        assert (out["default"]["memory"]["comm_buffer_bytes"] > 0) == (workers > 1)
+        if "process_group" in out:
+            assert not out["process_group"]["shm"]
+        for variant in variants:
             o = out[variant]
             assert sorted(o["losses"]) == steps
-            assert_matches(o, ref, ref_result, steps)
+            assert_matches(o, ref, ref_result, steps, what=variant)
             torch.testing.assert_close(o["weights"]["embed.pos.weight"], o["initial_pos"],
                                        rtol=0, atol=0)      # frozen: unchanged
             mem = o["memory"]
             assert mem["trainable_params"] == psi and mem["frozen_param_bytes"] == 32 * 32 * 4
-            where = "host" if variant is True else "device"
+            where = "host" if variant == "offload_params" else "device"
             assert mem["by_location"]["param"][where] == mem["param_bytes"] > 0
+            where = "host" if variant == "offload_optimizer" else "device"
+            assert mem["by_location"]["optimizer"][where] == mem["optimizer_bytes"] > 0
         bf16 = out["bf16"]
         predicted = 16 * psi / workers
         assert abs(bf16["model_state_bytes"] - predicted) <= 0.1 * predicted, bf16
@@ -194,6 +210,38 @@ def test_same_losses_weights_and_memory(pack, gang, workers):
         assert bf16["grad_bytes"] == pytest.approx(2 * psi / workers, rel=0.05)
         assert bf16["optimizer_bytes"] == pytest.approx(12 * psi / workers, rel=0.05)
         assert abs(bf16["loss"] - ref_result.losses[1]) < 0.05      # bf16 trains
+
+
+def _first_update(group, rank, pack, fault=None):
+    """(weights before, after) one FIRST_STEP of stage 3 (tests/test_zero.py)."""
+    trainer = make_trainer(pack, FIRST_STEP, Zero3(group=group), rank, dist.get_world_size(group))
+    before = consolidated(trainer)
+    with scaled_reduction(fault) if fault else contextlib.nullcontext():
+        trainer.fit()
+    return before, consolidated(trainer)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_reduced_gradients_equal_autograd(pack, gang, workers):
+    """The gradient stage 3 applied at step 1, read back from the update, is the plain
+    model's autograd gradient of the whole global batch (tests/test_zero.py)."""
+    assert_reduced_gradients(on(gang, workers, _first_update, pack), autograd_gradients(pack))
+
+
+def test_a_wrong_gradient_scale_fails_the_checks(pack, gang):
+    """A reduce-scatter that sends 2× its input fails the norm check (clipping on and off),
+    the weights (clipping off) and the direct gradient check."""
+    for cfg in (CFG, NO_CLIP):
+        ref, ref_result = reference(pack, cfg)
+        out = on(gang, 2, _fit, pack, cfg, ("default",), 2.0)[0]["default"]
+        with pytest.raises(AssertionError, match="grad norms"):
+            assert_same_run(out, out["losses"], ref_result.grad_norms, None, range(1, 21))
+        if cfg is NO_CLIP:
+            with pytest.raises(AssertionError, match="embed"):
+                assert_same_run(out, out["losses"], None, weights(ref), range(1, 21))
+    with pytest.raises(AssertionError):
+        assert_reduced_gradients(on(gang, 2, _first_update, pack, 2.0),
+                                 autograd_gradients(pack))
 
 
 def test_params_freed_between_uses_and_prefetched(pack):
@@ -272,13 +320,15 @@ class Toy(nn.Module):
 
 
 def _steps(strategy, model, batches, **train):
-    train = dict(dict(lr=1e-2, warmup_steps=0, device="cpu", echo=False), **train)
+    """Losses, pre-clip gradient norms (clipped at 1.0) and final weights of a few steps."""
+    train = dict(dict(lr=1e-2, eps=EPS, warmup_steps=0, device="cpu", echo=False), **train)
     strategy.setup(model, TrainConfig(**train))
-    losses = []
+    losses, norms = [], []
     for batch in batches:
         losses.append(float(strategy.forward_backward(batch, 1.0).loss))
-        strategy.clip_and_step(1.0)
-    return losses, {k: v.detach().float().clone() for k, v in strategy.state_dict()["model"].items()}
+        norms.append(float(strategy.clip_and_step(1.0)))
+    weights = {k: v.detach().float().clone() for k, v in strategy.state_dict()["model"].items()}
+    return losses, norms, weights
 
 
 @pytest.mark.parametrize("case", ["toy", "checkpointed_gpt"])
@@ -300,12 +350,13 @@ def test_any_module_ties_frozen_and_activation_checkpointing(pack, case):
         apply_activation_checkpointing(model)
         return model
 
-    ref_losses, ref_w = _steps(SingleProcess("cpu"), make(), batches)
+    ref_losses, ref_norms, ref_w = _steps(SingleProcess("cpu"), make(), batches)
     z = Zero3()
-    losses, w = _steps(z, make(), batches)
+    losses, norms, w = _steps(z, make(), batches)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), **NORM_TOL)
     for name, tensor in ref_w.items():
-        torch.testing.assert_close(w[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
     if case == "toy":
         # layer 3 is frozen (no unit); the weight tied between layers 0 and 2 is the root's
         assert [u.name for u in z.units] == ["layers.0", "layers.1", "layers.2", "<root>"]
@@ -317,12 +368,12 @@ def test_any_module_ties_frozen_and_activation_checkpointing(pack, case):
 
 
 def test_wraps_transformers_bert_from_outside(gang):
-    """Tolerances as tests/test_zero.py's Bert test (weights atol 1e-4 = lr / 10)."""
+    """Tolerances as tests/test_zero.py's Bert test (tests/equivalence.py)."""
     ref_losses, ref_w, _ = run_bert(SingleProcess("cpu"))
     for losses, w, mem in on(gang, 2, _bert):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
         for name, tensor in ref_w.items():
-            torch.testing.assert_close(w[name], tensor, rtol=1e-5, atol=1e-4, msg=name)
+            torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
         assert mem["num_units"] == 2 and mem["frozen_param_bytes"] > 0
 
 
@@ -337,8 +388,9 @@ def test_checkpoint_moves_between_stage3_and_stage1(pack, gang, tmp_path):
     assert set(state["model"]) == set(single.strategy.module.state_dict())
     single.restore(path)
     steps = list(range(11, 21))
-    assert_matches({"losses": single.fit().losses, "weights": weights(single)}, ref,
-                   ref_result, steps)
+    result = single.fit()
+    assert_matches({"losses": result.losses, "grad_norms": result.grad_norms,
+                    "weights": weights(single)}, ref, ref_result, steps)
     sp = make_trainer(pack, CFG)
     sp.fit(until=10)
     sp_path = sp.save(str(tmp_path / "ck1"))
@@ -374,12 +426,12 @@ def _levels(group, rank, batches, levels, ac_blocks):
     model = tiny_gpt(4)
     apply_activation_checkpointing(model, ac_blocks)
     z = Zero3(block_levels=levels, group=group)
-    z.setup(model, TrainConfig(lr=3e-3, warmup_steps=0, device="cpu", echo=False))
+    z.setup(model, TrainConfig(lr=3e-3, eps=EPS, warmup_steps=0, device="cpu", echo=False))
     held = []                       # bytes of each block's full buffer right after its forward
     hooks = [b.register_forward_hook(lambda m, a, o: held.append(
         m.ffn.up.weight.untyped_storage().nbytes())) for b in model.blocks]
     z.trace = []
-    losses = []
+    losses, norms = [], []
     for step, batch in enumerate(batches):
         share = {k: v.chunk(world)[rank] for k, v in batch.items()}
         loss = z.forward_backward(share, 1.0 / world).loss
@@ -390,9 +442,9 @@ def _levels(group, rank, batches, levels, ac_blocks):
                 h.remove()
             freed = all(p.untyped_storage().nbytes() == 0
                         for p in model.parameters() if p.requires_grad)
-        z.clip_and_step(1.0)
+        norms.append(float(z.clip_and_step(1.0)))
     weights = {k: v.detach().float().clone() for k, v in z.state_dict()["model"].items()}
-    return {"losses": losses, "weights": weights, "trace": trace, "held": held,
+    return {"losses": losses, "norms": norms, "weights": weights, "trace": trace, "held": held,
             "freed_after_backward": freed, "memory": z.memory_report()}
 
 
@@ -439,15 +491,16 @@ def test_mixed_block_levels_and_checkpointing_on_two_workers(gang):
     + the two level-3 blocks in flight (one computing, one prefetched). All level 2 (FSDP's
     SHARD_GRAD_OP): one gather per unit, every unit held at once."""
     batches = lm_batches(4)
-    ref_losses, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(4), batches, lr=3e-3)
+    ref_losses, ref_norms, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(4), batches, lr=3e-3)
     for levels, gathers in (({"blocks.0": 2}, [1, 2, 2, 2, 1]),
                             ({"blocks.*": 2}, [1, 1, 1, 1, 1])):
         for out in on(gang, 2, _levels, batches, levels, [0, 2]):
             torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref_losses),
                                        **LOSS_TOL)
+            torch.testing.assert_close(torch.tensor(out["norms"]), torch.tensor(ref_norms),
+                                       **NORM_TOL)
             for name, tensor in ref_w.items():
-                torch.testing.assert_close(out["weights"][name], tensor, rtol=1e-5, atol=1e-5,
-                                           msg=name)
+                torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
             t = out["trace"]
             assert [sum(e == ("gather", i) for e in t) for i in range(5)] == gathers, t
             assert [e[1] for e in t if e[0] == "reduce"] == [3, 2, 1, 0, 4]
@@ -506,8 +559,8 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere(gang):
     the scale 1024 → 512; the other steps train. Against SingleProcess fp32 on steps 1 and 3
     only (the skipped batch left out): the module docstring's fp16 tolerance."""
     batches = lm_batches(3)
-    ref_losses, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(2), [batches[0], batches[2]],
-                               **FP16_TRAIN)
+    ref_losses, _, ref_w = _steps(SingleProcess("cpu"), tiny_gpt(2), [batches[0], batches[2]],
+                                  **FP16_TRAIN)
     outs = on(gang, 2, _fp16_overflow, batches, 1)
     assert sum(o["steps"][1]["local_inf"] for o in outs) == 1          # one rank sees it
     for o in outs:
