@@ -108,6 +108,13 @@ activations, 1F1B at most ``p − i`` on stage i (the first stage holds the most
 with F = 6 × tokens × matmul parameters + 12 × tokens × s·h per attention (Kaplan et al.
 2020; Narayanan et al. 2021 eq. 3). No overlap of communication with compute is assumed, the
 same pessimism for every layout.
+
+``mfu`` (and the offload term's host rate) are not guesses: they are fitted per device kind to
+measured steps (cluster/calibration.py, from bench/plan_calibrate.py): on an H100, 0.469 from
+the recorded ZeRO-3 + offload runs of a 6.7B GPT, which then predicts the 1.3B and 2.7B runs
+within 1% and the 125M run 12% low; on this CPU from a measured single-process step. Per-step
+and per-micro-batch overheads (Python, kernel launches) are not modelled: the estimate of a
+tiny model on CPU is several times too low, its ranking of layouts is what is tested.
 """
 from __future__ import annotations
 
@@ -117,6 +124,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from torch import nn
+
+from cluster.calibration import calibration
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES = 12             # fp32 master + exp_avg + exp_avg_sq per parameter (ZeRO's K)
@@ -584,27 +593,41 @@ def bubble_fraction(pp: int, micro_batches: int) -> float:
 
 
 # ------------------------------------------------------------------ step time
+_H100 = calibration("h100").values
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """What the step-time estimate assumes about the machines (defaults: H100 SXM nodes)."""
+    """What the step-time estimate assumes about the machines (defaults: H100 SXM nodes, with
+    ``mfu`` and ``host_memory_gbs`` fitted to measured H100 steps: cluster/calibration.py;
+    :meth:`for_kind` takes another kind's calibration)."""
 
     gpus_per_node: int = 8
-    peak_tflops: float = 989.0      # dense bf16/fp16 matmul peak per GPU (fp32 runs at half)
-    mfu: float = 0.5                # fraction of peak the matmuls reach
+    peak_tflops: float = _H100["peak_tflops"]   # dense bf16/fp16 matmul peak per GPU
+    mfu: float = _H100["mfu"]       # fraction of peak the matmuls reach (fitted)
     nvlink_gbs: float = 300.0       # per-GPU bus bandwidth of collectives within a node (GB/s)
     network_gbs: float = 25.0       # per-GPU bandwidth across nodes (a 200 Gb/s NIC per GPU)
     pcie_gbs: float = 25.0          # host <-> device per GPU
-    host_memory_gbs: float = 200.0  # host memory bandwidth of a node (CPU Adam is bound by it)
+    host_memory_gbs: float = _H100["host_memory_gbs"]  # a node's host rate for CPU Adam (fitted)
     latency_us: float = 10.0        # fixed cost of one collective or send (Hockney's alpha)
     bucket_mb: float = 25.0         # gradient bucket / reduce bucket (ZeroConfig.bucket_mb)
+    fp32_speed: float = 0.5         # fp32 matmuls' rate as a fraction of peak_tflops
+    kind: str = "h100"              # the calibration the fitted fields came from
+
+    @classmethod
+    def for_kind(cls, kind: str, **overrides: float) -> "Hardware":
+        """The defaults with device kind ``kind``'s calibrated values, then ``overrides``."""
+        return cls(**{**calibration(kind).values, "kind": kind, **overrides})
 
     def __post_init__(self) -> None:
+        calibration(self.kind)
         for key in ("gpus_per_node", "peak_tflops", "mfu", "nvlink_gbs", "network_gbs",
-                    "pcie_gbs", "host_memory_gbs", "latency_us", "bucket_mb"):
+                    "pcie_gbs", "host_memory_gbs", "latency_us", "bucket_mb", "fp32_speed"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"hardware.{key}: must be > 0, got {getattr(self, key)!r}")
-        if self.mfu > 1:
-            raise ValueError(f"hardware.mfu: must be <= 1, got {self.mfu!r}")
+        for key in ("mfu", "fp32_speed"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"hardware.{key}: must be <= 1, got {getattr(self, key)!r}")
 
 
 @dataclass(frozen=True)
@@ -635,7 +658,8 @@ def step_time(spec: ModelSpec, bounds: Sequence[tuple[int, int]], *, dp: int, tp
     pp, m, e = len(bounds), micro_batches, DTYPE_BYTES[param_dtype]
     alpha = hw.latency_us * 1e-6
     tokens = seq * micro_batch
-    flops_per_s = tp * hw.peak_tflops * 1e12 * hw.mfu * (0.5 if param_dtype == "fp32" else 1.0)
+    speed = hw.fp32_speed if param_dtype == "fp32" else 1.0
+    flops_per_s = tp * hw.peak_tflops * 1e12 * hw.mfu * speed
     comp, tpc = [], []
     for i, (lo, hi) in enumerate(bounds):
         blocks = sum(6 * tokens * layer.matmul_params

@@ -62,6 +62,7 @@ from cluster.cost_model import (ATTENTION, DTYPE_BYTES, SCHEDULES, Hardware, Mod
                                 head_transient_bytes, memory_bytes, model_state_bytes,
                                 partition, recomputed_block_bytes, stage_activation_bytes,
                                 step_time, step_transient_bytes, transient_bytes)
+from cluster.calibration import CALIBRATIONS, calibration
 from models.config import ModelConfig
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -356,6 +357,7 @@ class Plan:
     enumerated: int
     smallest: Candidate | None      # the runnable one of least device memory ("nothing fits")
     usable: float                   # device bytes a layout may use
+    hardware: Hardware = dataclasses.field(default_factory=Hardware)   # what step times assume
     suggestion: str = ""
 
     @property
@@ -381,7 +383,7 @@ def plan(spec: ModelSpec, gpus: int, gpu_memory: int, work: Workload, hw: Hardwa
     if fitting:
         fastest = min(c.time.total for c in fitting)
         fitting.sort(key=lambda c: (round(c.time.total / fastest, 6), c.micro_batches, c.device))
-    return Plan(fitting, n, smallest, usable)
+    return Plan(fitting, n, smallest, usable, hw)
 
 
 def what_would_fit(spec: ModelSpec, gpus: int, gpu_memory: int, work: Workload, hw: Hardware,
@@ -428,6 +430,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _mfu(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -438,6 +450,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def hardware(args: argparse.Namespace) -> Hardware:
+    """The ``--device`` kind's calibrated hardware, with the flags given on top."""
+    given = {"gpus_per_node": args.gpus_per_node, "peak_tflops": args.peak_tflops,
+             "mfu": args.mfu, "network_gbs": args.network_gbs}
+    return Hardware.for_kind(args.device, **{k: v for k, v in given.items() if v is not None})
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jobs.plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -446,8 +465,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus", type=_positive_int, required=True, help="GPUs in the run")
     ap.add_argument("--gpu-memory", type=_memory_arg, required=True,
                     help="memory of one GPU: 80GB (10^9), 80GiB (2^30), 512MB, or bytes")
-    ap.add_argument("--gpus-per-node", type=_positive_int, default=8,
-                    help="tensor parallelism stays within a node (default 8)")
+    ap.add_argument("--gpus-per-node", type=_positive_int, default=None,
+                    help="tensor parallelism stays within a node (default: the device kind's, "
+                         "8 for h100)")
+    ap.add_argument("--device", choices=sorted(CALIBRATIONS), default="h100",
+                    help="device kind whose measured calibration (MFU, host rate, ...: "
+                         "cluster/calibration.py) the step-time estimate uses (default h100)")
     ap.add_argument("--headroom", type=_fraction, default=0.1,
                     help="fraction of GPU memory kept free for the CUDA context, cuBLAS "
                          "workspace, fragmentation and uncounted small temporaries "
@@ -468,8 +491,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="pipeline schedule: activations in flight (default 1f1b)")
     ap.add_argument("--sequence-parallel", action="store_true",
                     help="assume Megatron sequence parallelism with tp (divides all activations)")
-    ap.add_argument("--peak-tflops", type=_positive_float, default=Hardware.peak_tflops,
-                    help=f"dense bf16 peak per GPU (default {Hardware.peak_tflops}, H100 SXM)")
+    ap.add_argument("--peak-tflops", type=_positive_float, default=None,
+                    help=f"dense bf16 peak per GPU (default: the device kind's, "
+                         f"{Hardware.peak_tflops} for h100 SXM)")
+    ap.add_argument("--mfu", type=_mfu, default=None,
+                    help="fraction of peak the matmuls reach (default: the device kind's "
+                         f"calibrated value, {Hardware.mfu:.3f} for h100)")
     ap.add_argument("--network-gbs", type=_positive_float, default=Hardware.network_gbs,
                     help=f"GB/s per GPU across nodes (default {Hardware.network_gbs})")
     ap.add_argument("--include-unsupported", action="store_true",
@@ -502,7 +529,7 @@ HEADER = ["#", "dp", "tp", "pp", "zero", "offload", "m", "mbs", "ckpt", "device/
 WIDTHS = [3, 3, 3, 3, 4, 7, 4, 4, 4, 11, 10, 10, 10, 10, 10, 6, 9]
 
 
-def pretrain_overrides(c: Candidate, work: Workload) -> list[str] | None:
+def pretrain_overrides(c: Candidate, work: Workload, use_gpu: bool = True) -> list[str] | None:
     """The ``KEY=VALUE`` overrides (``python -m jobs.pretrain --set ...``) that run layout
     ``c`` of ``work``; None for a layout no strategy of ours runs.
 
@@ -519,7 +546,7 @@ def pretrain_overrides(c: Candidate, work: Workload) -> list[str] | None:
     if not c.runnable:
         return None
     sets = [o for o in work.overrides if o.partition("=")[0].split(".")[0] != "strategy"]
-    sets += [f"scaling.num_workers={c.dp * c.tp * c.pp}", "scaling.use_gpu=true",
+    sets += [f"scaling.num_workers={c.dp * c.tp * c.pp}", f"scaling.use_gpu={'true' if use_gpu else 'false'}",
              f"data.global_batch_size={work.global_batch}"]
     if work.needed_block_len != work.block_len:
         sets.append(f"data.block_len={work.needed_block_len}")
@@ -543,9 +570,9 @@ def pretrain_overrides(c: Candidate, work: Workload) -> list[str] | None:
     return sets
 
 
-def pretrain_flags(c: Candidate, work: Workload) -> str:
+def pretrain_flags(c: Candidate, work: Workload, use_gpu: bool = True) -> str:
     """:func:`pretrain_overrides` as shell-quoted ``--set`` flags, or why there are none."""
-    sets = pretrain_overrides(c, work)
+    sets = pretrain_overrides(c, work, use_gpu)
     if sets is None:
         return f"not run by our strategies: {c.unsupported}"
     return " ".join(f"--set {shlex.quote(x)}" for x in sets)
@@ -560,13 +587,17 @@ def _peak_terms(w: dict[str, Any]) -> str:
 
 
 def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespace) -> str:
-    psi = spec.total.total
+    psi, hw = spec.total.total, result.hardware
+    gpu = hw.kind != "cpu"
     lines = [f"model: {work.source} ({spec.family}, {psi / 1e6:,.2f}M trainable parameters, "
              f"{spec.n_layers} blocks), {work.param_dtype} parameters with fp32 AdamW master",
-             f"run: {args.gpus} GPU(s), {args.gpus_per_node} per node, "
+             f"run: {args.gpus} GPU(s), {result.hardware.gpus_per_node} per node, "
              f"{human_bytes(args.gpu_memory)} each ({human_bytes(result.usable)} usable at "
              f"{args.headroom:.0%} headroom); "
-             f"global batch {work.global_batch} x {work.seq_len} tokens"]
+             f"global batch {work.global_batch} x {work.seq_len} tokens",
+             f"step times: device kind {hw.kind}, MFU {hw.mfu:.3f}"
+             + (" (calibrated: " + calibration(hw.kind).source + ")"
+                if hw.mfu == calibration(hw.kind).values.get("mfu") else " (given)")]
     best = result.best
     if best is None:
         s = result.smallest
@@ -599,7 +630,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
             f"{k} {human_seconds(getattr(best.time, k))}"
             for k in ("compute", "tp", "pp", "dp", "offload") if getattr(best.time, k) > 0)
         + ")",
-        f"  run it: python -m jobs.pretrain --config {config} {pretrain_flags(best, work)}"]
+        f"  run it: python -m jobs.pretrain --config {config} {pretrain_flags(best, work, gpu)}"]
     shown = result.fitting[:args.top]
     skipped = sum(not c.runnable for c in result.fitting)
     lines += ["", f"top {len(shown)} of {len(result.fitting)} fitting layouts"
@@ -608,7 +639,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
               " ".join(f"{h:>{n}}" for h, n in zip(HEADER, WIDTHS))]
     lines += [_row(i + 1, c) for i, c in enumerate(shown)]
     lines += ["", "jobs.pretrain flags of each layout:"]
-    lines += [f"{i + 1:>3} {pretrain_flags(c, work)}" for i, c in enumerate(shown)]
+    lines += [f"{i + 1:>3} {pretrain_flags(c, work, gpu)}" for i, c in enumerate(shown)]
     return "\n".join(lines)
 
 
@@ -617,8 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         work = load_workload(args.model, args.overrides, args.seq_len, args.global_batch,
                              args.param_dtype, args.gpus)
-        hw = Hardware(gpus_per_node=args.gpus_per_node, peak_tflops=args.peak_tflops,
-                      network_gbs=args.network_gbs)
+        hw = hardware(args)
         spec = model_spec(work.model)
     except (ConfigError, ValueError) as exc:
         args.parser.error(str(exc))
@@ -633,13 +663,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         def listed(c: Candidate | None) -> dict[str, Any] | None:
             return None if c is None else \
-                {**c.to_dict(), "pretrain_overrides": pretrain_overrides(c, work)}
+                {**c.to_dict(), "pretrain_overrides": pretrain_overrides(c, work, hw.kind != "cpu")}
 
         out = {"model": {"source": work.source, "family": spec.family,
                          "trainable_params": spec.total.total, "blocks": spec.n_layers,
                          "seq_len": work.seq_len, "global_batch": work.global_batch,
                          "param_dtype": work.param_dtype},
                "gpus": args.gpus, "gpu_memory_bytes": args.gpu_memory,
+               "hardware": dataclasses.asdict(hw),
+               "calibration": {"kind": hw.kind, "source": calibration(hw.kind).source},
                "usable_bytes_per_gpu": int(result.usable), "enumerated": result.enumerated,
                "fitting": len(result.fitting),
                "recommendation": listed(result.best),
