@@ -16,8 +16,12 @@ copy, the manifest written last is the commit marker and directories without one
 ignored). ``latest`` is replaced the same way (write a temp file, then move). One file per
 rank plus a manifest is the layout later sharded strategies (ZeRO, pipeline) extend.
 
-Loading checks shapes before touching the model: a checkpoint of another model shape raises
-:class:`CheckpointError` naming the first mismatching parameter and both shapes, instead of
+The manifest also records every state file's size. Loading verifies the checkpoint before
+touching the model (:func:`verify_checkpoint`): a missing, truncated or unreadable file raises
+:class:`CorruptCheckpointError` naming the file (``Trainer.fit``'s resume then falls back to the
+previous good checkpoint: damage to the newest one never loses the run), and a checkpoint of
+another model raises :class:`CheckpointError` naming the first differing architecture field of
+the manifest's ``model_config`` or the first mismatching parameter and both shapes, instead of
 torch's long list of size mismatches.
 
 Averaging (``average_checkpoints``) is the elementwise mean of parameters over the last k
@@ -26,6 +30,7 @@ computed in float64 and cast back to each tensor's dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -46,6 +51,11 @@ _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit the model; the message says which."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A committed checkpoint is damaged (a file missing, truncated or unreadable): an older
+    one may still be good, so resuming skips it (``resume_candidates``)."""
 
 
 # ---------------------------------------------------------------- filesystem helpers
@@ -107,6 +117,14 @@ def list_checkpoints(root: str) -> list[str]:
         if info.type == pafs.FileType.Directory and m and _exists(fs, _join(info.path, MANIFEST)):
             found.append((int(m.group(1)), info.base_name))
     return [_join(root, name) for _, name in sorted(found)]
+
+
+def resume_candidates(root: str) -> list[str]:
+    """Checkpoints to try when resuming, best first: the one ``<root>/latest`` names, then
+    every other complete one, newest first. The caller takes the first that verifies."""
+    found = list_checkpoints(root)[::-1]
+    latest = latest_checkpoint(root)
+    return ([latest] if latest else []) + [p for p in found if p != latest]
 
 
 def latest_checkpoint(root: str) -> str | None:
@@ -176,9 +194,15 @@ def commit_checkpoint(root: str, step: int, *, manifest: Mapping[str, Any] | Non
     fs, base, tmp = _tmp_dir(root, step)
     name = step_dir_name(step)
     final = _join(base, name)
-    info = {"format": FORMAT, "step": step, "world_size": world_size,
-            "files": [f"rank_{r:05d}.pt" for r in range(world_size)],
-            "created": time.time(), **(manifest or {})}
+    files = [f"rank_{r:05d}.pt" for r in range(world_size)]
+    sizes = {}
+    for f, info in zip(files, fs.get_file_info([_join(tmp, f) for f in files])):
+        if info.type != pafs.FileType.File:
+            raise CheckpointError(f"cannot commit step {step} under {root!r}: {f} was not "
+                                  f"written (a rank failed during the save)")
+        sizes[f] = info.size
+    info = {"format": FORMAT, "step": step, "world_size": world_size, "files": files,
+            "file_bytes": sizes, "created": time.time(), **(manifest or {})}
     _write_bytes(fs, _join(tmp, MANIFEST), json.dumps(info, indent=2, default=str).encode())
     if _exists(fs, final):          # re-saving a step (e.g. after resuming exactly there)
         fs.delete_dir(final)
@@ -208,7 +232,66 @@ def read_manifest(path: str) -> dict[str, Any]:
         if not _exists(fs, p):
             raise CheckpointError(f"checkpoint not found: {path!r} does not exist")
         raise CheckpointError(f"not a complete checkpoint: {path!r} has no {MANIFEST}")
-    return json.loads(_read_bytes(fs, mpath).decode())
+    try:
+        manifest = json.loads(_read_bytes(fs, mpath).decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{_join(path, MANIFEST)!r} is not valid JSON "
+                                     f"(truncated or corrupt): {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{_join(path, MANIFEST)!r} is not a JSON object")
+    return manifest
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """The manifest of checkpoint directory ``path`` once its state files check out: the
+    format is ours, every listed file exists and has the size the manifest recorded at commit.
+    Cheap (no file is read); damage raises CorruptCheckpointError naming the file."""
+    manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{_join(path, MANIFEST)!r}: unknown checkpoint format "
+                              f"{manifest.get('format')!r}, expected {FORMAT!r}")
+    fs, p = resolve(path)
+    files = manifest.get("files") or ["rank_00000.pt"]
+    sizes = manifest.get("file_bytes") or {}
+    for name, info in zip(files, fs.get_file_info([_join(p, f) for f in files])):
+        if info.type != pafs.FileType.File:
+            raise CorruptCheckpointError(f"{_join(path, name)!r} is missing (the manifest "
+                                         f"lists {len(files)} state file(s))")
+        if name in sizes and info.size != sizes[name]:
+            raise CorruptCheckpointError(f"{_join(path, name)!r} is truncated or damaged: "
+                                         f"{info.size} bytes, the manifest recorded "
+                                         f"{sizes[name]}")
+    return manifest
+
+
+def read_state(path: str, name: str, map_location: str | torch.device = "cpu"
+               ) -> dict[str, Any]:
+    """torch.load of the state file ``name`` of checkpoint ``path``; a file torch cannot read
+    raises CorruptCheckpointError naming it."""
+    fs, p = resolve(path)
+    f = _join(p, name)
+    if not _exists(fs, f):
+        raise CorruptCheckpointError(f"{_join(path, name)!r} is missing")
+    try:
+        return torch.load(io.BytesIO(_read_bytes(fs, f)), map_location=map_location,
+                          weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors
+        raise CorruptCheckpointError(f"{_join(path, name)!r} cannot be read (truncated or "
+                                     f"corrupt): {type(exc).__name__}: "
+                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                                     ) from None
+
+
+def check_state_matches_manifest(path: str, manifest: Mapping[str, Any], name: str,
+                                 state: Mapping[str, Any]) -> None:
+    """A state file whose loop step is not the manifest's belongs to another checkpoint (a
+    manifest copied over, files mixed up): CorruptCheckpointError naming both."""
+    loop = state.get("loop") if isinstance(state, Mapping) else None
+    if isinstance(loop, Mapping) and "step" in loop and "step" in manifest \
+            and int(loop["step"]) != int(manifest["step"]):
+        raise CorruptCheckpointError(f"{_join(path, name)!r} holds step {loop['step']} but "
+                                     f"{_join(path, MANIFEST)!r} says step {manifest['step']}: "
+                                     f"the files belong to different checkpoints")
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -233,20 +316,40 @@ def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
 def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device = "cpu"
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(manifest, state) of one checkpoint directory, or of ``<path>/latest`` when ``path``
-    is a checkpoint root."""
+    is a checkpoint root. The checkpoint is verified first (``verify_checkpoint``)."""
     path = resolve_checkpoint(path)
-    fs, p = resolve(path)
-    manifest = read_manifest(path)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r}: unknown checkpoint format {manifest.get('format')!r}, "
-                              f"expected {FORMAT!r}")
-    rank_file = _join(p, f"rank_{rank:05d}.pt")
-    if not _exists(fs, rank_file):
+    manifest = verify_checkpoint(path)
+    name = f"rank_{rank:05d}.pt"
+    if name not in (manifest.get("files") or ["rank_00000.pt"]):
         raise CheckpointError(f"{path!r}: no state for rank {rank} "
                               f"(written with world size {manifest.get('world_size')})")
-    state = torch.load(io.BytesIO(_read_bytes(fs, rank_file)), map_location=map_location,
-                       weights_only=True)
+    state = read_state(path, name, map_location)
+    check_state_matches_manifest(path, manifest, name, state)
     return manifest, state
+
+
+# Fields of ``model_config`` that define the architecture: two models that differ in one of them
+# cannot share weights even when every shape agrees (n_heads, pos_encoding, tie_embeddings).
+# Training-time fields (dropout, label smoothing, special token ids) may change on a resume.
+ARCHITECTURE_FIELDS = ("family", "vocab_size", "d_model", "n_heads", "n_layers", "d_ff",
+                       "n_decoder_layers", "max_seq_len", "pos_encoding", "tie_embeddings",
+                       "moe", "electra_generator_scale")
+
+
+def check_model_config(path: str, manifest: Mapping[str, Any], model_config: Any) -> None:
+    """CheckpointError naming the manifest and the first architecture field in which the
+    checkpoint's ``model_config`` differs from ``model_config`` (a dataclass or mapping).
+    Skipped when either side has no config (a hand-made checkpoint, a bare module)."""
+    saved = manifest.get("model_config")
+    if dataclasses.is_dataclass(model_config):
+        model_config = dataclasses.asdict(model_config)
+    if not isinstance(saved, Mapping) or not isinstance(model_config, Mapping):
+        return
+    for key in ARCHITECTURE_FIELDS:
+        if key in saved and key in model_config and saved[key] != model_config[key]:
+            raise CheckpointError(f"{_join(path, MANIFEST)!r} is of another model: "
+                                  f"model_config.{key} is {saved[key]!r} in the checkpoint but "
+                                  f"{model_config[key]!r} in the model being trained")
 
 
 def check_compatible(model: torch.nn.Module | Mapping[str, tuple[int, ...]],
@@ -310,9 +413,11 @@ def save_average(root: str, k: int, manifest: Mapping[str, Any] | None = None) -
     if _exists(fs, tmp):
         fs.delete_dir(tmp)
     fs.create_dir(tmp, recursive=True)
-    _write_bytes(fs, _join(tmp, "rank_00000.pt"), _torch_bytes({"model": averaged}))
+    data = _torch_bytes({"model": averaged})
+    _write_bytes(fs, _join(tmp, "rank_00000.pt"), data)
     info = {**read_manifest(paths[-1]), **(manifest or {}), "format": FORMAT,
-            "averaged_from": paths, "files": ["rank_00000.pt"], "created": time.time()}
+            "averaged_from": paths, "files": ["rank_00000.pt"],
+            "file_bytes": {"rank_00000.pt": len(data)}, "created": time.time()}
     _write_bytes(fs, _join(tmp, MANIFEST), json.dumps(info, indent=2, default=str).encode())
     if _exists(fs, final):
         fs.delete_dir(final)

@@ -26,7 +26,6 @@ everything needed) instead of materialising the full state on every rank.
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -66,20 +65,17 @@ def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
     (a step directory, or a root: its ``latest``). Non-sharded items (scheduler, rng, data,
     loop, frozen params and buffers, loss scaler) come from rank 0's file."""
     path = ckpt.resolve_checkpoint(path)
-    manifest = ckpt.read_manifest(path)
-    fs, p = ckpt.resolve(path)
+    manifest = ckpt.verify_checkpoint(path)          # every file present, at its committed size
     files = manifest.get("files") or [f"rank_{r:05d}.pt"
                                       for r in range(int(manifest.get("world_size", 1)))]
     states = []
     for name in files:
-        f = ckpt._join(p, name)
-        if not ckpt._exists(fs, f):
-            raise ckpt.CheckpointError(f"{path!r}: sharded checkpoint lacks {name}")
-        states.append(torch.load(io.BytesIO(ckpt._read_bytes(fs, f)),
-                                 map_location=map_location, weights_only=True))
+        state = ckpt.read_state(path, name, map_location)
+        ckpt.check_state_matches_manifest(path, manifest, name, state)
+        states.append(state)
     for r, s in enumerate(states):
         if not is_sharded_state(s):
-            raise ckpt.CheckpointError(f"{path!r}: {files[r]} is not a sharded ZeRO state")
+            raise ckpt.CorruptCheckpointError(f"{path!r}: {files[r]} is not a sharded ZeRO state")
     first = states[0]["sharded"]
     n_units = len(first["units"])
     flats: list[dict[str, torch.Tensor]] = []
@@ -90,14 +86,14 @@ def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
         for r, s in enumerate(states):
             units = s["sharded"]["units"]
             if len(units) != n_units or units[i]["numel"] != numel:
-                raise ckpt.CheckpointError(f"{path!r}: rank files disagree on the layout "
+                raise ckpt.CorruptCheckpointError(f"{path!r}: rank files disagree on the layout "
                                            f"(unit {i} in {files[r]})")
             u = units[i]
             for k in full:
                 full[k][u["start"]:u["stop"]] = u[k].float()
             covered[u["start"]:u["stop"]] = True
         if not bool(covered.all()):
-            raise ckpt.CheckpointError(f"{path!r}: unit {i} is not fully covered by the "
+            raise ckpt.CorruptCheckpointError(f"{path!r}: unit {i} is not fully covered by the "
                                        f"rank files (missing shards)")
         flats.append(full)
     model = dict(states[0].get("model", {}))
