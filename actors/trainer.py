@@ -450,11 +450,14 @@ class Trainer:
     def restore(self, path: str) -> dict[str, Any]:
         """Load a checkpoint (a step directory, or a root: its ``latest``); return its manifest.
 
-        Shapes are checked first: a checkpoint of another model shape raises CheckpointError
-        naming the first mismatching parameter and both shapes.
+        Everything is checked before the model is touched: a missing, truncated or unreadable
+        file raises CorruptCheckpointError naming it; a checkpoint of another model raises
+        CheckpointError naming the manifest's first differing architecture field, or the
+        first mismatching parameter and both shapes.
         """
         path = ckpt.resolve_checkpoint(path)
-        info = ckpt.read_manifest(path)
+        ckpt.check_model_config(path, ckpt.read_manifest(path), self.model_config)
+        info = ckpt.verify_checkpoint(path)
         if info.get("sharded_state"):
             # a sharded ZeRO checkpoint: reassemble the full state from every rank's file,
             # then the strategy's load_state_dict re-shards it (any world size and stage)
@@ -476,6 +479,30 @@ class Trainer:
         self.last_checkpoint = path
         return manifest
 
+    def _resume(self, root: str) -> str | None:
+        """Restore the newest good checkpoint under ``root`` (None: there is none, or it is
+        the one this trainer is already at). A damaged one (CorruptCheckpointError) is
+        skipped for the one before it, so a crash or a bad disk during a save never loses the
+        run; a checkpoint of another model is an error. Logs a ``resume`` metrics row."""
+        skipped: list[str] = []
+        for path in ckpt.resume_candidates(root):
+            if path == self.last_checkpoint:
+                return None
+            try:
+                self.restore(path)
+            except ckpt.CorruptCheckpointError as exc:
+                skipped.append(str(exc))
+                print(f"[bmray] skipping a damaged checkpoint: {exc}", flush=True)
+                continue
+            if self.strategy.is_main:
+                self.metrics.log({"split": "resume", "step": self.step, "checkpoint": path,
+                                  "skipped": skipped})
+            return path
+        if skipped:
+            raise ckpt.CheckpointError(f"no usable checkpoint under {root!r}: "
+                                       + "; ".join(skipped))
+        return None
+
     # ------------------------------------------------------------ the run
     def fit(self, until: int | None = None) -> TrainResult:
         """Train to step ``until`` (default ``train.max_steps``), resuming from
@@ -487,13 +514,8 @@ class Trainer:
         """
         cc = self.ckpt_cfg
         until = self.cfg.max_steps if until is None else until
-        resumed = None
-        if cc.dir and cc.resume:
-            latest = ckpt.latest_checkpoint(cc.dir)
-            if latest is not None and latest != self.last_checkpoint:
-                self.restore(latest)
-                resumed = latest
         first_row = len(self.metrics.rows)
+        resumed = self._resume(cc.dir) if cc.dir and cc.resume else None
         losses: dict[int, float] = {}
         grad_norms: dict[int, float] = {}
         last_eval, saved_at = None, None
