@@ -2,14 +2,16 @@
 final weights for 1, 2 and 4 workers), torch autograd + a hand all-reduce (accumulated
 gradients under no_sync), and a count of the collectives actually issued.
 
-Tolerance: the ranks sum their gradients in another order than one process does, so fp32
-results differ by rounding only: losses are compared with rtol 1e-5 / atol 1e-6, weights and
-gradients with rtol 1e-5 / atol 1e-5 (and AdamW's update is bounded by lr per step, so a
-rounding difference cannot grow into a visible one in 20 steps).
+Every run is compared on its per-step losses, per-step pre-clip gradient norms and final
+weights, with clipping and without; a bucket all-reduce scaled by 2 (tests/equivalence.py
+``scaled_reduction``) must fail those checks. Tolerances and the optimizer's eps:
+tests/equivalence.py (gradients of the hand all-reduce: the weight tolerance).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -27,11 +29,13 @@ from models.objectives import CausalLM
 from models.registry import build_model
 from models.typed_config import ConfigError
 
+from tests.equivalence import EPS, WEIGHT_TOL, assert_same_run, scaled_reduction
 from tests.tiny_corpus import BLOCK, build_pack
 
 torch.set_num_threads(1)
-LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
-WEIGHT_TOL = dict(rtol=1e-5, atol=1e-5)
+CFG = TrainConfig(max_steps=20, lr=3e-3, eps=EPS, warmup_steps=3, grad_clip=0.5, device="cpu",
+                  echo=False)
+NO_CLIP = dataclasses.replace(CFG, grad_clip=0.0)
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     """(pack path, vocab size): a real BPE tokenizer and packed corpus, built once."""
@@ -85,22 +89,28 @@ def single_worker_reference(pack, cfg: TrainConfig):
 
 # ---------------------------------------------------------------- worker functions
 
-def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, split_at=None):
+def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, split_at=None,
+            fault=None):
     """Train on this gang rank; with ``ckpt_dir``, stop at ``split_at``, rebuild everything
     from another init and resume from the checkpoint."""
     rank, world = dist.get_rank(), dist.get_world_size()
     ckpt = CheckpointConfig(dir=ckpt_dir, keep_last=0) if ckpt_dir else None
     trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=objective,
                            unused=unused, ckpt=ckpt, strategy=DataParallel(dp_cfg))
-    losses = {}
+    losses, norms = {}, {}
     if ckpt_dir:
-        losses.update(trainer.fit(until=split_at).losses)
+        first = trainer.fit(until=split_at)
+        losses.update(first.losses)
+        norms.update(first.grad_norms)
         trainer = make_trainer(pack, cfg, rank=rank, world=world, objective=objective,
                                unused=unused, ckpt=ckpt, strategy=DataParallel(dp_cfg),
                                init_seed=123 + rank)     # replicas differ until the restore
-    result = trainer.fit()
+    with scaled_reduction(fault) if fault else contextlib.nullcontext():
+        result = trainer.fit()
     losses.update(result.losses)
-    return {"losses": losses, "eval": result.eval, "weights": weights(trainer),
+    norms.update(result.grad_norms)
+    return {"losses": losses, "grad_norms": norms, "eval": result.eval,
+            "weights": weights(trainer),
             "shm": trainer.strategy._shm is not None,
             "memory": trainer.strategy.memory_report(), "checkpoint": result.checkpoint}
 
@@ -220,14 +230,15 @@ def test_bucket_assignment_follows_ddp_rule():
         DataParallelConfig(bucket_mb=0)
 
 
-@pytest.mark.parametrize("workers,transport", [(1, "auto"), (2, "auto"), (4, "auto"),
-                                               (4, "process_group")])
-def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, transport,
-                                                       tmp_path):
+@pytest.mark.parametrize("workers,transport,cfg", [(1, "auto", CFG), (2, "auto", CFG),
+                                                   (4, "auto", CFG), (4, "process_group", CFG),
+                                                   (2, "auto", NO_CLIP)],
+                         ids=["1", "2", "4", "4-gloo", "2-no-clip"])
+def test_same_losses_norms_eval_and_weights_as_single_worker(pack, gangs, workers, transport,
+                                                             cfg, tmp_path):
     """``auto`` sums the buckets in shared memory (one host), ``process_group`` over gloo."""
-    cfg = TrainConfig(max_steps=20, lr=3e-3, warmup_steps=3, grad_clip=0.5, device="cpu",
-                      echo=False)
     ref, ref_result = single_worker_reference(pack, cfg)
+    assert cfg.grad_clip == 0 or min(ref_result.grad_norms.values()) > cfg.grad_clip
     dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002,   # several buckets
                                 transport=transport)
     ckpt_dir = str(tmp_path / "ck") if workers == 2 else None    # 2 workers: stop + resume
@@ -239,16 +250,12 @@ def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tra
                                                       if out["shm"] else 0) for out in outs)
     steps = sorted(ref_result.losses)
     assert steps == list(range(1, 21))
-    ref_losses = torch.tensor([ref_result.losses[s] for s in steps], dtype=torch.float64)
     ref_w = weights(ref)
     for out in outs:                                   # every rank reports the same numbers
         assert sorted(out["losses"]) == steps
-        got = torch.tensor([out["losses"][s] for s in steps], dtype=torch.float64)
-        torch.testing.assert_close(got, ref_losses, **LOSS_TOL)
+        assert_same_run(out, ref_result.losses, ref_result.grad_norms, ref_w, steps)
         assert out["eval"]["eval_tokens"] == ref_result.eval["eval_tokens"]
         assert out["eval"]["loss"] == pytest.approx(ref_result.eval["loss"], rel=1e-5)
-        for name, tensor in ref_w.items():
-            torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
     if ckpt_dir:
         # rank 0 alone wrote the replicated state; a single process can load it
         manifest = read_manifest(outs[0]["checkpoint"])
@@ -262,21 +269,32 @@ def test_same_losses_eval_and_weights_as_single_worker(pack, gangs, workers, tra
 def test_accumulation_with_uneven_micro_batches_matches_one_big_batch(pack, gangs, workers, micro):
     """8 blocks / 2 ranks / 3 micro-batches = 2+1+1 blocks; ignored labels make the target
     counts differ by rank and micro-batch. Reference: one process, one micro-batch."""
-    ref_cfg = TrainConfig(max_steps=6, lr=3e-3, warmup_steps=0, device="cpu", echo=False)
+    ref_cfg = TrainConfig(max_steps=6, lr=3e-3, eps=EPS, warmup_steps=0, device="cpu",
+                          echo=False)
     ref = make_trainer(pack, ref_cfg, objective=MaskSome())
     ref_result = ref.fit()
-    cfg = TrainConfig(max_steps=6, micro_batches=micro, lr=3e-3, warmup_steps=0,
-                      device="cpu", echo=False)
+    cfg = dataclasses.replace(ref_cfg, micro_batches=micro)
     outs = gangs(workers).execute(_dp_fit, pack, cfg,
                                   DataParallelConfig(bucket_mb=0.01, first_bucket_mb=None),
                                   objective=MaskSome())
-    ref_losses = torch.tensor([ref_result.losses[s] for s in range(1, 7)], dtype=torch.float64)
     ref_w = weights(ref)
     for out in outs:
-        got = torch.tensor([out["losses"][s] for s in range(1, 7)], dtype=torch.float64)
-        torch.testing.assert_close(got, ref_losses, **LOSS_TOL)
-        for name, tensor in ref_w.items():
-            torch.testing.assert_close(out["weights"][name], tensor, **WEIGHT_TOL, msg=name)
+        assert_same_run(out, ref_result.losses, ref_result.grad_norms, ref_w, range(1, 7))
+
+
+@pytest.mark.parametrize("transport", ["auto", "process_group"])
+def test_a_wrong_gradient_scale_fails_the_checks(pack, gangs, transport):
+    """Buckets that send 2× their gradients (a missing 1/N) over either transport: the norm
+    check fails with clipping on, the weights too without it."""
+    dp_cfg = DataParallelConfig(bucket_mb=0.01, first_bucket_mb=0.002, transport=transport)
+    for cfg in (CFG, NO_CLIP):
+        ref, ref_result = single_worker_reference(pack, cfg)
+        out = gangs(2).execute(_dp_fit, pack, cfg, dp_cfg, fault=2.0)[0]
+        with pytest.raises(AssertionError, match="grad norms"):
+            assert_same_run(out, out["losses"], ref_result.grad_norms, None, range(1, 21))
+        if cfg is NO_CLIP:
+            with pytest.raises(AssertionError, match="weight"):
+                assert_same_run(out, out["losses"], None, weights(ref), range(1, 21))
 
 
 def test_no_sync_skips_communication_and_buckets_overlap_backward(pack, gangs):
@@ -325,7 +343,7 @@ def test_step_statistics_ride_with_the_gradients(pack, gangs, kind):
 def test_unused_and_tied_parameters(pack, gangs):
     """A parameter no rank uses gets no update (as in one process: AdamW skips grad None);
     the tied embedding / output matrix is one Parameter with one slot."""
-    cfg = TrainConfig(max_steps=4, lr=3e-3, warmup_steps=0, device="cpu", echo=False)
+    cfg = TrainConfig(max_steps=4, lr=3e-3, eps=EPS, warmup_steps=0, device="cpu", echo=False)
     ref = make_trainer(pack, cfg, unused=True)
     ref.fit()
     assert ref.strategy.module.never_used.weight.grad is None
