@@ -1,20 +1,38 @@
 """ZeRO against DeepSpeed: step time and peak memory per rank at stages 1, 2, 3, with and
-without CPU optimizer offload, 2 workers on gloo.
+without CPU optimizer offload, 2 workers.
 
 Same GPT (``models.build_model``), same initial weights (seeded), same batches (each rank's
 slice of the same global batch from ``models.data.BlockStream`` over the synthetic world,
 held in memory so Parquet reads are not timed), the same parameter dtype with fp32 master
 weights and AdamW moments on both sides, the same AdamW hyper-parameters
 and two groups (decay on matrices only), the same warmup + cosine schedule, the same
-gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` (its buckets
-and parameter all-gathers in shared memory between the workers of this host: ``transport:
-auto``, actors/shm_transport.py; DeepSpeed's go through gloo) on
-``actors.zero.Zero(stage, param_dtype="bf16", offload_optimizer="cpu"|"none")`` (token-weighted
-loss, the global loss summed for logging each step, inside the grad-norm all-reduce); DeepSpeed's is the loop its docs show
-(``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``) after
-``deepspeed.initialize`` inside the same Ray gang (``cluster.gang.WorkerGroup``: one torch
-thread per worker, torch.distributed on gloo already initialised — DeepSpeed wraps that group
-with ``dist_init_required=False``).
+gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` on
+``actors.zero.Zero(stage, bucket_mb, param_dtype, offload_optimizer, transport)`` (stage 3:
+``actors.zero3.Zero3``; token-weighted loss, the global loss summed for logging each step,
+inside the grad-norm all-reduce); DeepSpeed's is the loop its docs show (``engine(batch)``,
+``engine.backward(loss)``, ``engine.step()``) after ``deepspeed.initialize`` inside the same
+Ray gang (``cluster.gang.WorkerGroup``: one torch thread per worker, torch.distributed on gloo
+already initialised — DeepSpeed wraps that group with ``dist_init_required=False``).
+
+Three sides per configuration:
+
+* ``ours, gloo`` — our buckets, parameter all-gathers and (stage 3) per-unit collectives over
+  the same gloo process group DeepSpeed uses (``transport: process_group``): the like-for-like
+  row on which the goal is judged;
+* ``ours`` — our default ``transport: auto``: between the CPU workers of one host the same
+  collectives go through shared memory (actors/shm_transport.py), a product feature DeepSpeed
+  does not have ("bmray default vs peer default", not the goal);
+* ``deepspeed`` — configured as its docs recommend for speed (``ds_config``):
+  ``overlap_comm: true``, ``contiguous_gradients: true``, ``reduce_scatter: true``, and bucket
+  sizes equal to ours. Stages 1/2: ``reduce_bucket_size = allgather_bucket_size`` = our
+  ``bucket_mb`` in elements (with offload also ``round_robin_gradients: true``). Stage 3: ours
+  gathers and reduce-scatters one transformer block (unit) at a time and prefetches the next,
+  so ``stage3_prefetch_bucket_size`` and ``reduce_bucket_size`` are one block's parameter
+  count; its other stage-3 knobs keep DeepSpeed's defaults, which favour speed
+  (``stage3_param_persistence_threshold`` 1e5 leaves every parameter smaller than that
+  unpartitioned; ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance`` 1e9 let it
+  keep gathered parameters for backward). The config passed and DeepSpeed's resolved ZeRO
+  config are in the JSON (``deepspeed_config`` per row).
 
 Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the issue names
 (DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU (AVX2, no
@@ -29,43 +47,45 @@ parameters and gradients cost 4 bytes each instead of 2.
 Optimizers: ours always uses torch's fused AdamW kernel over flat shards
 (``actors.offload.ShardedAdamW``). DeepSpeed with ``offload_optimizer: cpu`` insists on its
 ``DeepSpeedCPUAdam`` (``torch_adam: false``); without offload it gets ``torch_adam: true`` and
-``fused: true``, i.e. the same torch kernel as ours. Stage 3 of ours runs when the code base has
-it (``Zero(stage=3)`` accepted, or an ``actors.zero3`` module); otherwise its cells read n/a.
+``fused: true``, i.e. the same torch kernel as ours.
 
 Measured per rank, per run (a run = fresh model + strategy, ``--warmup-steps`` untimed steps,
-``--steps`` timed ones): each step's wall time (median over the timed steps of all repeats is
-reported, and the slower rank's median is the row's number); the peak resident set size above
-the worker's RSS just before the run built its model (a sampling thread reads /proc/self/statm
+``--steps`` timed ones): each step's wall time — the gang's step takes as long as its slower
+rank (``bench.common.gang_steps``: the ranks meet in every step's collectives) and a side's
+figure is the median over the timed steps of all rounds; the peak resident set size above the
+worker's RSS just before the run built its model (a sampling thread reads /proc/self/statm
 every ``--sample-ms``; freed heap is returned to the OS with ``malloc_trim`` before each
-baseline, so runs in the same process do not hide behind each other's freed pages); and the
-model-state bytes each strategy holds after the last step (ours: ``memory_report()``;
-DeepSpeed: the bf16 parameters it keeps (``ds_tensor`` partitions at stage 3), its fp32
-partitions, their gradients where it keeps them and its optimizer state tensors).
+baseline, so runs in the same process do not hide behind each other's freed pages), max over
+ranks, median over rounds; and the model-state bytes each strategy holds after the last step
+(ours: ``memory_report()``; DeepSpeed: ``ds_model_state``).
 
-Each configuration gets a fresh gang (DeepSpeed keeps module-level state, and its ZeRO-3
-sometimes aborts at process exit: results are read from the workers, exit codes are not
+Rounds: each configuration gets a fresh gang (DeepSpeed keeps module-level state, and its
+ZeRO-3 sometimes aborts at process exit: results are read from the workers, exit codes are not
 used), in which each side first makes one short unrecorded run, so one-time costs (lazy
-imports, DeepSpeed's op loading, allocator and thread pools) are not charged to either.
-Within a configuration ours and DeepSpeed alternate, the order flipping each repeat.
-max|dloss| compares the two sides' per-step global losses (same weights, same batches: a
-check that they train the same thing).
-The machine is shared and noisy: quote the ratios.
+imports, DeepSpeed's op loading, allocator and thread pools) are charged to none. Then
+``--repeats`` rounds run every side once, in an order that rotates from round to round
+(``bench.common.balanced_order``: every side takes every position; a multiple of 3 balances
+them). "ours/DS" is the ratio of the pooled median step times, its 90% interval a bootstrap
+over rounds (``bench.common.bootstrap_ratio``): what a rerun could plausibly give.
+max|dloss| compares each of ours' per-step global losses with DeepSpeed's (same weights, same
+batches: a check that they train the same thing). The machine is shared and noisy: quote the
+ratios.
 
-    python bench/deepspeed_zero.py [--stages 1 2 3 --offload none cpu --steps 8 --repeats 2]
+    python bench/deepspeed_zero.py                                # full: 6 configs, 20 steps x 6 rounds
+    python bench/deepspeed_zero.py --quick --out /tmp/ds.json     # smoke: every config, tiny
+    python bench/deepspeed_zero.py --stages 3 --out bench/results/deepspeed_zero_stage3.json
 
-Goal (issue): our step time <= 1.0x DeepSpeed's at equal or lower memory.
+Goal (issue): our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
+``ours, gloo`` rows (the same transport).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from typing import Any
@@ -74,82 +94,41 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import world_pack  # noqa: E402
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
+                          balanced_order, connect_ray, gang_steps, parse_args,
+                          pooled_median, ratio_with_interval, rss, trim, world_pack)
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
 
 MB = 2 ** 20
+SIDES = ("ours, gloo", "ours", "deepspeed")
+GOAL_SIDE = "ours, gloo"                       # the same transport as DeepSpeed's
+TRANSPORT = {"ours, gloo": "process_group", "ours": "auto"}
 
 
-# ---------------------------------------------------------------- ours: stage 3 or not
+# ---------------------------------------------------------------- ours
 
-def ours_factory(stage: int, offload: str, dtype: str = "fp32"):
-    """A zero-argument callable building our strategy for (stage, offload), or None when the
-    code base has no such stage (stage 3 is being written elsewhere: detect, don't assume)."""
-    from models.typed_config import ConfigError
-    from actors.zero import Zero
+def ours_config(stage: int, offload: str, dtype: str, transport: str, bucket_mb: float
+                ) -> dict[str, Any]:
+    """Our strategy's options for one configuration (a job's ``strategy:`` section)."""
+    conf: dict[str, Any] = {"kind": "zero", "stage": stage, "param_dtype": dtype,
+                            "offload_optimizer": offload, "transport": transport}
+    if stage < 3:                   # stage 3 communicates per unit (block), not per bucket
+        conf["bucket_mb"] = bucket_mb
+    return conf
 
-    kwargs = dict(stage=stage, param_dtype=dtype, offload_optimizer=offload)
-    try:
-        Zero(**kwargs)
-        return lambda: Zero(**kwargs)
-    except (ConfigError, ValueError, TypeError):
-        if stage != 3:
-            raise
-    try:
-        import actors.zero3 as z3
-    except ImportError:
-        return None
-    for name in ("Zero3", "ZeroStage3", "Zero"):
-        cls = getattr(z3, name, None)
-        if cls is None:
-            continue
-        for kw in (kwargs, {k: v for k, v in kwargs.items() if k != "stage"}):
-            try:
-                cls(**kw)
-                return lambda cls=cls, kw=kw: cls(**kw)
-            except Exception:       # noqa: BLE001 - try the next spelling
-                continue
-    return None
+
+def build_ours(conf: dict[str, Any]):
+    """``actors.zero.Zero`` from ``ours_config``'s options (``actors.zero3.Zero3`` at 3)."""
+    from actors.zero import Zero, ZeroConfig
+    from actors.zero3 import Zero3, Zero3Config
+
+    opts = {k: v for k, v in conf.items() if k != "kind"}
+    return Zero3(Zero3Config(**opts)) if conf["stage"] == 3 else Zero(ZeroConfig(**opts))
 
 
 # ---------------------------------------------------------------- memory
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakRSS:
-    """Samples this process's RSS on a thread; ``peak`` is the largest seen."""
-
-    def __init__(self, every_s: float) -> None:
-        self.every_s, self.peak = every_s, _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.peak = max(self.peak, _rss())
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
@@ -183,7 +162,7 @@ def ds_model_state(engine) -> dict[str, Any]:
     return rep
 
 
-# ---------------------------------------------------------------- the two loops (in workers)
+# ---------------------------------------------------------------- the loops (in workers)
 
 def deepspeed_gang_env() -> Any:
     """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
@@ -217,15 +196,14 @@ def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
     return build_model(model_cfg)
 
 
-def ours_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmup):
-    """(seconds of each timed step, model-state report) of our Trainer on our Zero."""
+def ours_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
+    """(seconds of each timed step, losses, model-state report) of our Trainer on our ZeRO."""
     import torch.distributed as dist
     from actors.trainer import Trainer
     from models import objective_for
 
-    strategy = ours_factory(stage, offload, dtype)()
     trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
-                      strategy=strategy, model_config=model_cfg)
+                      strategy=build_ours(conf), model_config=model_cfg)
     steps, losses = [], []
     for i in range(len(batches)):
         if i == warmup:
@@ -241,11 +219,26 @@ def ours_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmu
     return steps, losses, report
 
 
+def block_numel(model_cfg: ModelConfig) -> int:
+    """Parameters of the largest transformer block: our ZeRO-3's unit of communication."""
+    model = _fresh_model(model_cfg)
+    return max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
+
+
 def ds_config(stage: int, offload: str, dtype: str, cfg: TrainConfig, micro_batch: int,
-              world: int, bucket_mb: float) -> dict[str, Any]:
+              world: int, bucket_mb: float, unit_numel: int) -> dict[str, Any]:
+    """DeepSpeed's config at its documented best for speed, buckets equal to ours (module
+    doc). ``unit_numel``: one block's parameters (stage 3's gather / reduce granularity)."""
     bucket = int(bucket_mb * MB / (2 if dtype == "bf16" else 4))   # elements, as our bucket_mb
-    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": bucket,
-                            "allgather_bucket_size": bucket}
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_scatter": True}
+    if stage < 3:
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket,
+                    allgather_partitions=True)
+        if offload == "cpu":
+            zero["round_robin_gradients"] = True
+    else:
+        zero.update(reduce_bucket_size=unit_numel, stage3_prefetch_bucket_size=unit_numel)
     if offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     adam = {"lr": cfg.lr, "betas": [cfg.beta1, cfg.beta2], "eps": cfg.eps,
@@ -264,8 +257,15 @@ def ds_config(stage: int, offload: str, dtype: str, cfg: TrainConfig, micro_batc
             "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
 
 
-def ds_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmup, bucket_mb):
-    """(seconds of each timed step, model-state report) of DeepSpeed's engine."""
+def ds_resolved_zero(conf: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's own reading of ``conf``'s ZeRO section, defaults filled in (for the JSON)."""
+    from deepspeed.runtime.zero.config import get_zero_config
+
+    return json.loads(get_zero_config(conf).model_dump_json(by_alias=True))
+
+
+def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
+    """(seconds of each timed step, losses, model-state report) of DeepSpeed's engine."""
     import logging
 
     import deepspeed
@@ -279,15 +279,14 @@ def ds_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmup,
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    conf = ds_config(stage, offload, dtype, cfg, batches[0].size(0), dist.get_world_size(),
-                     bucket_mb)
 
     def sched(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
             s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
             decay_steps=cfg.total_decay_steps) / cfg.lr)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+                                           config=json.loads(json.dumps(conf)),
                                            lr_scheduler=sched, dist_init_required=False)
     engine.train()
     objective = objective_for(model_cfg)          # the same inputs / labels as our Trainer's
@@ -310,91 +309,90 @@ def ds_loop(stage, offload, dtype, model_cfg, cfg: TrainConfig, batches, warmup,
     return steps, losses, report
 
 
-def worker_run(side, stage, offload, dtype, pack, model_cfg, cfg, block_len, global_batch, warmup,
-               bucket_mb, sample_ms):
-    """One run on every rank: returns this rank's timings, memory and losses (or the error)."""
+def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len, global_batch,
+               warmup, sample_ms):
+    """One run of ``side`` (``conf``: our strategy's options or DeepSpeed's config) on every
+    rank: returns this rank's timings, memory and losses (or the error)."""
     import torch.distributed as dist
 
     ctx = deepspeed_gang_env()
 
     batches = _batches(pack, block_len, global_batch, cfg.max_steps)
-    _trim()
+    trim()
     dist.barrier()
-    base = _rss()
+    base = rss()
     out: dict[str, Any] = {"rank": ctx.rank, "side": side, "baseline_rss": base}
     try:
         with PeakRSS(sample_ms / 1000) as peak:
-            if side == "ours":
-                steps, losses, report = ours_loop(stage, offload, dtype, model_cfg, cfg,
-                                                  batches, warmup)
-            else:
-                steps, losses, report = ds_loop(stage, offload, dtype, model_cfg, cfg,
-                                                batches, warmup, bucket_mb)
+            loop = ds_loop if side == "deepspeed" else ours_loop
+            steps, losses, report = loop(conf, model_cfg, cfg, batches, warmup)
         out.update(steps_s=steps, losses=losses, model_state=report,
                    peak_rss=peak.peak, peak_delta=peak.peak - base)
     except Exception as exc:  # noqa: BLE001 - reported in the table
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc()[-3000:]
-    _trim()
+    trim()
     return out
 
 
 # ---------------------------------------------------------------- driver
 
-def connect_ray(num_cpus: int) -> None:
-    import ray
-
-    from cluster.connect import _repo_pythonpath
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": _repo_pythonpath()}})
-
-
-def _summary(runs: list[list[dict]]) -> dict[str, Any]:
-    """Per-side numbers from ``runs`` (one list of per-rank results per repeat)."""
-    errors = [r["error"] for rep in runs for r in rep if "error" in r]
+def _summary(rounds: list[list[dict]]) -> dict[str, Any]:
+    """One side's numbers from ``rounds`` (per round, the per-rank results)."""
+    errors = [r for rep in rounds for r in rep if "error" in r]
     if errors:
-        return {"error": errors[0],
-                "traceback": next(r["traceback"] for rep in runs for r in rep if "error" in r)}
-    ranks = sorted({r["rank"] for rep in runs for r in rep})
+        return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
+    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
+            for rep in rounds]
+    ranks = sorted({r["rank"] for rep in rounds for r in rep})
     per_rank = {}
     for k in ranks:
-        rs = [r for rep in runs for r in rep if r["rank"] == k]
-        steps = [s for r in rs for s in r["steps_s"]]
-        per_rank[k] = {"median_step_s": statistics.median(steps),
+        rs = [r for rep in rounds for r in rep if r["rank"] == k]
+        per_rank[k] = {"median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
                        "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
                        "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
                        "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
                        "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB,
-                       "model_state": rs[-1]["model_state"], "steps_s": steps,
-                       "peak_delta_mb_per_repeat": [r["peak_delta"] / MB for r in rs]}
-    worst = max(per_rank.values(), key=lambda v: v["median_step_s"])
-    return {"median_step_s": worst["median_step_s"], "median_ms": worst["median_step_s"] * 1e3,
+                       "model_state": rs[-1]["model_state"],
+                       "steps_s": [r["steps_s"] for r in rs],
+                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs]}
+    step = pooled_median(gang)
+    last = rounds[-1]
+    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
             "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
             "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
             # the step's loss over all ranks (ours logs it all-reduced; DeepSpeed's out.loss is
             # the rank's own: equal token counts per rank, so the mean over ranks is global)
-            "losses": [statistics.fmean(r["losses"][i] for r in runs[-1])
-                       for i in range(len(runs[-1][0]["losses"]))],
+            "losses": [statistics.fmean(r["losses"][i] for r in last)
+                       for i in range(len(last[0]["losses"]))],
             "per_rank": per_rank}
 
 
-def _qualname(factory) -> str | None:
-    """module.Class of the strategy a factory builds (stage 3 may be actors.zero3.Zero3)."""
-    if factory is None:
+def compare(ours: dict[str, Any], ds: dict[str, Any]) -> dict[str, Any] | None:
+    """ours against DeepSpeed in one configuration (None when either side failed)."""
+    if "error" in ours or "error" in ds:
         return None
-    cls = type(factory())
-    return f"{cls.__module__}.{cls.__name__}"
+    step = ratio_with_interval(ours["gang_steps_s"], ds["gang_steps_s"])
+    peak = ours["peak_delta_mb"] / max(ds["peak_delta_mb"], 1e-9)
+    return {"ratio_step": step["ratio"], "ratio_step_interval": step["interval"],
+            "ratio_peak": peak,
+            "ratio_model_state": ours["model_state_mb"] / max(ds["model_state_mb"], 1e-9),
+            "max_abs_loss_diff": max(abs(a - b) for a, b in zip(ours["losses"], ds["losses"])),
+            "met": step["ratio"] <= 1.0 and peak <= 1.0}
+
+
+QUICK = {"steps": 2, "warmup_steps": 1, "repeats": 3, "d_model": 128, "layers": 2}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     ap.add_argument("--offload", nargs="+", default=["none", "cpu"], choices=["none", "cpu"])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
     ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side")
+    ap.add_argument("--repeats", type=int, default=6, help="rounds, each side once per round "
+                    "in rotating order (a multiple of 3 balances the positions)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
     ap.add_argument("--d-model", type=int, default=256)
@@ -408,7 +406,9 @@ def main() -> None:
     ap.add_argument("--sample-ms", type=float, default=5.0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "deepspeed_zero.json"))
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
+    if args.batch % args.workers:
+        ap.error(f"--batch {args.batch} must be a multiple of --workers {args.workers}")
 
     import deepspeed
     from cluster.gang import ScalingConfig, WorkerGroup
@@ -419,95 +419,105 @@ def main() -> None:
     n = args.steps + args.warmup_steps
     cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
                       echo=False)
+    short = TrainConfig(**{**cfg.__dict__, "max_steps": args.warmup_steps})
     pack = world_pack(tempfile.mkdtemp(prefix="bmray_ds_bench_"), args.block_len, args.vocab,
                       n_entities=200)
     n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
+    unit = block_numel(model_cfg)
     connect_ray(num_cpus=max(8, args.workers))
     rows = []
     t_start = time.time()
     for stage in args.stages:
         for offload in args.offload:
             config = f"stage {stage}, offload {offload}"
-            have_ours = ours_factory(stage, offload, args.param_dtype) is not None
-            sides = (["ours"] if have_ours else []) + ["deepspeed"]
-            runs: dict[str, list] = {s: [] for s in sides}
+            confs: dict[str, dict[str, Any]] = {
+                side: ours_config(stage, offload, args.param_dtype, TRANSPORT[side],
+                                  args.bucket_mb) for side in TRANSPORT}
+            confs["deepspeed"] = ds_config(stage, offload, args.param_dtype, cfg,
+                                           args.batch // args.workers, args.workers,
+                                           args.bucket_mb, unit)
+            runs: dict[str, list] = {s: [] for s in SIDES}
             t0 = time.time()
             with WorkerGroup(ScalingConfig(num_workers=args.workers,
                                            cpus_per_worker=1)) as group:
                 # an unrecorded short run of each side first: one-time costs (lazy imports,
                 # DeepSpeed's op loading, allocator and thread-pool set-up) are paid before
                 # any run whose memory and time are kept
-                short = TrainConfig(**{**cfg.__dict__, "max_steps": args.warmup_steps})
-                for side in sides:
-                    group.execute(worker_run, side, stage, offload, args.param_dtype, pack,
-                                  model_cfg, short, args.block_len, args.batch, 0,
-                                  args.bucket_mb, args.sample_ms)
-                for rep in range(args.repeats):
-                    for side in (sides if rep % 2 == 0 else sides[::-1]):
-                        runs[side].append(group.execute(
-                            worker_run, side, stage, offload, args.param_dtype, pack, model_cfg, cfg,
-                            args.block_len, args.batch, args.warmup_steps, args.bucket_mb,
-                            args.sample_ms))
+                for side in SIDES:
+                    group.execute(worker_run, side, confs[side], pack, model_cfg, short,
+                                  args.block_len, args.batch, 0, args.sample_ms)
+                for side in balanced_order(list(SIDES), args.repeats):
+                    runs[side].append(group.execute(
+                        worker_run, side, confs[side], pack, model_cfg, cfg, args.block_len,
+                        args.batch, args.warmup_steps, args.sample_ms))
+            sides = {side: _summary(runs[side]) for side in SIDES}
+            vs = {side: compare(sides[side], sides["deepspeed"]) for side in TRANSPORT}
             row = {"stage": stage, "offload": offload, "config": config,
-                   "ours_strategy": _qualname(ours_factory(stage, offload, args.param_dtype)),
-                   "ours": _summary(runs["ours"]) if have_ours else {"error": "n/a"},
-                   "deepspeed": _summary(runs["deepspeed"]), "wall_s": time.time() - t0}
-            o, d = row["ours"], row["deepspeed"]
-            if "error" not in o and "error" not in d:
-                row["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(o["losses"],
-                                                                        d["losses"]))
-                row["ratio_step"] = o["median_step_s"] / d["median_step_s"]
-                row["ratio_peak"] = o["peak_delta_mb"] / max(d["peak_delta_mb"], 1e-9)
-                row["goal_met"] = row["ratio_step"] <= 1.0 and row["ratio_peak"] <= 1.0
+                   "ours_strategy": {side: confs[side] for side in TRANSPORT},
+                   "deepspeed_config": {"passed": confs["deepspeed"],
+                                        "resolved_zero_optimization":
+                                            ds_resolved_zero(confs["deepspeed"])},
+                   "sides": sides, "vs_deepspeed": vs, "wall_s": time.time() - t0}
+            if vs[GOAL_SIDE] is not None:       # the goal: the same transport on both sides
+                row.update({k: vs[GOAL_SIDE][k] for k in
+                            ("ratio_step", "ratio_step_interval", "ratio_peak",
+                             "max_abs_loss_diff")}, goal_met=vs[GOAL_SIDE]["met"])
             rows.append(row)
             print(f"[{time.time() - t_start:6.0f} s] {config}: done in {row['wall_s']:.0f} s",
                   flush=True)
 
     def cell(side: dict, key: str, fmt: str) -> str:
-        if "error" in side:
-            return "n/a" if side["error"] == "n/a" else "error"
-        return format(side[key], fmt)
+        return "error" if "error" in side else format(side[key], fmt)
 
     print(f"\nGPT d_model={args.d_model} layers={args.layers} vocab={args.vocab} "
-          f"({n_params / 1e6:.2f}M params), {args.param_dtype} params + fp32 master/Adam, global batch "
-          f"{args.batch}x{args.block_len - 1} tokens on {args.workers} gloo workers x 1 thread; "
-          f"{args.steps} timed steps x {args.repeats} interleaved repeats; ms = slower rank's "
-          f"median step; peak MB = RSS above the pre-run baseline (max over ranks, median over "
-          f"repeats); state MB = model-state bytes per rank as each reports")
-    hdr = (f"{'config':22s} {'ours ms':>8s} {'DS ms':>8s} {'ours/DS':>7s} {'ours pk MB':>10s} "
-           f"{'DS pk MB':>9s} {'pk o/DS':>7s} {'ours st MB':>10s} {'DS st MB':>9s} "
-           f"{'max|dloss|':>10s}")
-    print(hdr)
+          f"({n_params / 1e6:.2f}M params), {args.param_dtype} params + fp32 master/Adam, "
+          f"global batch {args.batch}x{args.block_len - 1} tokens on {args.workers} workers x 1 "
+          f"thread; {args.steps} timed steps x {args.repeats} rotating rounds; ms = median gang "
+          f"step; o/DS = ours' step / DeepSpeed's with its bootstrap {INTERVAL:.0%} interval over "
+          f"rounds; pk = peak RSS above the pre-run baseline (max over ranks, median over "
+          f"rounds); st = model-state MB per rank as each reports; '*' = the goal row (ours "
+          f"over gloo, like DeepSpeed)")
+    print(f"{'config':22s} {'side':11s} {'ms':>7s} {'DS ms':>7s} {'o/DS':>6s} "
+          f"{'interval':>11s} {'pk MB':>7s} {'DS pk':>7s} {'pk o/DS':>7s} {'st MB':>7s} "
+          f"{'DS st':>7s} {'max|dloss|':>10s}")
     for r in rows:
-        o, d = r["ours"], r["deepspeed"]
-        ratio = f"{r['ratio_step']:7.3f}" if "ratio_step" in r else f"{'-':>7s}"
-        print(f"{r['config']:22s} {cell(o, 'median_ms', '.1f'):>8s} "
-              f"{cell(d, 'median_ms', '.1f'):>8s} {ratio} {cell(o, 'peak_delta_mb', '.1f'):>10s} "
-              f"{cell(d, 'peak_delta_mb', '.1f'):>9s} "
-              f"{format(r['ratio_peak'], '7.3f') if 'ratio_peak' in r else '-':>7s} "
-              f"{cell(o, 'model_state_mb', '.1f'):>10s} {cell(d, 'model_state_mb', '.1f'):>9s} "
-              f"{format(r['max_abs_loss_diff'], '.1e') if 'max_abs_loss_diff' in r else '-':>10s}")
+        d = r["sides"]["deepspeed"]
+        for side in TRANSPORT:
+            o, c = r["sides"][side], r["vs_deepspeed"][side]
+            mark = "*" if side == GOAL_SIDE else " "
+            if c is None:
+                print(f"{r['config']:22s}{mark}{side:11s} {cell(o, 'median_ms', '.1f'):>7s} "
+                      f"{cell(d, 'median_ms', '.1f'):>7s}  (no comparison)")
+                continue
+            lo, hi = c["ratio_step_interval"]
+            print(f"{r['config']:22s}{mark}{side:11s} {o['median_ms']:7.1f} {d['median_ms']:7.1f} "
+                  f"{c['ratio_step']:6.3f} {lo:5.3f}–{hi:5.3f} {o['peak_delta_mb']:7.1f} "
+                  f"{d['peak_delta_mb']:7.1f} {c['ratio_peak']:7.3f} {o['model_state_mb']:7.1f} "
+                  f"{d['model_state_mb']:7.1f} {c['max_abs_loss_diff']:10.1e}")
     for r in rows:
-        for side in ("ours", "deepspeed"):
-            e = r[side].get("error")
-            if e and e != "n/a":
+        for side in SIDES:
+            e = r["sides"][side].get("error")
+            if e:
                 print(f"  {r['config']} {side}: {e}")
     judged = [r for r in rows if "goal_met" in r]
-    met = bool(judged) and all(r["goal_met"] for r in judged)
-    print(f"goal: ours step <= 1.0x DeepSpeed at equal or lower peak memory -> "
-          f"{'met' if met else 'NOT met'} (met in {sum(r['goal_met'] for r in judged)} of "
-          f"{len(judged)} comparable configs)"
-          + (f"; {len(rows) - len(judged)} without a comparison" if len(judged) < len(rows)
-             else ""))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    met = bool(judged) and len(judged) == len(rows) and all(r["goal_met"] for r in judged)
+    default = [r["vs_deepspeed"]["ours"] for r in rows if r["vs_deepspeed"]["ours"]]
+    print(f"goal (ours over gloo, like DeepSpeed): step <= 1.0x DeepSpeed at equal or lower "
+          f"peak memory -> {'met' if met else 'NOT met'} (met in "
+          f"{sum(r['goal_met'] for r in judged)} of {len(rows)} configs)")
+    print(f"default transport (shared memory; not the goal): met in "
+          f"{sum(c['met'] for c in default)} of {len(rows)} configs")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"bench": "deepspeed_zero", "args": vars(args), "parameters": n_params,
-                   "ds_config_example": {f"offload {o}": ds_config(2, o, args.param_dtype, cfg, args.batch
-                                                                   // args.workers,
-                                                                   args.workers, args.bucket_mb)
-                                         for o in args.offload},
-                   "rows": rows, "goal": "ours step <= 1.0x DeepSpeed and peak <= DeepSpeed's",
-                   "goal_met": met, "torch": torch.__version__,
+                   "block_numel": unit, "sides": list(SIDES), "goal_side": GOAL_SIDE,
+                   "rows": rows,
+                   "goal": "ours (gloo) step <= 1.0x DeepSpeed and peak <= DeepSpeed's",
+                   "goal_met": met,
+                   "goal_met_configs": sum(r.get("goal_met", False) for r in rows),
+                   "default_transport_met_configs": sum(c["met"] for c in default),
+                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
+                   "wall_s": time.time() - t_start, "torch": torch.__version__,
                    "deepspeed": deepspeed.__version__, "cpus": os.cpu_count()}, fh, indent=1)
     print(f"wrote {args.out}")
 

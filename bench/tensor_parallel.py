@@ -30,7 +30,10 @@ The loops (``--loops``):
 * ``torch_vocab`` — the same plus vocabulary parallelism, i.e. ours' partitioning:
   ``embed.tok`` ``RowwiseParallel(input_layouts=Replicate())``, ``lm_head``
   ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`` (re-tied to the
-  sharded embedding) and the loss under ``loss_parallel()``. tp > 1 only.
+  sharded embedding) and the loss under ``loss_parallel()``. tp > 1 only. **The like-for-like
+  peer**: it splits what ours splits, so the headline ratio ("× peer") is against it at
+  tp > 1 (at tp = 1, where nothing is split, against plain ``torch``); the blocks-only row
+  stays as a second column. The full plans are in the JSON (``peer_config``).
 * ``deepspeed`` — DeepSpeed's AutoTP *training* path (``tensor_parallel: {autotp_size: N,
   partition_config: ...}`` with the same column / row layer specs as ``torch``, ZeRO stage 0,
   torch's fused AdamW, fp32) after ``deepspeed.initialize`` inside the same gang. Embedding
@@ -42,8 +45,10 @@ Measured per rank and run (a run = fresh model + strategy, ``--warmup-steps`` un
 then ``--steps`` timed ones):
 
 * **step ms**: wall time of one optimizer step (forward, backward, clip, step, the loss as a
-  float — what a user's logging does); the row shows the slower rank's median over the timed
-  steps of all repeats.
+  float — what a user's logging does); a step of the group takes as long as its slower rank
+  (``bench.common.gang_steps``), and the row shows the median over the timed steps of all
+  rounds. "× peer" is ours' (or any loop's) step over the peer's, with a bootstrap 90%
+  interval over rounds (``bench.common.bootstrap_ratio``).
 * **model-state MB/rank**: bytes of the parameters + gradients + optimizer state this rank
   holds, counted from the tensors themselves (local shards of DTensors / DeepSpeed's
   ``LinearLayer``; ours: ``memory_report()``, which includes its fp32 master copy — kept even
@@ -57,16 +62,22 @@ then ``--steps`` timed ones):
   repeats. ``ru_maxrss`` (the process's lifetime peak, ``resource.getrusage``) is in the JSON.
 
 Loss check: every loop starts from the same full weights, so the per-step losses (and the
-first step's gradient norm) must agree with ``torch``'s at the same tp, and with tp = 1's;
-``max|dloss|`` is printed for the first steps of the last repeat.
+first step's gradient norm) must agree with the peer's at the same tp, and with plain tp = 1
+training; ``max|dloss|`` is printed for the first steps of the last round.
+
+Transport: every loop's tensor-parallel collectives go through the same gloo process group
+(ours' shared-memory transport serves only data-parallel buckets, and dp = 1 here).
 
 Within one tp every loop first makes one short unrecorded run (lazy imports, DeepSpeed's op
-build, thread pools), then the loops alternate, the order reversing each repeat. The machine
-has 2 cores shared with other work: quote ratios, not absolute times. At tp = 4 four
-single-thread ranks share 2 cores, so that row measures contention (time-slicing, and every
-collective waiting for a descheduled peer), not a speed-up; see the printed note.
+build, thread pools), then ``--repeats`` rounds run every loop once, in an order that rotates
+from round to round (``bench.common.balanced_order``; 4 loops at tp > 1, 3 at tp = 1: a
+multiple of 12 balances both). The machine has 2 cores shared with other work: quote ratios,
+not absolute times. At tp = 4 four single-thread ranks share 2 cores, so that row measures
+contention (time-slicing, and every collective waiting for a descheduled peer), not a
+speed-up; see the printed note.
 
-    python bench/tensor_parallel.py [--tp 1 2 4 --steps 6 --repeats 3 --batch 4 --seq 128]
+    python bench/tensor_parallel.py                               # full: tp 1 2 4, 10 steps x 8 rounds
+    python bench/tensor_parallel.py --quick --out /tmp/tp.json    # smoke
 """
 from __future__ import annotations
 
@@ -84,8 +95,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.deepspeed_zero import (PeakRSS, _rss, _trim, connect_ray,  # noqa: E402
-                                  deepspeed_gang_env)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
+                          balanced_order, connect_ray, gang_steps, parse_args,
+                          pooled_median, ratio_with_interval, rss, trim)
+from bench.deepspeed_zero import deepspeed_gang_env  # noqa: E402
 from actors.schedule import warmup_cosine  # noqa: E402
 from actors.train_config import TrainConfig  # noqa: E402
 from models import ModelConfig  # noqa: E402
@@ -94,8 +107,14 @@ MB = 2 ** 20
 LOOPS = ("ours", "torch", "torch_vocab", "deepspeed")
 LABELS = {"ours": "bmray MeshParallel", "torch": "torch TP (blocks)",
           "torch_vocab": "torch TP (+vocab)", "deepspeed": "DeepSpeed AutoTP"}
-REFERENCE = "torch"
+BLOCKS_ONLY = "torch"                 # the old reference: blocks split, vocabulary replicated
 CHECK_STEPS = 4          # losses compared over the first steps
+
+
+def peer_for(tp: int) -> str:
+    """The like-for-like peer at ``tp``: torch TP that also splits the vocabulary (as ours
+    does); at tp = 1 nothing is split and plain torch is the peer."""
+    return "torch_vocab" if tp > 1 else "torch"
 
 
 # ---------------------------------------------------------------- shared helpers (workers)
@@ -377,9 +396,9 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
     ctx = deepspeed_gang_env()      # every loop imports deepspeed: equal RSS baselines
 
     batches = _batches(model_cfg, batch, seq, cfg.max_steps)
-    _trim()
+    trim()
     dist.barrier()
-    base = _rss()
+    base = rss()
     out: dict[str, Any] = {"rank": ctx.rank, "loop": loop, "baseline_rss": base}
     try:
         with PeakRSS(sample_ms / 1000) as peak:
@@ -396,7 +415,7 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
     except Exception as exc:  # noqa: BLE001 - reported in the table
         out["error"] = f"{type(exc).__name__}: {str(exc).strip()[:600]}"
         out["traceback"] = traceback.format_exc()[-3000:]
-    _trim()
+    trim()
     try:            # a failed collective must not leave the next run's first one skewed
         dist.barrier()
     except Exception:       # noqa: BLE001
@@ -407,10 +426,12 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
 # ---------------------------------------------------------------- driver
 
 def _summary(runs: list[list[dict]]) -> dict[str, Any]:
-    """One loop's numbers at one tp from ``runs`` (per repeat, the per-rank results)."""
+    """One loop's numbers at one tp from ``runs`` (per round, the per-rank results)."""
     errors = [r for rep in runs for r in rep if "error" in r]
     if errors:
         return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
+    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
+            for rep in runs]
     ranks = sorted({r["rank"] for rep in runs for r in rep})
     per_rank = {}
     for k in ranks:
@@ -418,14 +439,14 @@ def _summary(runs: list[list[dict]]) -> dict[str, Any]:
         steps = [s for r in rs for s in r["steps_s"]]
         per_rank[k] = {"median_step_s": statistics.median(steps), "steps_s": steps,
                        "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
-                       "peak_delta_mb_per_repeat": [r["peak_delta"] / MB for r in rs],
+                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs],
                        "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
                        "ru_maxrss_mb": max(r["ru_maxrss"] for r in rs) / MB,
                        "model_state": rs[-1]["model_state"],
                        "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB}
-    worst = max(per_rank.values(), key=lambda v: v["median_step_s"])
+    step = pooled_median(gang)
     last = runs[-1]
-    return {"median_step_s": worst["median_step_s"], "median_ms": worst["median_step_s"] * 1e3,
+    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
             "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
             "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
             "losses": last[0]["losses"], "grad_norms": last[0]["grad_norms"],
@@ -439,13 +460,30 @@ def _max_diff(a: list[float], b: list[float], n: int = CHECK_STEPS) -> float:
     return max(abs(x - y) for x, y in zip(a[:n], b[:n]))
 
 
+QUICK = {"tp": [1, 2], "steps": 2, "warmup_steps": 1, "repeats": 2, "d_model": 128,
+         "layers": 2, "seq": 64}
+TORCH_PLAN = {   # what torch_parallelize applies (for the JSON)
+    "blocks.*": {"attn.q_proj": "ColwiseParallel()", "attn.k_proj": "ColwiseParallel()",
+                 "attn.v_proj": "ColwiseParallel()", "attn.out_proj": "RowwiseParallel()",
+                 "ffn.up": "ColwiseParallel()", "ffn.down": "RowwiseParallel()"},
+    "vocabulary (torch_vocab only)": {
+        "embed.tok": "RowwiseParallel(input_layouts=Replicate())",
+        "lm_head": "ColwiseParallel(output_layouts=Shard(-1), use_local_output=False), "
+                   "re-tied to embed.tok",
+        "loss": "F.cross_entropy under torch.distributed.tensor.parallel.loss_parallel()"},
+    "optimizer": "two torch.optim.AdamW(fused=True) (DTensor and plain parameters), "
+                 "clip by one global norm (torch.nn.utils.get_total_norm of each set)",
+    "mesh": "init_device_mesh('cpu', (tp,)), gloo"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per run")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
     ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per loop")
+    ap.add_argument("--repeats", type=int, default=8, help="rounds, every loop once per round "
+                    "in rotating order")
     ap.add_argument("--batch", type=int, default=4, help="blocks per step (every rank)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per block")
     ap.add_argument("--d-model", type=int, default=256)
@@ -455,7 +493,7 @@ def main() -> None:
     ap.add_argument("--sample-ms", type=float, default=5.0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "tensor_parallel.json"))
-    args = ap.parse_args()
+    args = parse_args(ap, QUICK)
 
     import deepspeed
     from cluster.gang import ScalingConfig, WorkerGroup
@@ -479,28 +517,32 @@ def main() -> None:
             for lp in loops:        # unrecorded: one-time costs are paid before any timing
                 group.execute(worker_run, lp, tp, model_cfg, short, args.batch, args.seq, 0,
                               args.sample_ms)
-            for rep in range(args.repeats):
-                for lp in (loops if rep % 2 == 0 else loops[::-1]):
-                    runs[lp].append(group.execute(worker_run, lp, tp, model_cfg, cfg,
-                                                  args.batch, args.seq, args.warmup_steps,
-                                                  args.sample_ms))
+            for lp in balanced_order(loops, args.repeats):
+                runs[lp].append(group.execute(worker_run, lp, tp, model_cfg, cfg, args.batch,
+                                              args.seq, args.warmup_steps, args.sample_ms))
         summaries = {lp: _summary(runs[lp]) for lp in loops}
-        ref = summaries.get(REFERENCE, {})
+        peer = peer_for(tp)
+        ref = summaries.get(peer, {})
+        blocks = summaries.get(BLOCKS_ONLY, {})
         for lp in loops:
             s = summaries[lp]
-            row = {"tp": tp, "loop": lp, "label": LABELS[lp], **s}
-            if "error" not in s and "error" not in ref and ref:
-                row["ratio_vs_torch"] = s["median_step_s"] / ref["median_step_s"]
-                row["max_abs_loss_diff_vs_torch"] = _max_diff(s["losses"], ref["losses"])
-                row["grad_norm_step1_diff_vs_torch"] = abs(s["grad_norms"][0]
-                                                           - ref["grad_norms"][0])
+            row = {"tp": tp, "loop": lp, "label": LABELS[lp], "peer": peer, **s}
+            if "error" not in s and ref and "error" not in ref:
+                vs = ratio_with_interval(s["gang_steps_s"], ref["gang_steps_s"])
+                row["ratio_vs_peer"] = vs["ratio"]
+                row["ratio_vs_peer_interval"] = vs["interval"]
+                row["max_abs_loss_diff_vs_peer"] = _max_diff(s["losses"], ref["losses"])
+                row["grad_norm_step1_diff_vs_peer"] = abs(s["grad_norms"][0]
+                                                          - ref["grad_norms"][0])
+            if "error" not in s and blocks and "error" not in blocks:
+                row["ratio_vs_torch_blocks"] = s["median_step_s"] / blocks["median_step_s"]
             rows.append(row)
         print(f"[{time.time() - t_start:6.0f} s] tp={tp}: done in {time.time() - t0:.0f} s",
               flush=True)
 
     # the same run at every tp: compare each row's losses with tp = 1's plain training
     base = {r["loop"]: r for r in rows if r["tp"] == 1 and "error" not in r}
-    plain = base.get(REFERENCE)
+    plain = base.get(BLOCKS_ONLY)         # at tp = 1 the blocks-only loop is plain torch
     for r in rows:
         if plain is not None and "error" not in r:
             r["max_abs_loss_diff_vs_tp1"] = _max_diff(r["losses"], plain["losses"])
@@ -512,21 +554,33 @@ def main() -> None:
           f"vocab={args.vocab} ({n_params / 1e6:.2f}M params, tied embeddings), batch "
           f"{args.batch}x{args.seq} tokens (the same on every rank), fp32, gloo, 1 thread per "
           f"rank on {os.cpu_count()} cores; {args.steps} timed steps x {args.repeats} "
-          f"alternating repeats.\nstep ms = slower rank's median step; ratio = step ms / "
-          f"torch TP (blocks) at the same tp (< 1: faster); state MB = params + grads + "
-          f"optimizer state held per rank (from the tensors, max over ranks); RSS MB = peak "
-          f"RSS above the pre-run baseline (max over ranks, median over repeats); "
-          f"max|dloss| = over the first {CHECK_STEPS} steps, against torch TP at the same tp "
-          f"and against plain tp=1 training")
-    print(f"{'tp':>2s}  {'loop':20s} {'step ms':>8s} {'ratio':>6s} {'state MB':>9s} "
-          f"{'RSS MB':>7s} {'|dloss| torch':>13s} {'|dloss| tp1':>11s}")
+          f"rotating rounds.\nstep ms = median group step (a step lasts as long as its "
+          f"slower rank); x peer = step ms / the like-for-like peer's at the same tp (torch TP "
+          f"with the vocabulary split; plain torch at tp=1; < 1: faster), with its bootstrap "
+          f"{INTERVAL:.0%} interval over rounds; x blocks = against blocks-only torch TP; "
+          f"state MB = params + grads + optimizer state held per rank (from the tensors, max "
+          f"over ranks); RSS MB = peak RSS above the pre-run baseline (max over ranks, median "
+          f"over rounds); max|dloss| = over the first {CHECK_STEPS} steps, against the peer at "
+          f"the same tp and against plain tp=1 training")
+    print(f"{'tp':>2s}  {'loop':20s} {'step ms':>8s} {'x peer':>6s} {'interval':>11s} "
+          f"{'x blocks':>8s} {'state MB':>9s} {'RSS MB':>7s} {'|dloss| peer':>12s} "
+          f"{'|dloss| tp1':>11s}")
     for r in rows:
+        iv = ("-" if "ratio_vs_peer_interval" not in r
+              else "{:5.3f}–{:5.3f}".format(*r["ratio_vs_peer_interval"]))
         print(f"{r['tp']:2d}  {r['label']:20s} {fmt(r, 'median_ms', '8.1f'):>8s} "
-              f"{fmt(r, 'ratio_vs_torch', '6.3f'):>6s} {fmt(r, 'model_state_mb', '9.2f'):>9s} "
-              f"{fmt(r, 'peak_delta_mb', '7.1f'):>7s} "
-              f"{fmt(r, 'max_abs_loss_diff_vs_torch', '.1e'):>13s} "
+              f"{fmt(r, 'ratio_vs_peer', '6.3f'):>6s} {iv:>11s} "
+              f"{fmt(r, 'ratio_vs_torch_blocks', '8.3f'):>8s} "
+              f"{fmt(r, 'model_state_mb', '9.2f'):>9s} {fmt(r, 'peak_delta_mb', '7.1f'):>7s} "
+              f"{fmt(r, 'max_abs_loss_diff_vs_peer', '.1e'):>12s} "
               f"{fmt(r, 'max_abs_loss_diff_vs_tp1', '.1e'):>11s}")
-    print("first losses (rank 0, last repeat):")
+    headline = {r["tp"]: {"ratio_vs_peer": r["ratio_vs_peer"], "peer": LABELS[r["peer"]],
+                          "interval": r["ratio_vs_peer_interval"]}
+                for r in rows if r["loop"] == "ours" and "ratio_vs_peer" in r}
+    print("headline (ours' step / like-for-like peer's): " + "; ".join(
+        f"tp={tp}: {h['ratio_vs_peer']:.3f} ({h['interval'][0]:.3f}–{h['interval'][1]:.3f}) "
+        f"vs {h['peer']}" for tp, h in headline.items()))
+    print("first losses (rank 0, last round):")
     for r in rows:
         if "error" not in r:
             print(f"  tp={r['tp']} {r['label']:20s} "
@@ -554,24 +608,32 @@ def main() -> None:
                  else "failed: " + "; ".join(f"tp={r['tp']}: {r['error']}"
                                              for r in ds_rows if "error" in r))
     print(f"DeepSpeed {deepspeed.__version__} AutoTP: {ds_status}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump({"bench": "tensor_parallel", "args": vars(args), "parameters": n_params,
                    "model": {k: v for k, v in model_cfg.__dict__.items()
                              if isinstance(v, (int, float, str, bool, type(None)))},
-                   "loops": {lp: LABELS[lp] for lp in args.loops}, "reference": REFERENCE,
+                   "loops": {lp: LABELS[lp] for lp in args.loops},
+                   "reference": {"tp > 1": peer_for(2), "tp = 1": peer_for(1)},
+                   "peer_config": {"torch": TORCH_PLAN,
+                                   "deepspeed": ds_config(max(args.tp), cfg, args.batch)},
+                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
                    "definitions": {
-                       "median_ms": "slower rank's median step wall time over all repeats",
-                       "ratio_vs_torch": "median_ms / torch TP (blocks) median_ms, same tp",
+                       "median_ms": "median over all rounds' timed steps of the group's step "
+                                    "(each step: the slower rank's wall time)",
+                       "ratio_vs_peer": "median_ms / the like-for-like peer's median_ms at "
+                                        "the same tp (torch TP with the vocabulary split; "
+                                        "plain torch at tp 1); ratio_vs_peer_interval: "
+                                        "bootstrap over rounds",
+                       "ratio_vs_torch_blocks": "median_ms / blocks-only torch TP's",
                        "model_state_mb": "params + grads + optimizer state per rank from "
                                          "the tensors (max over ranks)",
                        "peak_delta_mb": "peak sampled RSS above the pre-run baseline (max "
-                                        "over ranks, median over repeats)",
+                                        "over ranks, median over rounds)",
                        "ru_maxrss_mb": "resource.getrusage lifetime peak RSS of the worker "
                                        "process (per rank, JSON only)"},
                    "deepspeed_status": ds_status,
-                   "ds_config_example": ds_config(max(args.tp), cfg, args.batch),
-                   "contention_note": note, "rows": rows, "torch": torch.__version__,
+                   "headline": headline, "contention_note": note, "rows": rows, "torch": torch.__version__,
                    "deepspeed": deepspeed.__version__, "cpus": cores,
                    "wall_s": time.time() - t_start}, fh, indent=1, default=str)
     print(f"wrote {args.out}")
