@@ -574,7 +574,8 @@ def main() -> None:
               f"{fmt(r, 'model_state_mb', '9.2f'):>9s} {fmt(r, 'peak_delta_mb', '7.1f'):>7s} "
               f"{fmt(r, 'max_abs_loss_diff_vs_peer', '.1e'):>12s} "
               f"{fmt(r, 'max_abs_loss_diff_vs_tp1', '.1e'):>11s}")
-    headline = {r["tp"]: {"ratio_vs_peer": r["ratio_vs_peer"], "peer": LABELS[r["peer"]],
+    headline = {r["tp"]: {"ratio_vs_peer": r["ratio_vs_peer"],
+                          "peer": LABELS[r["peer"]] if r["tp"] > 1 else "plain torch (tp=1)",
                           "interval": r["ratio_vs_peer_interval"]}
                 for r in rows if r["loop"] == "ours" and "ratio_vs_peer" in r}
     print("headline (ours' step / like-for-like peer's): " + "; ".join(
