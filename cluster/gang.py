@@ -11,6 +11,10 @@ Ray Train (`ScalingConfig`, `num_workers`, `use_gpu`, `placement_strategy`) so a
 at home.
 
 Backend: NCCL when the workers have GPUs, gloo otherwise (`backend="auto"`).
+
+Elastic size: ``min_workers`` (default: ``num_workers``, a fixed size) lets a restart run on
+fewer workers when capacity was lost (cluster/launcher.py picks the size, ``workers_that_fit``
+says how many bundles the live nodes can hold).
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from actors.gang_worker import GangWorker
 from actors.worker_context import WorkerContext, worker_context
 from models.typed_config import ConfigError, check_choice, check_positive
 
-__all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "WorkerContext", "worker_context"]
+__all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "PlacementTimeout", "WorkerContext",
+           "worker_context", "workers_that_fit"]
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -41,11 +46,19 @@ class WorkerFailure(RuntimeError):
                          f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
 
 
+class PlacementTimeout(RuntimeError):
+    """The gang's placement group was not placed in time (the cluster lacks the capacity)."""
+
+
 @dataclass
 class ScalingConfig:
     """How many workers and what each gets (Ray Train's names)."""
 
     num_workers: int = 1
+    # Elastic restarts (Ray Train's min/max workers, torchelastic's --nnodes=MIN:MAX): after a
+    # failure the gang restarts with the most workers the live nodes hold, down to this many.
+    # None: always num_workers (a restart waits for the lost capacity to come back).
+    min_workers: int | None = None
     use_gpu: bool = False
     cpus_per_worker: float = 1.0           # also the worker's torch thread count (at least 1)
     placement_strategy: str = "PACK"
@@ -55,6 +68,11 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         check_positive("scaling.num_workers", self.num_workers)
+        if self.min_workers is not None:
+            check_positive("scaling.min_workers", self.min_workers)
+            if self.min_workers > self.num_workers:
+                raise ConfigError(f"scaling.min_workers: {self.min_workers} is more than "
+                                  f"scaling.num_workers ({self.num_workers})")
         check_positive("scaling.cpus_per_worker", self.cpus_per_worker, allow_zero=True)
         check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
         check_choice("scaling.backend", self.backend, ("auto", "gloo", "nccl"))
@@ -69,6 +87,25 @@ class ScalingConfig:
             return self.backend
         return "nccl" if self.use_gpu else "gloo"
 
+    @property
+    def bundle(self) -> dict[str, float]:
+        """One worker's resources (one placement-group bundle)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+
+def workers_that_fit(scaling: ScalingConfig) -> int:
+    """How many of ``scaling``'s workers the live nodes can hold (by their total resources:
+    called when no gang of ours runs, so what we used is free), at most ``num_workers``.
+    A node that died is no longer alive in ``ray.nodes()``, so its capacity is gone."""
+    total = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits = [int(have.get(k, 0) // v) for k, v in scaling.bundle.items() if v > 0]
+        total += min(fits) if fits else scaling.num_workers
+    return min(total, scaling.num_workers)
+
 
 class WorkerGroup:
     """A gang of ``num_workers`` GangWorker actors in one placement group, one process group."""
@@ -77,23 +114,25 @@ class WorkerGroup:
         self.scaling = scaling
         self.env = env or {}
         self.workers: list[Any] = []
+        self.node_ids: list[str] = []        # the Ray node of each rank
         self._pg = None
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "WorkerGroup":
+    def start(self, placement_timeout_s: float | None = None) -> "WorkerGroup":
+        """Place, start and connect the gang. Raises PlacementTimeout when the placement group
+        is not placed within ``placement_timeout_s`` (default ``scaling.start_timeout_s``)."""
         s = self.scaling
-        bundle = {"CPU": s.cpus_per_worker}
-        if s.use_gpu:
-            bundle["GPU"] = 1
+        bundle = s.bundle
+        wait_s = s.start_timeout_s if placement_timeout_s is None else placement_timeout_s
         self._pg = placement_group([dict(bundle) for _ in range(s.num_workers)],
                                    strategy=s.placement_strategy)
         try:
-            ray.get(self._pg.ready(), timeout=s.start_timeout_s)
+            ray.get(self._pg.ready(), timeout=wait_s)
         except GetTimeoutError:
             self.shutdown()
-            raise RuntimeError(
+            raise PlacementTimeout(
                 f"could not place {s.num_workers} workers x {bundle} "
-                f"({s.placement_strategy}) within {s.start_timeout_s:.0f} s; the cluster has "
+                f"({s.placement_strategy}) within {wait_s:.0f} s; the cluster has "
                 f"{ray.cluster_resources()}") from None
         threads = max(1, int(s.cpus_per_worker))
         self.workers = [
@@ -107,7 +146,8 @@ class WorkerGroup:
             addresses = ray.get([w.address.remote() for w in self.workers],
                                 timeout=s.start_timeout_s)
             master, port, _ = addresses[0]
-            local_ranks = _local_ranks([node for _, _, node in addresses])
+            self.node_ids = [node for _, _, node in addresses]
+            local_ranks = _local_ranks(self.node_ids)
             ray.get([w.setup.remote(rank, s.num_workers, local_ranks[rank], master, port,
                                     s.resolved_backend, s.collective_timeout_s)
                      for rank, w in enumerate(self.workers)], timeout=s.start_timeout_s)

@@ -4,19 +4,37 @@ The driver's whole job (DESIGN.md: "the driver starts, watches and collects"): s
 parameter-server shards if the strategy needs them, start the gang, run ``train_rank`` on every
 rank, and wait. If a worker or a shard dies (``ray.kill``, a lost node, an exception), the
 failure is reported with the rank that caused it; with ``run.max_failures > 0`` the whole gang
-(and the shards) is torn down and started afresh, and every rank resumes from the newest
+(and the shards) is torn down and started afresh, and every rank resumes from the newest good
 checkpoint in ``checkpoint.dir`` — the training loop's resume is exact, so the restarted run
-ends with the same loss as one that never failed (Ray Train's ``FailureConfig(max_failures)``
+continues with the losses of one that never failed (Ray Train's ``FailureConfig(max_failures)``
 semantics, with our own checkpoints).
+
+Elastic restarts: with ``scaling.min_workers`` set, each attempt runs on the most workers the
+live nodes can hold (at most ``num_workers``, at least ``min_workers``, and a size the strategy
+accepts: a multiple of tp x pp that divides the global batch). A lost node thus shrinks the gang
+instead of leaving the restart waiting for capacity that will not return; the data stream is
+world-size independent and checkpoints load at any world size, so the run continues as one
+resumed at the smaller size would. The next restart grows back if capacity returned.
+
+A failure no restart can fix (a ConfigError, a CheckpointError such as a checkpoint of another
+model) ends the run at once instead of spending the remaining restarts on it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 
+from actors.checkpoint import CheckpointError
 from actors.strategies import strategy_from_dict
-from cluster.gang import ScalingConfig, WorkerFailure, WorkerGroup
-from models.typed_config import check_positive
+from cluster.gang import (PlacementTimeout, ScalingConfig, WorkerFailure, WorkerGroup,
+                          workers_that_fit)
+from models.typed_config import ConfigError, check_positive
+
+# An elastic start gives a placement this long before it looks at the capacity again (a node
+# that just died may still count as alive for a moment).
+ELASTIC_PLACEMENT_PROBE_S = 10.0
 
 
 @dataclass
@@ -30,7 +48,8 @@ class RunConfig:
 
 
 class RunFailed(RuntimeError):
-    """The run failed more often than ``run.max_failures`` allows; ``failures`` lists why."""
+    """The run failed more often than ``run.max_failures`` allows (or in a way no restart can
+    fix); ``failures`` lists why."""
 
     def __init__(self, failures: list[str]):
         self.failures = failures
@@ -39,10 +58,11 @@ class RunFailed(RuntimeError):
 
 
 class TrainRun:
-    """``TrainRun(raw_experiment).fit()`` → rank 0's report (plus ``attempts``/``failures``).
+    """``TrainRun(raw_experiment).fit()`` → rank 0's report (plus ``attempts``, ``failures``,
+    ``world_sizes``: the gang size of each attempt).
 
-    ``group`` and ``shards`` are the live gang and shard actors of the current attempt (tests
-    kill them to exercise fault tolerance).
+    ``group``, ``shards`` and ``attempt`` are the live gang, shard actors and attempt number
+    (from 1) of the current attempt (tests kill them to exercise fault tolerance).
     """
 
     def __init__(self, raw_experiment: dict[str, Any], samples: list[str] | None = None):
@@ -58,42 +78,96 @@ class TrainRun:
         self.group: WorkerGroup | None = None
         self.shards: list = []
         self.failures: list[str] = []
+        self.world_sizes: list[int] = []
+        self.attempt = 0
 
     def fit(self) -> dict[str, Any]:
         from actors.train_rank import train_rank
 
-        attempt = 0
+        self.attempt = 0
         while True:
-            attempt += 1
-            resume = None if attempt == 1 else True       # a restart always resumes
+            self.attempt += 1
+            resume = None if self.attempt == 1 else True       # a restart always resumes
             try:
-                self._start()
-                refs = self.group.execute_async(train_rank, self.raw, self.shards,
+                raw = self._start()
+                refs = self.group.execute_async(train_rank, raw, self.shards,
                                                 samples=self.samples, resume=resume)
                 # A dead shard surfaces as a RayActorError in the workers' next pull/push.
                 reports = self.group.get(refs)
                 report = dict(reports[0])
-                report.update(attempts=attempt, failures=list(self.failures),
-                              world_size=self.scaling.num_workers)
+                report.update(attempts=self.attempt, failures=list(self.failures),
+                              world_size=self.world_sizes[-1],
+                              world_sizes=list(self.world_sizes))
                 return report
             except WorkerFailure as exc:
                 self.failures.append(str(exc))
-                print(f"[bmray] attempt {attempt} failed: {exc}", flush=True)
-                if attempt > self.run_cfg.max_failures:
+                print(f"[bmray] attempt {self.attempt} failed: {exc}", flush=True)
+                if isinstance(exc.cause, (ConfigError, CheckpointError)):
+                    raise RunFailed(self.failures) from exc        # a restart would fail alike
+                if self.attempt > self.run_cfg.max_failures:
                     raise RunFailed(self.failures) from exc
                 print(f"[bmray] restarting the gang from the latest checkpoint "
-                      f"({attempt}/{self.run_cfg.max_failures} restarts)", flush=True)
+                      f"({self.attempt}/{self.run_cfg.max_failures} restarts)", flush=True)
             finally:
                 self._stop()
 
     # ------------------------------------------------------------------ internals
-    def _start(self) -> None:
-        if self.spec.kind == "param_server":
+    def _start(self) -> dict[str, Any]:
+        """Start the shards and the gang of this attempt; return the experiment as this
+        attempt runs it (``scaling.num_workers`` = the gang's size)."""
+        if self.scaling.min_workers is None:
+            n, self.group = self.scaling.num_workers, WorkerGroup(self.scaling).start()
+        else:
+            n, self.group = self._start_elastic()
+        self.world_sizes.append(n)
+        raw = copy.deepcopy(self.raw)
+        raw.setdefault("scaling", {})["num_workers"] = n
+        spec = strategy_from_dict(raw.get("strategy")).resolved(n)
+        if spec.kind == "param_server":
             from actors.param_server import start_shards
 
-            self.shards = start_shards(self.spec.options, self.exp.train,
-                                       self.scaling.num_workers)
-        self.group = WorkerGroup(self.scaling).start()
+            self.shards = start_shards(spec.options, self.exp.train, n)
+        return raw
+
+    def _start_elastic(self) -> tuple[int, WorkerGroup]:
+        """The gang at the largest size the live nodes hold (``sizes``), waiting up to
+        ``scaling.start_timeout_s`` for at least ``min_workers`` to fit."""
+        s = self.scaling
+        deadline = time.monotonic() + s.start_timeout_s
+        while True:
+            fit = workers_that_fit(s)
+            n = next((k for k in self.sizes() if k <= fit), None)
+            left = deadline - time.monotonic()
+            if n is not None:
+                group = WorkerGroup(replace(s, num_workers=n))
+                try:
+                    return n, group.start(min(ELASTIC_PLACEMENT_PROBE_S, max(left, 1.0)))
+                except PlacementTimeout:
+                    pass                              # capacity changed meanwhile: look again
+            if time.monotonic() >= deadline:
+                raise PlacementTimeout(
+                    f"elastic start: the live nodes hold {fit} worker(s) of {s.bundle}, "
+                    f"scaling.min_workers is {s.min_workers} (sizes this run accepts: "
+                    f"{self.sizes()}); waited {s.start_timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def sizes(self) -> list[int]:
+        """Gang sizes this experiment accepts, largest first, from num_workers down to
+        min_workers: those its validation passes (tp x pp divides it, the global batch
+        splits over the data-parallel replicas)."""
+        from jobs.experiment import experiment_from_dict
+
+        s = self.scaling
+        out = []
+        for n in range(s.num_workers, (s.min_workers or s.num_workers) - 1, -1):
+            raw = copy.deepcopy(self.raw)
+            raw.setdefault("scaling", {})["num_workers"] = n
+            try:
+                experiment_from_dict(raw)
+            except ConfigError:
+                continue
+            out.append(n)
+        return out
 
     def _stop(self) -> None:
         if self.group is not None:
@@ -104,4 +178,3 @@ class TrainRun:
 
             stop_shards(self.shards)
             self.shards = []
-
