@@ -54,7 +54,9 @@ Asynchronous mode (``mode="async"``) with bounded staleness, the Stale Synchrono
 model of Ho et al. 2013 (NIPS, "More Effective Distributed ML via a Stale Synchronous
 Parallel Parameter Server"): each push is one AdamW step applied on arrival. Each worker
 has a clock c (its pushes so far); its pull for step c is granted only when every worker
-has pushed at least c − s steps (min clock ≥ c − s, ``staleness = s``). So the fastest
+has pushed at least c − s steps (min clock ≥ c − s, ``staleness = s``) and its own c pushes
+are applied (read-my-writes: a push carries an object reference and may start after the pull
+that follows it). So the fastest
 worker is never more than s steps ahead of the slowest, and the parameters it reads hold
 every worker's updates of all steps before c − s; a fast worker *blocks* in pull until the
 slow one catches up. The slowest worker is never blocked, so no deadlock. The shard records
@@ -324,6 +326,8 @@ class ParameterServerShard:
         await self._wait(lambda: self.generation >= generation, f"load generation {generation}")
         if self.config.mode == "async" and clock is not None:
             s = self.config.staleness
+            # read-my-writes first (not counted as a wait: no other worker is involved)
+            await self._wait(lambda: self.clock[rank] >= clock, f"rank {rank}'s push {clock}")
             ready = lambda: min(self.clock) >= clock - s   # noqa: E731
             if not ready():
                 t0 = time.perf_counter()
@@ -458,6 +462,10 @@ class ParameterServer(Strategy):
         self._version = 0
         self._clock = 0
         self._snapshots: list = []          # the pulled buffers the parameters view
+        # async: what this worker saw, per step — its clock c (pushes so far), the version each
+        # shard reported after applying its c-th push, and the version it then pulled to
+        # compute step c + 1 on — so the SSP bound can be checked from the worker's side
+        self.staleness_log: list[dict[str, Any]] = []
 
     @property
     def asynchronous(self) -> bool:
@@ -517,11 +525,13 @@ class ParameterServer(Strategy):
             return
         answers = ray.get(self._pending)
         self._pending = None
-        if self._pushes:
-            ray.get(self._pushes)           # raise a shard's error, if any
-            self._pushes = []
+        applied = ray.get(self._pushes) if self._pushes else []   # raises a shard's error
+        self._pushes = []
         snapshots = ray.get([a[0] for a in answers])      # read-only, shared memory
         self._version = int(answers[0][1])
+        if self.asynchronous:
+            self.staleness_log.append({"clock": self._clock, "applied": [int(v) for v in applied],
+                                       "pulled": [int(a[1]) for a in answers]})
         self._snapshots = snapshots
         with torch.no_grad():
             for lay, bufs in zip(self.layouts, snapshots):
