@@ -272,14 +272,14 @@ def read_state(path: str, name: str, map_location: str | torch.device = "cpu"
     f = _join(p, name)
     if not _exists(fs, f):
         raise CorruptCheckpointError(f"{_join(path, name)!r} is missing")
+    data = _read_bytes(fs, f)
     try:
-        return torch.load(io.BytesIO(_read_bytes(fs, f)), map_location=map_location,
-                          weights_only=True)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, pickle errors
+        # torch's own message can mislead here (it suggests weights_only=False): name the type
         raise CorruptCheckpointError(f"{_join(path, name)!r} cannot be read (truncated or "
-                                     f"corrupt): {type(exc).__name__}: "
-                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                                     ) from None
+                                     f"corrupt, {len(data)} bytes): torch.load raised "
+                                     f"{type(exc).__name__}") from exc
 
 
 def check_state_matches_manifest(path: str, manifest: Mapping[str, Any], name: str,

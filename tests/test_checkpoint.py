@@ -213,7 +213,8 @@ def damage(path, how: str) -> str:
         return r"rank_00000.pt'? is missing"
     if how == "garbage":                      # same size, unreadable content
         state.write_bytes(b"\0" * state.stat().st_size)
-        return r"rank_00000.pt'? cannot be read \(truncated or corrupt\)"
+        return r"rank_00000.pt'? cannot be read \(truncated or corrupt, \d+ bytes\): " \
+               r"torch.load raised"
     manifest = path / "manifest.json"
     manifest.write_text(manifest.read_text()[:40])
     return r"manifest.json'? is not valid JSON"
