@@ -6,7 +6,10 @@ With mixed-precision Adam and Ψ trainable parameters the model state per rank i
 
     stage 3   2Ψ/N + 2Ψ/N + 12Ψ/N = 16Ψ/N   (params + grads + fp32 master and moments)
 
-plus the transient full parameters of the (at most ~2) units gathered at a time.
+plus the transient full parameters of the (at most ~2) units gathered at a time. With
+``param_dtype: fp32`` and nothing offloaded the fp32 master *is* the parameter shard (AdamW
+steps the shard in place; ``master_aliased`` in the report): 4Ψ/N + 4Ψ/N + 8Ψ/N = 16Ψ/N, not
+20Ψ/N (DeepSpeed 0.19's stage 3 keeps a separate fp32 partition: 20Ψ/N at the step).
 
 How it is built (applied to a plain ``nn.Module`` from outside; the model is not changed
 except that its trainable parameters' storage belongs to the strategy):
@@ -289,6 +292,10 @@ class Zero3(StatsWithNorm, DataParallel):
         shard_device = "cpu" if self.config.offload_params else self.device
         pin = self.config.offload_params and self.device.type == "cuda"
         on_host = self.config.offload_optimizer != "none"
+        # fp32 shard and master in the same memory: the master *is* the shard (zero.py's
+        # "aliased fp32 masters"; DeepSpeed 0.19 keeps a second fp32 partition here)
+        self.aliased = self.dtype == torch.float32 and not on_host and \
+            not self.config.offload_params
         self.masters, self.decay, self._seg = [], [], []
         for u in self.units:
             flat = torch.zeros(u.numel, dtype=torch.float32, device=self.device)
@@ -305,8 +312,9 @@ class Zero3(StatsWithNorm, DataParallel):
                 p.data = u.full[off:off + p.numel()].view_as(p)
             self._free(u)
             for lo, hi, d in u.segments:
-                self.masters.append(nn.Parameter(master[lo:hi].to(
-                    "cpu" if on_host else self.device, copy=True)))
+                self.masters.append(nn.Parameter(u.shard[lo:hi]) if self.aliased else
+                                    nn.Parameter(master[lo:hi].to(
+                                        "cpu" if on_host else self.device, copy=True)))
                 self.decay.append(d)
                 self._seg.append((u, lo, hi))
         self._unit_of = {id(p): u for u in self.units for p in u.params}
@@ -510,6 +518,8 @@ class Zero3(StatsWithNorm, DataParallel):
         return norm
 
     def _refresh_shards(self) -> None:
+        if self.aliased:                # the step updated the shard itself
+            return
         for m, (u, lo, hi) in zip(self.masters, self._seg):
             u.shard[lo:hi].copy_(m.detach())
 
@@ -630,6 +640,8 @@ class Zero3(StatsWithNorm, DataParallel):
         grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
         inner = self.optimizer.inner.memory_report()
         optim = {k: int(inner.get(k, 0)) for k in ("device", "host", "disk")}
+        if self.aliased:                # the masters are the shards, counted as parameters
+            optim["device"] -= sum(m.numel() * m.element_size() for m in self.masters)
         param_at = "host" if self.config.offload_params else "device"
         by_location = {"param": {"device": 0, "host": 0, "disk": 0},
                        "grad": {"device": grad, "host": 0, "disk": 0},
@@ -640,6 +652,7 @@ class Zero3(StatsWithNorm, DataParallel):
             frozen_param_bytes=sum(p.numel() * p.element_size() for p in self.frozen),
             trainable_params=sum(p.numel() for p in self.params),
             num_units=len(self.units), stage=3, shards=self.world_size,
+            master_aliased=self.aliased,
             unit_bytes=[u.nbytes for u in self.units],
             unit_levels=[u.level for u in self.units],
             peak_gathered_bytes=self.peak_gathered_bytes,

@@ -33,8 +33,8 @@ and :meth:`actors.zero3.Zero3.memory_report` count. In fp32 the parameters are 4
 at stages 0-2 with the optimizer on the device the fp32 master *is* this rank's slice of the
 parameters (actors/zero.py, "Aliased fp32 masters"), so the optimizer holds only the
 moments, 8Ψ/N: stage 0 4Ψ + 4Ψ + 8Ψ = 16Ψ (as ``kind: ddp``), stage 1 8Ψ + 8Ψ/N, stage 2
-4Ψ + 12Ψ/N. Stage 3 (its own parameter shards) and optimizer offload (the master in host
-memory) keep a separate fp32 master: 12Ψ/N (fp32 stage 3: 20Ψ/N). The measured bytes exceed
+4Ψ + 12Ψ/N; at stage 3 the master is the parameter shard (16Ψ/N). Optimizer or parameter
+offload (the master in host memory) keeps a separate fp32 master: 12Ψ/N. The measured bytes exceed
 these by the padding of each flat bucket / unit to a multiple of N (≤ N−1 elements each).
 Optimizer offload moves the 12Ψ/N to host memory, where a GPU run's step also holds the fp32
 gradient slices copied to the host (4Ψ/N, counted with the optimizer: ``step_master_shards``'
@@ -373,8 +373,8 @@ def model_state_bytes(psi: int, stage: int, dp: int, param_dtype: str = "bf16",
     shards = 1 if stage == 0 else dp
     param = psi * b / dp if stage == 3 else psi * b
     grad = psi * b / dp if stage >= 2 else psi * b
-    # fp32 stages 0-2, optimizer on the device: the master aliases the parameters (module doc)
-    aliased = b == 4 and stage < 3 and not offload_optimizer
+    # fp32, nothing offloaded: the master aliases the parameters / stage-3 shard (module doc)
+    aliased = b == 4 and not offload_optimizer and not offload_params
     optim = (ADAM_BYTES - (4 if aliased else 0)) * psi / shards
     staging = STAGING_BYTES * psi / shards if offload_optimizer and gpu else 0.0
     host = (optim + staging if offload_optimizer else 0.0) + (param if offload_params else 0.0)

@@ -25,7 +25,7 @@ References and tolerances:
   while backward recomputes it, comes after the forward's peak and is not measured.
 * The papers' closed forms (Korthikanti et al. 2022 eq. 1, 2, 4; the bubble (p−1)/(m+p−1);
   ZeRO's 16Ψ / 4Ψ+12Ψ/N / 2Ψ+14Ψ/N / 16Ψ/N; fp32 with aliased masters 16Ψ / 8Ψ+8Ψ/N /
-  4Ψ+12Ψ/N, stage 3 20Ψ/N) exactly or within 0.1% (the formula also counts
+  4Ψ+12Ψ/N, stage 3 16Ψ/N) exactly or within 0.1% (the formula also counts
   LayerNorm statistics, which the paper drops).
 * Peak memory: the recorded H100 run (bench/results/plan_gpu_check.json: ZeRO-0, bf16, GPT
   h 1024, 8 blocks, V 32000, s 1024, b 4) — states to the byte, saved activations to 1e-6,
@@ -148,10 +148,10 @@ def test_zero_formulas_and_offload_split():
     totals = {s: cm.model_state_bytes(psi, s, n).total for s in range(4)}
     assert totals == {0: 16 * psi, 1: 4 * psi + 12 * psi / n, 2: 2 * psi + 14 * psi / n,
                       3: 16 * psi / n}
-    # fp32: the master aliases the parameters (stages 0-2, optimizer on the device)
+    # fp32: the master aliases the parameters (nothing offloaded; stage 3: the shard)
     fp32 = {s: cm.model_state_bytes(psi, s, n, "fp32").total for s in range(4)}
     assert fp32 == {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n,
-                    3: 20 * psi / n}
+                    3: 16 * psi / n}
     assert cm.model_state_bytes(psi, 1, n, "fp32", offload_optimizer=True,
                                 gpu=False).total == 8 * psi + 12 * psi / n   # master on host
     off = cm.model_state_bytes(psi, 3, n, offload_optimizer=True, offload_params=True)
