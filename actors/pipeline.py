@@ -553,7 +553,8 @@ class PipelineEngine:
         src = self._global(self.n_stages - 1)
         losses = torch.stack([r.loss.float().reshape(()) for r in results]).to(self.device)
         dist.broadcast(losses, src=src, group=self.group)
-        metrics = [[r.metrics for r in results]]
+        # read on the host here (the broadcast pickles them): this is the pipeline's step sync
+        metrics = [[{k: float(v) for k, v in r.metrics.items()} for r in results]]
         dist.broadcast_object_list(metrics, src=src, group=self.group,
                                    device=self.device if self.device.type == "cuda" else None)
         return [MicroResult(losses[i].clone(), None, dict(metrics[0][i]))

@@ -116,7 +116,7 @@ class MicroResult(NamedTuple):
 
     loss: torch.Tensor                 # detached total loss (incl. aux) of the micro-batch
     aux_loss: torch.Tensor | None      # detached MoE aux loss, already included in ``loss``
-    metrics: dict[str, float]          # the model's own metrics (e.g. mlm_loss, nsp_acc)
+    metrics: dict[str, Any]            # the model's own metrics (0-d tensors or floats)
 
 
 class Strategy(ABC):

@@ -115,7 +115,7 @@ from torch import Tensor, nn
 from actors import collectives as C
 from models.attention import KVCache, MultiHeadAttention
 from models.blocks import TransformerBlock
-from models.losses import IGNORE_INDEX
+from models.losses import IGNORE_INDEX, metrics_enabled
 from models.moe import MoEFeedForward
 from models.outputs import ModelOutput
 from models.typed_config import ConfigError
@@ -615,23 +615,21 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, labels: Tensor,
 
 @torch.no_grad()
 def vocab_parallel_accuracy(local_logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None,
-                            vocab_start: int, ignore_index: int = IGNORE_INDEX) -> float:
+                            vocab_start: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``models.losses.accuracy`` from a vocabulary shard: the global argmax is the smallest id
-    holding the global max (torch's argmax returns the first), from two [N] all-reduces."""
+    holding the global max (torch's argmax returns the first), from two [N] all-reduces. A 0-d
+    float64 tensor on the logits' device (no host sync)."""
     logits = local_logits.reshape(-1, local_logits.size(-1)).float()
     labels = labels.reshape(-1)
     valid = labels != ignore_index
-    n = int(valid.sum())
-    if n == 0:
-        return 0.0
-    top, arg = logits[valid].max(dim=-1)
+    top, arg = logits.max(dim=-1)
     best = top.clone()
     if _size(group) > 1:
         C.all_reduce(best, op="max", group=group)
     cand = torch.where(top == best, arg + vocab_start, torch.full_like(arg, torch.iinfo(arg.dtype).max))
     if _size(group) > 1:
         C.all_reduce(cand, op="min", group=group)
-    return float((cand == labels[valid]).float().sum()) / n
+    return ((cand == labels) & valid).sum().double() / valid.sum().clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -776,7 +774,7 @@ def _info(model_or_info: nn.Module | TensorParallelInfo) -> TensorParallelInfo:
 
 def tensor_parallel_loss(local_logits: Tensor, labels: Tensor,
                          model: nn.Module | TensorParallelInfo,
-                         aux_loss: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                         aux_loss: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """``models.losses.lm_loss_and_metrics`` for a vocabulary-parallel model: (loss, metrics)
     from this rank's logit shard. ``model`` is the TP model (or a pipeline stage that carries
     its ``tensor_parallel`` info, or the info itself); label smoothing is the model config's.
@@ -788,10 +786,12 @@ def tensor_parallel_loss(local_logits: Tensor, labels: Tensor,
     lm_loss = vocab_parallel_cross_entropy(local_logits, labels, info.group, info.vocab_start,
                                            label_smoothing=info.label_smoothing)
     loss = lm_loss if aux_loss is None else lm_loss + aux_loss
-    metrics = {"lm_loss": float(lm_loss.detach()),
-               "lm_acc": vocab_parallel_accuracy(local_logits, labels, info.group, info.vocab_start)}
+    metrics = {"lm_loss": lm_loss.detach()}
+    if metrics_enabled():           # the same on every TP rank (the loop's step decides)
+        metrics["lm_acc"] = vocab_parallel_accuracy(local_logits, labels, info.group,
+                                                    info.vocab_start)
     if aux_loss is not None:
-        metrics["aux_loss"] = float(aux_loss.detach())
+        metrics["aux_loss"] = aux_loss.detach()
     return loss, metrics
 
 

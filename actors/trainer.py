@@ -38,10 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.losses import step_metrics
+
 from . import checkpoint as ckpt
 from .metrics import MetricsLogger
 from .schedule import build_scheduler
-from .strategy import SingleProcess, Strategy
+from .strategy import MicroResult, SingleProcess, Strategy
 from .train_config import CheckpointConfig, TrainConfig
 
 IGNORE_INDEX = -100
@@ -184,6 +186,16 @@ class TrainResult:
     grad_norms: dict[int, float] = field(default_factory=dict)  # step -> pre-clip gradient norm
 
 
+def _step_scalars(result: MicroResult, keys: list[str]) -> torch.Tensor:
+    """[loss, aux loss, *metrics] of one micro-batch as one float64 vector on its device (a
+    metric it lacks counts 0; python floats are copied to the device, which needs no sync)."""
+    device = result.loss.device
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    parts = [result.loss, result.aux_loss if result.aux_loss is not None else zero]
+    parts += [result.metrics.get(k, zero) for k in keys]
+    return torch.stack([torch.as_tensor(v, device=device).double().reshape(()) for v in parts])
+
+
 class Trainer:
     """Holds the state of one run: strategy (model + optimizer), scheduler, data position, step.
 
@@ -262,20 +274,17 @@ class Trainer:
         else:
             total_of = _GlobalCount(self.strategy.all_reduce_sum_async([sum(counts)]), self.step)
         self.strategy.train(True)
-        results = self.strategy.run_micro_batches(
-            batches, [_LazyWeight(c, total_of) for c in counts])
+        # the models' accuracies only on the steps that are logged (the same on every rank)
+        with step_metrics((self.step + 1) % self.cfg.log_every == 0):
+            results = self.strategy.run_micro_batches(
+                batches, [_LazyWeight(c, total_of) for c in counts])
         total = total_of()
         weights = [c / total for c in counts]
         keys = sorted({k for r in results for k in r.metrics})
         wt = torch.tensor(weights, dtype=torch.float64)
-        # one host sync for all micro-batches, not one per micro-batch
-        losses = torch.stack([r.loss.double() for r in results]).cpu()
-        auxes = torch.stack([r.aux_loss.double() if r.aux_loss is not None
-                             else torch.zeros((), dtype=torch.float64, device=r.loss.device)
-                             for r in results]).cpu()
-        values = [float((wt * losses).sum()), float((wt * auxes).sum())]
-        values += [sum(w * float(r.metrics.get(k, 0.0)) for w, r in zip(weights, results))
-                   for k in keys]
+        # one host transfer for every micro-batch's loss, aux loss and metrics
+        columns = torch.stack([_step_scalars(r, keys) for r in results]).cpu()
+        values = (wt[:, None] * columns).sum(dim=0).tolist()
         ahead = nxt is not None and nxt.counts is not None
         pending = self.strategy.reduce_step_stats(
             values, [int(input_tokens)] + ([sum(nxt.counts)] if ahead else []))

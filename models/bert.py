@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from models.blocks import Embeddings, TransformerBlock, init_weights, moe_for_layer, positions_for
 from models.config import ModelConfig
 from models.gpt import sum_aux
-from models.losses import IGNORE_INDEX, accuracy, cross_entropy
+from models.losses import IGNORE_INDEX, accuracy, cross_entropy, metrics_enabled
 from models.outputs import ModelOutput
 
 
@@ -97,17 +97,21 @@ class BertForPretraining(nn.Module):
         if mlm_labels is not None:
             mlm_loss = cross_entropy(logits, mlm_labels, label_smoothing=cfg.label_smoothing)
             losses.append(mlm_loss)
-            metrics.update(mlm_loss=float(mlm_loss.detach()), mlm_acc=accuracy(logits, mlm_labels))
+            metrics["mlm_loss"] = mlm_loss.detach()
+            if metrics_enabled():
+                metrics["mlm_acc"] = accuracy(logits, mlm_labels)
         if nsp_labels is not None:
             nsp_logits = self.nsp_head(torch.tanh(self.pooler(h[:, 0])))
             nsp_loss = cross_entropy(nsp_logits, nsp_labels)
             losses.append(nsp_loss)
-            metrics.update(nsp_loss=float(nsp_loss.detach()), nsp_acc=accuracy(nsp_logits, nsp_labels))
+            metrics["nsp_loss"] = nsp_loss.detach()
+            if metrics_enabled():
+                metrics["nsp_acc"] = accuracy(nsp_logits, nsp_labels)
         loss = None
         if losses:
             loss = torch.stack(losses).sum() + (aux_loss if aux_loss is not None else 0.0)
             if aux_loss is not None:
-                metrics["aux_loss"] = float(aux_loss.detach())
+                metrics["aux_loss"] = aux_loss.detach()
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, metrics=metrics)
 
 
@@ -217,10 +221,12 @@ class ElectraForPretraining(nn.Module):
         if aux_loss is not None:
             loss = loss + aux_loss
         with torch.no_grad():
-            disc_acc = ((logits[real] > 0).float() == disc_labels[real]).float().mean()
-            metrics = {"mlm_loss": float(mlm_loss), "mlm_acc": accuracy(gen_logits, mlm_labels),
-                       "disc_loss": float(disc_loss), "disc_acc": float(disc_acc),
-                       "replaced_frac": float(disc_labels[real].mean())}
+            metrics = {"mlm_loss": mlm_loss.detach(), "disc_loss": disc_loss.detach()}
+            if metrics_enabled():
+                metrics.update(
+                    mlm_acc=accuracy(gen_logits, mlm_labels),
+                    disc_acc=((logits[real] > 0).float() == disc_labels[real]).float().mean(),
+                    replaced_frac=disc_labels[real].mean())
             if aux_loss is not None:
-                metrics["aux_loss"] = float(aux_loss)
+                metrics["aux_loss"] = aux_loss.detach()
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, metrics=metrics)

@@ -23,11 +23,12 @@ class ModelOutput:
         included in ``loss``; None for a dense model.
     past_key_values: KV cache, a list (one per decoder layer) of ``(k, v)`` shaped
         [B, n_heads, T_past, d_head]; None unless ``use_cache=True``.
-    metrics: detached python floats for logging (``{"lm_loss": ..., "nsp_acc": ...}``).
+    metrics: detached 0-d tensors (or floats) for logging (``{"lm_loss": ..., "nsp_acc": ...}``),
+        left on the device: the loop reads them all in the step's one host transfer.
     """
 
     logits: Tensor | None
     loss: Tensor | None = None
     aux_loss: Tensor | None = None
     past_key_values: Any = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)

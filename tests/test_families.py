@@ -117,7 +117,7 @@ def test_gpt_loss_is_cross_entropy_with_label_smoothing_and_ignore():
     ref = F.cross_entropy(out.logits.reshape(-1, V), labels.reshape(-1), ignore_index=-100,
                           label_smoothing=0.1)
     torch.testing.assert_close(out.loss, ref)
-    assert out.aux_loss is None and out.metrics["lm_loss"] == pytest.approx(ref.item(), rel=1e-5)
+    assert out.aux_loss is None and float(out.metrics["lm_loss"]) == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_gpt_kv_cache_matches_full_forward():
@@ -182,8 +182,8 @@ def test_bert_loss_is_mlm_plus_nsp_cross_entropy():
     batch = objective_for(bert.config)(ids(b=4, t=16), torch.Generator().manual_seed(1))
     out = bert(**batch)
     mlm = F.cross_entropy(out.logits.reshape(-1, V), batch["mlm_labels"].reshape(-1))
-    assert out.metrics["mlm_loss"] == pytest.approx(mlm.item(), rel=1e-5)
-    assert out.loss.item() == pytest.approx(mlm.item() + out.metrics["nsp_loss"], rel=1e-5)
+    assert float(out.metrics["mlm_loss"]) == pytest.approx(mlm.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(mlm.item() + float(out.metrics["nsp_loss"]), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ ELECTRA
@@ -209,7 +209,7 @@ def test_electra_loss_weights_discriminator_by_50():
     model = build_model(tiny("electra"))
     batch = objective_for(model.config)(ids(b=4, t=16), torch.Generator().manual_seed(0))
     out = model(**batch, generator=torch.Generator().manual_seed(0))
-    m = out.metrics
+    m = {k: float(v) for k, v in out.metrics.items()}
     assert model.config.electra_disc_weight == 50.0
     assert out.loss.item() == pytest.approx(m["mlm_loss"] + 50.0 * m["disc_loss"], rel=1e-5)
     assert out.logits.shape == (4, 16)
@@ -288,6 +288,6 @@ def test_each_family_trains(family, moe):
         opt.zero_grad()
         out.loss.backward()
         opt.step()
-        losses.append(out.metrics["mlm_loss"] if family == "bert" else out.loss.item())
+        losses.append(float(out.metrics["mlm_loss"]) if family == "bert" else out.loss.item())
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.7 * first, (family, losses)

@@ -67,7 +67,7 @@ def test_cross_entropy_with_nothing_to_predict_is_zero_not_nan():
 
 def test_accuracy_ignores_ignored_positions():
     logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
-    assert accuracy(logits, torch.tensor([[1, 1, -100]])) == pytest.approx(0.5)
+    assert float(accuracy(logits, torch.tensor([[1, 1, -100]]))) == pytest.approx(0.5)
 
 
 

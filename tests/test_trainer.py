@@ -185,3 +185,45 @@ def test_adamw_is_fused_on_cpu_when_available(pack):
     decay, no_decay = trainer.strategy.optimizer.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] > 0
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+
+
+def test_accuracy_only_on_logged_steps_and_read_once_per_step(pack, monkeypatch):
+    """log_every 2: the model computes its accuracy on steps 2 and 4 only (an argmax over
+    B·T·V logits per micro-batch is skipped on the others); its metrics stay tensors until the
+    loop's one transfer; and the logged lm_acc of a 2-micro-batch step is the exact accuracy of
+    the whole batch — correct argmaxes over target tokens, counted here directly on a copy of
+    the model taken before the step."""
+    import models.losses as losses
+
+    calls = []
+    real = losses.accuracy
+    monkeypatch.setattr(losses, "accuracy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = TrainConfig(max_steps=4, micro_batches=2, log_every=2, device="cpu", echo=False)
+    trainer = make_trainer(pack, cfg, dropout=0.0, eval_data=False)
+    rows, expected = [], {}
+    for step in range(1, 5):
+        before = copy.deepcopy(trainer.strategy.module)
+        n_calls = len(calls)
+        row = trainer.train_step()
+        rows.append(row)
+        assert len(calls) - n_calls == (2 if step % 2 == 0 else 0), step
+        if step % 2 == 0:
+            batch = CausalLM()(_step_blocks(pack, step))
+            with torch.no_grad():
+                logits = before(**batch).logits
+            valid = batch["labels"] != -100
+            expected[step] = float(((logits.argmax(-1) == batch["labels"]) & valid).sum()
+                                   / valid.sum())
+    assert [("lm_acc" in r) for r in rows] == [False, True, False, True]
+    for step, acc in expected.items():
+        assert rows[step - 1]["lm_acc"] == pytest.approx(acc, rel=1e-9)
+    out = build_model(model_cfg(pack[1], 0.0))(**CausalLM()(_step_blocks(pack, 1)))
+    assert all(torch.is_tensor(v) for v in out.metrics.values())
+
+
+def _step_blocks(pack, step: int) -> torch.Tensor:
+    """The global batch of a 1-rank stream's ``step`` (1-based)."""
+    stream = iter(BlockStream(pack[0], BLOCK, 8, seed=0))
+    for _ in range(step - 1):
+        next(stream)
+    return next(stream)
