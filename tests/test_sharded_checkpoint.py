@@ -52,7 +52,9 @@ def _resume_zero3(group, rank, pack, path):
     torch.manual_seed(99)
     trainer = make_trainer(pack, CFG, Zero3(group=group), rank, dist.get_world_size(group))
     trainer.restore(path)
-    return {"losses": trainer.fit().losses, "weights": consolidated(trainer)}
+    result = trainer.fit()
+    return {"losses": result.losses, "grad_norms": result.grad_norms,
+            "weights": consolidated(trainer)}
 
 
 def _rank_states(path):
@@ -96,18 +98,33 @@ def test_zero2_sharded_resumes_at_zero3_and_single_process(pack, gang, tmp_path)
     _, full = ckpt.consolidate_sharded(path)
     assert set(full["model"]) == set(single.strategy.module.state_dict())
     single.restore(path)
-    assert_matches({"losses": single.fit().losses, "weights": weights(single)}, ref,
-                   ref_result, STEPS)
+    result = single.fit()
+    assert_matches({"losses": result.losses, "grad_norms": result.grad_norms,
+                    "weights": weights(single)}, ref, ref_result, STEPS)
     for out in on(gang, 4, _resume_zero3, pack, path):
         assert_matches(out, ref, ref_result, STEPS)
 
 
-def test_zero3_sharded_resumes_at_zero1_one_process(pack, gang, tmp_path):
+def test_zero3_sharded_resumes_at_zero1_one_process_and_a_damaged_shard_is_named(pack, gang, tmp_path):
     ref, ref_result = reference(pack)
     path = on(gang, 2, _save, pack, str(tmp_path / "ck3"), "zero3")[0]["path"]
     _, states = _rank_states(path)
     assert len(states) == 2 and all(is_sharded_state(s) for s in states)
     trainer = make_trainer(pack, CFG, Zero(stage=1, **ZCFG))
     trainer.restore(path)
-    assert_matches({"losses": trainer.fit().losses, "weights": weights(trainer)}, ref,
-                   ref_result, STEPS)
+    result = trainer.fit()
+    assert_matches({"losses": result.losses, "grad_norms": result.grad_norms,
+                    "weights": weights(trainer)}, ref, ref_result, STEPS)
+    # one shard file truncated, then lost: the error names it, before the model is touched
+    shard = os.path.join(path, "rank_00001.pt")
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) // 2)
+    fresh = make_trainer(pack, CFG)
+    with pytest.raises(ckpt.CorruptCheckpointError,
+                       match=r"rank_00001.pt'? is truncated or damaged: \d+ bytes, the manifest "
+                             r"recorded \d+"):
+        fresh.restore(path)
+    os.remove(shard)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"rank_00001.pt'? is missing"):
+        fresh.restore(path)
+    assert fresh.step == 0
