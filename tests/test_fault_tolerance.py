@@ -226,21 +226,20 @@ def test_killed_worker_without_restarts_gives_a_clear_report(tmp):
 
 
 def test_a_checkpoint_of_another_model_ends_the_run_without_restarts(tmp):
-    """Resuming the DDP case's checkpoints with another n_heads (every shape agrees): a
+    """Resuming checkpoints of the 4-head model with 2 heads (every shape agrees): a
     CheckpointError on every rank before any step, and no restart is spent on it."""
-    ddp_dir = f"{tmp}/ddp"
-    if not os.path.isdir(ddp_dir):
-        pytest.skip("needs the ddp case's checkpoints")
-    raw = experiment(tmp, "ddp", "scaling.num_workers=2", "model.n_heads=2",
+    from jobs.experiment import experiment_from_dict, run_experiment
+
+    theirs = experiment(tmp, "other_model", "train.max_steps=3", "train.metrics_path=null")
+    run_experiment(experiment_from_dict(theirs))          # one process: step_00000003
+    raw = experiment(tmp, "other_model", "scaling.num_workers=2", "model.n_heads=2",
                      "run.max_failures=2", "checkpoint.resume=true")
-    raw["train"]["metrics_path"] = f"{tmp}/other_model.metrics.jsonl"
-    run = TrainRun(raw)
     error = None
     try:
-        run.fit()
+        TrainRun(raw).fit()
     except RunFailed as exc:
         error = exc
     assert error is not None and len(error.failures) == 1, error
-    assert "manifest.json' is of another model: model_config.n_heads is 4 in the checkpoint " \
-           "but 2" in str(error)
-    assert attempts(raw["train"]["metrics_path"]) == [[]]       # no step ran
+    assert "other_model/step_00000003/manifest.json' is of another model: " \
+           "model_config.n_heads is 4 in the checkpoint but 2" in str(error)
+    assert attempts(f"{tmp}/other_model.metrics.jsonl") == [[]]       # no step ran
