@@ -73,7 +73,7 @@ ratios.
 
     python bench/deepspeed_zero.py                                # full: 6 configs, 20 steps x 6 rounds
     python bench/deepspeed_zero.py --quick --out /tmp/ds.json     # smoke: every config, tiny
-    python bench/deepspeed_zero.py --stages 3 --out bench/results/deepspeed_zero_stage3.json
+    python bench/deepspeed_zero.py --stages 3 --out /tmp/deepspeed_zero_stage3.json
 
 Goal (issue): our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
 ``ours, gloo`` rows (the same transport).
