@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors import collectives as C  # noqa: E402
+from bmray.actors.comm import collectives as C  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                        "collective_bandwidth.json")
@@ -60,7 +60,7 @@ def bench_rank(sizes_mb: list[int], repeats: int) -> dict:
     x = torch.randn(1000, generator=g)
     same = torch.equal(C.all_reduce(x.clone(), "sum"), _plain(x.clone()))
     impls = {"plain": _plain, "ours": lambda t: C.all_reduce(t, "sum")}
-    from actors import shm_transport
+    from bmray.actors.comm import shm_transport
     if shm_transport.available():
         shm = shm_transport.ShmGroup(None, capacity_bytes=8 * MB)
         impls["shm"] = shm.all_reduce
@@ -120,7 +120,7 @@ def summarize(per_rank: list[dict], sizes_mb: list[int]) -> list[dict]:
 
 # ------------------------------------------------------------------------------ launchers
 def run_ray(n: int, sizes_mb: list[int], repeats: int) -> list[dict]:
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
     with WorkerGroup(ScalingConfig(num_workers=n, cpus_per_worker=1)) as group:
         return group.execute(bench_rank, sizes_mb, repeats)
 
@@ -176,7 +176,7 @@ def main() -> None:
     launcher = args.launcher
     if launcher in ("auto", "ray"):
         try:
-            from cluster import connect
+            from bmray.cluster import connect
             connect(num_cpus=max(8, max(args.ranks)), log_to_driver=False)
             launcher = "ray"
         except Exception as exc:  # no Ray here: the same measurement with plain processes
@@ -199,7 +199,7 @@ def main() -> None:
 
     result = {
         "benchmark": "collective_bandwidth", "op": "all_reduce(sum), float32", "backend": "gloo",
-        "launcher": "cluster.gang.WorkerGroup (embedded Ray)" if launcher == "ray"
+        "launcher": "bmray.cluster.gang.WorkerGroup (embedded Ray)" if launcher == "ray"
         else "torch.multiprocessing",
         "peer": "torch.distributed.all_reduce on the same process group",
         "definitions": {"MB": "2^20 bytes", "GBps": "1e9 bytes/s", "algbw": "bytes / time",

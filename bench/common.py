@@ -16,9 +16,9 @@ INTERVAL = 0.9
 
 def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> str:
     """Synthetic-world corpus → BPE tokenizer → packed Parquet blocks under ``root``/pack."""
-    from models.data import CorpusReader, pack_corpus
-    from models.tokenizer import train_bpe
-    from models.world import WorldConfig, write_world
+    from bmray.models.data import CorpusReader, pack_corpus
+    from bmray.models.tokenizer import train_bpe
+    from bmray.models.world import WorldConfig, write_world
 
     write_world(WorldConfig(seed=0, n_entities=n_entities), f"{root}/world",
                 parts=("documents",))

@@ -38,8 +38,8 @@ def run_threads(args: argparse.Namespace, threads: int) -> dict:
     """Everything for one thread count, inside this (fresh) process."""
     import torch
 
-    from actors.offload import OffloadConfig, ShardedAdamW
-    from actors.train_config import TrainConfig
+    from bmray.actors.parallel.zero.offload import OffloadConfig, ShardedAdamW
+    from bmray.actors.train.config import TrainConfig
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)

@@ -59,14 +59,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
                           bootstrap_ratio, connect_ray, parse_args, pooled_median,
                           world_pack)
-from actors.schedule import warmup_cosine  # noqa: E402
-from actors.train_config import TrainConfig  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.models import ModelConfig  # noqa: E402
 
 
 def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
     import torch.distributed as dist
-    from models.data import BlockStream
+    from bmray.models.data import BlockStream
 
     stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
                          shuffle=False)
@@ -74,8 +74,8 @@ def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch
 
 
 def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from actors.trainer import seed_everything
-    from models import build_model
+    from bmray.actors.train.loop import seed_everything
+    from bmray.models import build_model
 
     seed_everything(0)
     return build_model(model_cfg)
@@ -137,8 +137,8 @@ def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
 def dp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
             transport: str = "auto") -> tuple[float, list[float]]:
     """``ddp_loop`` with our DataParallel in DDP's place, through its public strategy API."""
-    from actors.data_parallel import DataParallel
-    from actors.schedule import build_scheduler
+    from bmray.actors.parallel.data_parallel import DataParallel
+    from bmray.actors.train.lr_schedule import build_scheduler
 
     dp = DataParallel(bucket_mb=bucket_mb, transport=transport)
     dp.setup(_fresh_model(model_cfg), cfg)
@@ -157,9 +157,9 @@ def dp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
 def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
               transport: str = "auto") -> tuple[float, list[float]]:
     import torch.distributed as dist
-    from actors.data_parallel import DataParallel
-    from actors.trainer import Trainer
-    from models import objective_for
+    from bmray.actors.parallel.data_parallel import DataParallel
+    from bmray.actors.train.loop import Trainer
+    from bmray.models import objective_for
 
     trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=DataParallel(bucket_mb=bucket_mb, transport=transport),
@@ -220,7 +220,7 @@ def main() -> None:
                                                   "ddp_throughput.json"))
     args = parse_args(ap, QUICK)
 
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
                             n_heads=max(1, args.d_model // 64), n_layers=args.layers,
@@ -291,7 +291,7 @@ def main() -> None:
                                    "backend": "gloo",
                                    "optimizer": "torch.optim.AdamW(fused=True), two groups",
                                    "zero_grad": "set_to_none=False (grads stay bucket views)"},
-                   "ours_config": {"actors.data_parallel.DataParallel": {
+                   "ours_config": {"bmray.actors.parallel.data_parallel.DataParallel": {
                        "bucket_mb": args.bucket_mb, "first_bucket_mb": 1.0,
                        "transport": "process_group (the ', gloo' rows) | auto"}},
                    "rows": rows, "goal_ratio": goal, "goal_loops": list(GOAL_LOOPS),

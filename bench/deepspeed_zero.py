@@ -97,9 +97,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
                           balanced_order, connect_ray, gang_steps, parse_args,
                           pooled_median, ratio_with_interval, rss, trim, world_pack)
-from actors.schedule import warmup_cosine  # noqa: E402
-from actors.train_config import TrainConfig  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.models import ModelConfig  # noqa: E402
 
 MB = 2 ** 20
 SIDES = ("ours, gloo", "ours", "deepspeed")
@@ -121,8 +121,8 @@ def ours_config(stage: int, offload: str, dtype: str, transport: str, bucket_mb:
 
 def build_ours(conf: dict[str, Any]):
     """``actors.zero.Zero`` from ``ours_config``'s options (``actors.zero3.Zero3`` at 3)."""
-    from actors.zero import Zero, ZeroConfig
-    from actors.zero3 import Zero3, Zero3Config
+    from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
+    from bmray.actors.parallel.zero.stage3 import Zero3, Zero3Config
 
     opts = {k: v for k, v in conf.items() if k != "kind"}
     return Zero3(Zero3Config(**opts)) if conf["stage"] == 3 else Zero(ZeroConfig(**opts))
@@ -168,7 +168,7 @@ def deepspeed_gang_env() -> Any:
     """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_*) from the existing gang and import deepspeed, so every side of a
     benchmark starts from the same RSS baseline; returns the worker context."""
-    from actors.worker_context import worker_context
+    from bmray.actors.runtime.worker_context import worker_context
 
     ctx = worker_context()
     os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
@@ -181,7 +181,7 @@ def deepspeed_gang_env() -> Any:
 
 def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
     import torch.distributed as dist
-    from models.data import BlockStream
+    from bmray.models.data import BlockStream
 
     stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
                          shuffle=False)
@@ -189,8 +189,8 @@ def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch
 
 
 def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from actors.trainer import seed_everything
-    from models import build_model
+    from bmray.actors.train.loop import seed_everything
+    from bmray.models import build_model
 
     seed_everything(0)
     return build_model(model_cfg)
@@ -199,8 +199,8 @@ def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
 def ours_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     """(seconds of each timed step, losses, model-state report) of our Trainer on our ZeRO."""
     import torch.distributed as dist
-    from actors.trainer import Trainer
-    from models import objective_for
+    from bmray.actors.train.loop import Trainer
+    from bmray.models import objective_for
 
     trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=build_ours(conf), model_config=model_cfg)
@@ -271,7 +271,7 @@ def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import logger as ds_logger
-    from models import objective_for
+    from bmray.models import objective_for
 
     ds_logger.setLevel(logging.ERROR)
     model = _fresh_model(model_cfg)
@@ -411,7 +411,7 @@ def main() -> None:
         ap.error(f"--batch {args.batch} must be a multiple of --workers {args.workers}")
 
     import deepspeed
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
                             n_heads=max(1, args.d_model // 64), n_layers=args.layers,

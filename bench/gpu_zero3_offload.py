@@ -80,8 +80,8 @@ def flops_per_token(psi: int, d_model: int, n_layers: int, seq: int) -> float:
 def strategy_factory(offload: str = "cpu", offload_params: bool = False):
     """(description, zero-argument factory): our stage 3 + offload if importable, else stage 2
     with the optimizer offloaded."""
-    from actors.zero import Zero
-    from models.typed_config import ConfigError
+    from bmray.actors.parallel.zero.stage12 import Zero
+    from bmray.models.typed_config import ConfigError
 
     common = dict(param_dtype="bf16", offload_optimizer=offload)
     if offload == "disk":
@@ -95,7 +95,7 @@ def strategy_factory(offload: str = "cpu", offload_params: bool = False):
     except (ConfigError, ValueError, TypeError):
         pass
     try:
-        import actors.zero3 as z3
+        import bmray.actors.parallel.zero.stage3 as z3
         for name in ("Zero3", "ZeroStage3", "Zero"):
             cls = getattr(z3, name, None)
             for kw in (s3, {k: v for k, v in s3.items() if k != "stage"}):
@@ -103,7 +103,7 @@ def strategy_factory(offload: str = "cpu", offload_params: bool = False):
                     break
                 try:
                     cls(**kw)
-                    return (f"actors.zero3.{name}({kw})", lambda cls=cls, kw=kw: cls(**kw))
+                    return (f"bmray.actors.parallel.zero.stage3.{name}({kw})", lambda cls=cls, kw=kw: cls(**kw))
                 except Exception:       # noqa: BLE001 - try the next spelling
                     continue
     except ImportError:
@@ -137,10 +137,10 @@ def run_rung(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from actors.activation_checkpointing import apply_activation_checkpointing
-    from actors.train_config import TrainConfig
-    from actors.trainer import Trainer, seed_everything
-    from models import ModelConfig, build_model, objective_for
+    from bmray.actors.parallel.activation_checkpointing import apply_activation_checkpointing
+    from bmray.actors.train.config import TrainConfig
+    from bmray.actors.train.loop import Trainer, seed_everything
+    from bmray.models import ModelConfig, build_model, objective_for
 
     cuda = not args.dry_run
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

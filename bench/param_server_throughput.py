@@ -43,23 +43,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
                           parse_args, ratio_with_interval, world_pack)
-from actors.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
+from bmray.actors.parallel.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
                                  start_shards, stop_shards)
-from actors.train_config import TrainConfig  # noqa: E402
-from cluster import connect, shutdown  # noqa: E402
-from cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
-from models import ModelConfig  # noqa: E402
-from models.data import BlockStream  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.cluster import connect, shutdown  # noqa: E402
+from bmray.cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
+from bmray.models import ModelConfig  # noqa: E402
+from bmray.models.data import BlockStream  # noqa: E402
 
 
 def worker_run(kind: str, pack: str, model_cfg: ModelConfig, cfg: TrainConfig, batch: int,
                warmup: int, shards=None, ps: ParamServerConfig | None = None,
                transport: str = "auto") -> dict:
     """Inside each gang worker: train ``cfg.max_steps`` steps, time those after ``warmup``."""
-    from actors.data_parallel import DataParallel
-    from actors.trainer import Trainer, seed_everything
-    from cluster.gang import worker_context
-    from models import build_model, objective_for
+    from bmray.actors.parallel.data_parallel import DataParallel
+    from bmray.actors.train.loop import Trainer, seed_everything
+    from bmray.cluster.gang import worker_context
+    from bmray.models import build_model, objective_for
 
     ctx = worker_context()
     seed_everything(0)

@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import ModelConfig  # noqa: E402
+from bmray.models import ModelConfig  # noqa: E402
 
 GOAL_POINTS = 5.0
 
@@ -51,8 +51,8 @@ def worker_bench(model_cfg: ModelConfig, p: int, micro: list[int], schedules: li
     stage's measurements per (schedule, m), or None on a rank outside the pipeline."""
     import torch.distributed as dist
 
-    from actors.pipeline import PipelineEngine, split_stage
-    from models import build_model
+    from bmray.actors.parallel.pipeline.engine import PipelineEngine, split_stage
+    from bmray.models import build_model
 
     torch.set_num_threads(1)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -132,7 +132,7 @@ def connect_ray(num_cpus: int) -> None:
     """An embedded Ray of our own (never another user's cluster on this machine)."""
     import ray
 
-    from cluster.connect import _repo_pythonpath
+    from bmray.cluster.connect import _repo_pythonpath
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": _repo_pythonpath()}})
@@ -155,7 +155,7 @@ def main() -> None:
                                                   "pipeline_bubble.json"))
     args = ap.parse_args()
 
-    from actors.pipeline import bubble_fraction
+    from bmray.actors.parallel.pipeline.engine import bubble_fraction
 
     model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
                             n_heads=max(1, args.d_model // 64), n_layers=args.layers,
@@ -163,7 +163,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gang = contextlib.nullcontext()
     if not args.spawn:
-        from cluster.gang import ScalingConfig, WorkerGroup
+        from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
         connect_ray(num_cpus=max(8, max(args.stages)))
         gang = WorkerGroup(ScalingConfig(num_workers=max(args.stages), cpus_per_worker=1))

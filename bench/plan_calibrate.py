@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cluster import cost_model as cm  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.registry import build_model  # noqa: E402
+from bmray.cluster import cost_model as cm  # noqa: E402
+from bmray.models.config import ModelConfig  # noqa: E402
+from bmray.models.families.registry import build_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -86,9 +86,9 @@ class Layout:
 
 
 def _strategy(layout: Layout):
-    from actors.mesh_parallel import MeshParallel
-    from actors.zero import Zero
-    from actors.zero3 import Zero3
+    from bmray.actors.parallel.mesh import MeshParallel
+    from bmray.actors.parallel.zero.stage12 import Zero
+    from bmray.actors.parallel.zero.stage3 import Zero3
 
     if layout.tp == layout.pp == 1:
         return Zero3() if layout.zero == 3 else Zero(stage=layout.zero)
@@ -102,10 +102,10 @@ def time_layout(model_cfg: ModelConfig, layout: Layout, *, seq: int, global_batc
     CPU, one thread per rank; call on every rank of a process group of ``layout.world`` ranks
     (or in one process for a one-rank layout). A step's time is the slowest rank's, each step
     starting from a barrier. Random tokens: only the shapes matter."""
-    from actors.activation_checkpointing import apply_activation_checkpointing
-    from actors.train_config import TrainConfig
-    from actors.trainer import Trainer
-    from models.objectives import CausalLM
+    from bmray.actors.parallel.activation_checkpointing import apply_activation_checkpointing
+    from bmray.actors.train.config import TrainConfig
+    from bmray.actors.train.loop import Trainer
+    from bmray.models.objectives import CausalLM
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != layout.world:

@@ -41,11 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from actors.train_config import TrainConfig  # noqa: E402
-from actors.zero import Zero  # noqa: E402
-from cluster import cost_model as cm  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
-from models.registry import build_model  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.actors.parallel.zero.stage12 import Zero  # noqa: E402
+from bmray.cluster import cost_model as cm  # noqa: E402
+from bmray.models.config import ModelConfig  # noqa: E402
+from bmray.models.families.registry import build_model  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "plan_gpu_check.json")
 CONFIG = {

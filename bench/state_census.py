@@ -38,9 +38,9 @@ MB = 2 ** 20
 
 
 def _model(d_model: int, layers: int, vocab: int, seq: int) -> torch.nn.Module:
-    from actors.trainer import seed_everything
-    from models.config import ModelConfig
-    from models.registry import build_model
+    from bmray.actors.train.loop import seed_everything
+    from bmray.models.config import ModelConfig
+    from bmray.models.families.registry import build_model
 
     seed_everything(0)
     return build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=d_model,
@@ -82,7 +82,7 @@ def _deepspeed_env() -> None:
     """The launcher variables DeepSpeed reads, from the gang; deepspeed imported, quiet."""
     import logging
 
-    from actors.worker_context import worker_context
+    from bmray.actors.runtime.worker_context import worker_context
     ctx = worker_context()
     os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
                       LOCAL_RANK=str(ctx.local_rank),
@@ -94,7 +94,7 @@ def _deepspeed_env() -> None:
 
 def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> dict[str, Any]:
     """In a gang worker: one run of ``side``; live private bytes at the three points."""
-    from actors.train_config import TrainConfig
+    from bmray.actors.train.config import TrainConfig
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -106,8 +106,8 @@ def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> d
     model = _model(dims["d_model"], dims["layers"], dims["vocab"], dims["seq"])
     psi = sum(p.numel() for p in model.parameters())
     if side == "ours":
-        from actors.zero import Zero
-        from actors.zero3 import Zero3
+        from bmray.actors.parallel.zero.stage12 import Zero
+        from bmray.actors.parallel.zero.stage3 import Zero3
 
         cfg = TrainConfig(lr=3e-4, warmup_steps=0, device="cpu", echo=False)
         z = (Zero3(offload_optimizer=offload) if stage == 3 else
@@ -174,8 +174,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "state_census.json"))
     args = ap.parse_args()
-    from cluster import connect, shutdown
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster import connect, shutdown
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     dims = dict(d_model=args.d_model, layers=args.layers, vocab=args.vocab, seq=64, micro=8,
                 bucket_mb=25.0)

@@ -99,9 +99,9 @@ from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
                           balanced_order, connect_ray, gang_steps, parse_args,
                           pooled_median, ratio_with_interval, rss, trim)
 from bench.deepspeed_zero import deepspeed_gang_env  # noqa: E402
-from actors.schedule import warmup_cosine  # noqa: E402
-from actors.train_config import TrainConfig  # noqa: E402
-from models import ModelConfig  # noqa: E402
+from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.models import ModelConfig  # noqa: E402
 
 MB = 2 ** 20
 LOOPS = ("ours", "torch", "torch_vocab", "deepspeed")
@@ -120,8 +120,8 @@ def peer_for(tp: int) -> str:
 # ---------------------------------------------------------------- shared helpers (workers)
 
 def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from actors.trainer import seed_everything
-    from models import build_model
+    from bmray.actors.train.loop import seed_everything
+    from bmray.models import build_model
 
     seed_everything(0)
     return build_model(model_cfg)
@@ -178,9 +178,9 @@ def _adamw(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
 def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """Trainer on MeshParallel(tp=N): (step seconds, losses, first grad norm, state bytes)."""
     import torch.distributed as dist
-    from actors.mesh_parallel import MeshParallel
-    from actors.trainer import Trainer
-    from models import objective_for
+    from bmray.actors.parallel.mesh import MeshParallel
+    from bmray.actors.train.loop import Trainer
+    from bmray.models import objective_for
 
     trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=MeshParallel(tp=tp), model_config=model_cfg)
@@ -244,7 +244,7 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
-    from models import objective_for
+    from bmray.models import objective_for
 
     model = _fresh_model(model_cfg)
     if tp > 1:
@@ -339,7 +339,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     import torch.distributed as dist
     from deepspeed.runtime.utils import clip_grad_norm_
     from deepspeed.utils import logger as ds_logger
-    from models import objective_for
+    from bmray.models import objective_for
 
     ds_logger.setLevel(logging.ERROR)
     model = _fresh_model(model_cfg)
@@ -496,7 +496,7 @@ def main() -> None:
     args = parse_args(ap, QUICK)
 
     import deepspeed
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
                             n_heads=args.heads, n_layers=args.layers, d_ff=4 * args.d_model,

@@ -30,11 +30,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import world_pack  # noqa: E402
-from actors.schedule import warmup_cosine  # noqa: E402
-from actors.train_config import TrainConfig  # noqa: E402
-from actors.trainer import Trainer  # noqa: E402
-from models import ModelConfig, build_model, objective_for  # noqa: E402
-from models.data import BlockStream  # noqa: E402
+from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bmray.actors.train.config import TrainConfig  # noqa: E402
+from bmray.actors.train.loop import Trainer  # noqa: E402
+from bmray.models import ModelConfig, build_model, objective_for  # noqa: E402
+from bmray.models.data import BlockStream  # noqa: E402
 
 
 def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig) -> float:

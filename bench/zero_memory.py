@@ -25,14 +25,14 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from actors.train_config import TrainConfig
-from actors.trainer import seed_everything
-from actors.zero import Zero
-from actors.zero3 import Zero3
+from bmray.actors.train.config import TrainConfig
+from bmray.actors.train.loop import seed_everything
+from bmray.actors.parallel.zero.stage12 import Zero
+from bmray.actors.parallel.zero.stage3 import Zero3
 from bench.live_bytes import AllocatorTrace, TensorCensus
-from models.config import ModelConfig
-from models.data import BlockStream
-from models.registry import build_model
+from bmray.models.config import ModelConfig
+from bmray.models.data import BlockStream
+from bmray.models.families.registry import build_model
 
 BLOCK, VOCAB = 65, 512
 
@@ -88,8 +88,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.common import world_pack
-    from cluster import connect, shutdown
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster import connect, shutdown
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     root = tempfile.mkdtemp(prefix="zero_memory_")
     pack = world_pack(root, BLOCK, VOCAB, n_entities=60)   # token ids < VOCAB

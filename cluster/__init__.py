@@ -1,4 +1,4 @@
 """Driver side: connect to Ray, and (later issues) the mesh, placement groups and worker gangs."""
-from cluster.connect import connect, shutdown
+from bmray.cluster.connect import connect, shutdown
 
 __all__ = ["connect", "shutdown"]

@@ -125,7 +125,7 @@ from typing import Sequence
 
 from torch import nn
 
-from cluster.calibration import calibration
+from bmray.cluster.calibration import calibration
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES = 12             # fp32 master + exp_avg + exp_avg_sq per parameter (ZeRO's K)

@@ -26,9 +26,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.gang_worker import GangWorker
-from actors.worker_context import WorkerContext, worker_context
-from models.typed_config import ConfigError, check_choice, check_positive
+from bmray.actors.runtime.gang_worker import GangWorker
+from bmray.actors.runtime.worker_context import WorkerContext, worker_context
+from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
 __all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "PlacementTimeout", "WorkerContext",
            "worker_context", "workers_that_fit"]

@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from actors.checkpoint import CheckpointError
-from actors.strategies import strategy_from_dict
-from cluster.gang import (PlacementTimeout, ScalingConfig, WorkerFailure, WorkerGroup,
+from bmray.actors.train.checkpoints import CheckpointError
+from bmray.actors.parallel.registry import strategy_from_dict
+from bmray.cluster.gang import (PlacementTimeout, ScalingConfig, WorkerFailure, WorkerGroup,
                           workers_that_fit)
-from models.typed_config import ConfigError, check_positive
+from bmray.models.typed_config import ConfigError, check_positive
 
 # An elastic start gives a placement this long before it looks at the capacity again (a node
 # that just died may still count as alive for a moment).
@@ -66,7 +66,7 @@ class TrainRun:
     """
 
     def __init__(self, raw_experiment: dict[str, Any], samples: list[str] | None = None):
-        from jobs.experiment import experiment_from_dict
+        from bmray.actors.train.experiment import experiment_from_dict
 
         self.raw = raw_experiment
         self.exp = experiment_from_dict(raw_experiment)      # validates before anything starts
@@ -82,7 +82,7 @@ class TrainRun:
         self.attempt = 0
 
     def fit(self) -> dict[str, Any]:
-        from actors.train_rank import train_rank
+        from bmray.actors.runtime.train_rank import train_rank
 
         self.attempt = 0
         while True:
@@ -124,7 +124,7 @@ class TrainRun:
         raw.setdefault("scaling", {})["num_workers"] = n
         spec = strategy_from_dict(raw.get("strategy")).resolved(n)
         if spec.kind == "param_server":
-            from actors.param_server import start_shards
+            from bmray.actors.parallel.param_server import start_shards
 
             self.shards = start_shards(spec.options, self.exp.train, n)
         return raw
@@ -155,7 +155,7 @@ class TrainRun:
         """Gang sizes this experiment accepts, largest first, from num_workers down to
         min_workers: those its validation passes (tp x pp divides it, the global batch
         splits over the data-parallel replicas)."""
-        from jobs.experiment import experiment_from_dict
+        from bmray.actors.train.experiment import experiment_from_dict
 
         s = self.scaling
         out = []
@@ -174,7 +174,7 @@ class TrainRun:
             self.group.shutdown()
             self.group = None
         if self.shards:
-            from actors.param_server import stop_shards
+            from bmray.actors.parallel.param_server import stop_shards
 
             stop_shards(self.shards)
             self.shards = []

@@ -57,14 +57,14 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from cluster.cost_model import (ATTENTION, DTYPE_BYTES, SCHEDULES, Hardware, ModelSpec,
+from bmray.cluster.cost_model import (ATTENTION, DTYPE_BYTES, SCHEDULES, Hardware, ModelSpec,
                                 StepTime, bubble_fraction, human_bytes, human_seconds,
                                 head_transient_bytes, memory_bytes, model_state_bytes,
                                 partition, recomputed_block_bytes, stage_activation_bytes,
                                 step_time, step_transient_bytes, transient_bytes)
-from cluster.calibration import CALIBRATIONS, calibration
-from models.config import ModelConfig
-from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
+from bmray.cluster.calibration import CALIBRATIONS, calibration
+from bmray.models.config import ModelConfig
+from bmray.models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
 # Built-in model shapes (GPT-2: Radford et al. 2019; GPT-3: Brown et al. 2020, table 2.1).
 BUILTIN: dict[str, dict[str, Any]] = {
@@ -128,7 +128,7 @@ def load_workload(model: str, overrides: Sequence[str] = (), seq_len: int | None
     else:
         raw = load_yaml(model)
         if "model" in raw:                          # an experiment: validate it all
-            from jobs.experiment import experiment_from_dict
+            from bmray.actors.train.experiment import experiment_from_dict
             exp = experiment_from_dict(apply_overrides(raw, overrides))
             cfg = exp.model
             exp_batch = exp.data.global_batch_size
@@ -156,7 +156,7 @@ def _is_experiment(path: str) -> bool:
 
 def model_spec(cfg: ModelConfig) -> ModelSpec:
     """Exact trainable-parameter counts and block shapes, from the model built on ``meta``."""
-    from models.registry import build_model
+    from bmray.models.families.registry import build_model
     with torch.device("meta"):
         model = build_model(cfg)
     return ModelSpec.from_module(model, family=cfg.family, dropout=cfg.dropout)
@@ -638,7 +638,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
               + f" ({result.enumerated} tried):",
               " ".join(f"{h:>{n}}" for h, n in zip(HEADER, WIDTHS))]
     lines += [_row(i + 1, c) for i, c in enumerate(shown)]
-    lines += ["", "jobs.pretrain flags of each layout:"]
+    lines += ["", "bmray.jobs.pretrain flags of each layout:"]
     lines += [f"{i + 1:>3} {pretrain_flags(c, work, gpu)}" for i, c in enumerate(shown)]
     return "\n".join(lines)
 

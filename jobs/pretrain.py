@@ -18,9 +18,9 @@ import os
 import sys
 from typing import Any
 
-from cluster import connect
-from cluster.launcher import RunFailed
-from models.typed_config import ConfigError, apply_overrides, load_yaml
+from bmray.cluster import connect
+from bmray.cluster.launcher import RunFailed
+from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     """Parse, override and validate; returns the raw mapping that travels to the worker."""
-    from jobs.experiment import experiment_from_dict
+    from bmray.actors.train.experiment import experiment_from_dict
 
     raw = apply_overrides(load_yaml(path), overrides)
     experiment_from_dict(raw)            # validate now: errors name the key, nothing has started
@@ -47,7 +47,7 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
 def run(raw: dict[str, Any], address: str | None = None,
         samples: list[str] | None = None) -> dict[str, Any]:
     """Run the experiment on a gang of workers; returns rank 0's report."""
-    from cluster.launcher import TrainRun
+    from bmray.cluster.launcher import TrainRun
 
     train_run = TrainRun(raw, samples=samples)
     scaling = train_run.scaling

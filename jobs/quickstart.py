@@ -14,9 +14,9 @@ import argparse
 import os
 import sys
 
-from jobs.pretrain import load_config, print_report, run
-from models.typed_config import ConfigError
-from models.world import World, WorldConfig
+from bmray.jobs.pretrain import load_config, print_report, run
+from bmray.models.typed_config import ConfigError
+from bmray.models.world import World, WorldConfig
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "quickstart.yaml")

@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "models.config",
-    "MoEConfig": "models.config",
-    "ModelOutput": "models.outputs",
-    "build_model": "models.registry",
-    "objective_for": "models.objectives",
-    "generate": "models.generation",
-    "GenerationConfig": "models.generation",
-    "ConfigError": "models.typed_config",
+    "ModelConfig": "bmray.models.config",
+    "MoEConfig": "bmray.models.config",
+    "ModelOutput": "bmray.models.outputs",
+    "build_model": "bmray.models.families.registry",
+    "objective_for": "bmray.models.objectives",
+    "generate": "bmray.models.generation",
+    "GenerationConfig": "bmray.models.generation",
+    "ConfigError": "bmray.models.typed_config",
 }
 
 __all__ = sorted(_EXPORTS)

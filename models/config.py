@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from models.typed_config import ConfigError, check_choice, check_positive, from_dict
+from bmray.models.typed_config import ConfigError, check_choice, check_positive, from_dict
 
 FAMILIES = ("gpt", "bert", "electra", "t5")
 POS_ENCODINGS = ("learned", "sinusoidal")

@@ -46,7 +46,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from models.typed_config import ConfigError, check_choice
+from bmray.models.typed_config import ConfigError, check_choice
 
 STRATEGIES = ("greedy", "sample", "beam")
 

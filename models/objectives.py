@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.config import ModelConfig
-from models.losses import IGNORE_INDEX
-from models.typed_config import ConfigError
+from bmray.models.config import ModelConfig
+from bmray.models.layers.losses import IGNORE_INDEX
+from bmray.models.typed_config import ConfigError
 
 
 @dataclass

@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from models.typed_config import ConfigError, check_choice
+from bmray.models.typed_config import ConfigError, check_choice
 
 FAMILIES = ("gpt", "bert", "electra", "t5")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<mask>", "<cls>", "<sep>")

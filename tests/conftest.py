@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def ray_session():
     """An embedded local Ray with 8 logical CPUs (more than the 2 cores: workers pin 1 thread)."""
-    from cluster import connect, shutdown
+    from bmray.cluster import connect, shutdown
 
     # Functions defined in test modules are pickled by reference (module `test_x`): Ray's
     # workers must be able to import them, so the tests folder goes on their path too.
@@ -27,7 +27,7 @@ def ray_session():
 def gangs(ray_session):
     """Worker gangs by size, started on first use and shared by one module's tests (a gang
     start costs seconds; the equivalence tests of every strategy reuse them)."""
-    from cluster.gang import ScalingConfig, WorkerGroup
+    from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
     started: dict = {}
 

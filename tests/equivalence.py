@@ -63,7 +63,7 @@ def scaled_reduction(factor: float) -> Iterator[None]:
     all-reduce, which ZeRO-0/1 and the mesh's dp use, and the reduce-scatter of ZeRO-2/3)
     sends ``factor`` times its input, as a missing 1/N would. Patched on the class in this
     process (a worker) and restored on exit; no code path a user reaches."""
-    from actors.data_parallel import DataParallel
+    from bmray.actors.parallel.data_parallel import DataParallel
 
     launch, scatter = DataParallel._launch, DataParallel._reduce_scatter_into
 

@@ -1,8 +1,8 @@
 """A tiny real corpus for training tests: a BPE tokenizer trained on it and its packed blocks."""
 from __future__ import annotations
 
-from models.data import pack_corpus
-from models.tokenizer import train_bpe
+from bmray.models.data import pack_corpus
+from bmray.models.tokenizer import train_bpe
 
 BLOCK = 17
 COLORS, SIZES = ["red", "blue", "green", "black"], ["big", "small", "odd"]

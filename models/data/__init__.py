@@ -10,9 +10,9 @@ readers.py: documents from text / JSONL / Parquet on any pyarrow filesystem.
 packing.py: the pack format (Parquet blocks + meta.json) and pack_corpus.
 stream.py:  BlockStream (world-size independent order, resumable) and eval_batches.
 """
-from models.data.packing import (PackMeta, PackMismatchError, pack_corpus, read_pack_meta)
-from models.data.readers import CorpusConfig, CorpusReader, read_documents, resolve_files
-from models.data.stream import BlockStream, eval_batches
+from bmray.models.data.packing import (PackMeta, PackMismatchError, pack_corpus, read_pack_meta)
+from bmray.models.data.readers import CorpusConfig, CorpusReader, read_documents, resolve_files
+from bmray.models.data.stream import BlockStream, eval_batches
 
 __all__ = ["BlockStream", "CorpusConfig", "CorpusReader", "PackMeta", "PackMismatchError",
            "eval_batches", "pack_corpus", "read_documents", "read_pack_meta", "resolve_files"]

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.typed_config import ConfigError, check_choice
+from bmray.models.typed_config import ConfigError, check_choice
 
 PACK_VERSION = 1
 TOKENS_COLUMN = "tokens"

@@ -28,7 +28,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.typed_config import ConfigError, check_choice
+from bmray.models.typed_config import ConfigError, check_choice
 
 FORMATS = ("text", "jsonl", "parquet")
 DOC_SEPS = ("blank_line", "line", "file")

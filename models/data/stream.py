@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from models.data.packing import TOKENS_COLUMN, read_pack_meta, split_path
-from models.typed_config import ConfigError
+from bmray.models.data.packing import TOKENS_COLUMN, read_pack_meta, split_path
+from bmray.models.typed_config import ConfigError
 
 
 class BlockStream:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.typed_config import ConfigError
+from bmray.models.typed_config import ConfigError
 
 #: A block of 20 entity slots repeats along the id axis (see `schema.BLOCK`), so at least one block
 #: is needed for every entity type to exist.
@@ -66,7 +66,7 @@ class WorldConfig:
     qa_include_context: bool = True
 
     def __post_init__(self) -> None:
-        from models.world.names import MAX_ENTITIES
+        from bmray.models.world.names import MAX_ENTITIES
 
         p = "world"
         _check_int(f"{p}.seed", self.seed)

@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Iterator
 
-from models.world import schema
-from models.world.config import MIN_ENTITIES, WorldConfig
-from models.world.names import MAX_ENTITIES, NameBook
+from bmray.models.world import schema
+from bmray.models.world.config import MIN_ENTITIES, WorldConfig
+from bmray.models.world.names import MAX_ENTITIES, NameBook
 
 _MASK64 = (1 << 64) - 1
 _TAG_NAMES, _TAG_GIVEN, _TAG_ATTR, _TAG_DOC, _TAG_QA, _TAG_RET, _TAG_SPLIT, _TAG_REL = range(1, 9)

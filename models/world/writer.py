@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from models.typed_config import ConfigError, check_choice
-from models.world import schema
-from models.world.config import WorldConfig
-from models.world.world import World, dumps
+from bmray.models.typed_config import ConfigError, check_choice
+from bmray.models.world import schema
+from bmray.models.world.config import WorldConfig
+from bmray.models.world.world import World, dumps
 
 PARTS = ("entities", "documents", "qa", "retrieval")
 FORMATS = ("jsonl", "parquet")

@@ -1,0 +1,1 @@
+"""Collective communication: typed collectives, the shared-memory transport, point-to-point."""

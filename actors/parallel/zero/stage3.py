@@ -1,0 +1,659 @@
+"""ZeRO stage 3: parameters, gradients and optimizer state all sharded (P_os+g+p).
+
+Rajbhandari et al. 2020, "ZeRO", §5.3; the unit / flat-parameter design follows PyTorch FSDP
+(Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", §3-4).
+With mixed-precision Adam and Ψ trainable parameters the model state per rank is
+
+    stage 3   2Ψ/N + 2Ψ/N + 12Ψ/N = 16Ψ/N   (params + grads + fp32 master and moments)
+
+plus the transient full parameters of the (at most ~2) units gathered at a time. With
+``param_dtype: fp32`` and nothing offloaded the fp32 master *is* the parameter shard (AdamW
+steps the shard in place; ``master_aliased`` in the report): 4Ψ/N + 4Ψ/N + 8Ψ/N = 16Ψ/N, not
+20Ψ/N (DeepSpeed 0.19's stage 3 keeps a separate fp32 partition: 20Ψ/N at the step).
+
+How it is built (applied to a plain ``nn.Module`` from outside; the model is not changed
+except that its trainable parameters' storage belongs to the strategy):
+
+* **Units.** Every module of the model's ``block_lists`` (``GPT.block_lists = ("blocks",)``;
+  for a model without the attribute, e.g. a ``transformers`` BertModel, pass
+  ``block_lists: ["encoder.layer"]``) is one unit; every other trainable parameter belongs to
+  the **root unit**, gathered for the whole forward + backward of a micro-batch. A parameter
+  reachable from two units (tied weights) goes to the root. Frozen parameters are not
+  sharded: they stay replicated, unchanged, and count in no total.
+* **Flat parameters.** A unit's trainable parameters (decay group first, then no-decay, as
+  ``build_adamw`` splits them) are laid out in one flat buffer, zero-padded to a multiple of N
+  and split with :func:`actors.collectives.shard_bounds`: rank r keeps slice r in
+  ``param_dtype`` (the compute copy; in host memory with ``offload_params``) and the fp32
+  master slice (in :class:`actors.offload.ShardedAdamW`, through zero.py's optimizer face, so
+  the LR scheduler drives it). Each module parameter keeps its identity but its ``.data`` is a
+  view into the unit's full buffer, whose storage exists only while the unit is gathered
+  (``untyped_storage().resize_(0)`` frees it; the views, and the tensors autograd saved, see
+  the data again once it is re-gathered).
+* **Forward.** A forward pre-hook on a unit waits for (or starts) its all-gather and starts
+  the *next* unit's all-gather asynchronously (prefetch), so communication overlaps the
+  current unit's compute; a forward post-hook frees the full parameters (level 3, below)
+  and, when autograd records, hooks the unit's output tensors.
+* **Per-block ZeRO level** (BMTrain's ``CheckpointBlock(block, zero_level=2|3)``; FSDP2's
+  ``fully_shard(reshard_after_forward=False)``, FSDP1's ``SHARD_GRAD_OP``). ``block_levels``
+  maps glob patterns over unit names (:func:`fnmatch.fnmatchcase`: ``"blocks.0"``,
+  ``"blocks.*"``, ``"bert.encoder.layer.1[0-1]"``) to a level, applied in order (a later
+  pattern overrides an earlier one: ``{"blocks.*": 2, "blocks.0": 3}``); unmatched blocks are
+  level 3. **Level 3** frees a block after its forward and all-gathers it again in backward:
+  2 all-gathers per micro-batch, and at most ~2 blocks' full parameters alive. **Level 2**
+  keeps the block gathered from its forward until its gradients are reduce-scattered: 1
+  all-gather per micro-batch (a third less communication for that block: 1 gather + 1
+  reduce-scatter instead of 2 + 1), at the price of its full parameters for the whole
+  forward-backward span. Gradients and optimizer state stay sharded at both levels; only the
+  transient parameter memory differs, and the results are the same to rounding. The root
+  unit is always held from forward to backward (level 2). A pattern that matches no unit is
+  a ConfigError naming the units. Activation checkpointing (``train.activation_checkpointing``,
+  actors/activation_checkpointing.py) is chosen per block independently and composes with
+  both levels: a checkpointed block is recomputed in backward after its unit is gathered
+  (level 3: re-gathered; level 2: still gathered), so level 2 + checkpointing keeps parameters
+  and drops activations, level 3 without checkpointing the reverse.
+* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (a level-2
+  unit is still gathered: no collective) and prefetches the unit before it (a no-op when that
+  one is level 2); when every parameter of the unit has its gradient
+  (post-accumulate-grad hooks) the gradients are flattened into a full buffer and
+  reduce-scattered (SUM) asynchronously, the parameters' ``.grad`` dropped and the unit
+  freed; the rank's slice is added to its gradient shard when the collective completes
+  (``max_inflight`` at a time). Units are reduced in a fixed order on every rank (reverse
+  unit order, root last); a unit without gradients (unused) is reduced as zeros after
+  backward. Every micro-batch is reduced (as stage 2).
+* **Step** (as zero.py): global norm from the shards, clip, AdamW on the fp32 slices, then
+  the ``param_dtype`` slices are refreshed from the masters — no all-gather: the next forward
+  gathers just in time. With ``param_dtype: fp16`` backward runs on the loss times the
+  :class:`actors.loss_scaler.DynamicLossScaler` scale; after the reduce-scatter an
+  inf/NaN may sit in one rank's gradient shard only, so the scaler all-reduces the found-inf
+  flag (MAX): every rank skips the step (masters, shards and Adam's step count untouched)
+  and halves the scale.
+* **Checkpoints** are consolidated into :class:`actors.strategy.SingleProcess`'s format
+  (a collective: every rank calls ``state_dict``), so stage-3 checkpoints load into stages 0-2
+  or a single process and back.
+
+Observability (tests, benchmarks): ``memory_report()`` has zero.py's keys plus
+``unit_bytes``, ``unit_levels`` (per unit, root last) and ``peak_gathered_bytes`` (the most
+full-parameter bytes ever gathered at once, a unit counted from its all-gather until it is
+freed: about the root plus two blocks, plus every level-2 block); setting
+``strategy.trace = []`` records the events ``("gather" | "ready" | "forward_end" |
+"backward" | "reduce" | "free", unit index)`` in order (tests count all-gathers per unit).
+
+Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
+broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
+not used. ``transport`` as there: between the CPU workers of one host (``auto``) the units'
+all-gathers write straight into their flat buffers and their reduce-scatters add straight
+into the gradient shards through shared memory (actors/shm_transport.py: ~4× less CPU per
+collective than gloo's loopback TCP), else they go through the process group. The grad-norm,
+found-inf and checkpoint collectives stay on the process group.
+
+Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose options are
+:class:`Zero3Config`).
+
+Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
+is gathered twice, which is correct but costs a second all-gather); prefetch follows the
+``block_lists`` order, which must be the execution order for the overlap to help (correctness
+does not depend on it).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from bmray.models.typed_config import ConfigError, check_choice, check_positive
+
+from bmray.actors.comm import collectives as C
+from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
+from bmray.actors.parallel.strategy import MicroResult, build_adamw, weighted_forward_backward
+from bmray.actors.train.config import TrainConfig
+from bmray.actors.parallel.zero.stage12 import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
+                   consolidated_optimizer, load_lr_and_scaler, memory_totals,
+                   non_sharded_model, optimizer_template, param_states, step_master_shards,
+                   StatsWithNorm)
+
+
+@dataclass
+class Zero3Config:
+    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``)."""
+
+    stage: int = 3
+    param_dtype: str = "fp32"              # compute copy: fp32 | bf16 | fp16
+    offload_params: bool = False           # the rank's param shard lives in host memory
+    offload_optimizer: str = "none"        # master + moments: none | cpu | disk
+    disk_dir: str | None = None
+    block_lists: list[str] | None = None   # dotted paths of ModuleLists; None: model.block_lists
+    prefetch: bool = True                  # all-gather the next unit while this one computes
+    max_inflight: int = 2                  # reduce-scatters on the wire at once
+    broadcast_init: bool = True
+    sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
+    block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
+    transport: str = "auto"                # gathers + reduce-scatters: auto | shm | process_group
+
+    def __post_init__(self) -> None:
+        check_choice("strategy.stage", self.stage, [3])
+        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        if self.block_levels is not None:
+            if not isinstance(self.block_levels, dict):
+                raise ConfigError(f"strategy.block_levels: expected a mapping of unit-name "
+                                  f"patterns to levels 2 or 3, got {self.block_levels!r}")
+            for pattern, level in self.block_levels.items():
+                if not isinstance(pattern, str) or not pattern:
+                    raise ConfigError(f"strategy.block_levels: {pattern!r} is not a unit-name "
+                                      f"pattern (e.g. 'blocks.0', 'blocks.*')")
+                if isinstance(level, bool) or level not in (2, 3):
+                    raise ConfigError(f"strategy.block_levels.{pattern}: {level!r} is not one "
+                                      f"of [2, 3] (2: keep gathered until backward, "
+                                      f"3: free after forward)")
+        check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
+        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
+        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
+        if self.offload_optimizer == "disk" and not self.disk_dir:
+            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
+                              "is 'disk'")
+        check_positive("strategy.max_inflight", self.max_inflight)
+
+
+class _Unit:
+    """One flat parameter: its module, params (decay first), offsets, shard and full buffer."""
+
+    def __init__(self, index: int, name: str, module: nn.Module, params: list[nn.Parameter],
+                 world: int, rank: int) -> None:
+        self.index, self.name, self.module = index, name, module
+        self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
+        params = [p for p in params if _decays(p)] + [p for p in params if not _decays(p)]
+        self.params = params
+        self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
+        total = sum(p.numel() for p in params)
+        self.decay_end = sum(p.numel() for p in params if _decays(p))
+        self.numel = -(-total // world) * world
+        self.bounds = C.shard_bounds(self.numel, rank, world)
+        self.full: torch.Tensor | None = None      # flat param_dtype buffer (storage on/off)
+        self.shard: torch.Tensor | None = None     # this rank's slice, param_dtype
+        self.grad_shard: torch.Tensor | None = None
+        self.gathered = False
+        self.pending: Any = None                   # in-flight all-gather
+        self.backward_gathered = False
+        self.missing = len(params)                 # gradients not yet complete this backward
+        self.reduced = False
+        self.pending_grad: Any = None              # in-flight reduce-scatter (or the flat grad)
+        self.segments: list[tuple[int, int, bool]] = []   # (lo, hi) in the shard, decays
+        b = self.bounds
+        for lo, hi, d in ((0, self.decay_end, True), (self.decay_end, self.numel, False)):
+            a, e = max(lo, b.start), min(hi, b.stop)
+            if a < e:
+                self.segments.append((a - b.start, e - b.start, d))
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.full.element_size()
+
+    def pieces(self):
+        """(param, flat offset) of every parameter."""
+        return zip(self.params, self.offsets)
+
+
+class Zero3(StatsWithNorm, DataParallel):
+    """ZeRO stage 3 over a plain ``nn.Module``; see the module docstring."""
+
+    replicated = True
+    collective_state_dict = True
+    stage = 3
+
+    def __init__(self, config: Zero3Config | None = None, *, group: Any = None,
+                 **overrides: Any) -> None:
+        if config is None:
+            config = Zero3Config(**overrides)
+        elif overrides:
+            raise TypeError("Zero3: pass either a Zero3Config or keyword overrides")
+        super().__init__(config, group=group)
+        self.dtype = DTYPES[config.param_dtype]
+        self.sharded_checkpoint = config.sharded_checkpoint
+        self.replicated = not config.sharded_checkpoint   # sharded: every rank writes its file
+        self.scaler = None
+        self.trace: list[tuple[str, int]] | None = None   # set to [] to record events
+        self.gathered_bytes = 0
+        self.peak_gathered_bytes = 0
+        self._inflight: list[_Unit] = []
+        self._launched = 0
+
+    # ------------------------------------------------------------ setup
+    def _event(self, kind: str, unit: _Unit) -> None:
+        if self.trace is not None:
+            self.trace.append((kind, unit.index))
+
+    def _block_modules(self) -> list[tuple[str, nn.Module]]:
+        paths = self.config.block_lists
+        if paths is None:
+            paths = list(getattr(self.module, "block_lists", ()) or ())
+        out = []
+        for path in paths:
+            try:
+                container = self.module.get_submodule(path)
+            except AttributeError as exc:
+                raise ConfigError(f"strategy.block_lists: {path!r} is not a submodule of "
+                                  f"{type(self.module).__name__}") from exc
+            out.extend((f"{path}.{i}", m) for i, m in enumerate(container))
+        return out
+
+    def _assign_levels(self, blocks: list[_Unit]) -> None:
+        """``block_levels`` patterns, in order, onto the block units (see module docstring)."""
+        for pattern, level in (self.config.block_levels or {}).items():
+            hit = [u for u in blocks if fnmatch.fnmatchcase(u.name, pattern)]
+            if not hit:
+                names = ", ".join(u.name for u in blocks) or "none"
+                raise ConfigError(f"strategy.block_levels: {pattern!r} matches no unit; the "
+                                  f"units are {names} (blocks without trainable parameters "
+                                  f"have none; the root is always held)")
+            for u in hit:
+                u.level = level
+
+    def setup(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self._place(model, cfg)
+        module = self.module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        trainable = {id(p) for p in self.params}
+        self.frozen = [p for p in module.parameters() if id(p) not in trainable]
+        self._names: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            self._names.setdefault(id(p), []).append(name)
+        self._template = build_adamw(module, cfg, self.params)
+        # unit of every trainable parameter: the one block whose names hold all its uses
+        blocks = self._block_modules()
+        owner: dict[int, int] = {}
+        for id_, names in self._names.items():
+            if id_ not in trainable:
+                continue
+            homes = {next((b for b, (bn, _) in enumerate(blocks)
+                           if n.startswith(bn + ".")), -1) for n in names}
+            owner[id_] = homes.pop() if len(homes) == 1 else -1
+        masters_full = {id(p): p.detach().float().reshape(-1).clone() for p in self.params}
+        module.to(self.dtype)                   # in place: identities and ties kept
+        units: list[_Unit] = []
+        for b, (bname, bmod) in enumerate(blocks):
+            ps = [p for p in self.params if owner[id(p)] == b]
+            if ps:
+                units.append(_Unit(len(units), bname, bmod, ps, self.world_size, self.rank))
+        root_ps = [p for p in self.params if owner[id(p)] == -1]
+        self.blocks = units
+        self.root = (_Unit(len(units), "<root>", module, root_ps, self.world_size, self.rank)
+                     if root_ps else None)
+        self._assign_levels(units)
+        if self.root is not None:
+            self.root.level = 2                 # gathered for the whole forward + backward
+        self.units = units + ([self.root] if self.root is not None else [])
+        shard_device = "cpu" if self.config.offload_params else self.device
+        pin = self.config.offload_params and self.device.type == "cuda"
+        on_host = self.config.offload_optimizer != "none"
+        # fp32 shard and master in the same memory: the master *is* the shard (zero.py's
+        # "aliased fp32 masters"; DeepSpeed 0.19 keeps a second fp32 partition here)
+        self.aliased = self.dtype == torch.float32 and not on_host and \
+            not self.config.offload_params
+        self.masters, self.decay, self._seg = [], [], []
+        for u in self.units:
+            flat = torch.zeros(u.numel, dtype=torch.float32, device=self.device)
+            for p, off in u.pieces():
+                flat[off:off + p.numel()] = masters_full[id(p)]
+            s = u.bounds
+            master = flat[s.start:s.stop]
+            u.shard = master.to(shard_device, self.dtype, copy=True)
+            if pin:
+                u.shard = u.shard.pin_memory()
+            u.grad_shard = torch.zeros(s.size, dtype=self.dtype, device=self.device)
+            u.full = torch.empty(u.numel, dtype=self.dtype, device=self.device)
+            for p, off in u.pieces():
+                p.data = u.full[off:off + p.numel()].view_as(p)
+            self._free(u)
+            for lo, hi, d in u.segments:
+                self.masters.append(nn.Parameter(u.shard[lo:hi]) if self.aliased else
+                                    nn.Parameter(master[lo:hi].to(
+                                        "cpu" if on_host else self.device, copy=True)))
+                self.decay.append(d)
+                self._seg.append((u, lo, hi))
+        self._unit_of = {id(p): u for u in self.units for p in u.params}
+        self.optimizer = _ShardedOptimizer(self, self.cfg)
+        if self.dtype == torch.float16:
+            self.scaler = DynamicLossScaler(self.cfg.loss_scale, group=self.group)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                       for p in self.params]
+        for u in self.blocks:
+            u.module.register_forward_pre_hook(self._make_pre_forward(u))
+            u.module.register_forward_hook(self._make_post_forward(u))
+        module.register_forward_pre_hook(self._root_pre_forward)
+        module.register_forward_hook(self._root_post_forward)
+        # shared memory for the units' gathers and reduce-scatters, if it can (data_parallel.py)
+        self._open_transport(
+            capacity_bytes=max((u.nbytes for u in self.units), default=1 << 20))
+
+    # ------------------------------------------------------------ gather / free
+    def _alloc(self, u: _Unit) -> None:
+        storage = u.full.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(u.nbytes)
+            self.gathered_bytes += u.nbytes
+            self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+
+    def _free(self, u: _Unit) -> None:
+        storage = u.full.untyped_storage()
+        if storage.nbytes():
+            if self.gathered_bytes:
+                self.gathered_bytes -= storage.nbytes()
+            storage.resize_(0)
+        u.gathered = False
+        self._event("free", u)
+
+    def _start_gather(self, u: _Unit) -> None:
+        """Launch ``u``'s all-gather (no-op if gathered or on its way)."""
+        if u.gathered or u.pending is not None:
+            return
+        self._alloc(u)
+        self._event("gather", u)
+        shard = u.shard.to(self.device, non_blocking=True)
+        out = u.full.detach()
+        if self.world_size == 1:
+            out.copy_(shard)
+            u.pending = True
+            return
+        u.pending = self._all_gather(shard, u.numel, out=out)   # straight into the buffer
+
+    def _wait_gather(self, u: _Unit) -> None:
+        if u.gathered:
+            return
+        self._start_gather(u)
+        if u.pending is not True:
+            u.pending.wait()
+        u.pending = None
+        u.gathered = True
+        self._event("ready", u)
+
+    def _next(self, u: _Unit, step: int) -> _Unit | None:
+        j = u.index + step
+        return self.blocks[j] if 0 <= j < len(self.blocks) else None
+
+    # ------------------------------------------------------------ hooks
+    def _root_pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self.root is not None:
+            self._start_gather(self.root)
+        if self.config.prefetch and self.blocks:
+            self._start_gather(self.blocks[0])
+        if self.root is not None:
+            self._wait_gather(self.root)
+
+    def _root_post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled():
+            self._drain_gathers()
+            if self.root is not None:
+                self._free(self.root)
+
+    def _make_pre_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._wait_gather(u)
+            nxt = self._next(u, 1)
+            recompute = torch._C._current_graph_task_id() != -1     # checkpointed block
+            if self.config.prefetch and nxt is not None and not recompute:
+                self._start_gather(nxt)
+        return hook
+
+    def _make_post_forward(self, u: _Unit):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            self._event("forward_end", u)
+            if torch._C._current_graph_task_id() != -1:
+                return None                 # recomputation inside backward: keep gathered
+            if not torch.is_grad_enabled():
+                self._free(u)               # no backward follows: both levels free
+                return None
+            if u.level == 3:
+                self._free(u)               # level 2 stays gathered until _reduce frees it
+            u.backward_gathered = False
+            tensors = [t for t in tree_flatten(output)[0]
+                       if torch.is_tensor(t) and t.requires_grad]
+            for t in tensors:
+                t.register_hook(self._make_pre_backward(u))
+            return None
+        return hook
+
+    def _make_pre_backward(self, u: _Unit):
+        def hook(grad: torch.Tensor) -> None:
+            if u.backward_gathered:
+                return None
+            u.backward_gathered = True
+            self._event("backward", u)
+            self._wait_gather(u)
+            prev = self._next(u, -1)
+            if self.config.prefetch and prev is not None and not prev.reduced:
+                self._start_gather(prev)
+            return None
+        return hook
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        u = self._unit_of[id(p)]
+        u.missing -= 1
+        if u.missing == 0:
+            self._launch_ready()
+
+    def _order(self) -> list[_Unit]:
+        """The fixed reduce order on every rank: last block first, root last."""
+        return [*reversed(self.blocks), *([self.root] if self.root is not None else [])]
+
+    def _launch_ready(self, force: bool = False) -> None:
+        order = self._order()
+        while self._launched < len(order) and (force or order[self._launched].missing <= 0):
+            self._reduce(order[self._launched])
+            self._launched += 1
+
+    @torch.no_grad()
+    def _reduce(self, u: _Unit) -> None:
+        """Flatten ``u``'s gradients, reduce-scatter them (async), free the unit."""
+        flat = torch.zeros(u.numel, dtype=self.dtype, device=self.device)
+        for p, off in u.pieces():
+            if p.grad is not None:
+                flat[off:off + p.numel()] = p.grad.reshape(-1)
+            p.grad = None
+        u.reduced = True
+        self._event("reduce", u)
+        u.pending_grad = (self._reduce_scatter_into(flat, u.grad_shard)
+                          if self.world_size > 1 else flat)
+        if u is not self.root:
+            self._free(u)
+        self._inflight.append(u)
+        while len(self._inflight) > self.config.max_inflight:
+            self._retire(self._inflight.pop(0))
+
+    def _retire(self, u: _Unit) -> None:
+        pending = u.pending_grad
+        if torch.is_tensor(pending):        # one rank: the flat gradient is the sum
+            u.grad_shard.add_(pending)
+        else:
+            pending.wait()                  # added to the shard
+        u.pending_grad = None
+
+    def _drain_gathers(self) -> None:
+        """Wait for prefetches nobody consumed and free them (collectives stay matched)."""
+        for u in self.blocks:
+            if u.pending is not None:
+                self._wait_gather(u)
+            if u.gathered:
+                self._free(u)
+
+    def _end_backward(self) -> None:
+        self._launch_ready(force=True)      # units without gradients: zeros, in order
+        while self._inflight:
+            self._retire(self._inflight.pop(0))
+        self._drain_gathers()
+        if self.root is not None:
+            self._free(self.root)
+        for u in self.units:
+            u.missing, u.reduced, u.backward_gathered = len(u.params), False, False
+        self._launched = 0
+
+    # ------------------------------------------------------------ loop API
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()     # every micro-batch is reduce-scattered (as stage 2)
+
+    def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
+        if self.scaler is not None:
+            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+        result = weighted_forward_backward(self.model, batch, self.device, weight)
+        self._end_backward()
+        return result
+
+    @torch.no_grad()
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        grads = [u.grad_shard[lo:hi].float() for u, lo, hi in self._seg]
+        norm, skip = step_master_shards(grads, self.masters, self.optimizer, self.scaler,
+                                        max_norm, *self._norm_reduction(),
+                                        stats=self._take_stats())
+        self._stats_reduced()
+        if not skip:
+            self._refresh_shards()
+        for u in self.units:
+            u.grad_shard.zero_()
+        return norm
+
+    def _refresh_shards(self) -> None:
+        if self.aliased:                # the step updated the shard itself
+            return
+        for m, (u, lo, hi) in zip(self.masters, self._seg):
+            u.shard[lo:hi].copy_(m.detach())
+
+    def flush(self) -> None:
+        self._drain_gathers()
+
+    # ------------------------------------------------------------ state
+    def _template_params(self) -> list[nn.Parameter]:
+        return [p for g in self._template.param_groups for p in g["params"]]
+
+    def _full_fp32(self, u: _Unit, per_segment: list[torch.Tensor]) -> torch.Tensor:
+        shard = torch.zeros(u.bounds.size, dtype=torch.float32, device=self.device)
+        for t, (v, lo, hi) in zip(per_segment, self._seg):
+            if v is u:
+                shard[lo:hi] = t.detach().to(self.device, torch.float32)
+        full = C.all_gather(shard, numel=u.numel, group=self.group) \
+            if self.world_size > 1 else shard
+        return full.cpu()
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's shard only (no collective): see actors/sharded_state.py."""
+        from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+        self._drain_gathers()
+        inner = self.optimizer.inner
+        opt_index = {id(p): i for i, p in enumerate(self._template_params())}
+        per_seg = {"w": [m.detach() for m in self.masters], "m": inner.exp_avg,
+                   "v": inner.exp_avg_sq}
+        units = []
+        for u in self.units:
+            shard = {}
+            for k, ts in per_seg.items():
+                t = torch.zeros(u.bounds.size, dtype=torch.float32)
+                for x, (v, lo, hi) in zip(ts, self._seg):
+                    if v is u:
+                        t[lo:hi] = x.detach().to("cpu", torch.float32)
+                shard[k] = t
+            layout = param_layout(u.params, u.offsets, self._names, opt_index)
+            units.append(unit_entry(u.numel, u.bounds.start, u.bounds.stop, shard["w"],
+                                    shard["m"], shard["v"], layout))
+        sharded_names = {n for p in self.params for n in self._names[id(p)]}
+        model = non_sharded_model(self.module, sharded_names)
+        sharded = {"format": SHARDED_FORMAT, "stage": 3, "world_size": self.world_size,
+                   "shard_rank": self.rank, "shards": self.world_size, "units": units,
+                   "step": int(inner.step_count),
+                   "optim_template": optimizer_template(self._template, self.optimizer),
+                   "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+        return {"model": model, "sharded": sharded}
+
+    def state_dict(self) -> dict[str, Any]:
+        """SingleProcess's format, consolidated from the shards: a collective (all ranks).
+        With ``sharded_checkpoint``: this rank's shard only (``sharded_state_dict``)."""
+        if self.sharded_checkpoint:
+            return self.sharded_state_dict()
+        self._drain_gathers()
+        inner = self.optimizer.inner
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for u in self.units:
+            full = {"w": self._full_fp32(u, [m.detach() for m in self.masters]),
+                    "m": self._full_fp32(u, inner.exp_avg),
+                    "v": self._full_fp32(u, inner.exp_avg_sq)}
+            for p, off in u.pieces():
+                per_param[id(p)] = {k: t[off:off + p.numel()].view(p.shape).clone()
+                                    for k, t in full.items()}
+        sharded = {n: id(p) for p in self.params for n in self._names[id(p)]}
+        model = {}
+        for k, v in self.module.state_dict(keep_vars=True).items():
+            if k in sharded:
+                model[k] = per_param[sharded[k]]["w"]
+            else:
+                v = v.detach()
+                model[k] = v.float().clone() if v.is_floating_point() else v.clone()
+        step = torch.tensor(float(inner.step_count))
+        return {"model": model, "optimizer": consolidated_optimizer(
+            self._template, self.optimizer, self._template_params(), per_param, step)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a consolidated (SingleProcess-format) state; keep this rank's slices."""
+        self._drain_gathers()
+        model = state["model"]
+        sharded = {n for p in self.params for n in self._names[id(p)]}
+        rest = {k: v for k, v in model.items() if k not in sharded}
+        missing, unexpected = self.module.load_state_dict(rest, strict=False)
+        if unexpected or set(missing) - sharded:
+            raise KeyError(f"Zero3.load_state_dict: unexpected {unexpected}, "
+                           f"missing {sorted(set(missing) - sharded)}")
+        pstate = param_states(state.get("optimizer"), self._template_params())
+        step = None
+        flats = {}
+        for u in self.units:
+            w, m, v = (torch.zeros(u.numel) for _ in range(3))
+            for p, off in u.pieces():
+                n = p.numel()
+                w[off:off + n] = model[self._names[id(p)][0]].reshape(-1).float()
+                ps = pstate.get(id(p), {})
+                if "exp_avg" in ps:
+                    m[off:off + n] = ps["exp_avg"].reshape(-1).float()
+                    v[off:off + n] = ps["exp_avg_sq"].reshape(-1).float()
+                    step = ps["step"]
+            s = u.bounds
+            flats[u.index] = [t[s.start:s.stop] for t in (w, m, v)]
+        seg = lambda k: [flats[u.index][k][lo:hi].clone() for u, lo, hi in self._seg]  # noqa
+        inner = self.optimizer.inner
+        step = int(torch.as_tensor(step if step is not None else 0.0))
+        inner.load_state_dict({"step": step, "weight_decay": inner.weight_decays,
+                               "numel": [m.numel() for m in self.masters],
+                               "master": seg(0), "exp_avg": seg(1), "exp_avg_sq": seg(2)})
+        for m, t in zip(self.masters, seg(0)):
+            m.data.copy_(t)
+        self._refresh_shards()
+        load_lr_and_scaler(self.optimizer, self.scaler, state)
+
+    # ------------------------------------------------------------ memory
+    def memory_report(self) -> dict[str, Any]:
+        """Persistent model-state bytes of this rank, by kind and location (zero.py's keys),
+        plus ``peak_gathered_bytes`` (transient full parameters; not in the totals)."""
+        param = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
+        grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
+        inner = self.optimizer.inner.memory_report()
+        optim = {k: int(inner.get(k, 0)) for k in ("device", "host", "disk")}
+        if self.aliased:                # the masters are the shards, counted as parameters
+            optim["device"] -= sum(m.numel() * m.element_size() for m in self.masters)
+        param_at = "host" if self.config.offload_params else "device"
+        by_location = {"param": {"device": 0, "host": 0, "disk": 0},
+                       "grad": {"device": grad, "host": 0, "disk": 0},
+                       "optimizer": optim}
+        by_location["param"][param_at] = param
+        return memory_totals(
+            param, grad, optim, by_location,
+            frozen_param_bytes=sum(p.numel() * p.element_size() for p in self.frozen),
+            trainable_params=sum(p.numel() for p in self.params),
+            num_units=len(self.units), stage=3, shards=self.world_size,
+            master_aliased=self.aliased,
+            unit_bytes=[u.nbytes for u in self.units],
+            unit_levels=[u.level for u in self.units],
+            peak_gathered_bytes=self.peak_gathered_bytes,
+            comm_buffer_bytes=self._comm_buffer_bytes())

@@ -1,0 +1,1 @@
+"""The training loop, its configs, learning-rate schedule, metrics and checkpoints."""

@@ -1,0 +1,117 @@
+"""Sharded ZeRO checkpoints: each rank writes only its own slices; any layout loads them.
+
+With ``strategy.sharded_checkpoint: true`` (ZeroConfig / Zero3Config) a ZeRO strategy sets
+``replicated = False``, so :meth:`actors.trainer.Trainer.save` has every rank write its own
+``rank_XXXXX.pt`` (begin / write_rank_state / commit). Each file holds, under ``"sharded"``:
+
+* ``format``, ``stage``, ``world_size`` (the shards' world), ``shard_rank``, ``shards``;
+* ``units``: one entry per flat bucket (stages 0-2) or unit (stage 3): ``numel`` (padded
+  flat size), ``start``/``stop`` (this rank's slice of it), the fp32 ``master``,
+  ``exp_avg`` and ``exp_avg_sq`` slices, and ``params`` — per parameter its ``names`` (tied
+  weights: all of them), ``shape``, ``offset`` and ``numel`` in the flat padded buffer and
+  ``opt_index`` (its index in SingleProcess's AdamW);
+* ``step`` (AdamW's step count), ``optim_template`` (SingleProcess's optimizer state dict
+  without state, with the current lr / initial_lr in its param groups), ``scaler`` (loss
+  scaler state or None);
+
+and under ``"model"`` the items that are not sharded (frozen parameters and buffers, fp32).
+The trainer adds scheduler / rng / data / loop as for any checkpoint.
+
+Loading (:func:`consolidate_sharded`): the simplest correct rule — every loader reads all rank
+files and reassembles full fp32 tensors per parameter into SingleProcess's format (model +
+AdamW state dict), then the current strategy's ``load_state_dict`` re-shards. This works for
+any world size and stage and for SingleProcess. A future optimisation would read only the
+slices of the flat buffers that overlap the loading rank's own slice (the layout above has
+everything needed) instead of materialising the full state on every rank.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bmray.actors.train import checkpoints as ckpt
+
+SHARDED_FORMAT = "bmray-sharded/1"
+
+
+def param_layout(params, offsets, names: dict[int, list[str]],
+                 opt_index: dict[int, int]) -> list[dict[str, Any]]:
+    """Per-parameter layout entries of one flat buffer."""
+    return [{"names": list(names[id(p)]), "shape": tuple(p.shape), "offset": int(off),
+             "numel": int(p.numel()), "opt_index": int(opt_index[id(p)])}
+            for p, off in zip(params, offsets)]
+
+
+def _fp32_cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32).clone()
+
+
+def unit_entry(numel: int, start: int, stop: int, master, exp_avg, exp_avg_sq,
+               layout) -> dict[str, Any]:
+    return {"numel": int(numel), "start": int(start), "stop": int(stop),
+            "master": _fp32_cpu(master), "exp_avg": _fp32_cpu(exp_avg),
+            "exp_avg_sq": _fp32_cpu(exp_avg_sq), "params": layout}
+
+
+def is_sharded_state(state: dict[str, Any]) -> bool:
+    return isinstance(state.get("sharded"), dict) and \
+        state["sharded"].get("format") == SHARDED_FORMAT
+
+
+def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(manifest, state in SingleProcess's format) from every rank file of a sharded checkpoint
+    (a step directory, or a root: its ``latest``). Non-sharded items (scheduler, rng, data,
+    loop, frozen params and buffers, loss scaler) come from rank 0's file."""
+    path = ckpt.resolve_checkpoint(path)
+    manifest = ckpt.verify_checkpoint(path)          # every file present, at its committed size
+    files = manifest.get("files") or [f"rank_{r:05d}.pt"
+                                      for r in range(int(manifest.get("world_size", 1)))]
+    states = []
+    for name in files:
+        state = ckpt.read_state(path, name, map_location)
+        ckpt.check_state_matches_manifest(path, manifest, name, state)
+        states.append(state)
+    for r, s in enumerate(states):
+        if not is_sharded_state(s):
+            raise ckpt.CorruptCheckpointError(f"{path!r}: {files[r]} is not a sharded ZeRO state")
+    first = states[0]["sharded"]
+    n_units = len(first["units"])
+    flats: list[dict[str, torch.Tensor]] = []
+    for i in range(n_units):
+        numel = first["units"][i]["numel"]
+        full = {k: torch.zeros(numel) for k in ("master", "exp_avg", "exp_avg_sq")}
+        covered = torch.zeros(numel, dtype=torch.bool)
+        for r, s in enumerate(states):
+            units = s["sharded"]["units"]
+            if len(units) != n_units or units[i]["numel"] != numel:
+                raise ckpt.CorruptCheckpointError(f"{path!r}: rank files disagree on the layout "
+                                           f"(unit {i} in {files[r]})")
+            u = units[i]
+            for k in full:
+                full[k][u["start"]:u["stop"]] = u[k].float()
+            covered[u["start"]:u["stop"]] = True
+        if not bool(covered.all()):
+            raise ckpt.CorruptCheckpointError(f"{path!r}: unit {i} is not fully covered by the "
+                                       f"rank files (missing shards)")
+        flats.append(full)
+    model = dict(states[0].get("model", {}))
+    optim_state: dict[int, dict[str, torch.Tensor]] = {}
+    step = torch.tensor(float(first["step"]))
+    for i, u in enumerate(first["units"]):
+        for entry in u["params"]:
+            a, n, shape = entry["offset"], entry["numel"], tuple(entry["shape"])
+            w, m, v = (flats[i][k][a:a + n].view(shape).clone()
+                       for k in ("master", "exp_avg", "exp_avg_sq"))
+            for name in entry["names"]:
+                model[name] = w
+            optim_state[entry["opt_index"]] = {"step": step.clone(), "exp_avg": m,
+                                               "exp_avg_sq": v}
+    optim = dict(first["optim_template"])
+    optim["state"] = dict(sorted(optim_state.items()))
+    out = {k: v for k, v in states[0].items() if k not in ("sharded", "model")}
+    out.update(model=model, optimizer=optim)
+    if first.get("scaler") is not None:
+        out["scaler"] = first["scaler"]
+    return manifest, out

@@ -1,0 +1,1 @@
+"""Model building blocks: attention, transformer blocks, positions, mixture of experts, losses."""
