@@ -6,6 +6,13 @@ import os
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def folders_with_tests() -> list[str]:
+    """tests/ and every folder below it that holds test modules (they mirror the packages)."""
+    return [root for root, _, files in os.walk(TESTS)
+            if "__pycache__" not in root and any(f.endswith(".py") for f in files)]
 
 
 @pytest.fixture(scope="session")
@@ -13,11 +20,11 @@ def ray_session():
     """An embedded local Ray with 8 logical CPUs (more than the 2 cores: workers pin 1 thread)."""
     from bmray.cluster import connect, shutdown
 
-    # Functions defined in test modules are pickled by reference (module `test_x`): Ray's
-    # workers must be able to import them, so the tests folder goes on their path too.
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    # Functions defined in test modules are pickled by reference (module `test_x`, imported from
+    # its own folder by pytest): Ray's workers must be able to import them, so every folder of
+    # tests goes on their path too.
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = tests_dir + (os.pathsep + old if old else "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(folders_with_tests() + ([old] if old else []))
     connect(num_cpus=8, log_to_driver=False)
     yield
     shutdown()

@@ -1,4 +1,4 @@
-"""bmray.cluster.yaml is a valid Ray autoscaler config (Ray's own schema and validator)."""
+"""cluster.yaml is a valid Ray autoscaler config (Ray's own schema and validator)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def load() -> dict:
-    with open(os.path.join(REPO, "bmray.cluster.yaml")) as fh:
+    with open(os.path.join(REPO, "cluster.yaml")) as fh:
         return yaml.safe_load(fh)
 
 

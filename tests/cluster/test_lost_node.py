@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from bmray.models.typed_config import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, folders_with_tests
 
 STEPS, EVERY = 12, 3
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
@@ -117,10 +117,10 @@ def test_a_lost_node_shrinks_the_gang_and_the_run_continues(tmp_path):
 
     ray_tmp = tempfile.mkdtemp(prefix="bmray-ln-", dir="/tmp")    # short: Ray's socket paths
     env = {**os.environ, "RAY_TMPDIR": ray_tmp,
-           "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests"),
+           "PYTHONPATH": os.pathsep.join([REPO, *folders_with_tests(),
                                           os.environ.get("PYTHONPATH", "")])}
     try:
-        proc = subprocess.run([sys.executable, "-m", "tests.test_lost_node", str(tmp_path)],
+        proc = subprocess.run([sys.executable, "-m", "tests.cluster.test_lost_node", str(tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -16,7 +16,7 @@ from bmray.actors.train.config import TrainConfig
 from bmray.models.typed_config import ConfigError
 
 torch.set_num_threads(1)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 PLACEMENTS = ["none", "cpu", "disk"]
 CFG = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
 LRS = [1e-2 * (0.5 + 0.1 * s) for s in range(10)]       # a changing schedule

@@ -139,7 +139,7 @@ def _checkpoint_resume(group, rank, pack, path):
 
 
 def run_bert(strategy, rank=0, world=1, steps=3):
-    """tests.test_zero.run_bert, reading the weights through the strategy's state_dict."""
+    """tests.actors.parallel.test_zero.run_bert, reading the weights through the strategy's state_dict."""
     cfg = TrainConfig(lr=1e-3, eps=EPS, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
     strategy.setup(build_bert(), cfg)
     losses = []
