@@ -35,7 +35,7 @@ Only layouts a strategy of ours runs are proposed (:func:`unsupported` says why 
   tensor and pipeline parallelism for the GPT family only, without MoE blocks;
   ``--sequence-parallel`` with ``tp > 1`` also needs ZeRO 0/1 and ``seq_len % tp == 0``.
 
-Every listed layout comes with the ``jobs.pretrain --set`` flags that run it
+Every listed layout comes with the ``bmray pretrain --set`` flags that run it
 (:func:`pretrain_overrides`). Their strategy part starts with ``strategy=null``, which empties
 the experiment's strategy section: the section is flat (``kind`` + that kind's options,
 actors/strategies.py), so a key of the old kind (``stage`` of ``zero``) left in place would be
@@ -530,14 +530,14 @@ WIDTHS = [3, 3, 3, 3, 4, 7, 4, 4, 4, 11, 10, 10, 10, 10, 10, 6, 9]
 
 
 def pretrain_overrides(c: Candidate, work: Workload, use_gpu: bool = True) -> list[str] | None:
-    """The ``KEY=VALUE`` overrides (``python -m jobs.pretrain --set ...``) that run layout
+    """The ``KEY=VALUE`` overrides (``bmray pretrain --set ...``) that run layout
     ``c`` of ``work``; None for a layout no strategy of ours runs.
 
     In order: the experiment's own ``--set`` flags the plan was made with (``strategy.*`` ones
     dropped: the strategy is replaced), the gang (``scaling``), the step's shape (``data``:
     global batch, and the block length when ``--seq-len`` changed it), ``strategy=null`` —
     which empties the section, so no key of the experiment's old strategy kind survives into
-    the new kind's typed config (``jobs.pretrain`` applies overrides key by key with
+    the new kind's typed config (``bmray pretrain`` applies overrides key by key with
     :func:`models.typed_config.apply_overrides`, and a ``null`` section is rebuilt by the keys
     that follow) — then the strategy: ``zero`` (stage 0-3) for ``tp = pp = 1``, else ``mesh``
     with ``dp = num_workers / (tp·pp)``; and the training loop's ``micro_batches`` (the
@@ -630,7 +630,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
             f"{k} {human_seconds(getattr(best.time, k))}"
             for k in ("compute", "tp", "pp", "dp", "offload") if getattr(best.time, k) > 0)
         + ")",
-        f"  run it: python -m jobs.pretrain --config {config} {pretrain_flags(best, work, gpu)}"]
+        f"  run it: bmray pretrain --config {config} {pretrain_flags(best, work, gpu)}"]
     shown = result.fitting[:args.top]
     skipped = sum(not c.runnable for c in result.fitting)
     lines += ["", f"top {len(shown)} of {len(result.fitting)} fitting layouts"
@@ -638,7 +638,7 @@ def report(result: Plan, spec: ModelSpec, work: Workload, args: argparse.Namespa
               + f" ({result.enumerated} tried):",
               " ".join(f"{h:>{n}}" for h, n in zip(HEADER, WIDTHS))]
     lines += [_row(i + 1, c) for i, c in enumerate(shown)]
-    lines += ["", "bmray.jobs.pretrain flags of each layout:"]
+    lines += ["", "bmray pretrain flags of each layout:"]
     lines += [f"{i + 1:>3} {pretrain_flags(c, work, gpu)}" for i, c in enumerate(shown)]
     return "\n".join(lines)
 

@@ -348,7 +348,7 @@ def _overrides(argv: list[str]) -> list[str]:
 
 def _printed_flags(out: str) -> list[list[str]]:
     """The ``--set`` values of every layout in the text report's flag list."""
-    lines = out.split("bmray.jobs.pretrain flags of each layout:\n")[1].splitlines()
+    lines = out.split("bmray pretrain flags of each layout:\n")[1].splitlines()
     return [_overrides(shlex.split(line.split(None, 1)[1])) for line in lines]
 
 
@@ -359,8 +359,8 @@ def test_cli_tiny_experiment(capsys):
     assert "global batch 8 x 64 tokens" in out           # the experiment's shape
     # the printed command runs a valid experiment: what jobs.pretrain parses and validates
     command = shlex.split(out.split("  run it: ")[1].splitlines()[0])
-    assert command[:5] == ["python", "-m", "bmray.jobs.pretrain", "--config", "configs/gpt-tiny.yaml"]
-    exp = experiment_from_dict(load_config(command[4], _overrides(command[5:])))
+    assert command[:4] == ["bmray", "pretrain", "--config", "configs/gpt-tiny.yaml"]
+    exp = experiment_from_dict(load_config(command[3], _overrides(command[4:])))
     assert exp.scaling.num_workers == 2 and exp.strategy.kind in ("zero", "zero3")
     code, out, _ = run_cli(capsys, "--model", "configs/gpt-tiny.yaml", "--gpus", "8",
                            "--gpu-memory", "1GiB", "--json", "--top", "3")
@@ -414,7 +414,7 @@ def test_cli_7b_model(capsys, big_yaml):
                            "--global-batch", "64")
     assert code == 0 and "recommended:" in out and "top 5 of" in out
     assert "--config '<an experiment of this model>'" not in out    # a placeholder, unquoted
-    assert "run it: python -m jobs.pretrain --config <an experiment of this model> --set" in out
+    assert "run it: bmray pretrain --config <an experiment of this model> --set" in out
     assert len(_printed_flags(out)) == 5 and "!" not in out.split("top 5 of")[1]
 
 
@@ -488,8 +488,8 @@ def test_printed_flags_build_the_experiment(capsys, big_experiment, extra):
     # the text report: the recommended command and each listed layout's flag line
     code, out, _ = run_cli(capsys, *argv, "--top", "8")
     command = shlex.split(out.split("  run it: ")[1].splitlines()[0])
-    assert command[:5] == ["python", "-m", "bmray.jobs.pretrain", "--config", big_experiment]
-    assert _overrides(command[5:]) == data["candidates"][0]["pretrain_overrides"]
+    assert command[:4] == ["bmray", "pretrain", "--config", big_experiment]
+    assert _overrides(command[4:]) == data["candidates"][0]["pretrain_overrides"]
     printed = _printed_flags(out)
     assert printed == [c["pretrain_overrides"] for c in data["candidates"][:8]]
     # the experiment's own overrides travel along (strategy ones are replaced)
@@ -568,8 +568,8 @@ def test_include_unsupported_marks_and_never_recommends(capsys, big_yaml):
     assert any(c["zero_stage"] == 3 and c["tp"] > 1 for c in marked)
     code, out, _ = run_cli(capsys, *argv, "--top", "10")
     assert code == 0 and "not runnable (marked !)" in out
-    table = out.split("top 10 of")[1].split("bmray.jobs.pretrain flags of each layout:")[0]
-    rows = out.split("bmray.jobs.pretrain flags of each layout:\n")[1].splitlines()
+    table = out.split("top 10 of")[1].split("bmray pretrain flags of each layout:")[0]
+    rows = out.split("bmray pretrain flags of each layout:\n")[1].splitlines()
     unrun = [i for i, row in enumerate(rows) if "not run by our strategies: " in row]
     table_rows = [row for row in table.splitlines()[2:] if row.strip()]
     assert len(table_rows) == len(rows) == 10
