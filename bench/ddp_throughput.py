@@ -39,7 +39,7 @@ could plausibly give. "run × DDP" is the median of the per-round ratios of whol
     python bench/ddp_throughput.py                      # full: 2 and 4 workers, 40 x 10
     python bench/ddp_throughput.py --quick --out /tmp/ddp.json     # smoke: seconds
 
-Goal (issue 3): ours ≥ 1.0 × DDP at 2 and 4 workers, judged on the gloo rows.
+Goal: ours ≥ 1.0 × DDP at 2 and 4 workers, judged on the gloo rows.
 """
 from __future__ import annotations
 

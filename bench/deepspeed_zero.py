@@ -34,9 +34,9 @@ Three sides per configuration:
   keep gathered parameters for backward). The config passed and DeepSpeed's resolved ZeRO
   config are in the JSON (``deepspeed_config`` per row).
 
-Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the issue names
-(DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU (AVX2, no
-AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
+Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the comparison is
+specified for (DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU
+(AVX2, no AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
 thread), so a bf16 step of the default GPT takes ~10 s on either side and the comparison
 measures torch's bf16 GEMM fallback, not the two ZeRO implementations. With fp32 DeepSpeed
 still clones an fp32 master partition (12 bytes per parameter of optimizer state with the two
@@ -75,7 +75,7 @@ ratios.
     python bench/deepspeed_zero.py --quick --out /tmp/ds.json     # smoke: every config, tiny
     python bench/deepspeed_zero.py --stages 3 --out /tmp/deepspeed_zero_stage3.json
 
-Goal (issue): our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
+Goal: our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
 ``ours, gloo`` rows (the same transport).
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ are time-sliced and their compute stretches into what should be idle time. With 
 fewer than p cores the rows are marked "oversubscribed" and their measurement is not the
 pipeline's bubble (on this 2-core machine: p = 4).
 
-Goal (issue 5): |measured - formula| < 5 points for both schedules.
+Goal: |measured - formula| < 5 points for both schedules.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ The loops (``--loops``):
   "f" for the three projections), the vocabulary (embedding and tied lm_head) and computes the
   vocabulary-parallel cross-entropy; the trainer also logs token accuracy and all-reduces the
   step's loss.
-* ``torch`` — the reference the issue names: ``parallelize_module`` with ``ColwiseParallel``
+* ``torch`` — PyTorch's own Megatron-style TP: ``parallelize_module`` with ``ColwiseParallel``
   on ``attn.q_proj/k_proj/v_proj`` and ``ffn.up``, ``RowwiseParallel`` on ``attn.out_proj``
   and ``ffn.down`` of every block (DTensor on a CPU ``DeviceMesh`` over gloo; local outputs,
   so the attention's head reshape sees local widths). Embedding, lm_head and loss stay

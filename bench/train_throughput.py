@@ -11,7 +11,7 @@ because the machine is shared and noisy: quote the ratio, not the absolute numbe
 
     python bench/train_throughput.py [--steps 30 --repeats 3 --threads 2]
 
-Goal (issue 2): ours ≥ 0.95 × plain.
+Goal: ours ≥ 0.95 × plain.
 """
 from __future__ import annotations
 
