@@ -24,7 +24,6 @@ Goal: ours/plain bandwidth ratio ~1.0 (the wrapper adds microseconds to millisec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import write_json  # noqa: E402
 from bmray.actors.comm import collectives as C  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -216,9 +216,7 @@ def main() -> None:
                 "cpu_count": os.cpu_count(), "threads_per_rank": 1,
                 "note": "shared 2-core machine; ranks > cores oversubscribe"},
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -1,14 +1,27 @@
-"""What the benchmarks share: the real data path, the run order, the statistics (rotating
-rounds, a bootstrap interval over rounds), an embedded Ray, and the RSS sampler."""
+"""What the benchmarks share: the real data path, the model and optimizer every side of a
+comparison builds alike, the run order, the statistics (rotating rounds, a bootstrap interval
+over rounds), an embedded Ray, the RSS sampler around a measured run, and the result file."""
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import random
 import statistics
 import threading
-from typing import Any, Sequence
+import traceback
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from bmray.actors.train.config import TrainConfig
+from bmray.actors.train.loop import seed_everything
+from bmray.actors.train.lr_schedule import warmup_cosine
+from bmray.models import ModelConfig, build_model
+from bmray.models.data import BlockStream, CorpusReader, pack_corpus
+from bmray.models.tokenizer import train_bpe
+from bmray.models.world import WorldConfig, write_world
 
 BOOTSTRAP_RESAMPLES = 2000
 INTERVAL = 0.9
@@ -16,16 +29,80 @@ INTERVAL = 0.9
 
 def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> str:
     """Synthetic-world corpus → BPE tokenizer → packed Parquet blocks under ``root``/pack."""
-    from bmray.models.data import CorpusReader, pack_corpus
-    from bmray.models.tokenizer import train_bpe
-    from bmray.models.world import WorldConfig, write_world
-
     write_world(WorldConfig(seed=0, n_entities=n_entities), f"{root}/world",
                 parts=("documents",))
     reader = CorpusReader(f"{root}/world/documents.jsonl")
     tok = train_bpe(reader, vocab_size=vocab, family="gpt")
     pack_corpus(reader, tok, block_len, f"{root}/pack")
     return f"{root}/pack"
+
+
+def rank_batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
+    """This rank's slice of the first ``n`` global batches of ``pack``, in order, held in
+    memory (so Parquet reads are not timed). Inside a gang worker (torch.distributed up)."""
+    import torch.distributed as dist
+
+    stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
+                         shuffle=False)
+    return [next(stream) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- model and optimizer
+
+def gpt_config(vocab: int, d_model: int, layers: int, seq: int,
+               heads: int | None = None) -> ModelConfig:
+    """The benchmarks' GPT: d_ff 4·d_model, no dropout, ``heads`` (default one per 64 wide)."""
+    return ModelConfig(family="gpt", vocab_size=vocab, d_model=d_model,
+                       n_heads=max(1, d_model // 64) if heads is None else heads,
+                       n_layers=layers, d_ff=4 * d_model, max_seq_len=seq, dropout=0.0)
+
+
+def fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
+    """``model_cfg`` built from seed 0: every side of a comparison starts from these weights."""
+    seed_everything(0)
+    return build_model(model_cfg)
+
+
+def cpu_train_config(max_steps: int, **options: Any) -> TrainConfig:
+    """The benchmarks' training options (lr 3e-4, 2 warmup steps, CPU, quiet) and ``options``."""
+    return TrainConfig(max_steps=max_steps, lr=3e-4, warmup_steps=2, device="cpu", echo=False,
+                       **options)
+
+
+def with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
+    """``cfg`` with ``max_steps`` set to ``steps``."""
+    return TrainConfig(**{**cfg.__dict__, "max_steps": steps})
+
+
+def decay_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups as bmray builds them: decay on matrices only."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def fused_adamw(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """torch's fused AdamW over ``decay_groups``, with ``cfg``'s hyper-parameters."""
+    return torch.optim.AdamW(decay_groups(params, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def warmup_cosine_lr(opt: torch.optim.Optimizer, cfg: TrainConfig
+                     ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``cfg``'s warmup + cosine schedule as a torch scheduler on ``opt``."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_decay_steps) / cfg.lr)
+
+
+def nbytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the tensors among ``tensors`` (a DTensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        if torch.is_tensor(t):
+            t = t.to_local() if hasattr(t, "to_local") else t
+            total += t.numel() * t.element_size()
+    return total
 
 
 # ---------------------------------------------------------------- run order and statistics
@@ -155,7 +232,79 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
-# ---------------------------------------------------------------- command line
+def deepspeed_gang_env() -> Any:
+    """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_*) from the existing gang and import deepspeed, so every side of a
+    benchmark starts from the same RSS baseline; returns the worker context."""
+    from bmray.actors.runtime.worker_context import worker_context
+
+    ctx = worker_context()
+    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
+                      LOCAL_RANK=str(ctx.local_rank),
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
+    import deepspeed  # noqa: F401
+    return ctx
+
+
+def measured_run(fn: Callable[[], Any], sample_ms: float,
+                 error_chars: int | None = None) -> dict[str, Any]:
+    """``fn()`` on this gang rank between memory readings: freed heap returned and the ranks
+    met first, then {"baseline_rss", "result", "peak_rss", "peak_delta"} (peak RSS sampled
+    every ``sample_ms`` above the baseline), or {"baseline_rss", "error", "traceback"} when
+    ``fn`` raises (the message cut to ``error_chars``)."""
+    import torch.distributed as dist
+
+    trim()
+    dist.barrier()
+    base = rss()
+    out: dict[str, Any] = {"baseline_rss": base}
+    try:
+        with PeakRSS(sample_ms / 1000) as peak:
+            out["result"] = fn()
+        out.update(peak_rss=peak.peak, peak_delta=peak.peak - base)
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        msg = str(exc) if error_chars is None else str(exc).strip()[:error_chars]
+        out["error"] = f"{type(exc).__name__}: {msg}"
+        out["traceback"] = traceback.format_exc()[-3000:]
+    trim()
+    return out
+
+
+# ---------------------------------------------------------------- runs of a gang
+
+def first_error(runs: Sequence[Sequence[dict]]) -> dict[str, str] | None:
+    """{"error", "traceback"} of the first failed rank of ``runs`` (per round, the per-rank
+    results of ``measured_run``), or None."""
+    errors = [r for rep in runs for r in rep if "error" in r]
+    return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]} if errors else None
+
+
+def gang_rounds(runs: Sequence[Sequence[dict]]) -> list[list[float]]:
+    """Per round, the gang's step times (``gang_steps`` over the ranks' ``steps_s``)."""
+    return [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
+            for rep in runs]
+
+
+def by_rank(runs: Sequence[Sequence[dict]]) -> dict[int, list[dict]]:
+    """Each rank's results over the rounds, ranks in order."""
+    ranks = sorted({r["rank"] for rep in runs for r in rep})
+    return {k: [r for rep in runs for r in rep if r["rank"] == k] for k in ranks}
+
+
+# ---------------------------------------------------------------- command line and results
+
+def result_path(script: str, name: str) -> str:
+    """``name`` in the results folder beside ``script`` (a bench's ``__file__``)."""
+    return os.path.join(os.path.dirname(script), "results", name)
+
+
+def write_json(path: str, record: Any, indent: int = 2, default: Any = None) -> None:
+    """``record`` as JSON at ``path``, its folder made first."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=indent, default=default)
+
 
 def parse_args(ap: Any, quick: dict[str, Any]) -> Any:
     """``ap.parse_args()`` with a ``--quick`` flag: a smoke run whose settings are ``quick``

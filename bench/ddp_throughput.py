@@ -39,12 +39,11 @@ could plausibly give. "run × DDP" is the median of the per-round ratios of whol
     python bench/ddp_throughput.py                      # full: 2 and 4 workers, 40 x 10
     python bench/ddp_throughput.py --quick --out /tmp/ddp.json     # smoke: seconds
 
-Goal (issue 3): ours ≥ 1.0 × DDP at 2 and 4 workers, judged on the gloo rows.
+Goal: ours ≥ 1.0 × DDP at 2 and 4 workers, judged on the gloo rows.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -57,28 +56,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          bootstrap_ratio, connect_ray, parse_args, pooled_median,
-                          world_pack)
-from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+                          bootstrap_ratio, connect_ray, cpu_train_config, fresh_model,
+                          fused_adamw, gpt_config, parse_args, pooled_median, rank_batches,
+                          result_path, warmup_cosine_lr, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
-from bmray.models import ModelConfig  # noqa: E402
-
-
-def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
-    import torch.distributed as dist
-    from bmray.models.data import BlockStream
-
-    stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
-                         shuffle=False)
-    return [next(stream) for _ in range(n)]
-
-
-def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from bmray.actors.train.loop import seed_everything
-    from bmray.models import build_model
-
-    seed_everything(0)
-    return build_model(model_cfg)
 
 
 def _timed(batches, warmup: int, step: Callable[[torch.Tensor], None]
@@ -112,15 +93,9 @@ def ddp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float
     """Hand-written DDP loop; returns ``_timed``'s (run seconds, step seconds)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(_fresh_model(model_cfg), **ddp_options(bucket_mb))
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_decay_steps) / cfg.lr)
+    model = DDP(fresh_model(model_cfg), **ddp_options(bucket_mb))
+    opt = fused_adamw(model.parameters(), cfg)
+    sched = warmup_cosine_lr(opt, cfg)
     model.train()
 
     def step(blocks: torch.Tensor) -> None:
@@ -141,7 +116,7 @@ def dp_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: float,
     from bmray.actors.train.lr_schedule import build_scheduler
 
     dp = DataParallel(bucket_mb=bucket_mb, transport=transport)
-    dp.setup(_fresh_model(model_cfg), cfg)
+    dp.setup(fresh_model(model_cfg), cfg)
     sched = build_scheduler(dp.optimizer, cfg)
     dp.train(True)
     weight = 1.0 / dp.world_size        # DDP averages over ranks; our buckets sum
@@ -161,7 +136,7 @@ def ours_loop(model_cfg, cfg: TrainConfig, batches, warmup: int, bucket_mb: floa
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
-    trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
+    trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=DataParallel(bucket_mb=bucket_mb, transport=transport),
                       model_config=model_cfg)
     trainer.fit(until=warmup)
@@ -182,7 +157,7 @@ def worker_bench(pack, model_cfg, cfg, block_len, global_batch, warmup, repeats,
 
     import torch.distributed as dist
 
-    batches = _batches(pack, block_len, global_batch, cfg.max_steps)
+    batches = rank_batches(pack, block_len, global_batch, cfg.max_steps)
     gloo = "process_group"
     loops = {"torch DDP": ddp_loop,
              "bmray DataParallel, gloo": functools.partial(dp_loop, transport=gloo),
@@ -216,23 +191,18 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "ddp_throughput.json"))
+    ap.add_argument("--out", default=result_path(__file__, "ddp_throughput.json"))
     args = parse_args(ap, QUICK)
 
     from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
-    model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
-                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
-                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
-    n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
-                      echo=False)
+    model_cfg = gpt_config(args.vocab, args.d_model, args.layers, args.block_len)
+    cfg = cpu_train_config(args.steps + args.warmup_steps, log_every=1)
     t_start = time.time()
     pack = world_pack(tempfile.mkdtemp(prefix="bmray_ddp_bench_"), args.block_len, args.vocab,
                       n_entities=200)
     connect_ray(num_cpus=max(8, max(args.workers)))
-    n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
+    n_params = sum(p.numel() for p in fresh_model(model_cfg).parameters())
     step_tokens = args.batch * (args.block_len - 1)
     rows = []
     for workers in args.workers:
@@ -283,25 +253,24 @@ def main() -> None:
               f"{', interval above it' if above[loop] else ''} ("
               + ", ".join(f"{w} workers: {r['ratio_vs_ddp']:.3f}" for w, r in ours.items())
               + ")")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "ddp_throughput", "args": vars(args), "parameters": n_params,
-                   "peer_config": {"torch.nn.parallel.DistributedDataParallel":
-                                   ddp_options(args.bucket_mb),
-                                   "backend": "gloo",
-                                   "optimizer": "torch.optim.AdamW(fused=True), two groups",
-                                   "zero_grad": "set_to_none=False (grads stay bucket views)"},
-                   "ours_config": {"bmray.actors.parallel.data_parallel.DataParallel": {
-                       "bucket_mb": args.bucket_mb, "first_bucket_mb": 1.0,
-                       "transport": "process_group (the ', gloo' rows) | auto"}},
-                   "rows": rows, "goal_ratio": goal, "goal_loops": list(GOAL_LOOPS),
-                   "goal_met": {k: v for k, v in met.items() if k in GOAL_LOOPS},
-                   "goal_interval_above": {k: v for k, v in above.items() if k in GOAL_LOOPS},
-                   "default_transport_met": {k: v for k, v in met.items()
-                                             if k not in GOAL_LOOPS},
-                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
-                   "wall_s": time.time() - t_start,
-                   "torch": torch.__version__, "cpus": os.cpu_count()}, fh, indent=2)
+    write_json(args.out, {
+        "bench": "ddp_throughput", "args": vars(args), "parameters": n_params,
+        "peer_config": {"torch.nn.parallel.DistributedDataParallel":
+                        ddp_options(args.bucket_mb),
+                        "backend": "gloo",
+                        "optimizer": "torch.optim.AdamW(fused=True), two groups",
+                        "zero_grad": "set_to_none=False (grads stay bucket views)"},
+        "ours_config": {"bmray.actors.parallel.data_parallel.DataParallel": {
+            "bucket_mb": args.bucket_mb, "first_bucket_mb": 1.0,
+            "transport": "process_group (the ', gloo' rows) | auto"}},
+        "rows": rows, "goal_ratio": goal, "goal_loops": list(GOAL_LOOPS),
+        "goal_met": {k: v for k, v in met.items() if k in GOAL_LOOPS},
+        "goal_interval_above": {k: v for k, v in above.items() if k in GOAL_LOOPS},
+        "default_transport_met": {k: v for k, v in met.items()
+                                  if k not in GOAL_LOOPS},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
+        "wall_s": time.time() - t_start,
+        "torch": torch.__version__, "cpus": os.cpu_count()})
     print(f"wrote {args.out}")
 
 

@@ -34,9 +34,9 @@ Three sides per configuration:
   keep gathered parameters for backward). The config passed and DeepSpeed's resolved ZeRO
   config are in the JSON (``deepspeed_config`` per row).
 
-Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the issue names
-(DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU (AVX2, no
-AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
+Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the comparison is
+specified for (DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU
+(AVX2, no AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
 thread), so a bf16 step of the default GPT takes ~10 s on either side and the comparison
 measures torch's bf16 GEMM fallback, not the two ZeRO implementations. With fp32 DeepSpeed
 still clones an fp32 master partition (12 bytes per parameter of optimizer state with the two
@@ -75,7 +75,7 @@ ratios.
     python bench/deepspeed_zero.py --quick --out /tmp/ds.json     # smoke: every config, tiny
     python bench/deepspeed_zero.py --stages 3 --out /tmp/deepspeed_zero_stage3.json
 
-Goal (issue): our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
+Goal: our step time <= 1.0x DeepSpeed's at equal or lower peak memory, judged on the
 ``ours, gloo`` rows (the same transport).
 """
 from __future__ import annotations
@@ -87,17 +87,18 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
-                          balanced_order, connect_ray, gang_steps, parse_args,
-                          pooled_median, ratio_with_interval, rss, trim, world_pack)
-from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
+                          by_rank, connect_ray, cpu_train_config, decay_groups,
+                          deepspeed_gang_env, first_error, fresh_model, gang_rounds,
+                          gpt_config, measured_run, nbytes, parse_args, pooled_median,
+                          rank_batches, ratio_with_interval, result_path, warmup_cosine_lr,
+                          with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
@@ -130,19 +131,15 @@ def build_ours(conf: dict[str, Any]):
 
 # ---------------------------------------------------------------- memory
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
 def ds_model_state(engine) -> dict[str, Any]:
     """Model-state bytes this rank's DeepSpeed engine holds, from its own tensors."""
     opt = engine.optimizer
     rep: dict[str, Any] = {}
     params = list(engine.module.parameters())
     if all(hasattr(p, "ds_tensor") for p in params):          # stage 3: partitions
-        rep["param_bytes"] = _nbytes(p.ds_tensor for p in params)
+        rep["param_bytes"] = nbytes(p.ds_tensor for p in params)
     else:
-        rep["param_bytes"] = _nbytes(params)
+        rep["param_bytes"] = nbytes(params)
     fp32 = (getattr(opt, "single_partition_of_fp32_groups", None)        # stage 1/2
             or getattr(opt, "fp32_partitioned_groups_flat", None) or [])   # stage 3
     inner = getattr(opt, "optimizer", None)
@@ -150,12 +147,12 @@ def ds_model_state(engine) -> dict[str, Any]:
     if inner is not None:
         for s in inner.state.values():
             state += [v for v in s.values() if torch.is_tensor(v) and v.numel() > 1]
-    rep["optimizer_bytes"] = _nbytes(fp32) + _nbytes(state)
+    rep["optimizer_bytes"] = nbytes(fp32) + nbytes(state)
     grads = [t.grad for t in fp32 if t.grad is not None]                 # offload: fp32 grads
     avg = getattr(opt, "averaged_gradients", None)                       # stage 1/2 on device
     if isinstance(avg, dict):
         grads += [g for gs in avg.values() for g in (gs or []) if torch.is_tensor(g)]
-    rep["grad_bytes"] = _nbytes(grads)
+    rep["grad_bytes"] = nbytes(grads)
     rep["grad_note"] = ("fp32 partition grads / averaged_gradients as held after step(); "
                         "DeepSpeed's IPG and reduce buckets are not counted")
     rep["model_state_bytes"] = rep["param_bytes"] + rep["optimizer_bytes"] + rep["grad_bytes"]
@@ -164,45 +161,13 @@ def ds_model_state(engine) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- the loops (in workers)
 
-def deepspeed_gang_env() -> Any:
-    """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_*) from the existing gang and import deepspeed, so every side of a
-    benchmark starts from the same RSS baseline; returns the worker context."""
-    from bmray.actors.runtime.worker_context import worker_context
-
-    ctx = worker_context()
-    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
-                      LOCAL_RANK=str(ctx.local_rank),
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    import deepspeed  # noqa: F401
-    return ctx
-
-
-def _batches(pack: str, block_len: int, global_batch: int, n: int) -> list[torch.Tensor]:
-    import torch.distributed as dist
-    from bmray.models.data import BlockStream
-
-    stream = BlockStream(pack, block_len, global_batch, dist.get_rank(), dist.get_world_size(),
-                         shuffle=False)
-    return [next(stream) for _ in range(n)]
-
-
-def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from bmray.actors.train.loop import seed_everything
-    from bmray.models import build_model
-
-    seed_everything(0)
-    return build_model(model_cfg)
-
-
 def ours_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     """(seconds of each timed step, losses, model-state report) of our Trainer on our ZeRO."""
     import torch.distributed as dist
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
-    trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
+    trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=build_ours(conf), model_config=model_cfg)
     steps, losses = [], []
     for i in range(len(batches)):
@@ -221,7 +186,7 @@ def ours_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup
 
 def block_numel(model_cfg: ModelConfig) -> int:
     """Parameters of the largest transformer block: our ZeRO-3's unit of communication."""
-    model = _fresh_model(model_cfg)
+    model = fresh_model(model_cfg)
     return max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
 
 
@@ -274,20 +239,13 @@ def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     from bmray.models import objective_for
 
     ds_logger.setLevel(logging.ERROR)
-    model = _fresh_model(model_cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-
-    def sched(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-            s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-            decay_steps=cfg.total_decay_steps) / cfg.lr)
-
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups,
+    model = fresh_model(model_cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model,
+                                           model_parameters=decay_groups(model.parameters(),
+                                                                         cfg.weight_decay),
                                            config=json.loads(json.dumps(conf)),
-                                           lr_scheduler=sched, dist_init_required=False)
+                                           lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg),
+                                           dist_init_required=False)
     engine.train()
     objective = objective_for(model_cfg)          # the same inputs / labels as our Trainer's
     steps, losses = [], []
@@ -313,25 +271,14 @@ def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len,
                warmup, sample_ms):
     """One run of ``side`` (``conf``: our strategy's options or DeepSpeed's config) on every
     rank: returns this rank's timings, memory and losses (or the error)."""
-    import torch.distributed as dist
-
     ctx = deepspeed_gang_env()
 
-    batches = _batches(pack, block_len, global_batch, cfg.max_steps)
-    trim()
-    dist.barrier()
-    base = rss()
-    out: dict[str, Any] = {"rank": ctx.rank, "side": side, "baseline_rss": base}
-    try:
-        with PeakRSS(sample_ms / 1000) as peak:
-            loop = ds_loop if side == "deepspeed" else ours_loop
-            steps, losses, report = loop(conf, model_cfg, cfg, batches, warmup)
-        out.update(steps_s=steps, losses=losses, model_state=report,
-                   peak_rss=peak.peak, peak_delta=peak.peak - base)
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        out["traceback"] = traceback.format_exc()[-3000:]
-    trim()
+    batches = rank_batches(pack, block_len, global_batch, cfg.max_steps)
+    loop = ds_loop if side == "deepspeed" else ours_loop
+    out = {"rank": ctx.rank, "side": side,
+           **measured_run(lambda: loop(conf, model_cfg, cfg, batches, warmup), sample_ms)}
+    if "result" in out:
+        out["steps_s"], out["losses"], out["model_state"] = out.pop("result")
     return out
 
 
@@ -339,15 +286,12 @@ def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len,
 
 def _summary(rounds: list[list[dict]]) -> dict[str, Any]:
     """One side's numbers from ``rounds`` (per round, the per-rank results)."""
-    errors = [r for rep in rounds for r in rep if "error" in r]
-    if errors:
-        return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
-    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
-            for rep in rounds]
-    ranks = sorted({r["rank"] for rep in rounds for r in rep})
+    error = first_error(rounds)
+    if error:
+        return error
+    gang = gang_rounds(rounds)
     per_rank = {}
-    for k in ranks:
-        rs = [r for rep in rounds for r in rep if r["rank"] == k]
+    for k, rs in by_rank(rounds).items():
         per_rank[k] = {"median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
                        "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
                        "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
@@ -404,8 +348,7 @@ def main() -> None:
                     help="the parameters' dtype on both sides (see the module doc: bf16 "
                          "matmuls are ~50x slower than fp32 on an AVX2 CPU)")
     ap.add_argument("--sample-ms", type=float, default=5.0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "deepspeed_zero.json"))
+    ap.add_argument("--out", default=result_path(__file__, "deepspeed_zero.json"))
     args = parse_args(ap, QUICK)
     if args.batch % args.workers:
         ap.error(f"--batch {args.batch} must be a multiple of --workers {args.workers}")
@@ -413,16 +356,12 @@ def main() -> None:
     import deepspeed
     from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
-    model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
-                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
-                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
-    n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
-                      echo=False)
-    short = TrainConfig(**{**cfg.__dict__, "max_steps": args.warmup_steps})
+    model_cfg = gpt_config(args.vocab, args.d_model, args.layers, args.block_len)
+    cfg = cpu_train_config(args.steps + args.warmup_steps, log_every=1)
+    short = with_steps(cfg, args.warmup_steps)
     pack = world_pack(tempfile.mkdtemp(prefix="bmray_ds_bench_"), args.block_len, args.vocab,
                       n_entities=200)
-    n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
+    n_params = sum(p.numel() for p in fresh_model(model_cfg).parameters())
     unit = block_numel(model_cfg)
     connect_ray(num_cpus=max(8, args.workers))
     rows = []
@@ -507,18 +446,17 @@ def main() -> None:
           f"{sum(r['goal_met'] for r in judged)} of {len(rows)} configs)")
     print(f"default transport (shared memory; not the goal): met in "
           f"{sum(c['met'] for c in default)} of {len(rows)} configs")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "deepspeed_zero", "args": vars(args), "parameters": n_params,
-                   "block_numel": unit, "sides": list(SIDES), "goal_side": GOAL_SIDE,
-                   "rows": rows,
-                   "goal": "ours (gloo) step <= 1.0x DeepSpeed and peak <= DeepSpeed's",
-                   "goal_met": met,
-                   "goal_met_configs": sum(r.get("goal_met", False) for r in rows),
-                   "default_transport_met_configs": sum(c["met"] for c in default),
-                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
-                   "wall_s": time.time() - t_start, "torch": torch.__version__,
-                   "deepspeed": deepspeed.__version__, "cpus": os.cpu_count()}, fh, indent=1)
+    write_json(args.out, {
+        "bench": "deepspeed_zero", "args": vars(args), "parameters": n_params,
+        "block_numel": unit, "sides": list(SIDES), "goal_side": GOAL_SIDE,
+        "rows": rows,
+        "goal": "ours (gloo) step <= 1.0x DeepSpeed and peak <= DeepSpeed's",
+        "goal_met": met,
+        "goal_met_configs": sum(r.get("goal_met", False) for r in rows),
+        "default_transport_met_configs": sum(c["met"] for c in default),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
+        "wall_s": time.time() - t_start, "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__, "cpus": os.cpu_count()}, indent=1)
     print(f"wrote {args.out}")
 
 

@@ -29,7 +29,6 @@ is shared: quote ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -42,13 +41,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          parse_args, ratio_with_interval, world_pack)
+                          cpu_train_config, fresh_model, gpt_config, parse_args,
+                          ratio_with_interval, result_path, world_pack, write_json)
 from bmray.actors.parallel.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
                                  start_shards, stop_shards)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.cluster import connect, shutdown  # noqa: E402
 from bmray.cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
-from bmray.models import ModelConfig  # noqa: E402
+from bmray.models import ModelConfig, build_model, objective_for  # noqa: E402
 from bmray.models.data import BlockStream  # noqa: E402
 
 
@@ -57,13 +57,11 @@ def worker_run(kind: str, pack: str, model_cfg: ModelConfig, cfg: TrainConfig, b
                transport: str = "auto") -> dict:
     """Inside each gang worker: train ``cfg.max_steps`` steps, time those after ``warmup``."""
     from bmray.actors.parallel.data_parallel import DataParallel
-    from bmray.actors.train.loop import Trainer, seed_everything
+    from bmray.actors.train.loop import Trainer
     from bmray.cluster.gang import worker_context
-    from bmray.models import build_model, objective_for
 
     ctx = worker_context()
-    seed_everything(0)
-    model = build_model(model_cfg)
+    model = fresh_model(model_cfg)
     data = BlockStream(pack, model_cfg.max_seq_len, batch, rank=ctx.rank,
                        world_size=ctx.world_size, shuffle=False)
     strategy = (ParameterServer(shards, ps) if kind == "ps"
@@ -103,15 +101,11 @@ def main() -> None:
     ap.add_argument("--block-len", type=int, default=129)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "param_server_throughput.json"))
+    ap.add_argument("--out", default=result_path(__file__, "param_server_throughput.json"))
     args = parse_args(ap, QUICK)
     vocab = 4096
-    model_cfg = ModelConfig(family="gpt", vocab_size=vocab, d_model=args.d_model,
-                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
-                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
-    n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, device="cpu", echo=False)
+    model_cfg = gpt_config(vocab, args.d_model, args.layers, args.block_len)
+    cfg = cpu_train_config(args.steps + args.warmup_steps)
     pack = world_pack(tempfile.mkdtemp(prefix="bmray_ps_bench_"), args.block_len, vocab)
 
     connect(num_cpus=max(8, args.workers + 2), log_to_driver=False)
@@ -160,7 +154,7 @@ def main() -> None:
                      "ratio_vs_dp": vs["ratio"], "ratio_vs_dp_interval": vs["interval"],
                      "ratio_vs_dp_gloo": vs_gloo["ratio"],
                      "ratio_vs_dp_gloo_interval": vs_gloo["interval"], "runs": rs})
-    params = sum(p.numel() for p in __import__("models").build_model(model_cfg).parameters())
+    params = sum(p.numel() for p in build_model(model_cfg).parameters())
     print(f"\nGPT {params / 1e6:.2f}M params (d_model={args.d_model}, layers={args.layers}), "
           f"global batch {args.batch}x{args.block_len - 1} tokens, {N} workers x 1 thread, "
           f"{args.shards} shards, {args.steps} timed steps, median of {args.repeats} rotating "
@@ -175,12 +169,12 @@ def main() -> None:
               f"{r['ratio_vs_dp']:6.2f} {'{:5.3f}–{:5.3f}'.format(*r['ratio_vs_dp_interval'])} "
               f"{r['ratio_vs_dp_gloo']:9.2f} "
               f"{'{:5.3f}–{:5.3f}'.format(*r['ratio_vs_dp_gloo_interval'])}  {note}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "param_server_throughput", "args": vars(args), "params": params,
-                   "rows": rows, "order": "bench.common.balanced_order (rotating rounds)",
-                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL}, "torch": torch.__version__, "ray": ray.__version__,
-                   "wall_s": time.perf_counter() - t0}, fh, indent=2)
+    write_json(args.out, {"bench": "param_server_throughput", "args": vars(args),
+                          "params": params, "rows": rows,
+                          "order": "bench.common.balanced_order (rotating rounds)",
+                          "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
+                          "torch": torch.__version__, "ray": ray.__version__,
+                          "wall_s": time.perf_counter() - t0})
     print(f"wrote {args.out}")
 
 

@@ -24,14 +24,13 @@ are time-sliced and their compute stretches into what should be idle time. With 
 fewer than p cores the rows are marked "oversubscribed" and their measurement is not the
 pipeline's bubble (on this 2-core machine: p = 4).
 
-Goal (issue 5): |measured - formula| < 5 points for both schedules.
+Goal: |measured - formula| < 5 points for both schedules.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import functools
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import connect_ray, gpt_config, result_path, write_json  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
 GOAL_POINTS = 5.0
@@ -128,16 +128,6 @@ def spawn_execute(world: int, fn, *args) -> list:
     return [results[r] for r in range(world)]
 
 
-def connect_ray(num_cpus: int) -> None:
-    """An embedded Ray of our own (never another user's cluster on this machine)."""
-    import ray
-
-    from bmray.cluster.connect import _repo_pythonpath
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": _repo_pythonpath()}})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 4])
@@ -151,15 +141,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128)
     ap.add_argument("--spawn", action="store_true",
                     help="torch.multiprocessing instead of a Ray gang (no Ray needed)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "pipeline_bubble.json"))
+    ap.add_argument("--out", default=result_path(__file__, "pipeline_bubble.json"))
     args = ap.parse_args()
 
     from bmray.actors.parallel.pipeline.engine import bubble_fraction
 
-    model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
-                            n_heads=max(1, args.d_model // 64), n_layers=args.layers,
-                            d_ff=4 * args.d_model, max_seq_len=args.seq, dropout=0.0)
+    model_cfg = gpt_config(args.vocab, args.d_model, args.layers, args.seq)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     gang = contextlib.nullcontext()
     if not args.spawn:
@@ -218,12 +205,10 @@ def main() -> None:
           f"{'met' if met else 'NOT met'} on the {len(honest)} rows with a core per stage"
           + (f"; {len(rows) - len(honest)} oversubscribed rows (p > {cores} cores) are not a "
              f"measurement of the bubble" if len(honest) < len(rows) else ""))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "pipeline_bubble", "args": vars(args), "rows": rows,
-                   "launcher": "torch.multiprocessing" if args.spawn else "ray gang",
-                   "goal_points": GOAL_POINTS, "goal_met": met, "cores": cores,
-                   "torch": torch.__version__, "cpus": os.cpu_count()}, fh, indent=2)
+    write_json(args.out, {"bench": "pipeline_bubble", "args": vars(args), "rows": rows,
+                          "launcher": "torch.multiprocessing" if args.spawn else "ray gang",
+                          "goal_points": GOAL_POINTS, "goal_met": met, "cores": cores,
+                          "torch": torch.__version__, "cpus": os.cpu_count()})
     print(f"wrote {args.out}")
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from typing import Any
@@ -41,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.common import write_json  # noqa: E402
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.actors.parallel.zero.stage12 import Zero  # noqa: E402
 from bmray.cluster import cost_model as cm  # noqa: E402
@@ -177,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "(allocator blocks counted whole, small "
                                                  "buffers outside memory_report)"},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(args.out, record)
     for name, r in runs.items():
         print(f"{name:5} states {r['states_device']:,} (predicted {r['predicted_states_device']:,})"
               f"  saved {r['saved']:,}  peak {r['peak']}")

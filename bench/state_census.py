@@ -25,27 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
+import logging
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from bench.common import (decay_groups, deepspeed_gang_env, fresh_model, gpt_config,
+                          result_path, write_json)
 from bench.live_bytes import TensorCensus
 
 MB = 2 ** 20
-
-
-def _model(d_model: int, layers: int, vocab: int, seq: int) -> torch.nn.Module:
-    from bmray.actors.train.loop import seed_everything
-    from bmray.models.config import ModelConfig
-    from bmray.models.families.registry import build_model
-
-    seed_everything(0)
-    return build_model(ModelConfig(family="gpt", vocab_size=vocab, d_model=d_model,
-                                   n_heads=max(1, d_model // 64), n_layers=layers,
-                                   d_ff=4 * d_model, max_seq_len=seq, dropout=0.0))
 
 
 def _batch(vocab: int, seq: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
@@ -78,20 +68,6 @@ def ds_conf(stage: int, offload: str, style: str, bucket_elems: int, unit_elems:
             "gradient_clipping": 1.0, "steps_per_print": 10 ** 9}
 
 
-def _deepspeed_env() -> None:
-    """The launcher variables DeepSpeed reads, from the gang; deepspeed imported, quiet."""
-    import logging
-
-    from bmray.actors.runtime.worker_context import worker_context
-    ctx = worker_context()
-    os.environ.update(RANK=str(ctx.rank), WORLD_SIZE=str(ctx.world_size),
-                      LOCAL_RANK=str(ctx.local_rank),
-                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
-    from deepspeed.utils import logger
-    logger.setLevel(logging.ERROR)
-
-
 def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> dict[str, Any]:
     """In a gang worker: one run of ``side``; live private bytes at the three points."""
     from bmray.actors.train.config import TrainConfig
@@ -100,10 +76,12 @@ def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> d
     rank, world = dist.get_rank(), dist.get_world_size()
     batch = _batch(dims["vocab"], dims["seq"], dims["micro"], rank)
     if side == "deepspeed":
-        _deepspeed_env()                # imports first: its module-level tensors are not state
+        deepspeed_gang_env()            # imports first: its module-level tensors are not state
+        from deepspeed.utils import logger
+        logger.setLevel(logging.ERROR)
     census = TensorCensus()
     out: dict[str, Any] = {}
-    model = _model(dims["d_model"], dims["layers"], dims["vocab"], dims["seq"])
+    model = fresh_model(gpt_config(dims["vocab"], dims["d_model"], dims["layers"], dims["seq"]))
     psi = sum(p.numel() for p in model.parameters())
     if side == "ours":
         from bmray.actors.parallel.zero.stage12 import Zero
@@ -126,16 +104,13 @@ def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> d
         out["comm_buffer_bytes"] = report.get("comm_buffer_bytes", 0)
     else:
         import deepspeed
-        decay = [p for p in model.parameters() if p.dim() >= 2]
-        rest = [p for p in model.parameters() if p.dim() < 2]
+        groups = decay_groups(model.parameters(), 0.1)
         unit = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
         conf = ds_conf(stage, offload, style, int(dims["bucket_mb"] * MB / 4), unit,
                        dims["micro"], world)
         engine, *_ = deepspeed.initialize(
-            model=model, config=conf, dist_init_required=False,
-            model_parameters=[{"params": decay, "weight_decay": 0.1},
-                              {"params": rest, "weight_decay": 0.0}])
-        del model, decay, rest
+            model=model, config=conf, dist_init_required=False, model_parameters=groups)
+        del model, groups
         out["setup"] = census.live()
         for i in range(2):
             loss = engine(**batch).loss
@@ -171,8 +146,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "state_census.json"))
+    ap.add_argument("--out", default=result_path(__file__, "state_census.json"))
     args = ap.parse_args()
     from bmray.cluster import connect, shutdown
     from bmray.cluster.gang import ScalingConfig, WorkerGroup
@@ -197,13 +171,12 @@ def main() -> None:
                                       for k, v in row.items()}), flush=True)
     finally:
         shutdown()
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "state_census", "dims": dims, "workers": 2, "param_dtype": "fp32",
-                   "unit": "bytes per rank (max over ranks): tensor storages alive, new "
-                           "since before the model was built (bench/live_bytes.TensorCensus); "
-                           "private: anonymous memory; mapped: shared-memory segments "
-                           "(our transport's slots, comm_buffer_bytes)",
-                   "rows": rows, "torch": torch.__version__}, fh, indent=1)
+    write_json(args.out, {
+        "bench": "state_census", "dims": dims, "workers": 2, "param_dtype": "fp32",
+        "unit": "bytes per rank (max over ranks): tensor storages alive, new since before the "
+                "model was built (bench/live_bytes.TensorCensus); private: anonymous memory; "
+                "mapped: shared-memory segments (our transport's slots, comm_buffer_bytes)",
+        "rows": rows, "torch": torch.__version__}, indent=1)
     print(f"wrote {args.out}")
 
 

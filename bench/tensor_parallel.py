@@ -18,7 +18,7 @@ The loops (``--loops``):
   "f" for the three projections), the vocabulary (embedding and tied lm_head) and computes the
   vocabulary-parallel cross-entropy; the trainer also logs token accuracy and all-reduces the
   step's loss.
-* ``torch`` — the reference the issue names: ``parallelize_module`` with ``ColwiseParallel``
+* ``torch`` — PyTorch's own Megatron-style TP: ``parallelize_module`` with ``ColwiseParallel``
   on ``attn.q_proj/k_proj/v_proj`` and ``ffn.up``, ``RowwiseParallel`` on ``attn.out_proj``
   and ``ffn.down`` of every block (DTensor on a CPU ``DeviceMesh`` over gloo; local outputs,
   so the attention's head reshape sees local widths). Embedding, lm_head and loss stay
@@ -82,24 +82,23 @@ speed-up; see the printed note.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
 import sys
 import time
-import traceback
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, PeakRSS,  # noqa: E402
-                          balanced_order, connect_ray, gang_steps, parse_args,
-                          pooled_median, ratio_with_interval, rss, trim)
-from bench.deepspeed_zero import deepspeed_gang_env  # noqa: E402
-from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
+                          by_rank, connect_ray, cpu_train_config, decay_groups,
+                          deepspeed_gang_env, first_error, fresh_model, fused_adamw,
+                          gang_rounds, gpt_config, measured_run, nbytes, parse_args,
+                          pooled_median, ratio_with_interval, result_path, warmup_cosine_lr,
+                          with_steps, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
@@ -119,29 +118,12 @@ def peer_for(tp: int) -> str:
 
 # ---------------------------------------------------------------- shared helpers (workers)
 
-def _fresh_model(model_cfg: ModelConfig) -> torch.nn.Module:
-    from bmray.actors.train.loop import seed_everything
-    from bmray.models import build_model
-
-    seed_everything(0)
-    return build_model(model_cfg)
-
-
 def _batches(model_cfg: ModelConfig, batch: int, seq: int, n: int) -> list[torch.Tensor]:
     """``n`` blocks of ``seq + 1`` random token ids (never the pad id 0), the same on every
     rank (a TP group reads one batch)."""
     g = torch.Generator().manual_seed(1234)
     return [torch.randint(1, model_cfg.vocab_size, (batch, seq + 1), generator=g)
             for _ in range(n)]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _nbytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors
-               if torch.is_tensor(t))
 
 
 def _optim_state_bytes(opt: Any) -> int:
@@ -153,24 +135,9 @@ def _optim_state_bytes(opt: Any) -> int:
             for v in (s.values() if isinstance(s, dict) else ()):
                 if torch.is_tensor(v) and v.numel() > 1 and id(v) not in seen:
                     seen.add(id(v))
-                    total += _nbytes([v])
+                    total += nbytes([v])
         opt = getattr(opt, "optimizer", None)
     return total
-
-
-def _schedule(opt: torch.optim.Optimizer, cfg: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_decay_steps) / cfg.lr)
-
-
-def _adamw(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
-    """``actors.strategy.build_adamw``'s groups over ``params``: decay on matrices only."""
-    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2],
-                               "weight_decay": cfg.weight_decay},
-                              {"params": [p for p in params if p.dim() < 2],
-                               "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 # ---------------------------------------------------------------- ours
@@ -182,7 +149,7 @@ def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
-    trainer = Trainer(_fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
+    trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=MeshParallel(tp=tp), model_config=model_cfg)
     steps, losses, norms = [], [], []
     for i in range(len(batches)):
@@ -246,14 +213,14 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
     from torch.distributed.tensor.parallel import loss_parallel
     from bmray.models import objective_for
 
-    model = _fresh_model(model_cfg)
+    model = fresh_model(model_cfg)
     if tp > 1:
         torch_parallelize(model, tp, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     dt = [p for p in params if isinstance(p, DTensor)]
     plain = [p for p in params if not isinstance(p, DTensor)]
-    opts = [_adamw(ps, cfg) for ps in (dt, plain) if ps]
-    scheds = [_schedule(o, cfg) for o in opts]
+    opts = [fused_adamw(ps, cfg) for ps in (dt, plain) if ps]
+    scheds = [warmup_cosine_lr(o, cfg) for o in opts]
     objective = objective_for(model_cfg)
     model.train()
 
@@ -289,7 +256,7 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
             loss.backward()
         norm = clip()
         if i == len(batches) - 1:
-            grad_bytes = _nbytes(p.grad for p in params)
+            grad_bytes = nbytes(p.grad for p in params)
         for o in opts:
             o.step()
         for s in scheds:
@@ -301,7 +268,7 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
             steps.append(time.perf_counter() - t0)
         losses.append(value)
         norms.append(float(norm))
-    state = {"param_bytes": _nbytes(params), "grad_bytes": grad_bytes,
+    state = {"param_bytes": nbytes(params), "grad_bytes": grad_bytes,
              "optimizer_bytes": sum(_optim_state_bytes(o) for o in opts)}
     state["model_state_bytes"] = sum(state.values())
     state["note"] = "local shards of parameters, their gradients, AdamW moments"
@@ -342,14 +309,11 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     from bmray.models import objective_for
 
     ds_logger.setLevel(logging.ERROR)
-    model = _fresh_model(model_cfg)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    model = fresh_model(model_cfg)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config(tp, cfg, batches[0].size(0)),
-        lr_scheduler=lambda opt: _schedule(opt, cfg), dist_init_required=False)
+        model=model, model_parameters=decay_groups(model.parameters(), cfg.weight_decay),
+        config=ds_config(tp, cfg, batches[0].size(0)),
+        lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg), dist_init_required=False)
     engine.train()
     objective = objective_for(model_cfg)
     params = [p for p in engine.module.parameters() if p.requires_grad]
@@ -361,7 +325,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
         out = engine(**objective(blocks))
         engine.backward(out.loss)
         if i == len(batches) - 1:
-            grad_bytes = _nbytes(p.grad for p in params)
+            grad_bytes = nbytes(p.grad for p in params)
         norm = None
         if i == 0:      # untimed: stage 0 fp32 clips without keeping the norm, so ask the
             #             same utility with max_norm=inf (clip coefficient 1) for the check
@@ -373,7 +337,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
         losses.append(value)
         norm = engine.get_global_grad_norm() if norm is None else norm
         norms.append(float(norm) if norm is not None else float("nan"))
-    state = {"param_bytes": _nbytes(params), "grad_bytes": grad_bytes,
+    state = {"param_bytes": nbytes(params), "grad_bytes": grad_bytes,
              "optimizer_bytes": _optim_state_bytes(engine.optimizer)}
     state["model_state_bytes"] = sum(state.values())
     state["note"] = ("local parameters (AutoTP LinearLayer shards), their gradients, the "
@@ -396,26 +360,21 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
     ctx = deepspeed_gang_env()      # every loop imports deepspeed: equal RSS baselines
 
     batches = _batches(model_cfg, batch, seq, cfg.max_steps)
-    trim()
-    dist.barrier()
-    base = rss()
-    out: dict[str, Any] = {"rank": ctx.rank, "loop": loop, "baseline_rss": base}
-    try:
-        with PeakRSS(sample_ms / 1000) as peak:
-            if loop == "ours":
-                res = ours_loop(tp, model_cfg, cfg, batches, warmup)
-            elif loop in ("torch", "torch_vocab"):
-                res = torch_loop(tp, loop == "torch_vocab", model_cfg, cfg, batches, warmup)
-            else:
-                res = ds_loop(tp, model_cfg, cfg, batches, warmup)
-        steps, losses, norms, state = res
+
+    def run():
+        if loop == "ours":
+            res = ours_loop(tp, model_cfg, cfg, batches, warmup)
+        elif loop in ("torch", "torch_vocab"):
+            res = torch_loop(tp, loop == "torch_vocab", model_cfg, cfg, batches, warmup)
+        else:
+            res = ds_loop(tp, model_cfg, cfg, batches, warmup)
+        return res, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    out = {"rank": ctx.rank, "loop": loop, **measured_run(run, sample_ms, error_chars=600)}
+    if "result" in out:
+        (steps, losses, norms, state), ru_maxrss = out.pop("result")
         out.update(steps_s=steps, losses=losses, grad_norms=norms, model_state=state,
-                   peak_rss=peak.peak, peak_delta=peak.peak - base,
-                   ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    except Exception as exc:  # noqa: BLE001 - reported in the table
-        out["error"] = f"{type(exc).__name__}: {str(exc).strip()[:600]}"
-        out["traceback"] = traceback.format_exc()[-3000:]
-    trim()
+                   ru_maxrss=ru_maxrss)
     try:            # a failed collective must not leave the next run's first one skewed
         dist.barrier()
     except Exception:       # noqa: BLE001
@@ -427,15 +386,12 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
 
 def _summary(runs: list[list[dict]]) -> dict[str, Any]:
     """One loop's numbers at one tp from ``runs`` (per round, the per-rank results)."""
-    errors = [r for rep in runs for r in rep if "error" in r]
-    if errors:
-        return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
-    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
-            for rep in runs]
-    ranks = sorted({r["rank"] for rep in runs for r in rep})
+    error = first_error(runs)
+    if error:
+        return error
+    gang = gang_rounds(runs)
     per_rank = {}
-    for k in ranks:
-        rs = [r for rep in runs for r in rep if r["rank"] == k]
+    for k, rs in by_rank(runs).items():
         steps = [s for r in rs for s in r["steps_s"]]
         per_rank[k] = {"median_step_s": statistics.median(steps), "steps_s": steps,
                        "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
@@ -491,21 +447,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--sample-ms", type=float, default=5.0)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "tensor_parallel.json"))
+    ap.add_argument("--out", default=result_path(__file__, "tensor_parallel.json"))
     args = parse_args(ap, QUICK)
 
     import deepspeed
     from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
-    model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
-                            n_heads=args.heads, n_layers=args.layers, d_ff=4 * args.d_model,
-                            max_seq_len=args.seq, dropout=0.0)
-    n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=1, device="cpu",
-                      echo=False)
-    short = TrainConfig(**{**cfg.__dict__, "max_steps": args.warmup_steps})
-    n_params = sum(p.numel() for p in _fresh_model(model_cfg).parameters())
+    model_cfg = gpt_config(args.vocab, args.d_model, args.layers, args.seq, heads=args.heads)
+    cfg = cpu_train_config(args.steps + args.warmup_steps, log_every=1)
+    short = with_steps(cfg, args.warmup_steps)
+    n_params = sum(p.numel() for p in fresh_model(model_cfg).parameters())
     connect_ray(num_cpus=max(8, max(args.tp)))
     rows: list[dict[str, Any]] = []
     t_start = time.time()
@@ -609,34 +560,33 @@ def main() -> None:
                  else "failed: " + "; ".join(f"tp={r['tp']}: {r['error']}"
                                              for r in ds_rows if "error" in r))
     print(f"DeepSpeed {deepspeed.__version__} AutoTP: {ds_status}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "tensor_parallel", "args": vars(args), "parameters": n_params,
-                   "model": {k: v for k, v in model_cfg.__dict__.items()
-                             if isinstance(v, (int, float, str, bool, type(None)))},
-                   "loops": {lp: LABELS[lp] for lp in args.loops},
-                   "reference": {"tp > 1": peer_for(2), "tp = 1": peer_for(1)},
-                   "peer_config": {"torch": TORCH_PLAN,
-                                   "deepspeed": ds_config(max(args.tp), cfg, args.batch)},
-                   "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
-                   "definitions": {
-                       "median_ms": "median over all rounds' timed steps of the group's step "
-                                    "(each step: the slower rank's wall time)",
-                       "ratio_vs_peer": "median_ms / the like-for-like peer's median_ms at "
-                                        "the same tp (torch TP with the vocabulary split; "
-                                        "plain torch at tp 1); ratio_vs_peer_interval: "
-                                        "bootstrap over rounds",
-                       "ratio_vs_torch_blocks": "median_ms / blocks-only torch TP's",
-                       "model_state_mb": "params + grads + optimizer state per rank from "
-                                         "the tensors (max over ranks)",
-                       "peak_delta_mb": "peak sampled RSS above the pre-run baseline (max "
-                                        "over ranks, median over rounds)",
-                       "ru_maxrss_mb": "resource.getrusage lifetime peak RSS of the worker "
-                                       "process (per rank, JSON only)"},
-                   "deepspeed_status": ds_status,
-                   "headline": headline, "contention_note": note, "rows": rows, "torch": torch.__version__,
-                   "deepspeed": deepspeed.__version__, "cpus": cores,
-                   "wall_s": time.time() - t_start}, fh, indent=1, default=str)
+    write_json(args.out, {
+        "bench": "tensor_parallel", "args": vars(args), "parameters": n_params,
+        "model": {k: v for k, v in model_cfg.__dict__.items()
+                  if isinstance(v, (int, float, str, bool, type(None)))},
+        "loops": {lp: LABELS[lp] for lp in args.loops},
+        "reference": {"tp > 1": peer_for(2), "tp = 1": peer_for(1)},
+        "peer_config": {"torch": TORCH_PLAN,
+                        "deepspeed": ds_config(max(args.tp), cfg, args.batch)},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "interval": INTERVAL},
+        "definitions": {
+            "median_ms": "median over all rounds' timed steps of the group's step "
+                         "(each step: the slower rank's wall time)",
+            "ratio_vs_peer": "median_ms / the like-for-like peer's median_ms at "
+                             "the same tp (torch TP with the vocabulary split; "
+                             "plain torch at tp 1); ratio_vs_peer_interval: "
+                             "bootstrap over rounds",
+            "ratio_vs_torch_blocks": "median_ms / blocks-only torch TP's",
+            "model_state_mb": "params + grads + optimizer state per rank from "
+                              "the tensors (max over ranks)",
+            "peak_delta_mb": "peak sampled RSS above the pre-run baseline (max "
+                             "over ranks, median over rounds)",
+            "ru_maxrss_mb": "resource.getrusage lifetime peak RSS of the worker "
+                            "process (per rank, JSON only)"},
+        "deepspeed_status": ds_status,
+        "headline": headline, "contention_note": note, "rows": rows, "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__, "cpus": cores,
+        "wall_s": time.time() - t_start}, indent=1, default=str)
     print(f"wrote {args.out}")
 
 

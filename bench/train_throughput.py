@@ -11,13 +11,12 @@ because the machine is shared and noisy: quote the ratio, not the absolute numbe
 
     python bench/train_throughput.py [--steps 30 --repeats 3 --threads 2]
 
-Goal (issue 2): ours ≥ 0.95 × plain.
+Goal: ours ≥ 0.95 × plain.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -29,8 +28,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import world_pack  # noqa: E402
-from bmray.actors.train.lr_schedule import warmup_cosine  # noqa: E402
+from bench.common import (cpu_train_config, fused_adamw, gpt_config, result_path,  # noqa: E402
+                          warmup_cosine_lr, with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.actors.train.loop import Trainer  # noqa: E402
 from bmray.models import ModelConfig, build_model, objective_for  # noqa: E402
@@ -39,14 +38,8 @@ from bmray.models.data import BlockStream  # noqa: E402
 
 def plain_loop(model: torch.nn.Module, batches: list[torch.Tensor], cfg: TrainConfig) -> float:
     """The hand-written reference: returns seconds for len(batches) steps."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-        s, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.total_decay_steps) / cfg.lr)
+    opt = fused_adamw(model.parameters(), cfg)
+    sched = warmup_cosine_lr(opt, cfg)
     model.train()
     start = time.perf_counter()
     for blocks in batches:
@@ -77,19 +70,16 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "train_throughput.json"))
+    ap.add_argument("--out", default=result_path(__file__, "train_throughput.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     vocab = 4096
-    model_cfg = ModelConfig(family="gpt", vocab_size=vocab, d_model=args.d_model,
-                            n_heads=args.d_model // 64, n_layers=args.layers,
-                            d_ff=4 * args.d_model, max_seq_len=args.block_len, dropout=0.0)
+    model_cfg = gpt_config(vocab, args.d_model, args.layers, args.block_len,
+                           heads=args.d_model // 64)
     n = args.steps + args.warmup_steps
-    cfg = TrainConfig(max_steps=n, lr=3e-4, warmup_steps=2, log_every=10, device="cpu",
-                      echo=False)
+    cfg = cpu_train_config(n, log_every=10)
     pack = world_pack(tempfile.mkdtemp(prefix="bmray_bench_"), args.block_len, vocab)
     stream = BlockStream(pack, args.block_len, args.batch, shuffle=False)
     batches = [next(stream) for _ in range(n)]   # the same blocks, held in memory
@@ -104,10 +94,10 @@ def main() -> None:
     runs = {
         "plain PyTorch loop": lambda k: plain_loop(copy.deepcopy(init), batches[:k], cfg),
         "bmray Trainer (in-memory batches)": lambda k: ours_loop(
-            copy.deepcopy(init), iter(batches[:k]), _with_steps(cfg, k), model_cfg),
+            copy.deepcopy(init), iter(batches[:k]), with_steps(cfg, k), model_cfg),
         "bmray Trainer + BlockStream (Parquet)": lambda k: ours_loop(
             copy.deepcopy(init), BlockStream(pack, args.block_len, args.batch, shuffle=False),
-            _with_steps(cfg, k), model_cfg),
+            with_steps(cfg, k), model_cfg),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
@@ -128,17 +118,11 @@ def main() -> None:
     goal = 0.95
     ours = rows[1]["ratio_vs_plain"]
     print(f"goal: ours ≥ {goal} × plain → {'met' if ours >= goal else 'NOT met'} ({ours:.3f})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"bench": "train_throughput", "args": vars(args), "rows": rows,
-                   "goal_ratio": goal, "goal_met": ours >= goal,
-                   "torch": torch.__version__}, fh, indent=2)
+    write_json(args.out, {"bench": "train_throughput", "args": vars(args), "rows": rows,
+                          "goal_ratio": goal, "goal_met": ours >= goal,
+                          "torch": torch.__version__})
     print(f"wrote {args.out}")
     assert all(math.isfinite(r["median_s"]) for r in rows)
-
-
-def _with_steps(cfg: TrainConfig, steps: int) -> TrainConfig:
-    return TrainConfig(**{**cfg.__dict__, "max_steps": steps})
 
 
 if __name__ == "__main__":

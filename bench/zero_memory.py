@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import tempfile
 
 import torch
@@ -29,8 +27,8 @@ from bmray.actors.train.config import TrainConfig
 from bmray.actors.train.loop import seed_everything
 from bmray.actors.parallel.zero.stage12 import Zero
 from bmray.actors.parallel.zero.stage3 import Zero3
+from bench.common import gpt_config, result_path, world_pack, write_json
 from bench.live_bytes import AllocatorTrace, TensorCensus
-from bmray.models.config import ModelConfig
 from bmray.models.data import BlockStream
 from bmray.models.families.registry import build_model
 
@@ -55,10 +53,7 @@ def _measure(pack: str, vocab: int, d_model: int, layers: int) -> dict:
             batch = {"input_ids": ids[:, :-1].clone(), "labels": ids[:, 1:].clone()}
             census = TensorCensus()
             with AllocatorTrace() if world == 1 else contextlib.nullcontext() as trace:
-                model = build_model(ModelConfig(family="gpt", vocab_size=vocab,
-                                                d_model=d_model, n_heads=4, n_layers=layers,
-                                                d_ff=4 * d_model, max_seq_len=BLOCK,
-                                                dropout=0.0))
+                model = build_model(gpt_config(vocab, d_model, layers, BLOCK, heads=4))
                 z = Zero3(param_dtype=dtype) if stage == 3 else Zero(stage=stage,
                                                                      param_dtype=dtype)
                 z.setup(model, cfg)
@@ -83,11 +78,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "zero_memory.json"))
+    ap.add_argument("--out", default=result_path(__file__, "zero_memory.json"))
     args = ap.parse_args()
 
-    from bench.common import world_pack
     from bmray.cluster import connect, shutdown
     from bmray.cluster.gang import ScalingConfig, WorkerGroup
 
@@ -126,14 +119,13 @@ def main() -> None:
         print(f"{r['stage']:>5} {r['param_dtype']:>5} {r['workers']:>2} "
               f"{r['measured_bytes']:>11,} {r['predicted_bytes']:>11,.0f} {r['ratio']:>6.3f} "
               f"{r['report_bytes']:>11,} {str(r['report_equals_measured']):>15}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"model": {"d_model": args.d_model, "layers": args.layers, "vocab": VOCAB},
-                   "measured": "tensor storages alive after setup + 2 steps, new since "
-                               "before the model was built, less frozen parameters "
-                               "(bench/live_bytes.TensorCensus); allocator_bytes: the CPU "
-                               "allocator's records (N = 1)",
-                   "rows": rows}, fh, indent=1)
+    write_json(args.out, {"model": {"d_model": args.d_model, "layers": args.layers,
+                                    "vocab": VOCAB},
+                          "measured": "tensor storages alive after setup + 2 steps, new since "
+                                      "before the model was built, less frozen parameters "
+                                      "(bench/live_bytes.TensorCensus); allocator_bytes: the "
+                                      "CPU allocator's records (N = 1)",
+                          "rows": rows}, indent=1)
     print(f"wrote {args.out}")
 
 

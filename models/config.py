@@ -10,18 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from bmray.models.typed_config import ConfigError, check_choice, check_positive, from_dict
+from bmray.models.typed_config import (ConfigError, check_choice, check_int, check_positive,
+                                       from_dict)
 
 FAMILIES = ("gpt", "bert", "electra", "t5")
 POS_ENCODINGS = ("learned", "sinusoidal")
 ELECTRA_SAMPLING = ("gumbel", "multinomial")
-
-
-def _check_int(path: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}")
 
 
 def _check_unit_interval(path: str, value: float) -> None:
@@ -52,12 +46,12 @@ class MoEConfig:
     def __post_init__(self) -> None:
         p = "model.moe"
         check_choice(f"{p}.top_k", self.top_k, (1, 2))
-        _check_int(f"{p}.num_experts", self.num_experts, minimum=1)
+        check_int(f"{p}.num_experts", self.num_experts, minimum=1)
         if self.num_experts < self.top_k:
             raise ConfigError(f"{p}.num_experts: must be >= top_k ({self.top_k}), got {self.num_experts}")
         check_positive(f"{p}.capacity_factor", self.capacity_factor)
         check_positive(f"{p}.aux_loss_weight", self.aux_loss_weight, allow_zero=True)
-        _check_int(f"{p}.every", self.every, minimum=1)
+        check_int(f"{p}.every", self.every, minimum=1)
 
 
 @dataclass
@@ -96,9 +90,9 @@ class ModelConfig:
         check_choice(f"{p}.pos_encoding", self.pos_encoding, POS_ENCODINGS)
         check_choice(f"{p}.electra_sampling", self.electra_sampling, ELECTRA_SAMPLING)
         for key in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
-            _check_int(f"{p}.{key}", getattr(self, key), minimum=1)
+            check_int(f"{p}.{key}", getattr(self, key), minimum=1)
         if self.n_decoder_layers is not None:
-            _check_int(f"{p}.n_decoder_layers", self.n_decoder_layers, minimum=1)
+            check_int(f"{p}.n_decoder_layers", self.n_decoder_layers, minimum=1)
         if self.d_model % self.n_heads:
             raise ConfigError(f"{p}.n_heads: {self.n_heads} does not divide model.d_model "
                               f"({self.d_model})")
@@ -112,12 +106,12 @@ class ModelConfig:
             raise ConfigError(f"{p}.moe: expected a mapping or MoEConfig, got {self.moe!r}")
         specials = ("pad_id", "bos_id", "eos_id", "unk_id", "mask_id", "cls_id", "sep_id")
         for key in specials:
-            _check_int(f"{p}.{key}", getattr(self, key), minimum=0)
+            check_int(f"{p}.{key}", getattr(self, key), minimum=0)
             if getattr(self, key) >= self.vocab_size:
                 raise ConfigError(f"{p}.{key}: {getattr(self, key)} is outside the vocabulary "
                                   f"(vocab_size={self.vocab_size})")
         for i, sid in enumerate(self.sentinel_ids):
-            _check_int(f"{p}.sentinel_ids[{i}]", sid, minimum=0)
+            check_int(f"{p}.sentinel_ids[{i}]", sid, minimum=0)
             if sid >= self.vocab_size:
                 raise ConfigError(f"{p}.sentinel_ids[{i}]: {sid} is outside the vocabulary "
                                   f"(vocab_size={self.vocab_size})")

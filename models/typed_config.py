@@ -31,6 +31,17 @@ def check_choice(path: str, value: Any, choices: typing.Iterable[Any]) -> None:
         raise ConfigError(f"{path}: {value!r} is not one of {choices}")
 
 
+def check_int(path: str, value: Any, minimum: int | None = None,
+              maximum: int | None = None) -> None:
+    """Raise ConfigError unless ``value`` is an int (not a bool) within [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{path}: must be <= {maximum}, got {value!r}")
+
+
 def check_positive(path: str, value: float, allow_zero: bool = False) -> None:
     """Raise ConfigError unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
     if value < 0 or (value == 0 and not allow_zero):

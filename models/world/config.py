@@ -7,20 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bmray.models.typed_config import ConfigError
+from bmray.models.typed_config import ConfigError, check_int
+from bmray.models.world.names import MAX_ENTITIES
 
 #: A block of 20 entity slots repeats along the id axis (see `schema.BLOCK`), so at least one block
 #: is needed for every entity type to exist.
 MIN_ENTITIES = 20
-
-
-def _check_int(path: str, value, lo: int | None = None, hi: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{path}: must be >= {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{path}: must be <= {hi}, got {value!r}")
 
 
 def _check_fraction(path: str, value, lo_open: bool = False, hi_open: bool = False) -> None:
@@ -66,18 +58,16 @@ class WorldConfig:
     qa_include_context: bool = True
 
     def __post_init__(self) -> None:
-        from bmray.models.world.names import MAX_ENTITIES
-
         p = "world"
-        _check_int(f"{p}.seed", self.seed)
-        _check_int(f"{p}.n_entities", self.n_entities, MIN_ENTITIES, MAX_ENTITIES)
+        check_int(f"{p}.seed", self.seed)
+        check_int(f"{p}.n_entities", self.n_entities, MIN_ENTITIES, MAX_ENTITIES)
         if self.size_bytes is not None:
-            _check_int(f"{p}.size_bytes", self.size_bytes, 1)
-        _check_int(f"{p}.docs_per_entity", self.docs_per_entity, 1, 1000)
+            check_int(f"{p}.size_bytes", self.size_bytes, 1)
+        check_int(f"{p}.docs_per_entity", self.docs_per_entity, 1, 1000)
         _check_fraction(f"{p}.fact_keep_prob", self.fact_keep_prob, lo_open=True)
-        _check_int(f"{p}.max_list", self.max_list, 1)
-        _check_int(f"{p}.qa_per_fact", self.qa_per_fact, 0)
-        _check_int(f"{p}.retrieval_per_entity", self.retrieval_per_entity, 0, 3)
+        check_int(f"{p}.max_list", self.max_list, 1)
+        check_int(f"{p}.qa_per_fact", self.qa_per_fact, 0)
+        check_int(f"{p}.retrieval_per_entity", self.retrieval_per_entity, 0, 3)
         _check_fraction(f"{p}.eval_fraction", self.eval_fraction, hi_open=True)
         if not isinstance(self.qa_include_context, bool):
             raise ConfigError(f"{p}.qa_include_context: expected true or false, "
