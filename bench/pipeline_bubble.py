@@ -51,7 +51,8 @@ def worker_bench(model_cfg: ModelConfig, p: int, micro: list[int], schedules: li
     stage's measurements per (schedule, m), or None on a rank outside the pipeline."""
     import torch.distributed as dist
 
-    from bmray.actors.parallel.pipeline.engine import PipelineEngine, split_stage
+    from bmray.actors.parallel.pipeline.engine import PipelineEngine
+    from bmray.actors.parallel.pipeline.stage import split_stage
     from bmray.models import build_model
 
     torch.set_num_threads(1)
@@ -155,7 +156,7 @@ def main() -> None:
                                                   "pipeline_bubble.json"))
     args = ap.parse_args()
 
-    from bmray.actors.parallel.pipeline.engine import bubble_fraction
+    from bmray.actors.parallel.pipeline.schedule import bubble_fraction
 
     model_cfg = ModelConfig(family="gpt", vocab_size=args.vocab, d_model=args.d_model,
                             n_heads=max(1, args.d_model // 64), n_layers=args.layers,
