@@ -43,11 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
                           cpu_train_config, fresh_model, gpt_config, parse_args,
                           ratio_with_interval, result_path, world_pack, write_json)
-from bmray.actors.parallel.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
-                                 start_shards, stop_shards)
+from bmray.actors.parallel.param_server import ParameterServer, ParamServerConfig  # noqa: E402
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.cluster import connect, shutdown  # noqa: E402
 from bmray.cluster.gang import ScalingConfig, WorkerGroup  # noqa: E402
+from bmray.cluster.param_server import reset_shards, start_shards, stop_shards  # noqa: E402
 from bmray.models import ModelConfig, build_model, objective_for  # noqa: E402
 from bmray.models.data import BlockStream  # noqa: E402
 

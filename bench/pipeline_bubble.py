@@ -51,7 +51,8 @@ def worker_bench(model_cfg: ModelConfig, p: int, micro: list[int], schedules: li
     stage's measurements per (schedule, m), or None on a rank outside the pipeline."""
     import torch.distributed as dist
 
-    from bmray.actors.parallel.pipeline.engine import PipelineEngine, split_stage
+    from bmray.actors.parallel.pipeline.engine import PipelineEngine
+    from bmray.actors.parallel.pipeline.stage import split_stage
     from bmray.models import build_model
 
     torch.set_num_threads(1)
@@ -144,7 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default=result_path(__file__, "pipeline_bubble.json"))
     args = ap.parse_args()
 
-    from bmray.actors.parallel.pipeline.engine import bubble_fraction
+    from bmray.actors.parallel.pipeline.schedule import bubble_fraction
 
     model_cfg = gpt_config(args.vocab, args.d_model, args.layers, args.seq)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

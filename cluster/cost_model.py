@@ -125,6 +125,9 @@ from typing import Sequence
 
 from torch import nn
 
+# bubble_fraction: re-exported, the planner reads the pipeline's one formula from here
+from bmray.actors.parallel.pipeline.schedule import (bubble_fraction,  # noqa: F401
+                                                     partition_balanced)
 from bmray.cluster.calibration import calibration
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -308,38 +311,13 @@ def _layer_shape(block: nn.Module, params: Params) -> LayerShape:
 def partition(spec: ModelSpec, pp: int) -> list[tuple[int, int]]:
     """Blocks ``[lo, hi)`` of each of ``pp`` stages: contiguous, at least one block each,
     minimising the largest stage's parameter count (embeddings on the first stage, the head on
-    the last). Exact min-max by dynamic programming, O(pp · L²)."""
+    the last): the pipeline's min-max partitioner with its ``"nested"`` tie-break."""
     n = spec.n_layers
     if not 1 <= pp <= n:
         raise ValueError(f"pp={pp}: needs 1 <= pp <= n_layers ({n})")
-    if pp == 1:
-        return [(0, n)]
-    prefix = [0]
-    for layer in spec.layers:
-        prefix.append(prefix[-1] + layer.params.total)
-
-    def cost(stage: int, lo: int, hi: int) -> int:
-        extra = (spec.embed.total if stage == 0 else 0) + \
-            (spec.head.total if stage == pp - 1 else 0)
-        return prefix[hi] - prefix[lo] + extra
-
-    inf = float("inf")
-    # best[k][j]: min over splits of blocks [0, j) into k stages of the largest stage
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0
-    for k in range(1, pp + 1):
-        for j in range(k, n - (pp - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], cost(k - 1, i, j))
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
-    bounds, j = [], n
-    for k in range(pp, 0, -1):
-        i = cut[k][j]
-        bounds.append((i, j))
-        j = i
-    return bounds[::-1]
+    return partition_balanced([layer.params.total for layer in spec.layers], pp,
+                              first_extra=spec.embed.total, last_extra=spec.head.total,
+                              ties="nested")
 
 
 # ------------------------------------------------------------------ model states (ZeRO)
@@ -585,11 +563,6 @@ def stage_activation_bytes(spec: ModelSpec, lo: int, hi: int, stage: int, pp: in
     if stage == pp - 1:
         per_mb += head_activation_bytes(spec, seq, micro_batch, act_bytes, **args)
     return in_flight(stage, pp, micro_batches, schedule) * per_mb + once
-
-
-def bubble_fraction(pp: int, micro_batches: int) -> float:
-    """Idle fraction of a pipeline step, (p − 1)/(m + p − 1) (GPipe and 1F1B alike)."""
-    return (pp - 1) / (micro_batches + pp - 1)
 
 
 # ------------------------------------------------------------------ step time

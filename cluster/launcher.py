@@ -30,6 +30,7 @@ from bmray.actors.train.checkpoints import CheckpointError
 from bmray.actors.parallel.registry import strategy_from_dict
 from bmray.cluster.gang import (PlacementTimeout, ScalingConfig, WorkerFailure, WorkerGroup,
                           workers_that_fit)
+from bmray.cluster.param_server import start_shards, stop_shards
 from bmray.models.typed_config import ConfigError, check_positive
 
 # An elastic start gives a placement this long before it looks at the capacity again (a node
@@ -124,8 +125,6 @@ class TrainRun:
         raw.setdefault("scaling", {})["num_workers"] = n
         spec = strategy_from_dict(raw.get("strategy")).resolved(n)
         if spec.kind == "param_server":
-            from bmray.actors.parallel.param_server import start_shards
-
             self.shards = start_shards(spec.options, self.exp.train, n)
         return raw
 
@@ -174,7 +173,5 @@ class TrainRun:
             self.group.shutdown()
             self.group = None
         if self.shards:
-            from bmray.actors.parallel.param_server import stop_shards
-
             stop_shards(self.shards)
             self.shards = []

@@ -64,7 +64,8 @@ from bmray.models.outputs import ModelOutput
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
-from bmray.actors.parallel.pipeline.engine import BALANCE, PipelineEngine, split_stage, tied_parameters
+from bmray.actors.parallel.pipeline.engine import PipelineEngine
+from bmray.actors.parallel.pipeline.stage import BALANCE, split_stage, tied_parameters
 from bmray.actors.parallel.pipeline.schedule import SCHEDULES
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, move_batch
 from bmray.actors.parallel.tensor.tensor_parallel import (TensorParallelLM, apply_tensor_parallel,

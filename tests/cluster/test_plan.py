@@ -56,7 +56,7 @@ import yaml
 
 from bmray.actors.parallel.activation_checkpointing import apply_activation_checkpointing
 from bmray.actors.parallel.mesh import MeshParallelConfig
-from bmray.actors.parallel.pipeline.engine import split_stage
+from bmray.actors.parallel.pipeline.stage import split_stage
 from bmray.actors.parallel.tensor.tensor_parallel import TensorParallelLM, apply_tensor_parallel
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.parallel.zero.stage12 import Zero

@@ -1,2 +1,2 @@
-"""Pipeline parallelism: schedules (GPipe, 1F1B), stages and the engine (Huang et al., 2019;
-Narayanan et al., 2021)."""
+"""Pipeline parallelism: schedules, bubble and partitioner (schedule.py), a model's stage
+(stage.py) and the engine that runs it (engine.py); docs/pipeline_parallel.md."""

@@ -1,32 +1,21 @@
-"""Pipeline schedules and stage balancing, pure Python (no torch, no communication).
+"""Pipeline schedules, the bubble formula and stage balancing, pure Python (no torch, no
+communication).
 
 A pipeline of ``p`` stages runs ``m`` micro-batches per optimizer step. Each stage executes a
 list of actions ``("F", i)`` (forward of micro-batch ``i``) and ``("B", i)`` (its backward) in
-order; the engine (``actors/pipeline.py``) executes exactly these lists, so what is tested here
-is what runs.
+order; the engine (:mod:`bmray.actors.parallel.pipeline.engine`) executes exactly these lists,
+so what is tested here is what runs.
 
-* **GPipe** (Huang et al. 2019, "GPipe: Efficient Training of Giant Neural Networks using
-  Pipeline Parallelism", sec. 2.2): all ``m`` forwards, then all ``m`` backwards. Every stage
-  holds the activations of all ``m`` micro-batches at the turn.
-* **1F1B** (PipeDream-Flush; Narayanan et al. 2021, "Efficient Large-Scale Language Model
-  Training on GPU Clusters Using Megatron-LM", sec. 2.2.1, fig. 4): stage ``s`` runs
-  ``min(p - s - 1, m)`` warm-up forwards, then alternates one forward / one backward (steady
-  state), then drains the remaining backwards (cool-down). The same bubble as GPipe, but stage
-  ``s`` holds at most ``min(p - s, m)`` micro-batches of activations instead of ``m``.
+* **GPipe** (Huang et al. 2019): all ``m`` forwards, then all ``m`` backwards.
+* **1F1B** (PipeDream-Flush; Narayanan et al. 2021): stage ``s`` runs ``min(p - s - 1, m)``
+  warm-up forwards, then alternates one forward / one backward, then drains the backwards; it
+  holds at most ``min(p - s, m)`` micro-batches of activations instead of ``m``.
 
-Both have the pipeline bubble (idle fraction of every stage over the step, with uniform stages
-and free communication)
-
-    bubble = (p - 1) / (m + p - 1)
-
-— a stage is busy ``m (t_f + t_b)`` of a step lasting ``(m + p - 1)(t_f + t_b)`` (GPipe, sec.
-2.2; Narayanan et al. 2021, eq. 1 writes the equivalent ratio (p-1)/m of bubble to ideal time).
-:func:`simulate` executes the per-stage lists with unit-time actions and reproduces it exactly
-(the tests check that for many p, m and both schedules).
-
-Balancing: stages are contiguous layer ranges; :func:`partition_balanced` finds the ranges that
-minimise the most expensive stage (the pipeline's throughput is set by its slowest stage) — an
-exact dynamic programme over prefix sums, O(n² p).
+Both have the bubble ``(p - 1) / (m + p - 1)`` (:func:`bubble_fraction`, the one formula the
+engine's measurements and the planner's cost model use); :func:`simulate` reproduces it exactly
+with unit-time actions. :func:`partition_balanced` is the one min-max stage partitioner (the
+engine's layer balancing and the planner's stage bounds). Derivations and papers:
+docs/pipeline_parallel.md.
 """
 from __future__ import annotations
 
@@ -125,10 +114,24 @@ def simulate(schedule: str, m: int, p: int, t_f: float = 1.0, t_b: float = 1.0
             "idle_fraction": [1.0 - b / makespan for b in busy]}
 
 
-def partition_balanced(costs: Sequence[float], n_stages: int) -> list[tuple[int, int]]:
+TIES = ("long_first", "nested")
+
+
+def partition_balanced(costs: Sequence[float], n_stages: int, first_extra: float = 0.0,
+                       last_extra: float = 0.0, ties: str = "long_first"
+                       ) -> list[tuple[int, int]]:
     """Contiguous ``[lo, hi)`` layer ranges, one non-empty range per stage, minimising the
-    largest stage cost (exact). Among optimal partitions the one whose earlier stages are as
-    long as possible is returned (deterministic, so every rank computes the same ranges)."""
+    largest stage cost (exact dynamic programme over prefix sums, O(n² p)).
+
+    ``first_extra`` / ``last_extra``: a cost the first / last stage carries besides its layers
+    (the embedding, the head); it is the same as adding it to the first / last layer's cost.
+    ``ties`` picks among optimal partitions, deterministically (every rank computes the same):
+
+    * ``"long_first"``: the earlier stages as long as possible (walking back from the end, each
+      stage the shortest that keeps the optimum);
+    * ``"nested"``: the last stage as long as possible, then the stages before it partitioned
+      the same way for their own optimum (the planner's stage bounds).
+    """
     n = len(costs)
     if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
         raise ConfigError(f"pipeline.stages: must be an integer >= 1, got {n_stages!r}")
@@ -137,9 +140,14 @@ def partition_balanced(costs: Sequence[float], n_stages: int) -> list[tuple[int,
                           f"(each stage needs at least one layer)")
     if any(c < 0 for c in costs):
         raise ConfigError(f"pipeline: layer costs must be >= 0, got {list(costs)}")
+    if ties not in TIES:
+        raise ConfigError(f"pipeline: ties {ties!r} is not one of {list(TIES)}")
+    costs = [float(c) for c in costs]
+    costs[0] += first_extra
+    costs[-1] += last_extra
     prefix = [0.0]
     for c in costs:
-        prefix.append(prefix[-1] + float(c))
+        prefix.append(prefix[-1] + c)
     inf = float("inf")
     # best[k][j]: the smallest max-stage-cost covering layers [0, j) with k stages
     best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
@@ -147,11 +155,14 @@ def partition_balanced(costs: Sequence[float], n_stages: int) -> list[tuple[int,
     for k in range(1, n_stages + 1):
         for j in range(k, n - (n_stages - k) + 1):
             best[k][j] = min(max(best[k - 1][i], prefix[j] - prefix[i]) for i in range(k - 1, j))
-    # walk back from the end: the last stage as short as possible keeps earlier ones long
     ranges: list[tuple[int, int]] = []
     hi, target = n, best[n_stages][n]
     for k in range(n_stages, 0, -1):
-        for i in range(hi - 1, k - 2, -1):
+        if ties == "long_first":    # the shortest stage k that keeps the overall optimum
+            starts = range(hi - 1, k - 2, -1)
+        else:                       # the longest stage k that keeps [0, hi)'s own optimum
+            starts, target = range(k - 1, hi), best[k][hi]
+        for i in starts:
             if max(best[k - 1][i], prefix[hi] - prefix[i]) <= target:
                 ranges.append((i, hi))
                 hi = i

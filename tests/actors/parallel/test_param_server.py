@@ -13,11 +13,11 @@ import ray
 import torch
 
 from bmray.actors.parallel.data_parallel import DataParallel
-from bmray.actors.parallel.param_server import (ParameterServer, ParamServerConfig, partition, reset_shards,
-                                 start_shards, stop_shards)
+from bmray.actors.parallel.param_server import ParameterServer, ParamServerConfig, partition
 from bmray.actors.train.config import CheckpointConfig, TrainConfig
 from bmray.actors.train.loop import Trainer, seed_everything
 from bmray.cluster.gang import ScalingConfig, WorkerGroup, worker_context
+from bmray.cluster.param_server import reset_shards, start_shards, stop_shards
 from bmray.models.config import ModelConfig
 from bmray.models.data import BlockStream, pack_corpus, read_documents
 from bmray.models.objectives import CausalLM

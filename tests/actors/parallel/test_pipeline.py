@@ -1,4 +1,4 @@
-"""Pipeline parallelism (actors/pipeline.py, actors/pipeline_schedule.py) against references:
+"""Pipeline parallelism (bmray.actors.parallel.pipeline: schedule, stage, engine) against references:
 
 * the pure schedules: every micro-batch forward then backward exactly once, the in-flight peak
   (m for GPipe, min(p - stage, m) for 1F1B), and a unit-time simulation of all stages giving
@@ -28,10 +28,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bmray.actors.parallel.pipeline.engine import (PipelineEngine, bubble_fraction, gpipe_schedule, layer_costs,
-                             one_f_one_b_schedule, partition_balanced, split_stage,
-                             tied_parameters)
-from bmray.actors.parallel.pipeline.schedule import peak_inflight, simulate
+from bmray.actors.parallel.pipeline.engine import PipelineEngine
+from bmray.actors.parallel.pipeline.schedule import (bubble_fraction, gpipe_schedule,
+                                                     one_f_one_b_schedule, partition_balanced,
+                                                     peak_inflight, simulate)
+from bmray.actors.parallel.pipeline.stage import layer_costs, split_stage, tied_parameters
 from bmray.models.config import ModelConfig
 from bmray.models.families.registry import build_model
 from bmray.models.typed_config import ConfigError
