@@ -1,4 +1,4 @@
-"""Tensor parallelism (actors/tensor_parallel.py) against the single-process model.
+"""Tensor parallelism (actors/parallel/tensor/) against the single-process model.
 
 One gang of 4 Ray workers (gloo, 1 thread each). Process groups per worker, made once:
 tp=2 as [0, 1] and [2, 3] (the second checks group ranks vs global ranks), tp=4 as
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bmray.actors.parallel.tensor.tensor_parallel import (
+from bmray.actors.parallel.tensor import (
     ColumnParallelLinear, CopyToTensorParallel, GatherFromSequenceParallel,
     GatherFromTensorParallel, ReduceFromTensorParallel, ReduceScatterToSequenceParallel,
     RowParallelLinear, ScatterToSequenceParallel, TensorParallelLM, VocabParallelEmbedding,
