@@ -9,11 +9,12 @@ bytes *per GPU*; a pipeline stage's numbers are those of one of its ranks.
 
 **Parameters** (:class:`ModelSpec`, counted exactly from the model built on the ``meta``
 device, trainable only). Tensor parallelism splits the Megatron-LM matrices (Shoeybi et al.
-2019, sec. 3): column-parallel ``q/k/v_proj`` and ``ffn.up`` (weight and bias), row-parallel
-``out_proj`` and ``ffn.down`` (weight; the bias is replicated) and, for GPT, the
-vocabulary-parallel token embedding / output layer (BERT, ELECTRA and T5 keep embeddings and
-heads replicated, as :mod:`actors.tensor_parallel` does); LayerNorms and positional embeddings
-are replicated. MoE blocks take no tensor parallelism (experts are for expert parallelism). A pipeline stage
+2019, sec. 3) that the model's ``tp_plan`` names (models/structure.py, the table
+:mod:`actors.parallel.tensor` applies): column-parallel ``q/k/v_proj`` and ``ffn.up`` (weight
+and bias), row-parallel ``out_proj`` and ``ffn.down`` (weight; the bias is replicated) and, for
+GPT, the vocabulary-parallel token embedding / output layer (BERT, ELECTRA and T5 keep
+embeddings and heads replicated); LayerNorms and positional embeddings are replicated. MoE
+blocks take no tensor parallelism (experts are for expert parallelism). A pipeline stage
 holds a contiguous run of blocks; the first stage also the embeddings, the last one the head
 (final LayerNorm, output layer). A tied output layer counts on both the first and the last stage:
 Megatron-LM keeps a copy of the word embedding on the last stage and all-reduces its gradient
@@ -129,24 +130,13 @@ from torch import nn
 from bmray.actors.parallel.pipeline.schedule import (bubble_fraction,  # noqa: F401
                                                      partition_balanced)
 from bmray.cluster.calibration import calibration
+from bmray.models.structure import find_blocks, tensor_parallel_parameters, tp_plan_of
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES = 12             # fp32 master + exp_avg + exp_avg_sq per parameter (ZeRO's K)
 STAGING_BYTES = 4           # offload from a GPU: fp32 gradient copy on the host in the step
 ATTENTION = ("fused", "eager")
 SCHEDULES = ("1f1b", "gpipe")
-
-# Megatron-LM's tensor-parallel layout, by parameter-name suffix (module-relative names).
-_COLUMN = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight",
-           "v_proj.bias", "up.weight", "up.bias")
-_ROW = ("out_proj.weight", "down.weight")
-_VOCAB = ("tok.weight", "shared.weight", "lm_head.weight", "decoder.weight", "decoder.bias")
-
-
-def tp_sharded(name: str, vocab_parallel: bool = True) -> bool:
-    """Whether tensor parallelism splits the parameter called ``name`` (see module doc)."""
-    return name.endswith(_COLUMN + _ROW + (_VOCAB if vocab_parallel else ()))
-
 
 # ------------------------------------------------------------------ the model
 @dataclass(frozen=True)
@@ -207,9 +197,11 @@ class ModelSpec:
     @classmethod
     def from_module(cls, model: nn.Module, family: str = "", dropout: float = 0.0,
                     block_lists: Sequence[str] | None = None) -> "ModelSpec":
-        """Count ``model``'s trainable parameters (on any device, ``meta`` included); the
-        vocabulary is tensor-parallel for ``family="gpt"`` only."""
-        vocab_parallel = family == "gpt"
+        """Count ``model``'s trainable parameters (on any device, ``meta`` included); what
+        tensor parallelism splits is the model's ``tp_plan`` (the vocabulary for GPT only)."""
+        plan = tp_plan_of(model)
+        vocab_parallel = plan is not None and plan.vocab_parallel
+        split_names = tensor_parallel_parameters(model, block_lists)
         names: dict[int, list[str]] = {}
         params: dict[int, nn.Parameter] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -217,11 +209,11 @@ class ModelSpec:
                 names.setdefault(id(p), []).append(name)
                 params[id(p)] = p
         sharded = {i for i, ns in names.items()
-                   if any(tp_sharded(n, vocab_parallel) for n in ns)}
+                   if any(n in split_names for n in ns)}
         split = lambda ids: Params(  # noqa: E731
             sum(params[i].numel() for i in ids if i in sharded),
             sum(params[i].numel() for i in ids if i not in sharded))
-        blocks = _blocks(model, block_lists)
+        blocks = [block for _, block in find_blocks(model, block_lists)]
         in_blocks: set[int] = set()
         layers = []
         for block in blocks:
@@ -268,17 +260,6 @@ class ModelSpec:
         if stage == n_stages - 1:
             out = out + self.head
         return out
-
-
-def _blocks(model: nn.Module, block_lists: Sequence[str] | None) -> list[nn.Module]:
-    paths = block_lists if block_lists is not None else getattr(type(model), "block_lists", None)
-    if not paths:
-        raise ValueError(f"{type(model).__name__}: no block_lists (the ModuleLists holding the "
-                         f"transformer blocks); pass block_lists")
-    out: list[nn.Module] = []
-    for path in paths:
-        out.extend(model.get_submodule(path))
-    return out
 
 
 def _layer_shape(block: nn.Module, params: Params) -> LayerShape:
@@ -482,7 +463,7 @@ def head_transient_bytes(spec: ModelSpec, seq: int, micro_batch: int, act_bytes:
       backward: the ZeRO / data-parallel strategies do (``weighted_forward_backward`` holds
       the model output, logits included); a pipeline stage returns only the loss (**8**).
       Label smoothing adds only [N]-sized terms to this peak.
-    * ``actors.tensor_parallel._VocabParallelCrossEntropy`` (vocabulary-parallel GPT, tp > 1):
+    * ``actors.parallel.tensor.loss.vocab_parallel_cross_entropy`` (vocabulary-parallel GPT, tp > 1):
       forward holds the logits (e), the selected rows (e, the Function's input), their fp32
       copy (4; none in fp32), ``x − max`` (4) and its exponential (4, saved as the softmax):
       2e + 8 (e = 2) or 3·4 (e = 4), i.e. **12** beyond the saved softmax either way;

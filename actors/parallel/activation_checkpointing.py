@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError
 
 __all__ = ["ActivationCheckpointConfig", "CheckpointedBlock", "apply_activation_checkpointing",
@@ -123,20 +124,6 @@ def _rebuild_checkpointed(plain: type) -> nn.Module:
     return obj
 
 
-def _all_blocks(model: nn.Module, block_lists: Sequence[str] | None
-                ) -> list[tuple[str, nn.Module]]:
-    """(qualified name, block) of every block, numbered over the block lists in order."""
-    lists = block_lists if block_lists is not None else getattr(type(model), "block_lists", None)
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no `block_lists` class attribute; pass "
-                         f"block_lists=[...] naming its nn.ModuleList(s) of transformer blocks")
-    out = []
-    for list_name in lists:
-        container = model.get_submodule(list_name)
-        out.extend((f"{list_name}.{i}", block) for i, block in enumerate(container))
-    return out
-
-
 def apply_activation_checkpointing(model: nn.Module, blocks: str | Sequence[int] | None = "all",
                                    block_lists: Sequence[str] | None = None) -> list[str]:
     """Checkpoint the selected blocks of ``model`` in place; return their qualified names.
@@ -144,7 +131,7 @@ def apply_activation_checkpointing(model: nn.Module, blocks: str | Sequence[int]
     ``blocks``: ``"all"`` or ``None`` for every block, else a list of global block indices
     (``[]`` wraps nothing). Applying twice is harmless (already wrapped blocks stay wrapped).
     """
-    every = _all_blocks(model, block_lists)
+    every = find_blocks(model, block_lists)
     if blocks is None or blocks == "all":
         chosen = range(len(every))
     else:

@@ -14,7 +14,7 @@ How one rank is built, outermost last:
 
 1. every rank builds the same full model (same seed); the flat layout of that model (its
    state-dict keys, tied aliases, the AdamW parameter order) is remembered for checkpoints;
-2. ``tp > 1``: :func:`actors.tensor_parallel.apply_tensor_parallel` swaps in column/row-parallel
+2. ``tp > 1``: :func:`actors.parallel.tensor.apply_tensor_parallel` swaps in column/row-parallel
    layers, the vocabulary-parallel embedding and head (this rank keeps its slices);
 3. ``pp > 1``: :func:`actors.pipeline.split_stage` keeps this rank's layers; a
    :class:`actors.pipeline.PipelineEngine` runs the step's micro-batches with GPipe or 1F1B
@@ -68,9 +68,10 @@ from bmray.actors.parallel.pipeline.engine import PipelineEngine
 from bmray.actors.parallel.pipeline.stage import BALANCE, split_stage, tied_parameters
 from bmray.actors.parallel.pipeline.schedule import SCHEDULES
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, move_batch
-from bmray.actors.parallel.tensor.tensor_parallel import (TensorParallelLM, apply_tensor_parallel,
-                              gather_tensor_parallel_state, shard_tensor_parallel_state,
-                              tensor_parallel_dims, tensor_parallel_loss)
+from bmray.actors.parallel.tensor import (TensorParallelLM, apply_tensor_parallel,
+                                          gather_tensor_parallel_state,
+                                          shard_tensor_parallel_state, tensor_parallel_dims,
+                                          tensor_parallel_loss)
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.parallel.data_parallel import TRANSPORTS
 from bmray.actors.parallel.zero.stage12 import DTYPES, Zero, ZeroConfig, _pieces, _Scaled, check_bool

@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bmray.models.layers.blocks import Embeddings, TransformerBlock, init_weights, moe_for_layer, positions_for
+from bmray.models.layers.blocks import (BLOCK_TP_PLAN, Embeddings, TransformerBlock, init_weights,
+                                        moe_for_layer, positions_for)
 from bmray.models.config import ModelConfig
 from bmray.models.families.gpt import sum_aux
 from bmray.models.layers.losses import IGNORE_INDEX, accuracy, cross_entropy, metrics_enabled
 from bmray.models.outputs import ModelOutput
+from bmray.models.structure import TensorParallelPlan
 
 
 def run_encoder(blocks: nn.ModuleList, x: Tensor, attention_mask: Tensor | None
@@ -59,6 +61,7 @@ class BertForPretraining(nn.Module):
     -> ModelOutput(logits = MLM logits [B, T, V], loss = MLM + NSP (+ aux))."""
 
     block_lists = ("blocks",)
+    tp_plan = TensorParallelPlan(BLOCK_TP_PLAN)     # embeddings and heads stay replicated
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -160,6 +163,7 @@ class ElectraForPretraining(nn.Module):
     """
 
     block_lists = ("generator.blocks", "blocks")
+    tp_plan = TensorParallelPlan(BLOCK_TP_PLAN)     # embeddings and heads stay replicated
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

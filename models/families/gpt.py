@@ -20,10 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bmray.models.layers.blocks import Embeddings, TransformerBlock, init_weights, moe_for_layer, positions_for
+from bmray.models.layers.blocks import (BLOCK_TP_PLAN, Embeddings, TransformerBlock, init_weights,
+                                        moe_for_layer, positions_for)
 from bmray.models.config import ModelConfig
 from bmray.models.layers.losses import lm_loss_and_metrics
 from bmray.models.outputs import ModelOutput
+from bmray.models.structure import TensorParallelPlan
 
 
 def sum_aux(aux_losses: list[Tensor | None], weight: float) -> Tensor | None:
@@ -49,6 +51,9 @@ class GPT(nn.Module):
     """forward(input_ids, labels=None, past_key_values=None, use_cache=False, attention_mask=None)."""
 
     block_lists = ("blocks",)   # where pipeline / ZeRO-3 find the per-layer modules
+    # tensor parallelism: Megatron's blocks, the token embedding and the output layer split over
+    # the vocabulary (the loss then runs on logit shards)
+    tp_plan = TensorParallelPlan(BLOCK_TP_PLAN, {"embed.tok": "vocab", "lm_head": "column"})
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -23,11 +23,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bmray.models.layers.blocks import TransformerBlock, init_weights, moe_for_layer, positions_for
+from bmray.models.layers.blocks import (BLOCK_TP_PLAN, TransformerBlock, init_weights, moe_for_layer,
+                                        positions_for)
 from bmray.models.config import ModelConfig
 from bmray.models.families.gpt import sum_aux
 from bmray.models.layers.losses import IGNORE_INDEX, lm_loss_and_metrics
 from bmray.models.outputs import ModelOutput
+from bmray.models.structure import TensorParallelPlan
 from bmray.models.layers.positional import build_positional
 
 
@@ -43,6 +45,7 @@ class T5(nn.Module):
     decoder_attention_mask=None) -> ModelOutput(logits [B, T_dec, V], loss)."""
 
     block_lists = ("encoder_blocks", "decoder_blocks")
+    tp_plan = TensorParallelPlan(BLOCK_TP_PLAN)     # embeddings and heads stay replicated
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

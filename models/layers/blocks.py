@@ -30,8 +30,20 @@ from bmray.models.config import MoEConfig
 from bmray.models.layers.moe import FeedForward, MoEFeedForward
 from bmray.models.layers.positional import LearnedPositionalEmbedding, build_positional
 
-__all__ = ["Embeddings", "FeedForward", "TransformerBlock", "init_weights", "moe_for_layer",
-           "positions_for"]
+__all__ = ["BLOCK_TP_PLAN", "Embeddings", "FeedForward", "TransformerBlock", "init_weights",
+           "moe_for_layer", "positions_for"]
+
+# Megatron-LM's split of a TransformerBlock (models.structure.TensorParallelPlan.blocks;
+# docs/tensor_parallel.md): q/k/v and the FFN's first layer by output features, the attention
+# output and the FFN's second layer by input features; LayerNorms stay whole. A block without
+# cross-attention skips those entries; an MoE feed-forward has no ``up`` / ``down`` of its own.
+BLOCK_TP_PLAN = {
+    "attn.q_proj": "column", "attn.k_proj": "column", "attn.v_proj": "column",
+    "attn.out_proj": "row",
+    "cross_attn.q_proj": "column", "cross_attn.k_proj": "column", "cross_attn.v_proj": "column",
+    "cross_attn.out_proj": "row",
+    "ffn.up": "column", "ffn.down": "row",
+}
 
 
 def moe_for_layer(moe: MoEConfig | None, layer: int) -> MoEConfig | None:

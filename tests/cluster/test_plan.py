@@ -57,7 +57,7 @@ import yaml
 from bmray.actors.parallel.activation_checkpointing import apply_activation_checkpointing
 from bmray.actors.parallel.mesh import MeshParallelConfig
 from bmray.actors.parallel.pipeline.stage import split_stage
-from bmray.actors.parallel.tensor.tensor_parallel import TensorParallelLM, apply_tensor_parallel
+from bmray.actors.parallel.tensor import TensorParallelLM, apply_tensor_parallel
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.parallel.zero.stage12 import Zero
 from bmray.actors.parallel.zero.stage3 import Zero3
@@ -288,7 +288,7 @@ def test_parameter_counts_tp_split_and_partition():
             assert max(stages) == best
     with pytest.raises(ValueError, match="pp"):
         cm.partition(spec, 8)
-    # BERT keeps its embeddings and heads replicated under tp (actors/tensor_parallel.py)
+    # BERT keeps its embeddings and heads replicated under tp (their tp_plan)
     bert = cm.ModelSpec.from_module(build_model(ModelConfig(
         family="bert", vocab_size=1000, d_model=64, n_heads=4, n_layers=2, d_ff=256,
         max_seq_len=64)), "bert")
@@ -734,10 +734,10 @@ def test_head_transient_matches_cpu_allocator_peak(loss, dtype, kept):
     """The head alone (logits = h·Wᵀ, then our loss, backward), on CPU: the allocator's peak
     less what autograd saved equals :func:`head_transient_bytes` — for
     ``models.losses.lm_loss_and_metrics`` (tp = 1) and the vocabulary-parallel loss of
-    ``actors.tensor_parallel`` (one rank, the whole vocabulary: its formula with t = 1), with
+    ``actors.parallel.tensor`` (one rank, the whole vocabulary: its formula with t = 1), with
     the logits kept through backward (ZeRO's ``weighted_forward_backward``) or dropped (a
     pipeline stage). Same kernels' allocation pattern as CUDA (no workspaces on CPU)."""
-    from bmray.actors.parallel.tensor.tensor_parallel import vocab_parallel_accuracy, vocab_parallel_cross_entropy
+    from bmray.actors.parallel.tensor import vocab_parallel_accuracy, vocab_parallel_cross_entropy
     from bmray.models.layers.losses import lm_loss_and_metrics
     torch.manual_seed(0)
     dt, e = {"bf16": (torch.bfloat16, 2), "fp32": (torch.float32, 4)}[dtype]

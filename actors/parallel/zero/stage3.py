@@ -106,6 +106,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
 from bmray.actors.comm import collectives as C
@@ -232,15 +233,12 @@ class Zero3(StatsWithNorm, DataParallel):
         paths = self.config.block_lists
         if paths is None:
             paths = list(getattr(self.module, "block_lists", ()) or ())
-        out = []
-        for path in paths:
-            try:
-                container = self.module.get_submodule(path)
-            except AttributeError as exc:
-                raise ConfigError(f"strategy.block_lists: {path!r} is not a submodule of "
-                                  f"{type(self.module).__name__}") from exc
-            out.extend((f"{path}.{i}", m) for i, m in enumerate(container))
-        return out
+        if not paths:
+            return []
+        try:
+            return find_blocks(self.module, paths)
+        except ValueError as exc:       # "'<path>' is not a submodule of <Model>"
+            raise ConfigError(f"strategy.block_lists: {exc}") from exc
 
     def _assign_levels(self, blocks: list[_Unit]) -> None:
         """``block_levels`` patterns, in order, onto the block units (see module docstring)."""

@@ -1,4 +1,4 @@
-"""Tensor parallelism (actors/tensor_parallel.py) against the single-process model.
+"""Tensor parallelism (actors/parallel/tensor/) against the single-process model.
 
 One gang of 4 Ray workers (gloo, 1 thread each). Process groups per worker, made once:
 tp=2 as [0, 1] and [2, 3] (the second checks group ranks vs global ranks), tp=4 as
@@ -32,7 +32,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bmray.actors.parallel.tensor.tensor_parallel import (
+from bmray.actors.parallel.tensor import (
     ColumnParallelLinear, CopyToTensorParallel, GatherFromSequenceParallel,
     GatherFromTensorParallel, ReduceFromTensorParallel, ReduceScatterToSequenceParallel,
     RowParallelLinear, ScatterToSequenceParallel, TensorParallelLM, VocabParallelEmbedding,
@@ -42,6 +42,7 @@ from bmray.actors.parallel.tensor.tensor_parallel import (
 from bmray.models.config import ModelConfig
 from bmray.models.layers.losses import cross_entropy
 from bmray.models.families.registry import build_model
+from bmray.models.structure import tensor_parallel_parameters
 from bmray.models.typed_config import ConfigError
 
 torch.set_num_threads(1)
@@ -443,3 +444,13 @@ def test_bad_input_is_refused_with_a_clear_error(gang):
     assert "generator.blocks.0.attn" in msgs[5] and "1 attention heads" in msgs[5]
     assert "not vocabulary-parallel" in msgs[6]
     assert "length 6 is not divisible by 4" in msgs[7]
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert", "electra", "t5"])
+def test_split_parameters_are_the_plans(family):
+    """One table: what tensor parallelism splits (tensor_parallel_dims) is what the family's
+    tp_plan names (models.structure.tensor_parallel_parameters, the cost model's count)."""
+    assert not dist.is_initialized()
+    model = build(gpt_config(family=family))
+    planned = tensor_parallel_parameters(model)
+    assert set(tensor_parallel_dims(apply_tensor_parallel(model, None))) == planned
