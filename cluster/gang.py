@@ -6,9 +6,8 @@
 Why a placement group: all N workers must exist before any of them can rendezvous (gang
 scheduling), so the N bundles are reserved atomically (PACK: as few nodes as possible, which
 keeps collectives on fast local links; SPREAD: one per node where possible, for fault isolation).
-Why our own actors and not Ray Train's TorchTrainer: see actors/gang_worker.py. The names follow
-Ray Train (`ScalingConfig`, `num_workers`, `use_gpu`, `placement_strategy`) so a Ray user feels
-at home.
+Why our own actors and not Ray Train's TorchTrainer: see actors/runtime/gang_worker.py.
+``ScalingConfig`` lives in actors/train/scaling.py (an experiment section) and is re-exported here.
 
 Backend: NCCL when the workers have GPUs, gloo otherwise (`backend="auto"`).
 
@@ -18,7 +17,6 @@ says how many bundles the live nodes can hold).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import ray
@@ -28,12 +26,10 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from bmray.actors.runtime.gang_worker import GangWorker
 from bmray.actors.runtime.worker_context import WorkerContext, worker_context
-from bmray.models.typed_config import ConfigError, check_choice, check_positive
+from bmray.actors.train.scaling import PLACEMENT_STRATEGIES, ScalingConfig
 
-__all__ = ["ScalingConfig", "WorkerGroup", "WorkerFailure", "PlacementTimeout", "WorkerContext",
-           "worker_context", "workers_that_fit"]
-
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+__all__ = ["ScalingConfig", "PLACEMENT_STRATEGIES", "WorkerGroup", "WorkerFailure",
+           "PlacementTimeout", "WorkerContext", "worker_context", "workers_that_fit"]
 
 
 class WorkerFailure(RuntimeError):
@@ -48,49 +44,6 @@ class WorkerFailure(RuntimeError):
 
 class PlacementTimeout(RuntimeError):
     """The gang's placement group was not placed in time (the cluster lacks the capacity)."""
-
-
-@dataclass
-class ScalingConfig:
-    """How many workers and what each gets (Ray Train's names)."""
-
-    num_workers: int = 1
-    # Elastic restarts (Ray Train's min/max workers, torchelastic's --nnodes=MIN:MAX): after a
-    # failure the gang restarts with the most workers the live nodes hold, down to this many.
-    # None: always num_workers (a restart waits for the lost capacity to come back).
-    min_workers: int | None = None
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0           # also the worker's torch thread count (at least 1)
-    placement_strategy: str = "PACK"
-    backend: str = "auto"                  # "auto" | "gloo" | "nccl"
-    start_timeout_s: float = 120.0         # placement group + rendezvous
-    collective_timeout_s: float = 300.0    # a collective waiting longer than this fails
-
-    def __post_init__(self) -> None:
-        check_positive("scaling.num_workers", self.num_workers)
-        if self.min_workers is not None:
-            check_positive("scaling.min_workers", self.min_workers)
-            if self.min_workers > self.num_workers:
-                raise ConfigError(f"scaling.min_workers: {self.min_workers} is more than "
-                                  f"scaling.num_workers ({self.num_workers})")
-        check_positive("scaling.cpus_per_worker", self.cpus_per_worker, allow_zero=True)
-        check_choice("scaling.placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES)
-        check_choice("scaling.backend", self.backend, ("auto", "gloo", "nccl"))
-        if self.backend == "nccl" and not self.use_gpu:
-            raise ConfigError("scaling.backend: nccl needs scaling.use_gpu: true")
-        check_positive("scaling.start_timeout_s", self.start_timeout_s)
-        check_positive("scaling.collective_timeout_s", self.collective_timeout_s)
-
-    @property
-    def resolved_backend(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        return "nccl" if self.use_gpu else "gloo"
-
-    @property
-    def bundle(self) -> dict[str, float]:
-        """One worker's resources (one placement-group bundle)."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
 
 
 def workers_that_fit(scaling: ScalingConfig) -> int:

@@ -1,8 +1,7 @@
 """Run one experiment on a gang of workers, restarting it from its checkpoint when a worker dies.
 
-The driver's whole job (DESIGN.md: "the driver starts, watches and collects"): start the
-parameter-server shards if the strategy needs them, start the gang, run ``train_rank`` on every
-rank, and wait. If a worker or a shard dies (``ray.kill``, a lost node, an exception), the
+The driver starts, watches and collects: it starts the parameter-server shards if the strategy
+needs them, starts the gang, runs ``train_rank`` on every rank, and waits. If a worker or a shard dies (``ray.kill``, a lost node, an exception), the
 failure is reported with the rank that caused it; with ``run.max_failures > 0`` the whole gang
 (and the shards) is torn down and started afresh, and every rank resumes from the newest good
 checkpoint in ``checkpoint.dir`` — the training loop's resume is exact, so the restarted run
@@ -17,35 +16,28 @@ world-size independent and checkpoints load at any world size, so the run contin
 resumed at the smaller size would. The next restart grows back if capacity returned.
 
 A failure no restart can fix (a ConfigError, a CheckpointError such as a checkpoint of another
-model) ends the run at once instead of spending the remaining restarts on it.
+model) ends the run at once instead of spending the remaining restarts on it. ``RunConfig`` and
+``ScalingConfig`` live in actors/train/scaling.py and are re-exported here.
 """
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-from bmray.actors.train.checkpoints import CheckpointError
 from bmray.actors.parallel.registry import strategy_from_dict
-from bmray.cluster.gang import (PlacementTimeout, ScalingConfig, WorkerFailure, WorkerGroup,
-                          workers_that_fit)
+from bmray.actors.runtime.train_rank import train_rank
+from bmray.actors.train.checkpoints import CheckpointError
+from bmray.actors.train.experiment import experiment_from_dict
+from bmray.actors.train.scaling import RunConfig, ScalingConfig
+from bmray.cluster.gang import PlacementTimeout, WorkerFailure, WorkerGroup, workers_that_fit
 from bmray.cluster.param_server import start_shards, stop_shards
-from bmray.models.typed_config import ConfigError, check_positive
+from bmray.models.typed_config import ConfigError
 
 # An elastic start gives a placement this long before it looks at the capacity again (a node
 # that just died may still count as alive for a moment).
 ELASTIC_PLACEMENT_PROBE_S = 10.0
-
-
-@dataclass
-class RunConfig:
-    """Failure handling of a run (Ray Train's names)."""
-
-    max_failures: int = 0        # gang restarts allowed; each resumes from the latest checkpoint
-
-    def __post_init__(self) -> None:
-        check_positive("run.max_failures", self.max_failures, allow_zero=True)
 
 
 class RunFailed(RuntimeError):
@@ -67,8 +59,6 @@ class TrainRun:
     """
 
     def __init__(self, raw_experiment: dict[str, Any], samples: list[str] | None = None):
-        from bmray.actors.train.experiment import experiment_from_dict
-
         self.raw = raw_experiment
         self.exp = experiment_from_dict(raw_experiment)      # validates before anything starts
         self.samples = samples
@@ -83,8 +73,6 @@ class TrainRun:
         self.attempt = 0
 
     def fit(self) -> dict[str, Any]:
-        from bmray.actors.runtime.train_rank import train_rank
-
         self.attempt = 0
         while True:
             self.attempt += 1
@@ -154,8 +142,6 @@ class TrainRun:
         """Gang sizes this experiment accepts, largest first, from num_workers down to
         min_workers: those its validation passes (tp x pp divides it, the global batch
         splits over the data-parallel replicas)."""
-        from bmray.actors.train.experiment import experiment_from_dict
-
         s = self.scaling
         out = []
         for n in range(s.num_workers, (s.min_workers or s.num_workers) - 1, -1):

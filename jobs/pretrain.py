@@ -1,8 +1,8 @@
 """Pre-train a model from a YAML experiment, on an embedded local Ray or a Ray cluster.
 
-    python -m jobs.pretrain --config configs/gpt-tiny.yaml [--set train.max_steps=50 ...]
-    RAY_ADDRESS=auto python -m jobs.pretrain --config ...            # a running cluster
-    ray job submit --working-dir . -- python -m jobs.pretrain --config ...
+    bmray pretrain --config configs/gpt-tiny.yaml [--set train.max_steps=50 ...]
+    RAY_ADDRESS=auto bmray pretrain --config ...            # a running cluster
+    ray job submit --working-dir . -- bmray pretrain --config ...
 
 The driver validates the config (a bad key fails here, before any worker starts), starts the
 gang of ``scaling.num_workers`` train workers (Ray actors) with the ``strategy`` of the config
@@ -18,13 +18,15 @@ import os
 import sys
 from typing import Any
 
+from bmray.actors.train.experiment import experiment_from_dict
 from bmray.cluster import connect
-from bmray.cluster.launcher import RunFailed
+from bmray.cluster.launcher import RunFailed, TrainRun
 from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
 
 
 def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=description.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="bmray pretrain",
+                                 description=description.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (see configs/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -37,8 +39,6 @@ def parse_args(argv: list[str] | None = None, description: str = __doc__) -> arg
 
 def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     """Parse, override and validate; returns the raw mapping that travels to the worker."""
-    from bmray.actors.train.experiment import experiment_from_dict
-
     raw = apply_overrides(load_yaml(path), overrides)
     experiment_from_dict(raw)            # validate now: errors name the key, nothing has started
     return raw
@@ -47,8 +47,6 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
 def run(raw: dict[str, Any], address: str | None = None,
         samples: list[str] | None = None) -> dict[str, Any]:
     """Run the experiment on a gang of workers; returns rank 0's report."""
-    from bmray.cluster.launcher import TrainRun
-
     train_run = TrainRun(raw, samples=samples)
     scaling = train_run.scaling
     needed = scaling.num_workers * max(1.0, scaling.cpus_per_worker)

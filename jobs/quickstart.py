@@ -1,12 +1,11 @@
 """The README's first command: the whole pre-training path in a few minutes on a laptop.
 
-    python -m jobs.quickstart [--steps 300] [--address ...]
+    bmray quickstart [--steps 300] [--address ...]
 
 It generates a small synthetic world (models.world), trains a byte-level BPE tokenizer on it,
 packs the corpus into Parquet blocks, trains a small GPT on a Ray worker (embedded local Ray
 unless RAY_ADDRESS/--address is given) while printing the falling loss, and finally asks the
 model to complete sentences whose last word is a fact of the world, next to the true answer.
-Later issues extend it to the rest of the lifecycle (adaptation, compression, serving).
 """
 from __future__ import annotations
 
@@ -38,7 +37,7 @@ def fact_prompts(world: WorldConfig, n: int = 3) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bmray quickstart", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     ap.add_argument("--address", default=None, help="Ray address (default: embedded local Ray)")

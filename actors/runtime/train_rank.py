@@ -14,14 +14,16 @@ import torch.distributed as dist
 
 from bmray.actors.parallel.registry import build_strategy, strategy_from_dict
 from bmray.actors.runtime.worker_context import worker_context
+from bmray.actors.train.builders import build_trainer, prepare_data
+from bmray.actors.train.experiment import experiment_from_dict
+from bmray.models.generation import GenerationConfig, generate
+from bmray.models.tokenizer import Tokenizer
 
 
 def train_rank(raw_experiment: dict[str, Any], shards: list | None = None,
                samples: list[str] | None = None, max_new_tokens: int = 40,
                resume: bool | None = None) -> dict[str, Any]:
     """Train the experiment on this rank; returns the report (full on rank 0)."""
-    from bmray.actors.train.experiment import build_trainer, experiment_from_dict, prepare_data
-
     start = time.perf_counter()
     ctx = worker_context()
     exp = experiment_from_dict(raw_experiment)
@@ -53,9 +55,6 @@ def train_rank(raw_experiment: dict[str, Any], shards: list | None = None,
 
 def _complete(trainer: Any, exp: Any, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of ``prompt`` by the trained model (decoder families)."""
-    from bmray.models.generation import GenerationConfig, generate
-    from bmray.models.tokenizer import Tokenizer
-
     tok = Tokenizer.load(exp.data.tokenizer_path)
     model = trainer.strategy.module
     device = next(model.parameters()).device

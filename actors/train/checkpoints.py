@@ -305,14 +305,6 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
-def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
-                        ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(manifest, SingleProcess-format state) of a sharded ZeRO checkpoint: every rank file
-    read and reassembled; see :mod:`actors.sharded_state`."""
-    from bmray.actors.train.sharded_state import consolidate_sharded as _consolidate
-    return _consolidate(path, map_location)
-
-
 def load_checkpoint(path: str, rank: int = 0, map_location: str | torch.device = "cpu"
                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(manifest, state) of one checkpoint directory, or of ``<path>/latest`` when ``path``

@@ -42,6 +42,7 @@ from bmray.models.layers.losses import step_metrics
 
 from bmray.actors.train import checkpoints as ckpt
 from bmray.actors.train.metrics import MetricsLogger
+from bmray.actors.train.sharded_state import consolidate_sharded
 from bmray.actors.train.lr_schedule import build_scheduler
 from bmray.actors.parallel.strategy import MicroResult, SingleProcess, Strategy
 from bmray.actors.train.config import CheckpointConfig, TrainConfig
@@ -470,7 +471,7 @@ class Trainer:
         if info.get("sharded_state"):
             # a sharded ZeRO checkpoint: reassemble the full state from every rank's file,
             # then the strategy's load_state_dict re-shards it (any world size and stage)
-            manifest, state = ckpt.consolidate_sharded(path)
+            manifest, state = consolidate_sharded(path)
         else:
             one_file = len(info.get("files") or [None]) == 1
             rank = 0 if self.strategy.replicated or one_file else self.strategy.rank

@@ -51,7 +51,8 @@ def experiment(tmp, name: str, *extra: str, config: str = "gpt-tiny.yaml") -> di
 
 def reference(raw: dict) -> Any:
     """The same experiment uninterrupted in this process, single-process: TrainResult."""
-    from bmray.actors.train.experiment import experiment_from_dict, run_experiment
+    from bmray.actors.train.builders import run_experiment
+    from bmray.actors.train.experiment import experiment_from_dict
 
     raw = {**raw, "strategy": {"kind": "single"}, "scaling": {"num_workers": 1}, "run": {},
            "checkpoint": {"dir": None, "every": 0, "keep_last": 0, "average_last": 0}}
@@ -228,7 +229,8 @@ def test_killed_worker_without_restarts_gives_a_clear_report(tmp):
 def test_a_checkpoint_of_another_model_ends_the_run_without_restarts(tmp):
     """Resuming checkpoints of the 4-head model with 2 heads (every shape agrees): a
     CheckpointError on every rank before any step, and no restart is spent on it."""
-    from bmray.actors.train.experiment import experiment_from_dict, run_experiment
+    from bmray.actors.train.builders import run_experiment
+    from bmray.actors.train.experiment import experiment_from_dict
 
     theirs = experiment(tmp, "other_model", "train.max_steps=3", "train.metrics_path=null")
     run_experiment(experiment_from_dict(theirs))          # one process: step_00000003

@@ -1,4 +1,4 @@
-"""The parallelism planner (jobs/plan.py) and its formulas (cluster/cost_model.py) against
+"""The parallelism planner (cluster/planner.py) and its formulas (cluster/cost_model.py) against
 references: the memory reports of real ZeRO runs, the activations autograd really saves, the
 papers' closed forms, and the command line end to end.
 
@@ -36,7 +36,7 @@ References and tolerances:
   logits kept / dropped, and a head-dominated tiny GPT's forward + backward peak within 1%
   (HEAD_TOL: [N]-sized tensors are not in the formula); ZeRO-0's optimizer-step temporaries
   to the byte plus the norm's scalars (≤ 64 B).
-* Runnable layouts: the planner's rules (``jobs.plan.unsupported``) against the strategies'
+* Runnable layouts: the planner's rules (``cluster.planner.unsupported``) against the strategies'
   own refusals — the typed configs of the mesh and ZeRO strategies (what ``jobs.pretrain``
   validates before starting a gang), ``TensorParallelLM`` and the pipeline's ``split_stage``
   on the families and MoE blocks they refuse — and every printed ``--set`` line through
@@ -62,7 +62,8 @@ from bmray.actors.train.config import TrainConfig
 from bmray.actors.parallel.zero.stage12 import Zero
 from bmray.actors.parallel.zero.stage3 import Zero3
 from bmray.cluster import cost_model as cm
-from bmray.jobs import plan as P
+from bmray.cluster import planner as P
+from bmray.jobs import plan as plan_cli
 from bmray.actors.train.experiment import experiment_from_dict
 from bmray.jobs.pretrain import load_config
 from bmray.models.config import ModelConfig
@@ -335,7 +336,7 @@ def big_yaml(tmp_path_factory):
 
 
 def run_cli(capsys, *argv):
-    code = P.main(list(argv))
+    code = plan_cli.main(list(argv))
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -419,7 +420,7 @@ def test_cli_7b_model(capsys, big_yaml):
 
 
 def _runnable(c: dict) -> bool:
-    """What the strategies run (the issue's constraints, restated independently of jobs.plan):
+    """What the strategies run (the issue's constraints, restated independently of the planner):
     ZeRO-3 data-parallel only; ZeRO-2 not with a pipeline; sequence parallelism with tp > 1
     and ZeRO 0/1."""
     if c["zero_stage"] == 3 and (c["tp"] > 1 or c["pp"] > 1):
@@ -501,7 +502,7 @@ def test_printed_flags_build_the_experiment(capsys, big_experiment, extra):
 
 
 def test_unsupported_rules_are_the_strategies_refusals(capsys, big_yaml):
-    """bmray.jobs.plan.unsupported names what the strategies refuse, and nothing they run: forcing
+    """bmray.cluster.planner.unsupported names what the strategies refuse, and nothing they run: forcing
     the flags of each unsupported mesh layout is a ConfigError of the strategy's config; the
     GPT-only and MoE rules are TensorParallelLM's and the pipeline's own refusals."""
     spec = P.model_spec(ModelConfig(**BIG))
@@ -614,7 +615,7 @@ def test_cli_bad_arguments(capsys, argv, message):
         args[flag] = value
     flat = [x for kv in args.items() for x in kv]
     with pytest.raises(SystemExit) as exc:
-        P.main(flat)
+        plan_cli.main(flat)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -1002,7 +1003,7 @@ def test_cli_device_kind(capsys):
     for argv, why in ((["--device", "tpu"], "invalid choice"), (["--mfu", "0"], "(0, 1]"),
                       (["--mfu", "1.5"], "(0, 1]")):
         with pytest.raises(SystemExit):
-            P.main(["--model", "configs/gpt-tiny.yaml", "--gpus", "2", "--gpu-memory", "8GB",
+            plan_cli.main(["--model", "configs/gpt-tiny.yaml", "--gpus", "2", "--gpu-memory", "8GB",
                     *argv])
         assert why in capsys.readouterr().err
 

@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from bmray.actors.train.config import CheckpointConfig, TrainConfig
-from bmray.actors.train.experiment import (DataConfig, ExperimentConfig, build_trainer, load_experiment,
-                             run_experiment)
+from bmray.actors.train.builders import build_trainer, run_experiment
+from bmray.actors.train.experiment import DataConfig, ExperimentConfig, load_experiment
 from bmray.models.config import ModelConfig
 from bmray.models.typed_config import ConfigError
 

@@ -99,6 +99,7 @@ from bmray.actors.comm import collectives as C
 from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel, _Bucket
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, split_step_stats, weighted_forward_backward
 from bmray.actors.train.config import TrainConfig
+from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
 
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
 from bmray.actors.parallel.zero.offload import OffloadConfig, ShardedAdamW
@@ -541,7 +542,6 @@ class Zero(StatsWithNorm, DataParallel):
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's shard only (no collective): see actors/sharded_state.py."""
-        from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
         self._wait_params()
         exp_avg, exp_avg_sq, _ = self._moments()
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}

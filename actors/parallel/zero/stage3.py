@@ -114,6 +114,7 @@ from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, weighted_forward_backward
 from bmray.actors.train.config import TrainConfig
+from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
 from bmray.actors.parallel.zero.stage12 import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
                    consolidated_optimizer, load_lr_and_scaler, memory_totals,
                    non_sharded_model, optimizer_template, param_states, step_master_shards,
@@ -539,7 +540,6 @@ class Zero3(StatsWithNorm, DataParallel):
 
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's shard only (no collective): see actors/sharded_state.py."""
-        from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
         self._drain_gathers()
         inner = self.optimizer.inner
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}

@@ -309,7 +309,8 @@ def test_experiment_config_switches_checkpointing_on(tmp_path):
     import os
 
     from bmray.actors.parallel.activation_checkpointing import checkpointed_blocks
-    from bmray.actors.train.experiment import build_trainer, experiment_from_dict
+    from bmray.actors.train.builders import build_trainer
+    from bmray.actors.train.experiment import experiment_from_dict
     from bmray.models.typed_config import apply_overrides, load_yaml
     from tests.conftest import REPO
 

@@ -1,4 +1,4 @@
-"""Sharded ZeRO checkpoints (strategy.sharded_checkpoint, actors/sharded_state.py): every rank
+"""Sharded ZeRO checkpoints (strategy.sharded_checkpoint, actors/train/sharded_state.py): every rank
 writes only its own shard, and the checkpoint loads at another world size and stage (and in a
 single process) and continues the run exactly (losses rtol 1e-5 / atol 1e-6, as
 tests/test_zero.py)."""
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.sharded_state import is_sharded_state
+from bmray.actors.train.sharded_state import consolidate_sharded, is_sharded_state
 from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
 from bmray.actors.parallel.zero.stage3 import Zero3, Zero3Config
 from bmray.models.typed_config import ConfigError
@@ -95,7 +95,7 @@ def test_zero2_sharded_resumes_at_zero3_and_single_process(pack, gang, tmp_path)
         assert abs(n - 3 * psi / 2) <= 0.05 * 3 * psi, (n, psi)    # ≈ 1/N, never the full
         assert "embed.pos.weight" in st["model"]                   # frozen: not sharded
         assert not trainable & set(st["model"])                    # trainable: only shards
-    _, full = ckpt.consolidate_sharded(path)
+    _, full = consolidate_sharded(path)
     assert set(full["model"]) == set(single.strategy.module.state_dict())
     single.restore(path)
     result = single.fit()
