@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["OPS", "Handle", "ShardBounds", "all_gather", "all_reduce", "barrier", "broadcast",
+__all__ = ["OPS", "Handle", "ShardBounds", "all_gather", "all_gather_into", "all_reduce",
+           "barrier", "broadcast",
            "irecv", "isend", "rank", "recv", "reduce", "reduce_scatter", "send", "shard_bounds",
            "world_size"]
 
@@ -347,6 +348,25 @@ def all_gather(shard: Tensor, numel: int | None = None, group: dist.ProcessGroup
     views = [out[r * b.padded:(r + 1) * b.padded] for r in range(world)]
     work = dist.all_gather(views, x, group=group, async_op=async_op)
     return _finish(work, out, trim, async_op)
+
+
+def all_gather_into(out: Tensor, shard: Tensor, group: dist.ProcessGroup | None = None,
+                    async_op: bool = False) -> Tensor | Handle:
+    """Every rank's equal-sized flat ``shard`` straight into ``out`` (``world`` times its
+    elements, contiguous; no padding, no trim): ZeRO-3 gathers a unit's flat parameter
+    buffer so. Returns ``out`` (or a handle whose ``wait()`` does)."""
+    out, shard = _inplace("all_gather_into", out), _tensor("all_gather_into", shard)
+    world = dist.get_world_size(group)
+    if out.numel() != world * shard.numel():
+        raise ValueError(f"all_gather_into: out has {out.numel()} elements, not "
+                         f"{world} x {shard.numel()} (the world times the shard)")
+    try:
+        work = _all_gather_flat(out, shard, group=group, async_op=async_op)
+    except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
+        if not _unsupported(exc):
+            raise
+        work = dist.all_gather(list(out.chunk(world)), shard, group=group, async_op=async_op)
+    return _finish(work, out, None, async_op)
 
 
 def send(t: Tensor, dst: int, group: dist.ProcessGroup | None = None) -> None:

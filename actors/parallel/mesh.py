@@ -63,7 +63,9 @@ from bmray.actors.parallel.dims import DIMS, ParallelDims
 from bmray.models.outputs import ModelOutput
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
+from bmray.actors.parallel.buckets import bucket_pieces
+from bmray.actors.parallel.zero.config import ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
 from bmray.actors.parallel.pipeline.engine import BALANCE, PipelineEngine, split_stage, tied_parameters
 from bmray.actors.parallel.pipeline.schedule import SCHEDULES
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, move_batch
@@ -71,13 +73,14 @@ from bmray.actors.parallel.tensor.tensor_parallel import (TensorParallelLM, appl
                               gather_tensor_parallel_state, shard_tensor_parallel_state,
                               tensor_parallel_dims, tensor_parallel_loss)
 from bmray.actors.train.config import TrainConfig
-from bmray.actors.parallel.data_parallel import TRANSPORTS
-from bmray.actors.parallel.zero.stage12 import DTYPES, Zero, ZeroConfig, _pieces, _Scaled, check_bool
+from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
 
 
 @dataclass
-class MeshParallelConfig:
-    """Knobs of :class:`MeshParallel` (``strategy: {kind: mesh, ...}``); dp = workers / (tp·pp)."""
+class MeshParallelConfig(ZeroSharedConfig):
+    """Knobs of :class:`MeshParallel` (``strategy: {kind: mesh, ...}``); dp = workers / (tp·pp).
+    param_dtype (fp32 master weights either way), offload_optimizer, disk_dir, broadcast_init
+    and transport (of the dp buckets): :class:`ZeroSharedConfig`."""
 
     tp: int = 1                        # tensor-parallel ranks (a node's GPUs)
     pp: int = 1                        # pipeline stages
@@ -85,15 +88,10 @@ class MeshParallelConfig:
     balance: str = "params"            # how layers are cut into stages: params | time
     sequence_parallel: bool = False    # LayerNorm / dropout on sequence shards (needs tp > 1)
     zero_stage: int = 1                # on the dp replicas: 0 | 1 | 2 (2 only with pp == 1)
-    param_dtype: str = "fp32"          # fp32 | bf16 | fp16 (fp32 master weights either way)
     bucket_mb: float = 25.0
-    offload_optimizer: str = "none"    # none | cpu | disk
-    disk_dir: str | None = None
-    broadcast_init: bool = True
-    transport: str = "auto"            # dp buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         for key in ("tp", "pp"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -102,7 +100,6 @@ class MeshParallelConfig:
         check_choice("strategy.balance", self.balance, list(BALANCE))
         check_bool("strategy.sequence_parallel", self.sequence_parallel)
         check_choice("strategy.zero_stage", self.zero_stage, [0, 1, 2])
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.zero_stage == 2 and self.pp > 1:
             raise ConfigError("strategy.zero_stage: 2 reduce-scatters every micro-batch's "
@@ -240,7 +237,7 @@ class MeshParallel(Zero):
         self._wait_params()
         if self.scaler is not None:
             scale = float(self.scaler.scale(torch.ones(())))
-            weights = [_Scaled(w, scale) for w in weights]
+            weights = [ScaledWeight(w, scale) for w in weights]
         with self.no_sync():
             results = self.engine.run(batches, weights)
         self._fold_tied_grads()
@@ -281,7 +278,7 @@ class MeshParallel(Zero):
             if not self._norm_weights:
                 continue
             s = self._bounds(bucket)
-            for j, _, _, lo, hi in _pieces(bucket, s.start, s.stop):
+            for j, _, _, lo, hi in bucket_pieces(bucket, s.start, s.stop):
                 w = self._norm_weights.get(id(bucket.params[j]))
                 if w is not None:
                     total -= (1.0 - w) * sq[lo:hi].sum()

@@ -63,6 +63,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def takes_weight_decay(p: nn.Parameter) -> bool:
+    """build_adamw's rule: weight decay on matrices only (biases, norms: none)."""
+    return p.dim() >= 2
+
+
 def build_adamw(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter] | None = None
                 ) -> torch.optim.AdamW:
     """AdamW (Loshchilov & Hutter 2019) with decay on matrices only (biases, norms: none).
@@ -74,8 +79,8 @@ def build_adamw(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Paramete
     if params is not None:
         keep = {id(p) for p in params}
         named = [(n, p) for n, p in named if id(p) in keep]
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
+    decay = [p for _, p in named if takes_weight_decay(p)]
+    no_decay = [p for _, p in named if not takes_weight_decay(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bmray.models.typed_config import ConfigError, check_positive
 
-__all__ = ["DynamicLossScaler", "LossScalerConfig", "StaticLossScaler"]
+__all__ = ["DynamicLossScaler", "LossScalerConfig", "ScaledWeight", "StaticLossScaler"]
 
 CONFIG_KEY = "train.loss_scale"
 
@@ -58,6 +58,17 @@ def _f32(x: float) -> float:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:
         return math.inf
+
+
+class ScaledWeight:
+    """A (lazy) micro-batch weight times the loss scale, converted when backward asks: what
+    the sharded strategies pass as the weight of an fp16 micro-batch."""
+
+    def __init__(self, weight: Any, scale: float) -> None:
+        self.weight, self.scale = weight, scale
+
+    def __float__(self) -> float:
+        return float(self.weight) * self.scale
 
 
 @dataclass

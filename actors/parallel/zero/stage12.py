@@ -90,235 +90,51 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from bmray.models.typed_config import ConfigError, check_choice, check_positive
+from bmray.models.typed_config import check_choice, check_positive
 
 from bmray.actors.comm import collectives as C
-from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel, _Bucket
-from bmray.actors.parallel.strategy import MicroResult, build_adamw, split_step_stats, weighted_forward_backward
+from bmray.actors.parallel.buckets import Bucket, bucket_pieces
+from bmray.actors.parallel.data_parallel import DataParallel
+from bmray.actors.parallel.strategy import (MicroResult, build_adamw, takes_weight_decay,
+                                            weighted_forward_backward)
+from bmray.actors.parallel.zero.config import DTYPES, ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimizer,
+                                                           load_lr_and_scaler,
+                                                           non_sharded_model,
+                                                           optimizer_template, param_states)
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
+from bmray.actors.parallel.zero.memory import memory_totals
+from bmray.actors.parallel.zero.offload import OffloadConfig
+from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
+                                                          step_master_shards)
 from bmray.actors.train.config import TrainConfig
-
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
-from bmray.actors.parallel.zero.offload import OffloadConfig, ShardedAdamW
-
-def check_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
 
 
 @dataclass
-class ZeroConfig:
-    """Knobs of :class:`Zero` (``strategy: {kind: zero, stage: 2, ...}``)."""
+class ZeroConfig(ZeroSharedConfig):
+    """Knobs of :class:`Zero` (``strategy: {kind: zero, stage: 2, ...}``); param_dtype,
+    offload_optimizer, disk_dir, broadcast_init and transport: :class:`ZeroSharedConfig`."""
 
     stage: int = 1                          # 0: no sharding, 1: optimizer state, 2: + gradients
     bucket_mb: float = 25.0                 # DeepSpeed's reduce_bucket_size / DDP's bucket_cap_mb
     first_bucket_mb: float | None = None    # as in DataParallel; None: same as bucket_mb
-    param_dtype: str = "fp32"               # the replicated compute copy: fp32 | bf16 | fp16
-    offload_optimizer: str = "none"         # where master + moments live: none | cpu | disk
-    disk_dir: str | None = None             # offload_optimizer: disk — memory-mapped files here
     max_inflight_buckets: int = 2           # stage 2: full buckets on the wire at once
-    broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
     sharded_checkpoint: bool = False        # each rank writes only its shard (sharded_state.py)
-    transport: str = "auto"                 # buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [0, 1, 2])
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.first_bucket_mb is not None:
             check_positive("strategy.first_bucket_mb", self.first_bucket_mb)
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
-        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
-        if self.offload_optimizer == "disk" and not self.disk_dir:
-            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
-                              "is 'disk'")
         check_positive("strategy.max_inflight_buckets", self.max_inflight_buckets)
 
 
-def _decays(p: nn.Parameter) -> bool:
-    """build_adamw's rule: weight decay on matrices only."""
-    return p.dim() >= 2
-
-
-def _pieces(bucket: _Bucket, lo: int, hi: int):
-    """(param index j, [a, b) in the param's flat, [a', b') in the slice) for every parameter
-    overlapping elements [lo, hi) of the bucket's flat layout."""
-    for j, (p, off) in enumerate(zip(bucket.params, bucket.offsets)):
-        a, b = max(lo, off), min(hi, off + p.numel())
-        if a < b:
-            yield j, a - off, b - off, a - lo, b - lo
-
-
-class _Scaled:
-    """A (lazy) micro-batch weight times the loss scale, converted when backward asks."""
-
-    def __init__(self, weight: Any, scale: float) -> None:
-        self.weight, self.scale = weight, scale
-
-    def __float__(self) -> float:
-        return float(self.weight) * self.scale
-
-
-# ------------------------------------------------------------------ shared by stages 0-3
-@torch.no_grad()
-def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
-                       optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
-                       max_norm: float, group: Any, distributed: bool,
-                       local_square: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-                       stats: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """Unscale and check (fp16), take the global norm over all ranks' shards, clip with
-    ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped).
-
-    ``local_square(grads)`` replaces this rank's squared-norm contribution Σ‖g‖² where some
-    elements are held by several ranks of ``group`` (tensor-parallel replicas, a tied weight on
-    two pipeline stages: actors/mesh_parallel.py) and must be counted once. ``stats`` (float64)
-    is summed over ``group`` in place, in the same all-reduce as the norm
-    (:class:`StatsWithNorm`)."""
-    skip = False
-    if scaler is not None:
-        found_inf = scaler.unscale_and_check(grads)
-        scaler.update(found_inf)
-        skip = bool(found_inf)
-    if local_square is not None:
-        sq = local_square(grads)
-    else:
-        sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
-              else torch.zeros((), device=masters[0].device if masters else "cpu"))
-    if distributed and stats is not None:
-        both = torch.cat([sq.double().reshape(1), stats.to(sq.device)])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        sq = both[0].to(sq.dtype)
-        stats.copy_(both[1:])
-    elif distributed:
-        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
-    norm = sq.sqrt()
-    if not skip:
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
-            for g in grads:
-                g.mul_(coef)
-        for m, g in zip(masters, grads):
-            m.grad = g.to(m.device)
-        optimizer.step()
-        for m in masters:
-            m.grad = None
-    return norm.detach(), skip
-
-
-class StatsWithNorm:
-    """Mixin for the sharded strategies: the step's statistics (``reduce_step_stats``) ride in
-    the all-reduce of the global gradient norm that ``clip_and_step`` makes anyway, so logging
-    costs no collective of its own (each costs ~1-2 ms of CPU per rank on gloo, whatever its
-    size; actors/data_parallel.py). Applies when the norm is summed over the same group as
-    the statistics (not a mesh, whose norm spans tensor and pipeline ranks too)."""
-
-    _stats: tuple[torch.Tensor, list] | None = None
-
-    def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
-        return self.group, self.world_size > 1, None
-
-    def reduce_step_stats(self, values: Sequence[float], counts: Sequence[int] = ()
-                          ) -> Callable[[], tuple[list[float], list[int]]]:
-        group, distributed, _ = self._norm_reduction()
-        if not distributed or group is not self.group:
-            return super().reduce_step_stats(values, counts)
-        payload = torch.tensor([*map(float, values), *map(float, counts)], dtype=torch.float64)
-        box: list[list[float]] = []
-        self._stats = (payload, box)
-
-        def wait() -> tuple[list[float], list[int]]:
-            if not box:                 # asked before clip_and_step: reduce them alone
-                self._stats = None
-                dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
-                box.append(payload.tolist())
-            return split_step_stats(box[0], len(values))
-        return wait
-
-    def _take_stats(self) -> torch.Tensor | None:
-        """The pending statistics for ``step_master_shards(stats=...)``; call
-        :meth:`_stats_reduced` after it."""
-        return self._stats[0] if self._stats is not None else None
-
-    def _stats_reduced(self) -> None:
-        if self._stats is not None:
-            payload, box = self._stats
-            self._stats = None
-            box.append(payload.tolist())
-
-
-def optimizer_template(template: torch.optim.Optimizer,
-                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """SingleProcess's optimizer state dict without state, carrying the current lr."""
-    optim = template.state_dict()
-    lr_group = optimizer.param_groups[0]
-    for g in optim["param_groups"]:
-        for key in ("lr", "initial_lr"):
-            if key in lr_group:
-                g[key] = lr_group[key]
-    return optim
-
-
-def consolidated_optimizer(template: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,
-                           template_params: list[nn.Parameter],
-                           per_param: dict[int, dict[str, torch.Tensor]],
-                           step: torch.Tensor) -> dict[str, Any]:
-    """torch AdamW's state dict from full per-parameter moments ``per_param[id(p)]["m"/"v"]``."""
-    optim = optimizer_template(template, optimizer)
-    optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
-                          "exp_avg": per_param[id(p)]["m"],
-                          "exp_avg_sq": per_param[id(p)]["v"]}
-                      for i, p in enumerate(template_params)}
-    return optim
-
-
-def non_sharded_model(module: nn.Module, sharded_names: set[str]) -> dict[str, torch.Tensor]:
-    """Frozen parameters and buffers (fp32 copies): a model state without the shards."""
-    return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
-            for k, v in module.state_dict(keep_vars=True).items() if k not in sharded_names}
-
-
-def param_states(optim: dict[str, Any] | None,
-                 template_params: list[nn.Parameter]) -> dict[int, dict[str, Any]]:
-    """id(param) → its AdamW state in a loaded optimizer state dict (int or str keys)."""
-    if optim is None:
-        return {}
-    return {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
-            for i, p in enumerate(template_params)}
-
-
-def load_lr_and_scaler(optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
-                       state: dict[str, Any]) -> None:
-    """The scheduler's lr fields and the loss-scaler state of a loaded checkpoint."""
-    optim = state.get("optimizer")
-    if optim is not None:
-        loaded = optim["param_groups"][0]
-        for g in optimizer.param_groups:
-            for key in ("lr", "initial_lr"):
-                if key in loaded:
-                    g[key] = loaded[key]
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-
-
-def memory_totals(param: int, grad: int, optim: dict[str, int],
-                  by_location: dict[str, dict[str, int]], **extra: Any) -> dict[str, Any]:
-    """The memory report both ZeRO strategies return: totals by kind and by location."""
-    report: dict[str, Any] = {
-        "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
-        "model_state_bytes": param + grad + sum(optim.values()), **extra,
-        "by_location": by_location}
-    for where in ("device", "host", "disk"):
-        report[where] = sum(v[where] for v in by_location.values())
-    return report
-
-
-class Zero(StatsWithNorm, DataParallel):
+class Zero(GradNormStats, DataParallel):
     """ZeRO stage 0/1/2 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True                   # state_dict() consolidates: one file, any world size
@@ -339,8 +155,8 @@ class Zero(StatsWithNorm, DataParallel):
         # the optimizer's view of the world: stage 0 owns every slice
         self.shards = 1 if self.stage == 0 else self.world_size
         self.shard_rank = 0 if self.stage == 0 else self.rank
-        self._gathers: list[tuple[_Bucket, Any]] = []
-        self._inflight: collections.deque[_Bucket] = collections.deque()
+        self._gathers: list[tuple[Bucket, Any]] = []
+        self._inflight: collections.deque[Bucket] = collections.deque()
         self.scaler = None
 
     # ------------------------------------------------------------ setup
@@ -355,7 +171,7 @@ class Zero(StatsWithNorm, DataParallel):
             self._names.setdefault(id(p), []).append(name)
         # SingleProcess's optimizer, never stepped (no state): the checkpoint layout
         self._template = build_adamw(self.model, cfg, self.params)
-        plan = self.bucket_plan(self.params, group_of=_decays, itemsize=self.dtype.itemsize)
+        plan = self.bucket_plan(self.params, group_of=takes_weight_decay, itemsize=self.dtype.itemsize)
         on_host = self.config.offload_optimizer != "none"
         # fp32 parameters on the optimizer's device: the master *is* this rank's slice of the
         # parameters (module doc, "Aliased fp32 masters"); otherwise a separate fp32 copy
@@ -379,12 +195,12 @@ class Zero(StatsWithNorm, DataParallel):
         else:
             self.masters = [nn.Parameter(m.to("cpu" if on_host else self.device))
                             for m in masters]
-        self.decay = [_decays(b.params[0]) for b in self.buckets]
+        self.decay = [takes_weight_decay(b.params[0]) for b in self.buckets]
         self.optimizer = self._build_optimizer(cfg)
         if self.dtype == torch.float16:
             self.scaler = DynamicLossScaler(cfg.loss_scale, group=self.group)
 
-    def _bounds(self, bucket: _Bucket) -> C.ShardBounds:
+    def _bounds(self, bucket: Bucket) -> C.ShardBounds:
         return C.shard_bounds(bucket.numel, self.shard_rank, self.shards)
 
     def _take_slices(self, params: list[nn.Parameter]) -> torch.Tensor:
@@ -401,7 +217,7 @@ class Zero(StatsWithNorm, DataParallel):
 
     @torch.no_grad()
     def _flatten_params(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """One flat fp32 buffer for a bucket's parameters (its layout: ``_Bucket``'s offsets,
+        """One flat fp32 buffer for a bucket's parameters (its layout: ``Bucket``'s offsets,
         zero-padded to a multiple of the shards); every parameter becomes a view into it
         (``p.data = ...``: the same Parameter object, so ties, hooks and python attributes such
         as ``tp_dim`` are kept)."""
@@ -413,17 +229,20 @@ class Zero(StatsWithNorm, DataParallel):
             p.data = flat[off:off + p.numel()].view_as(p)
         return flat
 
-    def _build_optimizer(self, cfg: TrainConfig) -> "_ShardedOptimizer":
-        """ShardedAdamW (actors/offload.py) over the fp32 master slices: one flat group per
+    def _build_optimizer(self, cfg: TrainConfig) -> ShardedOptimizer:
+        """ShardedAdamW (zero/offload.py) over the fp32 master slices: one flat group per
         bucket, decay or not as build_adamw decides; it allocates its state up front."""
-        return _ShardedOptimizer(self, cfg)
+        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
+                                disk_dir=self.config.disk_dir)
+        return ShardedOptimizer(self.masters, self.decay, cfg, offload,
+                                name=f"zero_rank{self.rank}")
 
     # ------------------------------------------------------------ backward
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Stage 2 reduces every micro-batch (see module doc); stages 0/1 as DataParallel."""
         return contextlib.nullcontext() if self.stage == 2 else super().no_sync()
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         if self.stage < 2:
             return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
         bucket.allocate()                           # a bucket of unused params: zeros
@@ -435,7 +254,7 @@ class Zero(StatsWithNorm, DataParallel):
         while len(self._inflight) > self.config.max_inflight_buckets:
             self._retire(self._inflight.popleft())
 
-    def _retire(self, bucket: _Bucket) -> None:
+    def _retire(self, bucket: Bucket) -> None:
         """Stage 2: add this rank's reduced slice to its shard, free the full bucket."""
         if bucket.work is not None:
             bucket.work.wait()
@@ -448,7 +267,7 @@ class Zero(StatsWithNorm, DataParallel):
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         self._wait_params()
         if self.scaler is not None:
-            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+            weight = ScaledWeight(weight, float(self.scaler.scale(torch.ones(()))))
         if self.stage < 2:
             return super().forward_backward(batch, weight)
         result = weighted_forward_backward(self.model, batch, self.device, weight)
@@ -540,8 +359,7 @@ class Zero(StatsWithNorm, DataParallel):
         return [p for g in self._template.param_groups for p in g["params"]]
 
     def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's shard only (no collective): see actors/sharded_state.py."""
-        from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+        """This rank's shard only (no collective): see actors/train/sharded_state.py."""
         self._wait_params()
         exp_avg, exp_avg_sq, _ = self._moments()
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}
@@ -594,7 +412,7 @@ class Zero(StatsWithNorm, DataParallel):
             s = self._bounds(b)
             m = torch.zeros_like(master)
             v = torch.zeros_like(master)
-            for j, a, e, lo, hi in _pieces(b, s.start, s.stop):
+            for j, a, e, lo, hi in bucket_pieces(b, s.start, s.stop):
                 p = b.params[j]
                 master[lo:hi] = model[self._names[id(p)][0]].reshape(-1)[a:e].to(master)
                 ps = pstate.get(id(p), {})
@@ -606,7 +424,7 @@ class Zero(StatsWithNorm, DataParallel):
             moments["exp_avg_sq"].append(v)
         step = torch.as_tensor(step if step is not None else 0.0, dtype=torch.float32)
         inner = self.optimizer.inner
-        inner.load_state_dict({"step": int(step), "weight_decay": inner.weight_decays,
+        inner.load_state_dict({"step": int(step), "weight_decay": inner.weighttakes_weight_decay,
                                "numel": [m.numel() for m in self.masters],
                                "master": [m.detach() for m in self.masters], **moments})
         load_lr_and_scaler(self.optimizer, self.scaler, state)
@@ -632,26 +450,3 @@ class Zero(StatsWithNorm, DataParallel):
                              num_buckets=len(self.buckets), stage=self.stage,
                              shards=self.shards, master_aliased=self.aliased,
                              comm_buffer_bytes=self._comm_buffer_bytes())
-
-
-class _ShardedOptimizer(torch.optim.Optimizer):
-    """A torch Optimizer face for :class:`actors.offload.ShardedAdamW` over the masters, so
-    the trainer's LR scheduler (LambdaLR) drives its learning rate like any optimizer's."""
-
-    def __init__(self, zero: Zero, cfg: TrainConfig) -> None:
-        # build_adamw's two groups (decay, no decay), so the LR scheduler's state is the same
-        # as SingleProcess's and checkpoints move between them
-        decay = [m for m, d in zip(zero.masters, zero.decay) if d]
-        no_decay = [m for m, d in zip(zero.masters, zero.decay) if not d]
-        super().__init__([{"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}], dict(lr=cfg.lr))
-        offload = OffloadConfig(optimizer=zero.config.offload_optimizer,
-                                disk_dir=zero.config.disk_dir)
-        self.masters = zero.masters
-        self.inner = ShardedAdamW([(m.data, cfg.weight_decay if d else 0.0)
-                                   for m, d in zip(zero.masters, zero.decay)],
-                                  cfg, offload, name=f"zero_rank{zero.rank}")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        self.inner.step([m.grad for m in self.masters], self.param_groups[0]["lr"])

@@ -109,36 +109,39 @@ from torch.utils._pytree import tree_flatten
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
 from bmray.actors.comm import collectives as C
-from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
-from bmray.actors.parallel.strategy import MicroResult, build_adamw, weighted_forward_backward
+from bmray.actors.parallel.data_parallel import DataParallel
+from bmray.actors.parallel.strategy import (MicroResult, build_adamw, takes_weight_decay,
+                                            weighted_forward_backward)
+from bmray.actors.parallel.zero.config import DTYPES, ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimizer,
+                                                           load_lr_and_scaler,
+                                                           non_sharded_model,
+                                                           optimizer_template, param_states)
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
+from bmray.actors.parallel.zero.memory import memory_totals
+from bmray.actors.parallel.zero.offload import OffloadConfig
+from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
+                                                          step_master_shards)
 from bmray.actors.train.config import TrainConfig
-from bmray.actors.parallel.zero.stage12 import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
-                   consolidated_optimizer, load_lr_and_scaler, memory_totals,
-                   non_sharded_model, optimizer_template, param_states, step_master_shards,
-                   StatsWithNorm)
+from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
 
 
 @dataclass
-class Zero3Config:
-    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``)."""
+class Zero3Config(ZeroSharedConfig):
+    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``); param_dtype,
+    offload_optimizer, disk_dir, broadcast_init and transport: :class:`ZeroSharedConfig`."""
 
     stage: int = 3
-    param_dtype: str = "fp32"              # compute copy: fp32 | bf16 | fp16
     offload_params: bool = False           # the rank's param shard lives in host memory
-    offload_optimizer: str = "none"        # master + moments: none | cpu | disk
-    disk_dir: str | None = None
     block_lists: list[str] | None = None   # dotted paths of ModuleLists; None: model.block_lists
     prefetch: bool = True                  # all-gather the next unit while this one computes
     max_inflight: int = 2                  # reduce-scatters on the wire at once
-    broadcast_init: bool = True
     sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
     block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
-    transport: str = "auto"                # gathers + reduce-scatters: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         if self.block_levels is not None:
             if not isinstance(self.block_levels, dict):
                 raise ConfigError(f"strategy.block_levels: expected a mapping of unit-name "
@@ -152,11 +155,6 @@ class Zero3Config:
                                       f"of [2, 3] (2: keep gathered until backward, "
                                       f"3: free after forward)")
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
-        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
-        if self.offload_optimizer == "disk" and not self.disk_dir:
-            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
-                              "is 'disk'")
         check_positive("strategy.max_inflight", self.max_inflight)
 
 
@@ -167,11 +165,11 @@ class _Unit:
                  world: int, rank: int) -> None:
         self.index, self.name, self.module = index, name, module
         self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
-        params = [p for p in params if _decays(p)] + [p for p in params if not _decays(p)]
+        params = [p for p in params if takes_weight_decay(p)] + [p for p in params if not takes_weight_decay(p)]
         self.params = params
         self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
         total = sum(p.numel() for p in params)
-        self.decay_end = sum(p.numel() for p in params if _decays(p))
+        self.decay_end = sum(p.numel() for p in params if takes_weight_decay(p))
         self.numel = -(-total // world) * world
         self.bounds = C.shard_bounds(self.numel, rank, world)
         self.full: torch.Tensor | None = None      # flat param_dtype buffer (storage on/off)
@@ -199,7 +197,7 @@ class _Unit:
         return zip(self.params, self.offsets)
 
 
-class Zero3(StatsWithNorm, DataParallel):
+class Zero3(GradNormStats, DataParallel):
     """ZeRO stage 3 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True
@@ -318,7 +316,10 @@ class Zero3(StatsWithNorm, DataParallel):
                 self.decay.append(d)
                 self._seg.append((u, lo, hi))
         self._unit_of = {id(p): u for u in self.units for p in u.params}
-        self.optimizer = _ShardedOptimizer(self, self.cfg)
+        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
+                                disk_dir=self.config.disk_dir)
+        self.optimizer = ShardedOptimizer(self.masters, self.decay, self.cfg, offload,
+                                          name=f"zero_rank{self.rank}")
         if self.dtype == torch.float16:
             self.scaler = DynamicLossScaler(self.cfg.loss_scale, group=self.group)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -499,7 +500,7 @@ class Zero3(StatsWithNorm, DataParallel):
 
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         if self.scaler is not None:
-            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+            weight = ScaledWeight(weight, float(self.scaler.scale(torch.ones(()))))
         result = weighted_forward_backward(self.model, batch, self.device, weight)
         self._end_backward()
         return result
@@ -540,8 +541,7 @@ class Zero3(StatsWithNorm, DataParallel):
         return full.cpu()
 
     def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's shard only (no collective): see actors/sharded_state.py."""
-        from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+        """This rank's shard only (no collective): see actors/train/sharded_state.py."""
         self._drain_gathers()
         inner = self.optimizer.inner
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}
@@ -624,7 +624,7 @@ class Zero3(StatsWithNorm, DataParallel):
         seg = lambda k: [flats[u.index][k][lo:hi].clone() for u, lo, hi in self._seg]  # noqa
         inner = self.optimizer.inner
         step = int(torch.as_tensor(step if step is not None else 0.0))
-        inner.load_state_dict({"step": step, "weight_decay": inner.weight_decays,
+        inner.load_state_dict({"step": step, "weight_decay": inner.weighttakes_weight_decay,
                                "numel": [m.numel() for m in self.masters],
                                "master": seg(0), "exp_avg": seg(1), "exp_avg_sq": seg(2)})
         for m, t in zip(self.masters, seg(0)):
