@@ -1,58 +1,24 @@
 """All-reduce data parallelism: every rank holds the whole model, gradients are summed.
 
-The scheme is torch DDP's Reducer (Li et al. 2020, "PyTorch Distributed: Experiences on
-Accelerating Data Parallel Training", §3.2), written out so it can be read in one sitting:
+torch DDP's Reducer (Li et al. 2020), written out; the design is in docs/data_parallel.md.
 
-* **Replicas start equal**: ``setup`` broadcasts rank 0's parameters and buffers (one
-  flattened tensor per dtype, not one collective per tensor).
-* **Buckets**: the parameters, in *reverse* registration order (backward produces the last
-  layers' gradients first), are packed into buckets of ``bucket_mb`` megabytes (the first one
-  ``first_bucket_mb``, so the first all-reduce starts early — DDP's 1 MB default). Each
-  bucket owns one flat buffer and every ``param.grad`` is a *view* into it
-  (``gradient_as_bucket_view``): autograd accumulates straight into the buffer, the
-  all-reduce runs on it in place, the optimizer reads it — no gradient is ever copied.
-* **Overlap**: a ``register_post_accumulate_grad_hook`` on each parameter counts the
-  gradients still missing in its bucket; when a bucket is complete an *asynchronous*
-  all-reduce of its buffer is launched while backward goes on computing earlier layers.
-  Buckets are launched strictly in bucket order (a complete bucket waits for the ones before
-  it): every rank must issue its collectives in the same order, whatever order its autograd
-  engine happens to finish them in. ``clip_and_step`` is the only place that waits.
-* **Accumulation**: inside ``no_sync()`` the hooks do nothing, gradients accumulate in the
-  buffers, and the next synced backward reduces the accumulated sum — one all-reduce per
-  bucket per optimizer step, whatever ``micro_batches`` is.
-* **SUM, not mean**: the trainer weights each micro-batch by its share of the *global* target
-  count (actors/strategy.py, actors/trainer.py), so summing over ranks already gives the
-  gradient of the global mean loss — exact with uneven micro-batches, ranks with different
-  numbers of targets, or ignored labels (averaging would be right only if every rank had the
-  same count).
-* **Unused parameters**: a parameter whose gradient never arrives on this rank in a step has
-  zeros in its slot (buffers are zeroed after each step); after the synced backward returns,
-  buckets still incomplete are launched anyway, so no rank waits for a hook that never
-  fires. With ``find_unused_parameters`` the ranks also sum a "used" bitmap (one small
-  collective per step) and parameters no rank used get ``grad = None`` for the optimizer
-  step, which then skips them exactly as a single process would (AdamW applies weight decay
-  and momentum to a zero gradient, but not to a missing one).
-* **Tied weights**: ``module.parameters()`` yields a shared Parameter once, so it has one slot
-  and one hook; autograd sums the gradients of its uses before the hook fires.
-* **The step's statistics ride with the gradients**: the trainer logs the global loss and
-  needs the next step's global token count; sent alone they would cost a collective per step,
-  and on gloo a collective costs ~1.4-2.1 ms of CPU and 10-30 context switches per rank
-  whatever its size (measured with getrusage at 2 and 4 ranks on a 2-core machine). So the last
-  bucket (the first layers' gradients, complete only at the very end of backward) has
-  ``STATS_SLOTS`` extra elements and is held back after a synced backward until the loop
-  hands over its numbers (``reduce_step_stats``, microseconds later), then reduced with them.
-  Counts travel as base-2048 digits, so their sums stay exact in fp32 (world < 8192). With
-  nobody asking, ``clip_and_step`` launches the held bucket itself.
+* ``setup`` broadcasts rank 0's parameters and buffers (one flat tensor per dtype).
+* Parameters, in reverse order, are packed into buckets of ``bucket_mb`` (the first
+  ``first_bucket_mb``; buckets.py); every ``param.grad`` is a view into its bucket's flat
+  buffer.
+* A post-accumulate-grad hook counts each bucket's missing gradients; a complete bucket is
+  all-reduced (SUM) asynchronously, strictly in bucket order (the same order on every rank).
+  ``clip_and_step`` is the only place that waits.
+* ``no_sync()``: the hooks do nothing and gradients accumulate in the buffers.
+* SUM, not mean: the loop weights micro-batches by their share of the global target count.
+* The last bucket carries the step's statistics (``STATS_SLOTS`` extra elements, counts as
+  base-2048 digits) and is held until ``reduce_step_stats`` hands them over.
+* ``transport``: the buckets' collectives (actors/comm/transport.py): shared memory between
+  the CPU workers of one host (``auto``, ``shm``) or the process group.
 
-* **Transport**: ``transport: auto`` (default) sums the buckets of CPU workers that share a
-  host in shared memory (actors/shm_transport.py: 3-5x less CPU per bucket than gloo's TCP
-  loopback, 2.4-4x its bandwidth in bench/results/collective_bandwidth.json), and goes
-  through the process group
-  (gloo, NCCL) otherwise; ``shm`` insists (a clear error where it cannot), ``process_group``
-  never uses it.
-
-Works with gloo (CPU) and NCCL (CUDA); without an initialised process group it runs as one
-rank and never communicates.
+ZeRO-1/2/3 (zero/) and the mesh subclass :class:`DataParallel` for its buckets, hooks, launch
+order and transport. Without an initialised process group it runs as one rank and never
+communicates.
 """
 from __future__ import annotations
 

@@ -14,16 +14,20 @@ from torch import nn
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
 
 
-def optimizer_template(template: torch.optim.Optimizer,
-                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """SingleProcess's optimizer state dict without state, carrying the current lr."""
-    optim = template.state_dict()
+def with_current_lr(optim: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optim`` (an optimizer state dict) with ``optimizer``'s current lr fields, in place."""
     lr_group = optimizer.param_groups[0]
     for g in optim["param_groups"]:
         for key in ("lr", "initial_lr"):
             if key in lr_group:
                 g[key] = lr_group[key]
     return optim
+
+
+def optimizer_template(template: torch.optim.Optimizer,
+                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """SingleProcess's optimizer state dict without state, carrying the current lr."""
+    return with_current_lr(template.state_dict(), optimizer)
 
 
 def consolidated_optimizer(template: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,

@@ -1,9 +1,8 @@
 """Loss scaling for fp16 training (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2).
 
-fp16 has 5 exponent bits: gradients below ~6e-8 flush to zero. Multiplying the loss by a
-scale S before backward shifts every gradient up by S (the chain rule is linear), and
-dividing the gradients by S before the optimizer step — in fp32, on the master copy —
-shifts them back. Too large an S overflows: some gradient becomes inf or NaN.
+fp16 gradients below ~6e-8 flush to zero: the loss is multiplied by a scale S before
+backward and the gradients divided by S (in fp32, on the master) before the step; too large an
+S overflows (docs/zero.md, "Loss scaling").
 
 *Dynamic* scaling finds the largest S that does not overflow, step by step — the state
 machine of ``torch.amp.GradScaler`` (and of Megatron / DeepSpeed / BMTrain):

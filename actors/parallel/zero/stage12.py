@@ -1,85 +1,28 @@
 """ZeRO stages 0, 1 and 2: data parallelism whose optimizer state (and gradients) are sharded.
 
-Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
-Models", §5 (P_os, P_os+g); the bucket layout follows DeepSpeed's stage 1/2 optimizer. With
-mixed-precision Adam (K = 12 bytes of optimizer state per parameter: fp32 master, exp_avg,
-exp_avg_sq) and Ψ trainable parameters, the model-state bytes per rank are
+Rajbhandari et al. 2020, §5 (P_os, P_os+g); formulas and design in docs/zero.md. Per rank,
+with mixed-precision Adam and Ψ trainable parameters over N ranks:
 
-    stage 0   2Ψ + 2Ψ + 12Ψ          = 16Ψ           (replicated, = all-reduce DDP)
-    stage 1   2Ψ + 2Ψ + 12Ψ/N        = 4Ψ + 12Ψ/N    (optimizer state sharded)
-    stage 2   2Ψ + 2Ψ/N + 12Ψ/N      = 2Ψ + 14Ψ/N    (gradients sharded too)
+    stage 0   16Ψ          stage 1   4Ψ + 12Ψ/N          stage 2   2Ψ + 14Ψ/N
 
-(params + grads + optimizer). With ``param_dtype: fp32`` and the optimizer on the device
-(``offload_optimizer: none``) the fp32 master would be a second copy of the parameters, so it
-is not kept (see "Aliased fp32 masters" below; DeepSpeed 0.19's stage 1/2 optimizer still
-clones its fp32 partition when the model is fp32): K = 8 (exp_avg, exp_avg_sq) on top of
-4-byte parameters and gradients,
+(fp32 parameters with the optimizer on the device: the fp32 master *is* this rank's slice of
+the parameters — "aliased" — so 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N.)
 
-    stage 0   4Ψ + 4Ψ + 8Ψ           = 16Ψ           (was 20Ψ with a separate master)
-    stage 1   4Ψ + 4Ψ + 8Ψ/N         = 8Ψ + 8Ψ/N     (was 8Ψ + 12Ψ/N)
-    stage 2   4Ψ + 4Ψ/N + 8Ψ/N       = 4Ψ + 12Ψ/N    (was 4Ψ + 16Ψ/N)
+A subclass of :class:`DataParallel` (same buckets, hooks, launch order, transport):
 
-— exactly DDP's 16Ψ at stage 0. fp32 with optimizer offload keeps a separate master in host
-memory (stage 1: 4Ψ + 4Ψ + 12Ψ/N, the 12Ψ/N on the host); bf16/fp16 are as in the table.
+* buckets are zero-padded to a multiple of N and split with ``shard_bounds``: rank r owns
+  slice r of every bucket; decay and no-decay parameters never share a bucket;
+* stage 0/1: a bucket is all-reduced as in DataParallel and the optimizer reads this rank's
+  slice (stage 0 owns every slice); stage 2: a bucket exists only while it is
+  reduce-scattered into this rank's gradient shard (every micro-batch);
+* step (:func:`step_master_shards`): global norm over the shards, clip, AdamW on the fp32
+  slices (:class:`ShardedOptimizer`, with offload), then the slices are all-gathered into the
+  ``param_dtype`` parameters asynchronously; the next forward waits for them;
+* checkpoints are SingleProcess's format (consolidated_state.py; a collective), or each
+  rank's own slices with ``sharded_checkpoint``.
 
-How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (a subclass of
-:class:`DataParallel`, so buckets, hooks, launch order and ``no_sync`` are the same code):
-
-* **Flat buckets.** Trainable parameters (a tied weight once; frozen ones in no bucket: they
-  never change and cost no gradient or optimizer memory) are packed in reverse order into
-  buckets of ``bucket_mb``; a bucket never mixes AdamW's decay (matrices) and no-decay
-  (biases, norms) groups. Each bucket is zero-padded to a multiple of N and split with
-  :func:`actors.collectives.shard_bounds`: rank r owns slice r of *every* bucket. Any
-  parameter count works, divisible by N or not (the padding has zero gradient and stays 0).
-* **Parameters** stay replicated, in ``param_dtype`` (bf16/fp16: the compute copy of mixed
-  precision, Micikevicius et al. 2018). The fp32 *master* copy and AdamW's moments exist only
-  for this rank's slices.
-* **Aliased fp32 masters** (``param_dtype: fp32``, ``offload_optimizer: none``): each
-  bucket's parameters are views into one flat fp32 buffer laid out like the bucket (zero
-  padding at the end; ``p.data = flat[off:off + n].view_as(p)``, so Parameter objects, ties
-  and attributes such as ``tp_dim`` are kept), and this rank's master is the view
-  ``flat[shard.start:shard.stop]`` — AdamW updates that slice of the parameters in place, and
-  the all-gather after the step only fills in the other ranks' slices (through a temporary
-  full buffer; stage 0 owns every slice and gathers nothing). ``load_state_dict`` writes the
-  parameters, hence the masters. The memory report counts the flat buffers (padding
-  included) as ``param_bytes`` and only the moments as ``optimizer_bytes``
-  (``master_aliased: true``).
-* **Stage 0/1 gradients**: ``param.grad`` views a full bucket buffer; a bucket is all-reduced
-  (SUM) asynchronously as soon as backward completes it, exactly as in DataParallel; the
-  optimizer reads this rank's slice. Stage 0 differs only in owning every slice (N = 1 for
-  the optimizer), i.e. mixed-precision DDP with an fp32 master.
-* **Stage 2 gradients**: a bucket buffer exists only while its gradients are reduced: when
-  backward completes a bucket it is reduce-scattered asynchronously, and when that finishes
-  (at most ``max_inflight_buckets`` are on the wire; older ones are retired first) this rank's
-  slice is added to its persistent gradient shard and the full buffer is freed. Gradient
-  memory is therefore the shard (2Ψ/N) plus a transient ``max_inflight_buckets × bucket_mb``
-  that the report does not count (DeepSpeed's reduce bucket is the same trade). Every
-  micro-batch is reduced (DeepSpeed does the same): accumulating full gradients under
-  ``no_sync`` would need the full buffer, which is what stage 2 saves.
-* **Step**: the global grad norm is √(Σ_ranks ‖shard‖²) (one all-reduce of a scalar),
-  clipped with ``clip_grad_norm_``'s rule, AdamW on the fp32 shards (torch's fused AdamW over
-  flat tensors — elementwise, so the same maths per element as on the unflattened model;
-  ``actors.offload.ShardedAdamW`` when it is available, which adds CPU / disk offload), then
-  every bucket's updated slices are all-gathered into the ``param_dtype`` parameters,
-  asynchronously, bucket by bucket; the next forward waits for them.
-* **Checkpoints** are consolidated: ``state_dict()`` all-gathers the shards (a collective:
-  every rank must call it) into exactly :class:`actors.strategy.SingleProcess`'s format (an
-  fp32 model state dict + torch AdamW's optimizer state dict), so ``replicated`` is True and
-  a checkpoint of any stage, world size or of a single process loads into any other;
-  ``load_state_dict`` re-shards (each rank copies its slices). Opt-in
-  ``sharded_checkpoint: true`` (for models too big to consolidate): ``replicated`` is False,
-  every rank writes only its own slices plus the layout, and loading reassembles them
-  (:mod:`actors.sharded_state`), so such checkpoints also load at any stage / world size.
-* **Memory report** (``memory_report``): ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``
-  (master + moments; the moments only when the master is aliased), ``model_state_bytes`` (their
-  sum) and the same total split by where it lives: ``device``, ``host``, ``disk`` (and
-  ``by_location`` per kind). Bytes are counted from the tensors this rank actually holds
-  (padding included). On a CPU-only machine device and host are the same memory; a tensor is
-  counted where it is *meant* to live.
-
-Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step —
-a flat shard cannot skip one parameter (DeepSpeed behaves the same). fp16 needs
-``actors.loss_scaler.DynamicLossScaler``.
+Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step.
+fp16 needs the DynamicLossScaler (loss_scaler.py).
 """
 from __future__ import annotations
 
@@ -149,7 +92,7 @@ class Zero(GradNormStats, DataParallel):
         super().__init__(config, group=group)
         self.stage = config.stage
         self.dtype = DTYPES[config.param_dtype]
-        # sharded checkpoints: every rank writes its own file (see actors/sharded_state.py)
+        # sharded checkpoints: every rank writes its own file (see actors/train/sharded_state.py)
         self.sharded_checkpoint = config.sharded_checkpoint
         self.replicated = not config.sharded_checkpoint
         # the optimizer's view of the world: stage 0 owns every slice
@@ -309,7 +252,7 @@ class Zero(GradNormStats, DataParallel):
 
     def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
         """(group, distributed, local_square) of the global grad norm: the shards of this
-        rank's data-parallel group; a composite strategy widens it (actors/mesh_parallel.py)."""
+        rank's data-parallel group; a composite strategy widens it (parallel/mesh.py)."""
         return self.group, self.shards > 1, None
 
     def _gather_params(self) -> None:

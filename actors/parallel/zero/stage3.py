@@ -1,98 +1,26 @@
 """ZeRO stage 3: parameters, gradients and optimizer state all sharded (P_os+g+p).
 
-Rajbhandari et al. 2020, "ZeRO", §5.3; the unit / flat-parameter design follows PyTorch FSDP
-(Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", §3-4).
-With mixed-precision Adam and Ψ trainable parameters the model state per rank is
+Rajbhandari et al. 2020, §5.3; units and flat parameters as in PyTorch FSDP (Zhao et al.
+2023). Per rank 16Ψ/N of model state plus the transient full parameters of the units gathered
+at a time; the design is in docs/zero.md.
 
-    stage 3   2Ψ/N + 2Ψ/N + 12Ψ/N = 16Ψ/N   (params + grads + fp32 master and moments)
+* **Units**: every module of the model's ``block_lists`` is one unit; every other trainable
+  parameter (and a tied one) belongs to the root unit. A unit's parameters live in one flat
+  buffer padded to a multiple of N; rank r keeps slice r (``param_dtype``; on the host with
+  ``offload_params``) and its fp32 master. The full buffer's storage exists only while the
+  unit is gathered; module parameters are views into it.
+* **Forward**: a pre-hook gathers the unit and prefetches the next; a post-hook frees it
+  (level 3) or keeps it until its gradients are reduced (level 2, ``block_levels``).
+* **Backward**: the unit is re-gathered (level 3) when the first gradient reaches its outputs;
+  once all its gradients exist they are reduce-scattered (SUM, async, ``max_inflight`` at a
+  time) into the gradient shard, in a fixed order on every rank (last block first, root last).
+* **Step**: as stages 1/2 (sharded_optimizer.py); the ``param_dtype`` slices are refreshed
+  from the masters and the next forward gathers them.
 
-plus the transient full parameters of the (at most ~2) units gathered at a time. With
-``param_dtype: fp32`` and nothing offloaded the fp32 master *is* the parameter shard (AdamW
-steps the shard in place; ``master_aliased`` in the report): 4Ψ/N + 4Ψ/N + 8Ψ/N = 16Ψ/N, not
-20Ψ/N (DeepSpeed 0.19's stage 3 keeps a separate fp32 partition: 20Ψ/N at the step).
-
-How it is built (applied to a plain ``nn.Module`` from outside; the model is not changed
-except that its trainable parameters' storage belongs to the strategy):
-
-* **Units.** Every module of the model's ``block_lists`` (``GPT.block_lists = ("blocks",)``;
-  for a model without the attribute, e.g. a ``transformers`` BertModel, pass
-  ``block_lists: ["encoder.layer"]``) is one unit; every other trainable parameter belongs to
-  the **root unit**, gathered for the whole forward + backward of a micro-batch. A parameter
-  reachable from two units (tied weights) goes to the root. Frozen parameters are not
-  sharded: they stay replicated, unchanged, and count in no total.
-* **Flat parameters.** A unit's trainable parameters (decay group first, then no-decay, as
-  ``build_adamw`` splits them) are laid out in one flat buffer, zero-padded to a multiple of N
-  and split with :func:`actors.collectives.shard_bounds`: rank r keeps slice r in
-  ``param_dtype`` (the compute copy; in host memory with ``offload_params``) and the fp32
-  master slice (in :class:`actors.offload.ShardedAdamW`, through zero.py's optimizer face, so
-  the LR scheduler drives it). Each module parameter keeps its identity but its ``.data`` is a
-  view into the unit's full buffer, whose storage exists only while the unit is gathered
-  (``untyped_storage().resize_(0)`` frees it; the views, and the tensors autograd saved, see
-  the data again once it is re-gathered).
-* **Forward.** A forward pre-hook on a unit waits for (or starts) its all-gather and starts
-  the *next* unit's all-gather asynchronously (prefetch), so communication overlaps the
-  current unit's compute; a forward post-hook frees the full parameters (level 3, below)
-  and, when autograd records, hooks the unit's output tensors.
-* **Per-block ZeRO level** (BMTrain's ``CheckpointBlock(block, zero_level=2|3)``; FSDP2's
-  ``fully_shard(reshard_after_forward=False)``, FSDP1's ``SHARD_GRAD_OP``). ``block_levels``
-  maps glob patterns over unit names (:func:`fnmatch.fnmatchcase`: ``"blocks.0"``,
-  ``"blocks.*"``, ``"bert.encoder.layer.1[0-1]"``) to a level, applied in order (a later
-  pattern overrides an earlier one: ``{"blocks.*": 2, "blocks.0": 3}``); unmatched blocks are
-  level 3. **Level 3** frees a block after its forward and all-gathers it again in backward:
-  2 all-gathers per micro-batch, and at most ~2 blocks' full parameters alive. **Level 2**
-  keeps the block gathered from its forward until its gradients are reduce-scattered: 1
-  all-gather per micro-batch (a third less communication for that block: 1 gather + 1
-  reduce-scatter instead of 2 + 1), at the price of its full parameters for the whole
-  forward-backward span. Gradients and optimizer state stay sharded at both levels; only the
-  transient parameter memory differs, and the results are the same to rounding. The root
-  unit is always held from forward to backward (level 2). A pattern that matches no unit is
-  a ConfigError naming the units. Activation checkpointing (``train.activation_checkpointing``,
-  actors/activation_checkpointing.py) is chosen per block independently and composes with
-  both levels: a checkpointed block is recomputed in backward after its unit is gathered
-  (level 3: re-gathered; level 2: still gathered), so level 2 + checkpointing keeps parameters
-  and drops activations, level 3 without checkpointing the reverse.
-* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (a level-2
-  unit is still gathered: no collective) and prefetches the unit before it (a no-op when that
-  one is level 2); when every parameter of the unit has its gradient
-  (post-accumulate-grad hooks) the gradients are flattened into a full buffer and
-  reduce-scattered (SUM) asynchronously, the parameters' ``.grad`` dropped and the unit
-  freed; the rank's slice is added to its gradient shard when the collective completes
-  (``max_inflight`` at a time). Units are reduced in a fixed order on every rank (reverse
-  unit order, root last); a unit without gradients (unused) is reduced as zeros after
-  backward. Every micro-batch is reduced (as stage 2).
-* **Step** (as zero.py): global norm from the shards, clip, AdamW on the fp32 slices, then
-  the ``param_dtype`` slices are refreshed from the masters — no all-gather: the next forward
-  gathers just in time. With ``param_dtype: fp16`` backward runs on the loss times the
-  :class:`actors.loss_scaler.DynamicLossScaler` scale; after the reduce-scatter an
-  inf/NaN may sit in one rank's gradient shard only, so the scaler all-reduces the found-inf
-  flag (MAX): every rank skips the step (masters, shards and Adam's step count untouched)
-  and halves the scale.
-* **Checkpoints** are consolidated into :class:`actors.strategy.SingleProcess`'s format
-  (a collective: every rank calls ``state_dict``), so stage-3 checkpoints load into stages 0-2
-  or a single process and back.
-
-Observability (tests, benchmarks): ``memory_report()`` has zero.py's keys plus
-``unit_bytes``, ``unit_levels`` (per unit, root last) and ``peak_gathered_bytes`` (the most
-full-parameter bytes ever gathered at once, a unit counted from its all-gather until it is
-freed: about the root plus two blocks, plus every level-2 block); setting
-``strategy.trace = []`` records the events ``("gather" | "ready" | "forward_end" |
-"backward" | "reduce" | "free", unit index)`` in order (tests count all-gathers per unit).
-
-Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
-broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
-not used. ``transport`` as there: between the CPU workers of one host (``auto``) the units'
-all-gathers write straight into their flat buffers and their reduce-scatters add straight
-into the gradient shards through shared memory (actors/shm_transport.py: ~4× less CPU per
-collective than gloo's loopback TCP), else they go through the process group. The grad-norm,
-found-inf and checkpoint collectives stay on the process group.
-
-Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose options are
+Observability: ``memory_report()`` adds ``unit_bytes``, ``unit_levels`` and
+``peak_gathered_bytes``; ``strategy.trace = []`` records ``(event, unit index)``.
+Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``:
 :class:`Zero3Config`).
-
-Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
-is gathered twice, which is correct but costs a second all-gather); prefetch follows the
-``block_lists`` order, which must be the execution order for the overlap to help (correctness
-does not depend on it).
 """
 from __future__ import annotations
 
@@ -290,7 +218,7 @@ class Zero3(GradNormStats, DataParallel):
         shard_device = "cpu" if self.config.offload_params else self.device
         pin = self.config.offload_params and self.device.type == "cuda"
         on_host = self.config.offload_optimizer != "none"
-        # fp32 shard and master in the same memory: the master *is* the shard (zero.py's
+        # fp32 shard and master in the same memory: the master *is* the shard (stage12.py's
         # "aliased fp32 masters"; DeepSpeed 0.19 keeps a second fp32 partition here)
         self.aliased = self.dtype == torch.float32 and not on_host and \
             not self.config.offload_params
@@ -634,7 +562,7 @@ class Zero3(GradNormStats, DataParallel):
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
-        """Persistent model-state bytes of this rank, by kind and location (zero.py's keys),
+        """Persistent model-state bytes of this rank, by kind and location (stage12.py's keys),
         plus ``peak_gathered_bytes`` (transient full parameters; not in the totals)."""
         param = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
         grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
