@@ -6,41 +6,20 @@
     full = C.all_gather(shard, numel=flat.numel())    # the pieces of all ranks, concatenated
     h = C.all_reduce(bucket, async_op=True); ...; h.wait()
 
-Why a wrapper at all (and not raw ``torch.distributed``): three things torch leaves to the caller.
+What it adds to torch.distributed (docs/communication.md):
 
-1. **Uneven shards.** ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` need a size divisible
-   by the world size. Here a tensor of ``n`` rows (dim 0; the elements of a flat tensor) is split
-   with the *shard layout* of :func:`shard_bounds`: with ``c = ceil(n / world)`` rank ``r`` owns
-   rows ``[r*c, min((r+1)*c, n))`` — so the last ranks may own fewer rows, or none. Internally the
-   tensor is zero-padded to ``world*c`` rows and the padding is trimmed afterwards. ZeRO's flat
-   parameter shards (next issue) use the same layout, which is why ``shard_bounds`` is public.
-2. **Post-processing after an async op.** ``avg`` is a sum divided by the world size and uneven
-   shards need a trim; both must happen *after* the communication finishes. A :class:`Handle`
-   wraps torch's ``Work`` and applies the post-processing in ``wait()``, so async and sync calls
-   return the same tensor.
-3. **Readable errors.** A bad op name, a rank out of range or a shard of the wrong size raises
-   ``ValueError`` naming the collective, the value and the choices — before any communication,
-   on every rank alike, so no peer is left waiting. Mismatches *across* ranks (one rank passes
-   float32[8], another float32[7]) are only visible after an exchange: pass ``check=True`` to pay
-   one small extra all-gather of (dtype, shape) and get a ``ValueError`` naming both ranks, in
-   the spirit of ``TORCH_DISTRIBUTED_DEBUG=DETAIL``'s collective fingerprints. It is off by
-   default because it doubles the latency of small collectives. (``all_gather`` without
-   ``numel`` always exchanges shard sizes and checks them.)
+* **Uneven shards**: a tensor of n rows is split with :func:`shard_bounds` (c = ceil(n/world)
+  rows per rank, the last ranks fewer or none); padding and trimming happen inside. ZeRO's
+  flat shards and the shared-memory transport use the same layout.
+* **Post-processing after async ops**: a :class:`Handle`'s ``wait()`` divides for ``avg`` and
+  trims the padding, so async and sync calls return the same tensor.
+* **Readable errors** raised on every rank alike before any communication; ``check=True``
+  also compares dtype and shape across ranks (one small extra all-gather).
+* ``avg`` is sum / world (integer dtypes refused); ``reduce_scatter`` and the all-gathers fall
+  back to all-reduce + slice / the list form where the backend lacks the flat primitive.
 
-What the backend lacks, and how it is filled:
-
-* ``avg`` is always computed as ``sum / world``: ``ReduceOp.AVG`` exists only for NCCL >= 2.10
-  and recent gloo builds, and integer tensors have no well-defined average, so ``avg`` on an
-  integer dtype is refused.
-* ``reduce_scatter`` uses the native ``reduce_scatter_tensor`` (gloo has it since torch 2.x);
-  where the backend raises "not supported" it falls back to ``all_reduce`` + slice
-  (communication ``2(n-1)/n`` instead of ``(n-1)/n`` of the tensor, same result).
-* ``all_gather`` uses ``all_gather_into_tensor`` with a fallback to the list form.
-
-Ranks: ``src`` / ``dst`` are ranks *within* ``group`` (like torch's ``group_src``); with the
-default group they are the global ranks. Reduction ordering: the sum of floats over ranks is
-computed in an order the backend chooses, so results agree with a numpy sum up to rounding
-(float32: ~1e-6 relative); integer sums, max and min are exact.
+``src`` / ``dst`` are ranks within ``group``. Float sums agree with numpy up to rounding
+(~1e-6 relative in float32); integer sums, max and min are exact.
 """
 from __future__ import annotations
 
@@ -53,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["OPS", "Handle", "ShardBounds", "all_gather", "all_reduce", "barrier", "broadcast",
+__all__ = ["OPS", "Handle", "ShardBounds", "all_gather", "all_gather_into", "all_reduce",
+           "barrier", "broadcast",
            "irecv", "isend", "rank", "recv", "reduce", "reduce_scatter", "send", "shard_bounds",
            "world_size"]
 
@@ -347,6 +327,25 @@ def all_gather(shard: Tensor, numel: int | None = None, group: dist.ProcessGroup
     views = [out[r * b.padded:(r + 1) * b.padded] for r in range(world)]
     work = dist.all_gather(views, x, group=group, async_op=async_op)
     return _finish(work, out, trim, async_op)
+
+
+def all_gather_into(out: Tensor, shard: Tensor, group: dist.ProcessGroup | None = None,
+                    async_op: bool = False) -> Tensor | Handle:
+    """Every rank's equal-sized flat ``shard`` straight into ``out`` (``world`` times its
+    elements, contiguous; no padding, no trim): ZeRO-3 gathers a unit's flat parameter
+    buffer so. Returns ``out`` (or a handle whose ``wait()`` does)."""
+    out, shard = _inplace("all_gather_into", out), _tensor("all_gather_into", shard)
+    world = dist.get_world_size(group)
+    if out.numel() != world * shard.numel():
+        raise ValueError(f"all_gather_into: out has {out.numel()} elements, not "
+                         f"{world} x {shard.numel()} (the world times the shard)")
+    try:
+        work = _all_gather_flat(out, shard, group=group, async_op=async_op)
+    except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
+        if not _unsupported(exc):
+            raise
+        work = dist.all_gather(list(out.chunk(world)), shard, group=group, async_op=async_op)
+    return _finish(work, out, None, async_op)
 
 
 def send(t: Tensor, dst: int, group: dist.ProcessGroup | None = None) -> None:

@@ -1,38 +1,20 @@
 """Collectives among the ranks of one host through shared memory.
 
-Why: on gloo every collective crosses TCP loopback — gloo's threads, a socket pair per peer,
-kernel copies — and costs ~1.5-2.5 ms of CPU and ~10-30 context switches per rank whatever
-its size (getrusage at 2 and 4 ranks on a 2-core machine; here 0.4-0.7 ms and 3-5 switches;
-bandwidths in bench/results/collective_bandwidth.json). When all the ranks of a
-data-parallel group share a host (a laptop, one multi-socket CPU node, the test gangs), the
-gradient buckets can instead be summed in memory all of them map, the way NCCL's SHM
-transport and DeepSpeed's CPU ``shm`` all-reduce do. Only the data moves; synchronisation is
-one 32-bit counter per rank and Linux futexes, so a rank waiting for a peer sleeps in the
-kernel instead of spinning (the gangs oversubscribe cores).
+On gloo every collective crosses TCP loopback and costs ~1.5-2.5 ms of CPU per rank whatever
+its size; when all the ranks of a data-parallel group share a host they can instead sum in
+memory all of them map (as NCCL's SHM transport and DeepSpeed's CPU ``shm`` all-reduce do).
+Only the data moves; synchronisation is one 32-bit counter per rank and Linux futexes.
 
-Layout of the mapping (a file under /dev/shm, unlinked as soon as every rank has mapped it,
-so nothing is left behind whatever happens to the processes): one cache line of counters per
-rank, then one slot of ``capacity`` bytes per rank.
+Mapping: a file under /dev/shm, unlinked once every rank has mapped it; one cache line of
+counters per rank, then one slot of ``capacity`` bytes per rank. All-reduce, op s (counters
+3s → 3s+1 → 3s+2 → 3s+3): copy into my slot; sum my chunk (``shard_bounds``) of every slot
+in rank order and write it back into my slot; read every other rank's chunk. Each chunk is
+summed once in a fixed order: bit-identical on every rank. Reduce-scatter stops after the
+sum; all-gather copies and reads. Tensors larger than ``capacity`` go in pieces.
 
-All-reduce, op number s (each rank's counter moves 3s → 3s+1 → 3s+2 → 3s+3):
-  0. wait until every counter ≥ 3s: everyone has finished reading op s-1;
-  1. copy the tensor into my slot; counter = 3s+1 (and a futex wake);
-  2. wait until every counter ≥ 3s+1; sum my chunk (``shard_bounds``, the split ZeRO's
-     shards use) of every slot, in rank order, and write it over that chunk of my own slot
-     (the others read only their own chunks of it meanwhile); counter = 3s+2;
-  3. wait until every counter ≥ 3s+2; read every other rank's chunk from its slot;
-     counter = 3s+3.
-Every chunk is summed once, in a fixed order, and read by all: the result is bit-identical on
-every rank and deterministic. Reduce-scatter stops after step 2 (each rank keeps its chunk,
-summed straight into its output); all-gather copies the shard into the slot and reads every
-slot. Tensors larger than ``capacity`` go in pieces.
-
-Ops run in order on one background thread per group, so they overlap the caller's
-computation like gloo's async work (``Work.wait()``). A peer that dies is noticed within a
-second (its pid is checked while waiting) and raises instead of hanging.
-
-Requirements (``available()``): Linux on x86-64 (its stores are seen in program order, which
-the counters rely on; ctypes offers no fences) and CPU tensors.
+Ops run in order on one background thread per group (they overlap the caller's compute); a
+dead peer is noticed within a second. Requirements (``available()``): Linux on x86-64 and
+CPU tensors. The protocol step by step and measurements: docs/communication.md.
 """
 from __future__ import annotations
 
@@ -312,7 +294,7 @@ class ShmGroup:
     def reduce_scatter(self, t: torch.Tensor, async_op: bool = False,
                        into: torch.Tensor | None = None) -> Any:
         """This rank's elements (``shard_bounds``) of the sum of ``t``, flattened — what
-        ``actors.collectives.reduce_scatter`` returns for a 1-d tensor. ``into``: add them to
+        ``collectives.reduce_scatter`` returns for a 1-d tensor. ``into``: add them to
         this tensor in place and return it (ZeRO-2 accumulates its gradient shard so,
         without a temporary the size of the shard)."""
         return self._submit(self._reduce_scatter, t, async_op, into)
@@ -320,7 +302,7 @@ class ShmGroup:
     def all_gather(self, shard: torch.Tensor, numel: int, async_op: bool = False,
                    out: torch.Tensor | None = None) -> Any:
         """The inverse of ``reduce_scatter``'s split: every rank's shard of a flat tensor of
-        ``numel`` elements, concatenated (``actors.collectives.all_gather`` for 1-d). ``out``:
+        ``numel`` elements, concatenated (``collectives.all_gather`` for 1-d). ``out``:
         write them there (ZeRO-3 gathers straight into a unit's flat parameter buffer)."""
         return self._submit(self._all_gather, shard, async_op, numel, out)
 

@@ -1,58 +1,24 @@
 """All-reduce data parallelism: every rank holds the whole model, gradients are summed.
 
-The scheme is torch DDP's Reducer (Li et al. 2020, "PyTorch Distributed: Experiences on
-Accelerating Data Parallel Training", §3.2), written out so it can be read in one sitting:
+torch DDP's Reducer (Li et al. 2020), written out; the design is in docs/data_parallel.md.
 
-* **Replicas start equal**: ``setup`` broadcasts rank 0's parameters and buffers (one
-  flattened tensor per dtype, not one collective per tensor).
-* **Buckets**: the parameters, in *reverse* registration order (backward produces the last
-  layers' gradients first), are packed into buckets of ``bucket_mb`` megabytes (the first one
-  ``first_bucket_mb``, so the first all-reduce starts early — DDP's 1 MB default). Each
-  bucket owns one flat buffer and every ``param.grad`` is a *view* into it
-  (``gradient_as_bucket_view``): autograd accumulates straight into the buffer, the
-  all-reduce runs on it in place, the optimizer reads it — no gradient is ever copied.
-* **Overlap**: a ``register_post_accumulate_grad_hook`` on each parameter counts the
-  gradients still missing in its bucket; when a bucket is complete an *asynchronous*
-  all-reduce of its buffer is launched while backward goes on computing earlier layers.
-  Buckets are launched strictly in bucket order (a complete bucket waits for the ones before
-  it): every rank must issue its collectives in the same order, whatever order its autograd
-  engine happens to finish them in. ``clip_and_step`` is the only place that waits.
-* **Accumulation**: inside ``no_sync()`` the hooks do nothing, gradients accumulate in the
-  buffers, and the next synced backward reduces the accumulated sum — one all-reduce per
-  bucket per optimizer step, whatever ``micro_batches`` is.
-* **SUM, not mean**: the trainer weights each micro-batch by its share of the *global* target
-  count (actors/strategy.py, actors/trainer.py), so summing over ranks already gives the
-  gradient of the global mean loss — exact with uneven micro-batches, ranks with different
-  numbers of targets, or ignored labels (averaging would be right only if every rank had the
-  same count).
-* **Unused parameters**: a parameter whose gradient never arrives on this rank in a step has
-  zeros in its slot (buffers are zeroed after each step); after the synced backward returns,
-  buckets still incomplete are launched anyway, so no rank waits for a hook that never
-  fires. With ``find_unused_parameters`` the ranks also sum a "used" bitmap (one small
-  collective per step) and parameters no rank used get ``grad = None`` for the optimizer
-  step, which then skips them exactly as a single process would (AdamW applies weight decay
-  and momentum to a zero gradient, but not to a missing one).
-* **Tied weights**: ``module.parameters()`` yields a shared Parameter once, so it has one slot
-  and one hook; autograd sums the gradients of its uses before the hook fires.
-* **The step's statistics ride with the gradients**: the trainer logs the global loss and
-  needs the next step's global token count; sent alone they would cost a collective per step,
-  and on gloo a collective costs ~1.4-2.1 ms of CPU and 10-30 context switches per rank
-  whatever its size (measured with getrusage at 2 and 4 ranks on a 2-core machine). So the last
-  bucket (the first layers' gradients, complete only at the very end of backward) has
-  ``STATS_SLOTS`` extra elements and is held back after a synced backward until the loop
-  hands over its numbers (``reduce_step_stats``, microseconds later), then reduced with them.
-  Counts travel as base-2048 digits, so their sums stay exact in fp32 (world < 8192). With
-  nobody asking, ``clip_and_step`` launches the held bucket itself.
+* ``setup`` broadcasts rank 0's parameters and buffers (one flat tensor per dtype).
+* Parameters, in reverse order, are packed into buckets of ``bucket_mb`` (the first
+  ``first_bucket_mb``; buckets.py); every ``param.grad`` is a view into its bucket's flat
+  buffer.
+* A post-accumulate-grad hook counts each bucket's missing gradients; a complete bucket is
+  all-reduced (SUM) asynchronously, strictly in bucket order (the same order on every rank).
+  ``clip_and_step`` is the only place that waits.
+* ``no_sync()``: the hooks do nothing and gradients accumulate in the buffers.
+* SUM, not mean: the loop weights micro-batches by their share of the global target count.
+* The last bucket carries the step's statistics (``STATS_SLOTS`` extra elements, counts as
+  base-2048 digits) and is held until ``reduce_step_stats`` hands them over.
+* ``transport``: the buckets' collectives (actors/comm/transport.py): shared memory between
+  the CPU workers of one host (``auto``, ``shm``) or the process group.
 
-* **Transport**: ``transport: auto`` (default) sums the buckets of CPU workers that share a
-  host in shared memory (actors/shm_transport.py: 3-5x less CPU per bucket than gloo's TCP
-  loopback, 2.4-4x its bandwidth in bench/results/collective_bandwidth.json), and goes
-  through the process group
-  (gloo, NCCL) otherwise; ``shm`` insists (a clear error where it cannot), ``process_group``
-  never uses it.
-
-Works with gloo (CPU) and NCCL (CUDA); without an initialised process group it runs as one
-rank and never communicates.
+ZeRO-1/2/3 (zero/) and the mesh subclass :class:`DataParallel` for its buckets, hooks, launch
+order and transport. Without an initialised process group it runs as one rank and never
+communicates.
 """
 from __future__ import annotations
 
@@ -64,16 +30,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bmray.models.typed_config import ConfigError, check_choice, check_positive
+from bmray.models.typed_config import check_choice, check_positive
 
-from bmray.actors.comm import collectives as C
-from bmray.actors.comm import shm_transport
+from bmray.actors.comm.transport import (TRANSPORTS, ProcessGroupTransport, Transport,
+                                         make_transport)
+from bmray.actors.parallel.buckets import Bucket, bucket_assignment
 from bmray.actors.parallel.strategy import (MicroResult, Strategy, build_adamw, resolve_device,
-                       weighted_forward_backward)
+                                            weighted_forward_backward)
 from bmray.actors.train.config import TrainConfig
 
 MB = 1024 * 1024
-TRANSPORTS = ("auto", "shm", "process_group")
 STATS_SLOTS = 64                # values + 4 digits per count carried in the last bucket
 _DIGIT_BITS, _DIGITS = 11, 4    # counts < 2**44, digit sums exact in fp32 below 8192 ranks
 
@@ -108,78 +74,6 @@ class DataParallelConfig:
         check_choice("strategy.transport", self.transport, TRANSPORTS)
 
 
-class _Bucket:
-    """One flat gradient buffer, the parameters viewing into it, and its in-flight work.
-
-    ``pad_to``: the buffer is zero-padded to a multiple of it, so ZeRO can split every bucket
-    into equal per-rank slices (``shard_bounds`` layout, no copy at reduce-scatter time).
-    ``allocate=False`` leaves ``buffer`` None until :meth:`allocate` (ZeRO-2: the full bucket
-    only exists while its gradients are being reduced). ``extra`` elements after the
-    gradients (``numel``) carry the step's statistics (module doc)."""
-
-    __slots__ = ("index", "params", "offsets", "numel", "extra", "dtype", "device", "buffer",
-                 "pending", "work")
-
-    def __init__(self, index: int, params: list[nn.Parameter], device: torch.device,
-                 pad_to: int = 1, allocate: bool = True, extra: int = 0) -> None:
-        self.index = index
-        self.params = params
-        self.offsets: list[int] = []
-        total = 0
-        for p in params:
-            self.offsets.append(total)
-            total += p.numel()
-        self.numel = -(-total // pad_to) * pad_to
-        self.extra = extra
-        self.dtype, self.device = params[0].dtype, device
-        self.buffer: torch.Tensor | None = None
-        if allocate:
-            self.allocate()
-        self.pending = len(params)
-        self.work: Any = None
-
-    def allocate(self) -> torch.Tensor:
-        if self.buffer is None:
-            self.buffer = torch.zeros(self.numel + self.extra, dtype=self.dtype,
-                                      device=self.device)
-        return self.buffer
-
-    @property
-    def grads(self) -> torch.Tensor:
-        """The gradient part of the buffer (without the statistics slots)."""
-        return self.buffer[:self.numel] if self.extra else self.buffer
-
-    def view(self, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return self.buffer[self.offsets[i]:self.offsets[i] + p.numel()].view_as(p)
-
-
-def bucket_assignment(params: Sequence[nn.Parameter], bucket_bytes: int,
-                      first_bucket_bytes: int | None = None,
-                      group_of: Callable[[nn.Parameter], Any] | None = None,
-                      itemsize: int | None = None) -> list[list[int]]:
-    """Indices of ``params`` grouped into buckets in the given order: a bucket closes once it
-    holds at least its cap in bytes (DDP's rule; a larger parameter gets a bucket of its own)
-    and never mixes dtypes or devices — nor values of ``group_of(p)`` (ZeRO keeps AdamW's
-    decay / no-decay groups in separate buckets). ``itemsize``: count bytes as if every
-    element had this size (the dtype the buckets will hold, when the model is cast later)."""
-    buckets: list[list[int]] = []
-    open_: dict[tuple, tuple[list[int], int]] = {}
-    for i, p in enumerate(params):
-        key = (p.dtype, p.device, group_of(p) if group_of is not None else None)
-        idx, size = open_.get(key, ([], 0))
-        idx.append(i)
-        size += p.numel() * (itemsize or p.element_size())
-        cap = first_bucket_bytes if (not buckets and first_bucket_bytes) else bucket_bytes
-        if size >= cap:
-            buckets.append(idx)
-            open_.pop(key, None)
-        else:
-            open_[key] = (idx, size)
-    buckets.extend(idx for idx, _ in open_.values() if idx)
-    return buckets
-
-
 class DataParallel(Strategy):
     """Replicated model, bucketed asynchronous all-reduce (SUM) of gradients; see module doc."""
 
@@ -197,10 +91,13 @@ class DataParallel(Strategy):
         self._sync = True
         self._launched = 0              # buckets launched in the current synced backward
         self._used: list[int] = []
-        self._carrier: _Bucket | None = None    # the last bucket, when it carries statistics
+        self._carrier: Bucket | None = None    # the last bucket, when it carries statistics
         self._held = False              # the carrier waits for the step's statistics
         self._on_reduced: Callable[[], None] | None = None
-        self._shm: shm_transport.ShmGroup | None = None
+        # the collectives of buckets / shards (comm/transport.py); the process group until
+        # setup opens the configured one
+        self.transport: Transport | None = ProcessGroupTransport(group) if self.distributed \
+            else None
 
     # ------------------------------------------------------------ setup
     def _pick_device(self, cfg: TrainConfig) -> torch.device:
@@ -225,27 +122,22 @@ class DataParallel(Strategy):
         self.optimizer = build_adamw(self.model, cfg, self.params)
 
     def _open_transport(self, capacity_bytes: int | None = None) -> None:
-        """The shared-memory group for the buckets, where ``transport`` allows and the ranks
-        can use one (CPU, Linux x86-64, one host); every rank of the group decides alike.
-        ``capacity_bytes``: each rank's slot (default: the bucket size, 1-4 MB; larger
-        tensors go in pieces)."""
-        choice = self.config.transport
-        if choice == "process_group" or not self.distributed or self.world_size == 1:
-            return
-        usable = self.device.type == "cpu" and shm_transport.available()
-        if not usable:
-            if choice == "shm":
-                raise ConfigError("strategy.transport: shm needs CPU workers on Linux x86-64 "
-                                  f"(this rank trains on {self.device.type})")
+        """The configured transport for the buckets (shared memory where ``transport`` allows
+        and the ranks can use it: CPU, Linux x86-64, one host); every rank of the group
+        decides alike. ``capacity_bytes``: each rank's shared-memory slot (default: the bucket
+        size, 1-4 MB; larger tensors go in pieces)."""
+        if not self.distributed or self.world_size == 1:
             return
         if capacity_bytes is None:
             capacity_bytes = int(self.config.bucket_mb * MB)
         capacity = int(min(max(capacity_bytes, MB), 4 * MB))   # pieces beyond
-        try:
-            self._shm = shm_transport.ShmGroup(self.group, capacity_bytes=capacity)
-        except shm_transport.Unavailable as exc:
-            if choice == "shm":
-                raise ConfigError(f"strategy.transport: shm is not possible here: {exc}") from exc
+        self.transport = make_transport(self.config.transport, self.group, self.device,
+                                        capacity_bytes=capacity)
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """The buckets' collectives go through shared memory (``transport: auto | shm``)."""
+        return self.transport is not None and self.transport.name == "shm"
 
     def bucket_plan(self, params: Sequence[nn.Parameter], group_of: Callable | None = None,
                     itemsize: int | None = None) -> list[list[nn.Parameter]]:
@@ -261,14 +153,14 @@ class DataParallel(Strategy):
         """Buckets from a plan, the gradient-ready hooks, and ``param.grad`` as views into the
         (allocated) buffers. ``stats_slots``: the last bucket carries the step's statistics
         when there is someone to send them to and its dtype keeps them (fp32 / fp64)."""
-        self.buckets: list[_Bucket] = []
-        self._slot: dict[int, tuple[_Bucket, int]] = {}
+        self.buckets: list[Bucket] = []
+        self._slot: dict[int, tuple[Bucket, int]] = {}
         carries = stats_slots and self.world_size > 1 and plan and \
             plan[-1][0].dtype in (torch.float32, torch.float64) and \
             self.world_size < 1 << (24 - _DIGIT_BITS)
         for b, params in enumerate(plan):
             extra = stats_slots if carries and b == len(plan) - 1 else 0
-            bucket = _Bucket(b, params, self.device, pad_to, allocate, extra)
+            bucket = Bucket(b, params, self.device, pad_to, allocate, extra)
             for j, p in enumerate(bucket.params):
                 if allocate:
                     p.grad = bucket.view(j)         # gradient_as_bucket_view
@@ -287,10 +179,9 @@ class DataParallel(Strategy):
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
         for group in by_dtype.values():
             flat = torch._utils._flatten_dense_tensors([t.detach() for t in group])
-            dist.broadcast(flat, src=src, group=self.group)
+            self.transport.broadcast(flat, src=0)
             for t, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
                 t.copy_(synced)
 
@@ -319,12 +210,9 @@ class DataParallel(Strategy):
         if bucket.pending == 0:
             self._launch_ready()
 
-    def _launch(self, bucket: _Bucket) -> None:
-        if self._shm is not None:
-            bucket.work = self._shm.all_reduce(bucket.buffer, async_op=True)
-        elif self.world_size > 1:
-            bucket.work = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM,
-                                          group=self.group, async_op=True)
+    def _launch(self, bucket: Bucket) -> None:
+        if self.world_size > 1:
+            bucket.work = self.transport.all_reduce(bucket.buffer, async_op=True)
         self._launched += 1
 
     def _launchable(self) -> int:
@@ -415,28 +303,15 @@ class DataParallel(Strategy):
     def _reduce_scatter_into(self, t: torch.Tensor, shard: torch.Tensor) -> Any:
         """Start summing flat ``t`` over the group and adding this rank's slice of the sum
         (``shard_bounds``) to ``shard``; the handle's ``wait()`` returns ``shard`` with it
-        added. Shared memory adds in place (no temporary); the process group's slice is added
-        on ``wait()``."""
-        if self._shm is not None:
-            return self._shm.reduce_scatter(t, async_op=True, into=shard)
-        return _AddOnWait(C.reduce_scatter(t, op="sum", group=self.group, async_op=True), shard)
+        added (the transport's ``reduce_scatter``)."""
+        return self.transport.reduce_scatter(t, into=shard, async_op=True)
 
     def _all_gather(self, shard: torch.Tensor, numel: int, out: torch.Tensor | None = None
                     ) -> Any:
         """Start gathering every rank's ``shard`` of a flat tensor of ``numel`` elements; with
         ``out`` (``numel`` elements, a multiple of the world size) straight into it, else into
         a new tensor that ``wait()`` returns."""
-        if self._shm is not None:
-            return self._shm.all_gather(shard, numel, async_op=True, out=out)
-        if out is None:
-            return C.all_gather(shard, numel=numel, group=self.group, async_op=True)
-        try:
-            return C._all_gather_flat(out, shard, group=self.group, async_op=True)
-        except (RuntimeError, NotImplementedError) as exc:     # backend without the flat form
-            if not C._unsupported(exc):
-                raise
-            return dist.all_gather(list(out.chunk(self.world_size)), shard, group=self.group,
-                                   async_op=True)
+        return self.transport.all_gather(shard, numel, out=out, async_op=True)
 
     # ------------------------------------------------------------ collectives for the loop
     def all_reduce_sum(self, values: Sequence[float]) -> list[float]:
@@ -516,18 +391,7 @@ class DataParallel(Strategy):
 
     def _comm_buffer_bytes(self) -> int:
         """The shared-memory slots this rank maps (not model state: reported beside it)."""
-        return self._shm.mapped_bytes if self._shm is not None else 0
-
-
-class _AddOnWait:
-    """A process-group reduce-scatter whose slice is added to ``shard`` when waited for."""
-
-    def __init__(self, work: Any, shard: torch.Tensor) -> None:
-        self.work, self.shard = work, shard
-
-    def wait(self) -> torch.Tensor:
-        self.shard.add_(self.work.wait())
-        return self.shard
+        return self.transport.comm_buffer_bytes if self.transport is not None else 0
 
 
 class _NoSync(contextlib.AbstractContextManager):

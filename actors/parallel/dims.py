@@ -21,7 +21,7 @@ DIMS = ("dp", "pp", "tp")       # outermost → innermost
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """``dp × pp × tp`` ranks. Issue 3 uses only ``dp``; tp and pp arrive with issue 5."""
+    """``dp × pp × tp`` ranks."""
 
     dp: int = 1
     pp: int = 1

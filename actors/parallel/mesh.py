@@ -3,51 +3,20 @@ ZeRO on the data-parallel replicas — composed, not a fourth copy of the traini
 
     strategy: {kind: mesh, tp: 2, pp: 2, schedule: 1f1b, zero_stage: 1}   # dp = workers / 4
 
-The mesh (:class:`cluster.mesh.ParallelDims`) orders ranks row-major over ``(dp, pp, tp)``, so
-tensor-parallel peers are neighbouring ranks and therefore neighbouring placement-group bundles
-(the same node under ``PACK``: TP all-reduces twice per layer and needs the fastest links),
-pipeline stages come next (one activation per micro-batch crosses a stage boundary) and
-data-parallel replicas are outermost (one gradient reduction per step). Megatron-LM
-(Narayanan et al. 2021, sec. 3) orders its groups the same way.
+Ranks are row-major over ``(dp, pp, tp)`` (:class:`~bmray.actors.parallel.dims.ParallelDims`):
+TP peers are neighbours, dp replicas outermost. One rank, outermost last:
 
-How one rank is built, outermost last:
+1. the full model is built and its layout (state-dict keys, ties, AdamW order) remembered;
+2. ``tp > 1``: ``apply_tensor_parallel`` keeps this rank's slices;
+3. ``pp > 1``: ``split_stage`` keeps this rank's layers; a ``PipelineEngine`` runs GPipe/1F1B;
+4. what is left is an ordinary module for :class:`Zero` (stage 0, 1, or 2 with pp == 1) on
+   the dp group.
 
-1. every rank builds the same full model (same seed); the flat layout of that model (its
-   state-dict keys, tied aliases, the AdamW parameter order) is remembered for checkpoints;
-2. ``tp > 1``: :func:`actors.parallel.tensor.apply_tensor_parallel` swaps in column/row-parallel
-   layers, the vocabulary-parallel embedding and head (this rank keeps its slices);
-3. ``pp > 1``: :func:`actors.pipeline.split_stage` keeps this rank's layers; a
-   :class:`actors.pipeline.PipelineEngine` runs the step's micro-batches with GPipe or 1F1B
-   (``train.micro_batches`` is the pipeline's ``m``); the loss of the last stage is the
-   vocabulary-parallel cross-entropy when ``tp > 1``;
-4. what is left is an ordinary module for :class:`actors.zero.Zero` on the data-parallel group:
-   ZeRO-0 (replicated optimizer: DDP with an fp32 master), ZeRO-1 (optimizer state sharded over
-   the dp replicas), ZeRO-2 (gradients too; only with ``pp == 1``: ZeRO-2 reduce-scatters each
-   micro-batch's gradients as its backward completes, which a pipeline's interleaved backwards
-   would turn into ``m`` reductions per step). Mixed precision (bf16/fp16 with an fp32 master
-   and the dynamic loss scaler) and activation checkpointing come with it.
-
-What the composition has to get right beyond its parts:
-
-* **Data**: ranks of one model replica (all its tp × pp ranks) read the same batch — the
-  stream is sliced by the dp coordinate (:meth:`MeshParallel.data_shard`), and token counts and
-  losses are summed over the dp group only.
-* **Losses**: only the last stage knows them; the engine broadcasts them over the pipeline group
-  so every rank returns the same step loss.
-* **Gradient norm** (clipping): Σ‖g‖² over all ranks, counting each element once: a parameter
-  replicated across the TP group (LayerNorms, row-parallel biases) is held by ``tp`` ranks and
-  counted with weight 1/tp; the last stage's copy of a tied embedding counts 0 (the first
-  stage's counts); under ZeRO-0 every dp rank holds every element: 1/dp. One scalar
-  all-reduce over the world — the same norm a single process computes.
-* **Loss scaling**: an overflow on any rank (any stage, any TP slice) skips the step on all of
-  them: the scaler's inf check runs over the world, not the dp group.
-* **Sequence parallelism**: LayerNorm gradients are partial sums per TP rank; they are summed
-  over the TP group after the dp reduction (both are sums, so the order does not matter).
-* **Checkpoints** are the single-process format (full, canonical keys, torch AdamW state in
-  ``build_adamw`` order): ``state_dict`` gathers the TP slices and the pipeline stages' parts
-  (a collective: every rank calls it; rank 0 writes one file), ``load_state_dict`` slices a full
-  state for this rank. So a checkpoint from any mesh loads into any other mesh, and into
-  SingleProcess, DDP or ZeRO runs.
+The composition: data sliced by the dp coordinate; losses broadcast from the last stage;
+the gradient norm counts each element once (weights 1/tp for TP-replicated parameters, 0 for
+the last stage's tied copy, 1/dp under ZeRO-0) in one all-reduce over the world; an fp16
+overflow anywhere skips the step everywhere; checkpoints are the single-process format, so
+they move between meshes. Details: docs/mesh.md.
 """
 from __future__ import annotations
 
@@ -63,7 +32,10 @@ from bmray.actors.parallel.dims import DIMS, ParallelDims
 from bmray.models.outputs import ModelOutput
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
+from bmray.actors.parallel.buckets import bucket_pieces
+from bmray.actors.parallel.zero.config import ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.consolidated_state import with_current_lr
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
 from bmray.actors.parallel.pipeline.engine import PipelineEngine
 from bmray.actors.parallel.pipeline.stage import BALANCE, split_stage, tied_parameters
 from bmray.actors.parallel.pipeline.schedule import SCHEDULES
@@ -73,13 +45,14 @@ from bmray.actors.parallel.tensor import (TensorParallelLM, apply_tensor_paralle
                                           shard_tensor_parallel_state, tensor_parallel_dims,
                                           tensor_parallel_loss)
 from bmray.actors.train.config import TrainConfig
-from bmray.actors.parallel.data_parallel import TRANSPORTS
-from bmray.actors.parallel.zero.stage12 import DTYPES, Zero, ZeroConfig, _pieces, _Scaled, check_bool
+from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
 
 
 @dataclass
-class MeshParallelConfig:
-    """Knobs of :class:`MeshParallel` (``strategy: {kind: mesh, ...}``); dp = workers / (tp·pp)."""
+class MeshParallelConfig(ZeroSharedConfig):
+    """Knobs of :class:`MeshParallel` (``strategy: {kind: mesh, ...}``); dp = workers / (tp·pp).
+    param_dtype (fp32 master weights either way), offload_optimizer, disk_dir, broadcast_init
+    and transport (of the dp buckets): :class:`ZeroSharedConfig`."""
 
     tp: int = 1                        # tensor-parallel ranks (a node's GPUs)
     pp: int = 1                        # pipeline stages
@@ -87,15 +60,10 @@ class MeshParallelConfig:
     balance: str = "params"            # how layers are cut into stages: params | time
     sequence_parallel: bool = False    # LayerNorm / dropout on sequence shards (needs tp > 1)
     zero_stage: int = 1                # on the dp replicas: 0 | 1 | 2 (2 only with pp == 1)
-    param_dtype: str = "fp32"          # fp32 | bf16 | fp16 (fp32 master weights either way)
     bucket_mb: float = 25.0
-    offload_optimizer: str = "none"    # none | cpu | disk
-    disk_dir: str | None = None
-    broadcast_init: bool = True
-    transport: str = "auto"            # dp buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         for key in ("tp", "pp"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -104,7 +72,6 @@ class MeshParallelConfig:
         check_choice("strategy.balance", self.balance, list(BALANCE))
         check_bool("strategy.sequence_parallel", self.sequence_parallel)
         check_choice("strategy.zero_stage", self.zero_stage, [0, 1, 2])
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.zero_stage == 2 and self.pp > 1:
             raise ConfigError("strategy.zero_stage: 2 reduce-scatters every micro-batch's "
@@ -242,7 +209,7 @@ class MeshParallel(Zero):
         self._wait_params()
         if self.scaler is not None:
             scale = float(self.scaler.scale(torch.ones(())))
-            weights = [_Scaled(w, scale) for w in weights]
+            weights = [ScaledWeight(w, scale) for w in weights]
         with self.no_sync():
             results = self.engine.run(batches, weights)
         self._fold_tied_grads()
@@ -283,7 +250,7 @@ class MeshParallel(Zero):
             if not self._norm_weights:
                 continue
             s = self._bounds(bucket)
-            for j, _, _, lo, hi in _pieces(bucket, s.start, s.stop):
+            for j, _, _, lo, hi in bucket_pieces(bucket, s.start, s.stop):
                 w = self._norm_weights.get(id(bucket.params[j]))
                 if w is not None:
                     total -= (1.0 - w) * sq[lo:hi].sum()
@@ -356,12 +323,7 @@ class MeshParallel(Zero):
             if src not in model:
                 raise RuntimeError(f"mesh state_dict: no rank holds {key!r}")
             full_model[key] = model[src]
-        optim = copy.deepcopy(self.layout.optim_template)
-        lr_group = self.optimizer.param_groups[0]
-        for g in optim["param_groups"]:
-            for key in ("lr", "initial_lr"):
-                if key in lr_group:
-                    g[key] = lr_group[key]
+        optim = with_current_lr(copy.deepcopy(self.layout.optim_template), self.optimizer)
         step = step if step is not None else torch.zeros(())
         optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
                               "exp_avg": moments["exp_avg"][n],

@@ -2,9 +2,9 @@
 
     strategy: {kind: ddp, bucket_mb: 25}                  # all-reduce data parallelism
     strategy: {kind: param_server, num_shards: 2, mode: async, staleness: 2}
-    strategy: {kind: zero, stage: 2, param_dtype: bf16}   # ZeRO-1/2 (actors/zero.py)
-    strategy: {kind: zero, stage: 3, offload_params: true} # ZeRO-3 (actors/zero3.py; kind zero3)
-    strategy: {kind: mesh, tp: 2, pp: 2, zero_stage: 1}   # dp x tp x pp (actors/mesh_parallel.py)
+    strategy: {kind: zero, stage: 2, param_dtype: bf16}   # ZeRO-1/2 (zero/stage12.py)
+    strategy: {kind: zero, stage: 3, offload_params: true} # ZeRO-3 (zero/stage3.py; kind zero3)
+    strategy: {kind: mesh, tp: 2, pp: 2, zero_stage: 1}   # dp x tp x pp (mesh.py)
     strategy: {kind: single}                              # one worker, no communication
 
 The section is flat: ``kind`` picks the strategy and every other key belongs to that kind's
@@ -61,7 +61,7 @@ def strategy_from_dict(raw: dict[str, Any] | None) -> StrategySpec:
     raw = dict(raw or {})
     kind = raw.pop("kind", "auto")
     if kind == "zero" and raw.get("stage") == 3:
-        kind = "zero3"                  # stage 3 has its own class and options (zero3.py)
+        kind = "zero3"                  # stage 3 has its own class and options (zero/stage3.py)
     check_choice("strategy.kind", kind, ["auto", *KINDS])
     if kind == "auto":
         if raw:

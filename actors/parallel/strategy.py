@@ -1,8 +1,8 @@
 """The Strategy interface: everything the training loop needs from "how the model is run".
 
-Why an interface: the loop (actors/trainer.py) is written once. Data parallelism (DDP with
-bucketed all-reduce), the parameter server, ZeRO-1/2/3, mixed precision and the pipeline of
-later issues differ in how a micro-batch's gradients are produced, reduced and applied — not
+Why an interface: the loop (actors/train/loop.py) is written once. Data parallelism (DDP with
+bucketed all-reduce), the parameter server, ZeRO-1/2/3, mixed precision and the pipeline
+differ in how a micro-batch's gradients are produced, reduced and applied — not
 in the loop around them. Each of them subclasses :class:`Strategy`; the loop never asks which
 one it has (torchtitan applies parallelisms from outside the model in the same spirit).
 
@@ -57,10 +57,15 @@ from bmray.actors.train.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when visible, else CPU (DESIGN.md: device-agnostic)."""
+    """``auto`` picks CUDA when visible, else CPU (the strategies are device-agnostic)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def takes_weight_decay(p: nn.Parameter) -> bool:
+    """build_adamw's rule: weight decay on matrices only (biases, norms: none)."""
+    return p.dim() >= 2
 
 
 def build_adamw(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Parameter] | None = None
@@ -74,8 +79,8 @@ def build_adamw(model: nn.Module, cfg: TrainConfig, params: Sequence[nn.Paramete
     if params is not None:
         keep = {id(p) for p in params}
         named = [(n, p) for n, p in named if id(p) in keep]
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
+    decay = [p for _, p in named if takes_weight_decay(p)]
+    no_decay = [p for _, p in named if not takes_weight_decay(p)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -146,7 +151,7 @@ class Strategy(ABC):
     def data_shard(self, rank: int, world_size: int) -> tuple[int, int]:
         """(index, count) of the data slice this rank reads, given its gang rank and size.
         Every rank reads its own slice; ranks that hold parts of one model replica
-        (tensor / pipeline parallel: actors/mesh_parallel.py) read the same one."""
+        (tensor / pipeline parallel: parallel/mesh.py) read the same one."""
         return rank, world_size
 
     def no_sync(self) -> contextlib.AbstractContextManager:

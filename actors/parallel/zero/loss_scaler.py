@@ -1,9 +1,8 @@
 """Loss scaling for fp16 training (Micikevicius et al. 2018, "Mixed Precision Training", sec. 3.2).
 
-fp16 has 5 exponent bits: gradients below ~6e-8 flush to zero. Multiplying the loss by a
-scale S before backward shifts every gradient up by S (the chain rule is linear), and
-dividing the gradients by S before the optimizer step — in fp32, on the master copy —
-shifts them back. Too large an S overflows: some gradient becomes inf or NaN.
+fp16 gradients below ~6e-8 flush to zero: the loss is multiplied by a scale S before
+backward and the gradients divided by S (in fp32, on the master) before the step; too large an
+S overflows (docs/zero.md, "Loss scaling").
 
 *Dynamic* scaling finds the largest S that does not overflow, step by step — the state
 machine of ``torch.amp.GradScaler`` (and of Megatron / DeepSpeed / BMTrain):
@@ -46,7 +45,7 @@ from torch import Tensor
 
 from bmray.models.typed_config import ConfigError, check_positive
 
-__all__ = ["DynamicLossScaler", "LossScalerConfig", "StaticLossScaler"]
+__all__ = ["DynamicLossScaler", "LossScalerConfig", "ScaledWeight", "StaticLossScaler"]
 
 CONFIG_KEY = "train.loss_scale"
 
@@ -58,6 +57,17 @@ def _f32(x: float) -> float:
         return struct.unpack("f", struct.pack("f", x))[0]
     except OverflowError:
         return math.inf
+
+
+class ScaledWeight:
+    """A (lazy) micro-batch weight times the loss scale, converted when backward asks: what
+    the sharded strategies pass as the weight of an fp16 micro-batch."""
+
+    def __init__(self, weight: Any, scale: float) -> None:
+        self.weight, self.scale = weight, scale
+
+    def __float__(self) -> float:
+        return float(self.weight) * self.scale
 
 
 @dataclass

@@ -2,64 +2,22 @@
 host memory (ZeRO-Offload, Ren et al. 2021) or in memory-mapped files on local disk
 (ZeRO-Infinity, Rajbhandari et al. 2021).
 
-Why: Adam keeps 12 bytes per parameter beyond the model itself (fp32 master 4 B + exp_avg 4 B
-+ exp_avg_sq 4 B; Rajbhandari et al. 2020, §3.1 counts K = 12). ZeRO-1/2 (actors/zero.py)
-shard that state over ranks; this module decides where each rank's shard lives and runs the
-AdamW step where the state is:
+Adam keeps 12 bytes per parameter beyond the model (fp32 master + exp_avg + exp_avg_sq);
+ZeRO shards that state over ranks, this module decides where each rank's shard lives and
+runs the AdamW step there:
 
 * ``"none"``  masters and moments on the masters' device; the step runs there.
-* ``"cpu"``   masters (a host copy when the model is on a GPU) and moments in host memory.
-              On a GPU the gradients are copied into pinned host buffers (``non_blocking``),
-              the step runs on the CPU and the updated masters are copied back — the device
-              keeps only what the model needs. On a CPU-only machine host and device are the
-              same memory, so nothing moves; the accounting still says "host".
-* ``"disk"``  exp_avg / exp_avg_sq are float32 files in a fresh subdirectory of ``disk_dir``
-              (default: the system's temporary directory), removed by
-              :meth:`ShardedAdamW.close` or when the optimizer is collected; mapped with
-              ``mmap`` and viewed as tensors (``np.frombuffer`` + ``torch.from_numpy``: the
-              mapping ``numpy.memmap`` makes, but we keep the ``mmap`` to call ``madvise``).
-              The step walks them in ``CHUNK_BYTES`` slices: each slice is faulted in with
-              one ``MADV_POPULATE_WRITE`` and dropped from this process after its step
-              (``MADV_DONTNEED``), so the resident set grows by about one slice per moment,
-              not by the moments' size (tests/test_offload.py measures it with psutil:
-              +2.5 MB instead of +64 MB). Masters stay in host memory. Measured on 64 MB of
-              moments (8M elements, 1 thread, ms/step): "cpu" 33; "disk" 50 with populate,
-              144 with one page fault per page, 158-217 when each slice is also written back
-              with ``msync`` — so by default the kernel writes the dirty pages back itself
-              (they are page cache, not this process's memory); ``SYNC_CHUNKS`` forces it.
+* ``"cpu"``   masters and moments in host memory; on a GPU the gradients are copied into
+              pinned host buffers, the step runs on the CPU and the masters are copied back.
+* ``"disk"``  exp_avg / exp_avg_sq are float32 files in a fresh subdirectory of ``disk_dir``,
+              memory-mapped; the step walks them in ``CHUNK_BYTES`` slices, each faulted in
+              with ``MADV_POPULATE_WRITE`` and dropped after its step (``MADV_DONTNEED``), so
+              the resident set grows by about one slice per moment. Files are removed by
+              :meth:`ShardedAdamW.close` or when the optimizer is collected.
 
-The maths is torch.optim.AdamW's (Loshchilov & Hutter 2019, Algorithm 2, decoupled decay):
-
-    θ ← θ − lr·λ·θ;   m ← β1·m + (1−β1)·g;   v ← β2·v + (1−β2)·g²
-    θ ← θ − lr/(1−β1^t) · m / (√v / √(1−β2^t) + ε)
-
-computed by torch's fused AdamW kernel (``torch._fused_adamw_``, the kernel behind
-``torch.optim.AdamW(fused=True)``) over each flat tensor — one pass over memory per step.
-
-Choice of the CPU kernel (bench/cpu_adam.py, 30M fp32 parameters, this 2-core shared VM,
-median ms per step; see bench/results/cpu_adam.json):
-
-    threads  optimizer                        ms/step  vs fused  max|Δ| vs fused
-          1  torch AdamW (for-loop)             306.8     6.07     2.4e-07
-          1  torch AdamW (foreach)              303.6     6.01     2.4e-07
-          1  torch AdamW (fused)                 50.6     1.00     0
-          1  DeepSpeedCPUAdam                    73.8     1.46     9.5e-07
-          1  ShardedAdamW "cpu" (fused, flat)    48.7     0.96     0
-          1  ShardedAdamW "disk" (mmap)         109.6     2.17     0
-          2  torch AdamW (for-loop)             142.8     7.13     2.4e-07
-          2  torch AdamW (foreach)              146.5     7.31     2.4e-07
-          2  torch AdamW (fused)                 20.0     1.00     0
-          2  DeepSpeedCPUAdam                    23.9     1.20     9.5e-07
-          2  ShardedAdamW "cpu" (fused, flat)    17.0     0.85     0
-          2  ShardedAdamW "disk" (mmap)          48.3     2.41     0
-
-    DeepSpeedCPUAdam's first JIT build took 151 s on this machine (then 5 s to load).
-
-Choice: torch's fused kernel. It is as fast as DeepSpeedCPUAdam (AVX, OpenMP) or faster on
-this shared machine, needs no JIT build (DeepSpeed's needs ``ninja`` and a compiler on every
-worker and minutes of CPU), and is the kernel the single-process trainer uses
-(actors/strategy.build_adamw), so every placement here is bit-identical to the others and
-within 1e-6 of the for-loop reference. The for-loop and foreach AdamW are 6-7x slower.
+The maths is torch.optim.AdamW's (decoupled decay), computed by torch's fused AdamW kernel
+(``torch._fused_adamw_``) over each flat tensor: as fast as DeepSpeedCPUAdam here without a
+JIT build, and bit-identical to the single-process trainer. Measurements: docs/zero.md.
 """
 from __future__ import annotations
 

@@ -1,85 +1,28 @@
 """ZeRO stages 0, 1 and 2: data parallelism whose optimizer state (and gradients) are sharded.
 
-Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
-Models", §5 (P_os, P_os+g); the bucket layout follows DeepSpeed's stage 1/2 optimizer. With
-mixed-precision Adam (K = 12 bytes of optimizer state per parameter: fp32 master, exp_avg,
-exp_avg_sq) and Ψ trainable parameters, the model-state bytes per rank are
+Rajbhandari et al. 2020, §5 (P_os, P_os+g); formulas and design in docs/zero.md. Per rank,
+with mixed-precision Adam and Ψ trainable parameters over N ranks:
 
-    stage 0   2Ψ + 2Ψ + 12Ψ          = 16Ψ           (replicated, = all-reduce DDP)
-    stage 1   2Ψ + 2Ψ + 12Ψ/N        = 4Ψ + 12Ψ/N    (optimizer state sharded)
-    stage 2   2Ψ + 2Ψ/N + 12Ψ/N      = 2Ψ + 14Ψ/N    (gradients sharded too)
+    stage 0   16Ψ          stage 1   4Ψ + 12Ψ/N          stage 2   2Ψ + 14Ψ/N
 
-(params + grads + optimizer). With ``param_dtype: fp32`` and the optimizer on the device
-(``offload_optimizer: none``) the fp32 master would be a second copy of the parameters, so it
-is not kept (see "Aliased fp32 masters" below; DeepSpeed 0.19's stage 1/2 optimizer still
-clones its fp32 partition when the model is fp32): K = 8 (exp_avg, exp_avg_sq) on top of
-4-byte parameters and gradients,
+(fp32 parameters with the optimizer on the device: the fp32 master *is* this rank's slice of
+the parameters — "aliased" — so 16Ψ, 8Ψ + 8Ψ/N, 4Ψ + 12Ψ/N.)
 
-    stage 0   4Ψ + 4Ψ + 8Ψ           = 16Ψ           (was 20Ψ with a separate master)
-    stage 1   4Ψ + 4Ψ + 8Ψ/N         = 8Ψ + 8Ψ/N     (was 8Ψ + 12Ψ/N)
-    stage 2   4Ψ + 4Ψ/N + 8Ψ/N       = 4Ψ + 12Ψ/N    (was 4Ψ + 16Ψ/N)
+A subclass of :class:`DataParallel` (same buckets, hooks, launch order, transport):
 
-— exactly DDP's 16Ψ at stage 0. fp32 with optimizer offload keeps a separate master in host
-memory (stage 1: 4Ψ + 4Ψ + 12Ψ/N, the 12Ψ/N on the host); bf16/fp16 are as in the table.
+* buckets are zero-padded to a multiple of N and split with ``shard_bounds``: rank r owns
+  slice r of every bucket; decay and no-decay parameters never share a bucket;
+* stage 0/1: a bucket is all-reduced as in DataParallel and the optimizer reads this rank's
+  slice (stage 0 owns every slice); stage 2: a bucket exists only while it is
+  reduce-scattered into this rank's gradient shard (every micro-batch);
+* step (:func:`step_master_shards`): global norm over the shards, clip, AdamW on the fp32
+  slices (:class:`ShardedOptimizer`, with offload), then the slices are all-gathered into the
+  ``param_dtype`` parameters asynchronously; the next forward waits for them;
+* checkpoints are SingleProcess's format (consolidated_state.py; a collective), or each
+  rank's own slices with ``sharded_checkpoint``.
 
-How it is built — on the all-reduce machinery of :mod:`actors.data_parallel` (a subclass of
-:class:`DataParallel`, so buckets, hooks, launch order and ``no_sync`` are the same code):
-
-* **Flat buckets.** Trainable parameters (a tied weight once; frozen ones in no bucket: they
-  never change and cost no gradient or optimizer memory) are packed in reverse order into
-  buckets of ``bucket_mb``; a bucket never mixes AdamW's decay (matrices) and no-decay
-  (biases, norms) groups. Each bucket is zero-padded to a multiple of N and split with
-  :func:`actors.collectives.shard_bounds`: rank r owns slice r of *every* bucket. Any
-  parameter count works, divisible by N or not (the padding has zero gradient and stays 0).
-* **Parameters** stay replicated, in ``param_dtype`` (bf16/fp16: the compute copy of mixed
-  precision, Micikevicius et al. 2018). The fp32 *master* copy and AdamW's moments exist only
-  for this rank's slices.
-* **Aliased fp32 masters** (``param_dtype: fp32``, ``offload_optimizer: none``): each
-  bucket's parameters are views into one flat fp32 buffer laid out like the bucket (zero
-  padding at the end; ``p.data = flat[off:off + n].view_as(p)``, so Parameter objects, ties
-  and attributes such as ``tp_dim`` are kept), and this rank's master is the view
-  ``flat[shard.start:shard.stop]`` — AdamW updates that slice of the parameters in place, and
-  the all-gather after the step only fills in the other ranks' slices (through a temporary
-  full buffer; stage 0 owns every slice and gathers nothing). ``load_state_dict`` writes the
-  parameters, hence the masters. The memory report counts the flat buffers (padding
-  included) as ``param_bytes`` and only the moments as ``optimizer_bytes``
-  (``master_aliased: true``).
-* **Stage 0/1 gradients**: ``param.grad`` views a full bucket buffer; a bucket is all-reduced
-  (SUM) asynchronously as soon as backward completes it, exactly as in DataParallel; the
-  optimizer reads this rank's slice. Stage 0 differs only in owning every slice (N = 1 for
-  the optimizer), i.e. mixed-precision DDP with an fp32 master.
-* **Stage 2 gradients**: a bucket buffer exists only while its gradients are reduced: when
-  backward completes a bucket it is reduce-scattered asynchronously, and when that finishes
-  (at most ``max_inflight_buckets`` are on the wire; older ones are retired first) this rank's
-  slice is added to its persistent gradient shard and the full buffer is freed. Gradient
-  memory is therefore the shard (2Ψ/N) plus a transient ``max_inflight_buckets × bucket_mb``
-  that the report does not count (DeepSpeed's reduce bucket is the same trade). Every
-  micro-batch is reduced (DeepSpeed does the same): accumulating full gradients under
-  ``no_sync`` would need the full buffer, which is what stage 2 saves.
-* **Step**: the global grad norm is √(Σ_ranks ‖shard‖²) (one all-reduce of a scalar),
-  clipped with ``clip_grad_norm_``'s rule, AdamW on the fp32 shards (torch's fused AdamW over
-  flat tensors — elementwise, so the same maths per element as on the unflattened model;
-  ``actors.offload.ShardedAdamW`` when it is available, which adds CPU / disk offload), then
-  every bucket's updated slices are all-gathered into the ``param_dtype`` parameters,
-  asynchronously, bucket by bucket; the next forward waits for them.
-* **Checkpoints** are consolidated: ``state_dict()`` all-gathers the shards (a collective:
-  every rank must call it) into exactly :class:`actors.strategy.SingleProcess`'s format (an
-  fp32 model state dict + torch AdamW's optimizer state dict), so ``replicated`` is True and
-  a checkpoint of any stage, world size or of a single process loads into any other;
-  ``load_state_dict`` re-shards (each rank copies its slices). Opt-in
-  ``sharded_checkpoint: true`` (for models too big to consolidate): ``replicated`` is False,
-  every rank writes only its own slices plus the layout, and loading reassembles them
-  (:mod:`actors.sharded_state`), so such checkpoints also load at any stage / world size.
-* **Memory report** (``memory_report``): ``param_bytes``, ``grad_bytes``, ``optimizer_bytes``
-  (master + moments; the moments only when the master is aliased), ``model_state_bytes`` (their
-  sum) and the same total split by where it lives: ``device``, ``host``, ``disk`` (and
-  ``by_location`` per kind). Bytes are counted from the tensors this rank actually holds
-  (padding included). On a CPU-only machine device and host are the same memory; a tensor is
-  counted where it is *meant* to live.
-
-Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step —
-a flat shard cannot skip one parameter (DeepSpeed behaves the same). fp16 needs
-``actors.loss_scaler.DynamicLossScaler``.
+Limitations: unused parameters get a zero gradient (AdamW decays them), not a skipped step.
+fp16 needs the DynamicLossScaler (loss_scaler.py).
 """
 from __future__ import annotations
 
@@ -90,236 +33,51 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from bmray.models.typed_config import ConfigError, check_choice, check_positive
+from bmray.models.typed_config import check_choice, check_positive
 
 from bmray.actors.comm import collectives as C
-from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel, _Bucket
-from bmray.actors.parallel.strategy import MicroResult, build_adamw, split_step_stats, weighted_forward_backward
+from bmray.actors.parallel.buckets import Bucket, bucket_pieces
+from bmray.actors.parallel.data_parallel import DataParallel
+from bmray.actors.parallel.strategy import (MicroResult, build_adamw, takes_weight_decay,
+                                            weighted_forward_backward)
+from bmray.actors.parallel.zero.config import DTYPES, ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimizer,
+                                                           load_lr_and_scaler,
+                                                           non_sharded_model,
+                                                           optimizer_template, param_states)
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
+from bmray.actors.parallel.zero.memory import memory_totals
+from bmray.actors.parallel.zero.offload import OffloadConfig
+from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
+                                                          step_master_shards)
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
 
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
-from bmray.actors.parallel.zero.offload import OffloadConfig, ShardedAdamW
-
-def check_bool(key: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclass
-class ZeroConfig:
-    """Knobs of :class:`Zero` (``strategy: {kind: zero, stage: 2, ...}``)."""
+class ZeroConfig(ZeroSharedConfig):
+    """Knobs of :class:`Zero` (``strategy: {kind: zero, stage: 2, ...}``); param_dtype,
+    offload_optimizer, disk_dir, broadcast_init and transport: :class:`ZeroSharedConfig`."""
 
     stage: int = 1                          # 0: no sharding, 1: optimizer state, 2: + gradients
     bucket_mb: float = 25.0                 # DeepSpeed's reduce_bucket_size / DDP's bucket_cap_mb
     first_bucket_mb: float | None = None    # as in DataParallel; None: same as bucket_mb
-    param_dtype: str = "fp32"               # the replicated compute copy: fp32 | bf16 | fp16
-    offload_optimizer: str = "none"         # where master + moments live: none | cpu | disk
-    disk_dir: str | None = None             # offload_optimizer: disk — memory-mapped files here
     max_inflight_buckets: int = 2           # stage 2: full buckets on the wire at once
-    broadcast_init: bool = True             # copy rank 0's parameters and buffers at setup
     sharded_checkpoint: bool = False        # each rank writes only its shard (sharded_state.py)
-    transport: str = "auto"                 # buckets via: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [0, 1, 2])
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
         check_positive("strategy.bucket_mb", self.bucket_mb)
         if self.first_bucket_mb is not None:
             check_positive("strategy.first_bucket_mb", self.first_bucket_mb)
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
-        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
-        if self.offload_optimizer == "disk" and not self.disk_dir:
-            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
-                              "is 'disk'")
         check_positive("strategy.max_inflight_buckets", self.max_inflight_buckets)
 
 
-def _decays(p: nn.Parameter) -> bool:
-    """build_adamw's rule: weight decay on matrices only."""
-    return p.dim() >= 2
-
-
-def _pieces(bucket: _Bucket, lo: int, hi: int):
-    """(param index j, [a, b) in the param's flat, [a', b') in the slice) for every parameter
-    overlapping elements [lo, hi) of the bucket's flat layout."""
-    for j, (p, off) in enumerate(zip(bucket.params, bucket.offsets)):
-        a, b = max(lo, off), min(hi, off + p.numel())
-        if a < b:
-            yield j, a - off, b - off, a - lo, b - lo
-
-
-class _Scaled:
-    """A (lazy) micro-batch weight times the loss scale, converted when backward asks."""
-
-    def __init__(self, weight: Any, scale: float) -> None:
-        self.weight, self.scale = weight, scale
-
-    def __float__(self) -> float:
-        return float(self.weight) * self.scale
-
-
-# ------------------------------------------------------------------ shared by stages 0-3
-@torch.no_grad()
-def step_master_shards(grads: list[torch.Tensor], masters: list[torch.Tensor],
-                       optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
-                       max_norm: float, group: Any, distributed: bool,
-                       local_square: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
-                       stats: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-    """Unscale and check (fp16), take the global norm over all ranks' shards, clip with
-    ``clip_grad_norm_``'s rule and step the fp32 masters; returns (pre-clip norm, skipped).
-
-    ``local_square(grads)`` replaces this rank's squared-norm contribution Σ‖g‖² where some
-    elements are held by several ranks of ``group`` (tensor-parallel replicas, a tied weight on
-    two pipeline stages: actors/mesh_parallel.py) and must be counted once. ``stats`` (float64)
-    is summed over ``group`` in place, in the same all-reduce as the norm
-    (:class:`StatsWithNorm`)."""
-    skip = False
-    if scaler is not None:
-        found_inf = scaler.unscale_and_check(grads)
-        scaler.update(found_inf)
-        skip = bool(found_inf)
-    if local_square is not None:
-        sq = local_square(grads)
-    else:
-        sq = (torch.stack([g.pow(2).sum() for g in grads]).sum() if grads
-              else torch.zeros((), device=masters[0].device if masters else "cpu"))
-    if distributed and stats is not None:
-        both = torch.cat([sq.double().reshape(1), stats.to(sq.device)])
-        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-        sq = both[0].to(sq.dtype)
-        stats.copy_(both[1:])
-    elif distributed:
-        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=group)
-    norm = sq.sqrt()
-    if not skip:
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)   # clip_grad_norm_'s rule
-            for g in grads:
-                g.mul_(coef)
-        for m, g in zip(masters, grads):
-            m.grad = g.to(m.device)
-        optimizer.step()
-        for m in masters:
-            m.grad = None
-    return norm.detach(), skip
-
-
-class StatsWithNorm:
-    """Mixin for the sharded strategies: the step's statistics (``reduce_step_stats``) ride in
-    the all-reduce of the global gradient norm that ``clip_and_step`` makes anyway, so logging
-    costs no collective of its own (each costs ~1-2 ms of CPU per rank on gloo, whatever its
-    size; actors/data_parallel.py). Applies when the norm is summed over the same group as
-    the statistics (not a mesh, whose norm spans tensor and pipeline ranks too)."""
-
-    _stats: tuple[torch.Tensor, list] | None = None
-
-    def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
-        return self.group, self.world_size > 1, None
-
-    def reduce_step_stats(self, values: Sequence[float], counts: Sequence[int] = ()
-                          ) -> Callable[[], tuple[list[float], list[int]]]:
-        group, distributed, _ = self._norm_reduction()
-        if not distributed or group is not self.group:
-            return super().reduce_step_stats(values, counts)
-        payload = torch.tensor([*map(float, values), *map(float, counts)], dtype=torch.float64)
-        box: list[list[float]] = []
-        self._stats = (payload, box)
-
-        def wait() -> tuple[list[float], list[int]]:
-            if not box:                 # asked before clip_and_step: reduce them alone
-                self._stats = None
-                dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
-                box.append(payload.tolist())
-            return split_step_stats(box[0], len(values))
-        return wait
-
-    def _take_stats(self) -> torch.Tensor | None:
-        """The pending statistics for ``step_master_shards(stats=...)``; call
-        :meth:`_stats_reduced` after it."""
-        return self._stats[0] if self._stats is not None else None
-
-    def _stats_reduced(self) -> None:
-        if self._stats is not None:
-            payload, box = self._stats
-            self._stats = None
-            box.append(payload.tolist())
-
-
-def optimizer_template(template: torch.optim.Optimizer,
-                       optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """SingleProcess's optimizer state dict without state, carrying the current lr."""
-    optim = template.state_dict()
-    lr_group = optimizer.param_groups[0]
-    for g in optim["param_groups"]:
-        for key in ("lr", "initial_lr"):
-            if key in lr_group:
-                g[key] = lr_group[key]
-    return optim
-
-
-def consolidated_optimizer(template: torch.optim.Optimizer, optimizer: torch.optim.Optimizer,
-                           template_params: list[nn.Parameter],
-                           per_param: dict[int, dict[str, torch.Tensor]],
-                           step: torch.Tensor) -> dict[str, Any]:
-    """torch AdamW's state dict from full per-parameter moments ``per_param[id(p)]["m"/"v"]``."""
-    optim = optimizer_template(template, optimizer)
-    optim["state"] = {i: {"step": step.detach().float().cpu().clone(),
-                          "exp_avg": per_param[id(p)]["m"],
-                          "exp_avg_sq": per_param[id(p)]["v"]}
-                      for i, p in enumerate(template_params)}
-    return optim
-
-
-def non_sharded_model(module: nn.Module, sharded_names: set[str]) -> dict[str, torch.Tensor]:
-    """Frozen parameters and buffers (fp32 copies): a model state without the shards."""
-    return {k: (v.detach().float().clone() if v.is_floating_point() else v.detach().clone())
-            for k, v in module.state_dict(keep_vars=True).items() if k not in sharded_names}
-
-
-def param_states(optim: dict[str, Any] | None,
-                 template_params: list[nn.Parameter]) -> dict[int, dict[str, Any]]:
-    """id(param) → its AdamW state in a loaded optimizer state dict (int or str keys)."""
-    if optim is None:
-        return {}
-    return {id(p): optim["state"].get(i, optim["state"].get(str(i), {}))
-            for i, p in enumerate(template_params)}
-
-
-def load_lr_and_scaler(optimizer: torch.optim.Optimizer, scaler: DynamicLossScaler | None,
-                       state: dict[str, Any]) -> None:
-    """The scheduler's lr fields and the loss-scaler state of a loaded checkpoint."""
-    optim = state.get("optimizer")
-    if optim is not None:
-        loaded = optim["param_groups"][0]
-        for g in optimizer.param_groups:
-            for key in ("lr", "initial_lr"):
-                if key in loaded:
-                    g[key] = loaded[key]
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-
-
-def memory_totals(param: int, grad: int, optim: dict[str, int],
-                  by_location: dict[str, dict[str, int]], **extra: Any) -> dict[str, Any]:
-    """The memory report both ZeRO strategies return: totals by kind and by location."""
-    report: dict[str, Any] = {
-        "param_bytes": param, "grad_bytes": grad, "optimizer_bytes": sum(optim.values()),
-        "model_state_bytes": param + grad + sum(optim.values()), **extra,
-        "by_location": by_location}
-    for where in ("device", "host", "disk"):
-        report[where] = sum(v[where] for v in by_location.values())
-    return report
-
-
-class Zero(StatsWithNorm, DataParallel):
+class Zero(GradNormStats, DataParallel):
     """ZeRO stage 0/1/2 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True                   # state_dict() consolidates: one file, any world size
@@ -334,14 +92,14 @@ class Zero(StatsWithNorm, DataParallel):
         super().__init__(config, group=group)
         self.stage = config.stage
         self.dtype = DTYPES[config.param_dtype]
-        # sharded checkpoints: every rank writes its own file (see actors/sharded_state.py)
+        # sharded checkpoints: every rank writes its own file (see actors/train/sharded_state.py)
         self.sharded_checkpoint = config.sharded_checkpoint
         self.replicated = not config.sharded_checkpoint
         # the optimizer's view of the world: stage 0 owns every slice
         self.shards = 1 if self.stage == 0 else self.world_size
         self.shard_rank = 0 if self.stage == 0 else self.rank
-        self._gathers: list[tuple[_Bucket, Any]] = []
-        self._inflight: collections.deque[_Bucket] = collections.deque()
+        self._gathers: list[tuple[Bucket, Any]] = []
+        self._inflight: collections.deque[Bucket] = collections.deque()
         self.scaler = None
 
     # ------------------------------------------------------------ setup
@@ -356,7 +114,7 @@ class Zero(StatsWithNorm, DataParallel):
             self._names.setdefault(id(p), []).append(name)
         # SingleProcess's optimizer, never stepped (no state): the checkpoint layout
         self._template = build_adamw(self.model, cfg, self.params)
-        plan = self.bucket_plan(self.params, group_of=_decays, itemsize=self.dtype.itemsize)
+        plan = self.bucket_plan(self.params, group_of=takes_weight_decay, itemsize=self.dtype.itemsize)
         on_host = self.config.offload_optimizer != "none"
         # fp32 parameters on the optimizer's device: the master *is* this rank's slice of the
         # parameters (module doc, "Aliased fp32 masters"); otherwise a separate fp32 copy
@@ -380,12 +138,12 @@ class Zero(StatsWithNorm, DataParallel):
         else:
             self.masters = [nn.Parameter(m.to("cpu" if on_host else self.device))
                             for m in masters]
-        self.decay = [_decays(b.params[0]) for b in self.buckets]
+        self.decay = [takes_weight_decay(b.params[0]) for b in self.buckets]
         self.optimizer = self._build_optimizer(cfg)
         if self.dtype == torch.float16:
             self.scaler = DynamicLossScaler(cfg.loss_scale, group=self.group)
 
-    def _bounds(self, bucket: _Bucket) -> C.ShardBounds:
+    def _bounds(self, bucket: Bucket) -> C.ShardBounds:
         return C.shard_bounds(bucket.numel, self.shard_rank, self.shards)
 
     def _take_slices(self, params: list[nn.Parameter]) -> torch.Tensor:
@@ -402,7 +160,7 @@ class Zero(StatsWithNorm, DataParallel):
 
     @torch.no_grad()
     def _flatten_params(self, params: list[nn.Parameter]) -> torch.Tensor:
-        """One flat fp32 buffer for a bucket's parameters (its layout: ``_Bucket``'s offsets,
+        """One flat fp32 buffer for a bucket's parameters (its layout: ``Bucket``'s offsets,
         zero-padded to a multiple of the shards); every parameter becomes a view into it
         (``p.data = ...``: the same Parameter object, so ties, hooks and python attributes such
         as ``tp_dim`` are kept)."""
@@ -414,17 +172,20 @@ class Zero(StatsWithNorm, DataParallel):
             p.data = flat[off:off + p.numel()].view_as(p)
         return flat
 
-    def _build_optimizer(self, cfg: TrainConfig) -> "_ShardedOptimizer":
-        """ShardedAdamW (actors/offload.py) over the fp32 master slices: one flat group per
+    def _build_optimizer(self, cfg: TrainConfig) -> ShardedOptimizer:
+        """ShardedAdamW (zero/offload.py) over the fp32 master slices: one flat group per
         bucket, decay or not as build_adamw decides; it allocates its state up front."""
-        return _ShardedOptimizer(self, cfg)
+        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
+                                disk_dir=self.config.disk_dir)
+        return ShardedOptimizer(self.masters, self.decay, cfg, offload,
+                                name=f"zero_rank{self.rank}")
 
     # ------------------------------------------------------------ backward
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Stage 2 reduces every micro-batch (see module doc); stages 0/1 as DataParallel."""
         return contextlib.nullcontext() if self.stage == 2 else super().no_sync()
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         if self.stage < 2:
             return super()._launch(bucket)          # all-reduce (SUM), as DataParallel
         bucket.allocate()                           # a bucket of unused params: zeros
@@ -436,7 +197,7 @@ class Zero(StatsWithNorm, DataParallel):
         while len(self._inflight) > self.config.max_inflight_buckets:
             self._retire(self._inflight.popleft())
 
-    def _retire(self, bucket: _Bucket) -> None:
+    def _retire(self, bucket: Bucket) -> None:
         """Stage 2: add this rank's reduced slice to its shard, free the full bucket."""
         if bucket.work is not None:
             bucket.work.wait()
@@ -449,7 +210,7 @@ class Zero(StatsWithNorm, DataParallel):
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         self._wait_params()
         if self.scaler is not None:
-            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+            weight = ScaledWeight(weight, float(self.scaler.scale(torch.ones(()))))
         if self.stage < 2:
             return super().forward_backward(batch, weight)
         result = weighted_forward_backward(self.model, batch, self.device, weight)
@@ -491,7 +252,7 @@ class Zero(StatsWithNorm, DataParallel):
 
     def _norm_reduction(self) -> tuple[Any, bool, Callable | None]:
         """(group, distributed, local_square) of the global grad norm: the shards of this
-        rank's data-parallel group; a composite strategy widens it (actors/mesh_parallel.py)."""
+        rank's data-parallel group; a composite strategy widens it (parallel/mesh.py)."""
         return self.group, self.shards > 1, None
 
     def _gather_params(self) -> None:
@@ -541,7 +302,7 @@ class Zero(StatsWithNorm, DataParallel):
         return [p for g in self._template.param_groups for p in g["params"]]
 
     def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's shard only (no collective): see actors/sharded_state.py."""
+        """This rank's shard only (no collective): see actors/train/sharded_state.py."""
         self._wait_params()
         exp_avg, exp_avg_sq, _ = self._moments()
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}
@@ -594,7 +355,7 @@ class Zero(StatsWithNorm, DataParallel):
             s = self._bounds(b)
             m = torch.zeros_like(master)
             v = torch.zeros_like(master)
-            for j, a, e, lo, hi in _pieces(b, s.start, s.stop):
+            for j, a, e, lo, hi in bucket_pieces(b, s.start, s.stop):
                 p = b.params[j]
                 master[lo:hi] = model[self._names[id(p)][0]].reshape(-1)[a:e].to(master)
                 ps = pstate.get(id(p), {})
@@ -606,7 +367,7 @@ class Zero(StatsWithNorm, DataParallel):
             moments["exp_avg_sq"].append(v)
         step = torch.as_tensor(step if step is not None else 0.0, dtype=torch.float32)
         inner = self.optimizer.inner
-        inner.load_state_dict({"step": int(step), "weight_decay": inner.weight_decays,
+        inner.load_state_dict({"step": int(step), "weight_decay": inner.weighttakes_weight_decay,
                                "numel": [m.numel() for m in self.masters],
                                "master": [m.detach() for m in self.masters], **moments})
         load_lr_and_scaler(self.optimizer, self.scaler, state)
@@ -632,26 +393,3 @@ class Zero(StatsWithNorm, DataParallel):
                              num_buckets=len(self.buckets), stage=self.stage,
                              shards=self.shards, master_aliased=self.aliased,
                              comm_buffer_bytes=self._comm_buffer_bytes())
-
-
-class _ShardedOptimizer(torch.optim.Optimizer):
-    """A torch Optimizer face for :class:`actors.offload.ShardedAdamW` over the masters, so
-    the trainer's LR scheduler (LambdaLR) drives its learning rate like any optimizer's."""
-
-    def __init__(self, zero: Zero, cfg: TrainConfig) -> None:
-        # build_adamw's two groups (decay, no decay), so the LR scheduler's state is the same
-        # as SingleProcess's and checkpoints move between them
-        decay = [m for m, d in zip(zero.masters, zero.decay) if d]
-        no_decay = [m for m, d in zip(zero.masters, zero.decay) if not d]
-        super().__init__([{"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}], dict(lr=cfg.lr))
-        offload = OffloadConfig(optimizer=zero.config.offload_optimizer,
-                                disk_dir=zero.config.disk_dir)
-        self.masters = zero.masters
-        self.inner = ShardedAdamW([(m.data, cfg.weight_decay if d else 0.0)
-                                   for m, d in zip(zero.masters, zero.decay)],
-                                  cfg, offload, name=f"zero_rank{zero.rank}")
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
-        self.inner.step([m.grad for m in self.masters], self.param_groups[0]["lr"])

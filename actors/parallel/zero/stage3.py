@@ -1,98 +1,26 @@
 """ZeRO stage 3: parameters, gradients and optimizer state all sharded (P_os+g+p).
 
-Rajbhandari et al. 2020, "ZeRO", §5.3; the unit / flat-parameter design follows PyTorch FSDP
-(Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel", §3-4).
-With mixed-precision Adam and Ψ trainable parameters the model state per rank is
+Rajbhandari et al. 2020, §5.3; units and flat parameters as in PyTorch FSDP (Zhao et al.
+2023). Per rank 16Ψ/N of model state plus the transient full parameters of the units gathered
+at a time; the design is in docs/zero.md.
 
-    stage 3   2Ψ/N + 2Ψ/N + 12Ψ/N = 16Ψ/N   (params + grads + fp32 master and moments)
+* **Units**: every module of the model's ``block_lists`` is one unit; every other trainable
+  parameter (and a tied one) belongs to the root unit. A unit's parameters live in one flat
+  buffer padded to a multiple of N; rank r keeps slice r (``param_dtype``; on the host with
+  ``offload_params``) and its fp32 master. The full buffer's storage exists only while the
+  unit is gathered; module parameters are views into it.
+* **Forward**: a pre-hook gathers the unit and prefetches the next; a post-hook frees it
+  (level 3) or keeps it until its gradients are reduced (level 2, ``block_levels``).
+* **Backward**: the unit is re-gathered (level 3) when the first gradient reaches its outputs;
+  once all its gradients exist they are reduce-scattered (SUM, async, ``max_inflight`` at a
+  time) into the gradient shard, in a fixed order on every rank (last block first, root last).
+* **Step**: as stages 1/2 (sharded_optimizer.py); the ``param_dtype`` slices are refreshed
+  from the masters and the next forward gathers them.
 
-plus the transient full parameters of the (at most ~2) units gathered at a time. With
-``param_dtype: fp32`` and nothing offloaded the fp32 master *is* the parameter shard (AdamW
-steps the shard in place; ``master_aliased`` in the report): 4Ψ/N + 4Ψ/N + 8Ψ/N = 16Ψ/N, not
-20Ψ/N (DeepSpeed 0.19's stage 3 keeps a separate fp32 partition: 20Ψ/N at the step).
-
-How it is built (applied to a plain ``nn.Module`` from outside; the model is not changed
-except that its trainable parameters' storage belongs to the strategy):
-
-* **Units.** Every module of the model's ``block_lists`` (``GPT.block_lists = ("blocks",)``;
-  for a model without the attribute, e.g. a ``transformers`` BertModel, pass
-  ``block_lists: ["encoder.layer"]``) is one unit; every other trainable parameter belongs to
-  the **root unit**, gathered for the whole forward + backward of a micro-batch. A parameter
-  reachable from two units (tied weights) goes to the root. Frozen parameters are not
-  sharded: they stay replicated, unchanged, and count in no total.
-* **Flat parameters.** A unit's trainable parameters (decay group first, then no-decay, as
-  ``build_adamw`` splits them) are laid out in one flat buffer, zero-padded to a multiple of N
-  and split with :func:`actors.collectives.shard_bounds`: rank r keeps slice r in
-  ``param_dtype`` (the compute copy; in host memory with ``offload_params``) and the fp32
-  master slice (in :class:`actors.offload.ShardedAdamW`, through zero.py's optimizer face, so
-  the LR scheduler drives it). Each module parameter keeps its identity but its ``.data`` is a
-  view into the unit's full buffer, whose storage exists only while the unit is gathered
-  (``untyped_storage().resize_(0)`` frees it; the views, and the tensors autograd saved, see
-  the data again once it is re-gathered).
-* **Forward.** A forward pre-hook on a unit waits for (or starts) its all-gather and starts
-  the *next* unit's all-gather asynchronously (prefetch), so communication overlaps the
-  current unit's compute; a forward post-hook frees the full parameters (level 3, below)
-  and, when autograd records, hooks the unit's output tensors.
-* **Per-block ZeRO level** (BMTrain's ``CheckpointBlock(block, zero_level=2|3)``; FSDP2's
-  ``fully_shard(reshard_after_forward=False)``, FSDP1's ``SHARD_GRAD_OP``). ``block_levels``
-  maps glob patterns over unit names (:func:`fnmatch.fnmatchcase`: ``"blocks.0"``,
-  ``"blocks.*"``, ``"bert.encoder.layer.1[0-1]"``) to a level, applied in order (a later
-  pattern overrides an earlier one: ``{"blocks.*": 2, "blocks.0": 3}``); unmatched blocks are
-  level 3. **Level 3** frees a block after its forward and all-gathers it again in backward:
-  2 all-gathers per micro-batch, and at most ~2 blocks' full parameters alive. **Level 2**
-  keeps the block gathered from its forward until its gradients are reduce-scattered: 1
-  all-gather per micro-batch (a third less communication for that block: 1 gather + 1
-  reduce-scatter instead of 2 + 1), at the price of its full parameters for the whole
-  forward-backward span. Gradients and optimizer state stay sharded at both levels; only the
-  transient parameter memory differs, and the results are the same to rounding. The root
-  unit is always held from forward to backward (level 2). A pattern that matches no unit is
-  a ConfigError naming the units. Activation checkpointing (``train.activation_checkpointing``,
-  actors/activation_checkpointing.py) is chosen per block independently and composes with
-  both levels: a checkpointed block is recomputed in backward after its unit is gathered
-  (level 3: re-gathered; level 2: still gathered), so level 2 + checkpointing keeps parameters
-  and drops activations, level 3 without checkpointing the reverse.
-* **Backward.** The first gradient reaching a unit's outputs re-gathers the unit (a level-2
-  unit is still gathered: no collective) and prefetches the unit before it (a no-op when that
-  one is level 2); when every parameter of the unit has its gradient
-  (post-accumulate-grad hooks) the gradients are flattened into a full buffer and
-  reduce-scattered (SUM) asynchronously, the parameters' ``.grad`` dropped and the unit
-  freed; the rank's slice is added to its gradient shard when the collective completes
-  (``max_inflight`` at a time). Units are reduced in a fixed order on every rank (reverse
-  unit order, root last); a unit without gradients (unused) is reduced as zeros after
-  backward. Every micro-batch is reduced (as stage 2).
-* **Step** (as zero.py): global norm from the shards, clip, AdamW on the fp32 slices, then
-  the ``param_dtype`` slices are refreshed from the masters — no all-gather: the next forward
-  gathers just in time. With ``param_dtype: fp16`` backward runs on the loss times the
-  :class:`actors.loss_scaler.DynamicLossScaler` scale; after the reduce-scatter an
-  inf/NaN may sit in one rank's gradient shard only, so the scaler all-reduces the found-inf
-  flag (MAX): every rank skips the step (masters, shards and Adam's step count untouched)
-  and halves the scale.
-* **Checkpoints** are consolidated into :class:`actors.strategy.SingleProcess`'s format
-  (a collective: every rank calls ``state_dict``), so stage-3 checkpoints load into stages 0-2
-  or a single process and back.
-
-Observability (tests, benchmarks): ``memory_report()`` has zero.py's keys plus
-``unit_bytes``, ``unit_levels`` (per unit, root last) and ``peak_gathered_bytes`` (the most
-full-parameter bytes ever gathered at once, a unit counted from its all-gather until it is
-freed: about the root plus two blocks, plus every level-2 block); setting
-``strategy.trace = []`` records the events ``("gather" | "ready" | "forward_end" |
-"backward" | "reduce" | "free", unit index)`` in order (tests count all-gathers per unit).
-
-Built on :class:`actors.data_parallel.DataParallel` for the process group, the initial
-broadcast and the loop's small collectives (``all_reduce_sum``, ``barrier``); its buckets are
-not used. ``transport`` as there: between the CPU workers of one host (``auto``) the units'
-all-gathers write straight into their flat buffers and their reduce-scatters add straight
-into the gradient shards through shared memory (actors/shm_transport.py: ~4× less CPU per
-collective than gloo's loopback TCP), else they go through the process group. The grad-norm,
-found-inf and checkpoint collectives stay on the process group.
-
-Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``, whose options are
+Observability: ``memory_report()`` adds ``unit_bytes``, ``unit_levels`` and
+``peak_gathered_bytes``; ``strategy.trace = []`` records ``(event, unit index)``.
+Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``:
 :class:`Zero3Config`).
-
-Limitations: a unit should run its forward once per micro-batch (a level-3 block called twice
-is gathered twice, which is correct but costs a second all-gather); prefetch follows the
-``block_lists`` order, which must be the execution order for the overlap to help (correctness
-does not depend on it).
 """
 from __future__ import annotations
 
@@ -110,37 +38,39 @@ from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
 
 from bmray.actors.comm import collectives as C
-from bmray.actors.parallel.data_parallel import TRANSPORTS, DataParallel
-from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
-from bmray.actors.parallel.strategy import MicroResult, build_adamw, weighted_forward_backward
+from bmray.actors.parallel.data_parallel import DataParallel
+from bmray.actors.parallel.strategy import (MicroResult, build_adamw, takes_weight_decay,
+                                            weighted_forward_backward)
+from bmray.actors.parallel.zero.config import DTYPES, ZeroSharedConfig, check_bool
+from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimizer,
+                                                           load_lr_and_scaler,
+                                                           non_sharded_model,
+                                                           optimizer_template, param_states)
+from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
+from bmray.actors.parallel.zero.memory import memory_totals
+from bmray.actors.parallel.zero.offload import OffloadConfig
+from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
+                                                          step_master_shards)
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
-from bmray.actors.parallel.zero.stage12 import (DTYPES, _decays, _Scaled, _ShardedOptimizer, check_bool,
-                   consolidated_optimizer, load_lr_and_scaler, memory_totals,
-                   non_sharded_model, optimizer_template, param_states, step_master_shards,
-                   StatsWithNorm)
 
 
 @dataclass
-class Zero3Config:
-    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``)."""
+class Zero3Config(ZeroSharedConfig):
+    """Knobs of :class:`Zero3` (``strategy: {kind: zero, stage: 3, ...}``); param_dtype,
+    offload_optimizer, disk_dir, broadcast_init and transport: :class:`ZeroSharedConfig`."""
 
     stage: int = 3
-    param_dtype: str = "fp32"              # compute copy: fp32 | bf16 | fp16
     offload_params: bool = False           # the rank's param shard lives in host memory
-    offload_optimizer: str = "none"        # master + moments: none | cpu | disk
-    disk_dir: str | None = None
     block_lists: list[str] | None = None   # dotted paths of ModuleLists; None: model.block_lists
     prefetch: bool = True                  # all-gather the next unit while this one computes
     max_inflight: int = 2                  # reduce-scatters on the wire at once
-    broadcast_init: bool = True
     sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
     block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
-    transport: str = "auto"                # gathers + reduce-scatters: auto | shm | process_group
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
-        check_choice("strategy.transport", self.transport, TRANSPORTS)
+        self.check_shared()
         if self.block_levels is not None:
             if not isinstance(self.block_levels, dict):
                 raise ConfigError(f"strategy.block_levels: expected a mapping of unit-name "
@@ -154,11 +84,6 @@ class Zero3Config:
                                       f"of [2, 3] (2: keep gathered until backward, "
                                       f"3: free after forward)")
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
-        check_choice("strategy.param_dtype", self.param_dtype, list(DTYPES))
-        check_choice("strategy.offload_optimizer", self.offload_optimizer, ["none", "cpu", "disk"])
-        if self.offload_optimizer == "disk" and not self.disk_dir:
-            raise ConfigError("strategy.disk_dir: required when strategy.offload_optimizer "
-                              "is 'disk'")
         check_positive("strategy.max_inflight", self.max_inflight)
 
 
@@ -169,11 +94,11 @@ class _Unit:
                  world: int, rank: int) -> None:
         self.index, self.name, self.module = index, name, module
         self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
-        params = [p for p in params if _decays(p)] + [p for p in params if not _decays(p)]
+        params = [p for p in params if takes_weight_decay(p)] + [p for p in params if not takes_weight_decay(p)]
         self.params = params
         self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
         total = sum(p.numel() for p in params)
-        self.decay_end = sum(p.numel() for p in params if _decays(p))
+        self.decay_end = sum(p.numel() for p in params if takes_weight_decay(p))
         self.numel = -(-total // world) * world
         self.bounds = C.shard_bounds(self.numel, rank, world)
         self.full: torch.Tensor | None = None      # flat param_dtype buffer (storage on/off)
@@ -201,7 +126,7 @@ class _Unit:
         return zip(self.params, self.offsets)
 
 
-class Zero3(StatsWithNorm, DataParallel):
+class Zero3(GradNormStats, DataParallel):
     """ZeRO stage 3 over a plain ``nn.Module``; see the module docstring."""
 
     replicated = True
@@ -291,7 +216,7 @@ class Zero3(StatsWithNorm, DataParallel):
         shard_device = "cpu" if self.config.offload_params else self.device
         pin = self.config.offload_params and self.device.type == "cuda"
         on_host = self.config.offload_optimizer != "none"
-        # fp32 shard and master in the same memory: the master *is* the shard (zero.py's
+        # fp32 shard and master in the same memory: the master *is* the shard (stage12.py's
         # "aliased fp32 masters"; DeepSpeed 0.19 keeps a second fp32 partition here)
         self.aliased = self.dtype == torch.float32 and not on_host and \
             not self.config.offload_params
@@ -317,7 +242,10 @@ class Zero3(StatsWithNorm, DataParallel):
                 self.decay.append(d)
                 self._seg.append((u, lo, hi))
         self._unit_of = {id(p): u for u in self.units for p in u.params}
-        self.optimizer = _ShardedOptimizer(self, self.cfg)
+        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
+                                disk_dir=self.config.disk_dir)
+        self.optimizer = ShardedOptimizer(self.masters, self.decay, self.cfg, offload,
+                                          name=f"zero_rank{self.rank}")
         if self.dtype == torch.float16:
             self.scaler = DynamicLossScaler(self.cfg.loss_scale, group=self.group)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -498,7 +426,7 @@ class Zero3(StatsWithNorm, DataParallel):
 
     def forward_backward(self, batch: dict[str, Any], weight: float) -> MicroResult:
         if self.scaler is not None:
-            weight = _Scaled(weight, float(self.scaler.scale(torch.ones(()))))
+            weight = ScaledWeight(weight, float(self.scaler.scale(torch.ones(()))))
         result = weighted_forward_backward(self.model, batch, self.device, weight)
         self._end_backward()
         return result
@@ -539,7 +467,7 @@ class Zero3(StatsWithNorm, DataParallel):
         return full.cpu()
 
     def sharded_state_dict(self) -> dict[str, Any]:
-        """This rank's shard only (no collective): see actors/sharded_state.py."""
+        """This rank's shard only (no collective): see actors/train/sharded_state.py."""
         self._drain_gathers()
         inner = self.optimizer.inner
         opt_index = {id(p): i for i, p in enumerate(self._template_params())}
@@ -622,7 +550,7 @@ class Zero3(StatsWithNorm, DataParallel):
         seg = lambda k: [flats[u.index][k][lo:hi].clone() for u, lo, hi in self._seg]  # noqa
         inner = self.optimizer.inner
         step = int(torch.as_tensor(step if step is not None else 0.0))
-        inner.load_state_dict({"step": step, "weight_decay": inner.weight_decays,
+        inner.load_state_dict({"step": step, "weight_decay": inner.weighttakes_weight_decay,
                                "numel": [m.numel() for m in self.masters],
                                "master": seg(0), "exp_avg": seg(1), "exp_avg_sq": seg(2)})
         for m, t in zip(self.masters, seg(0)):
@@ -632,7 +560,7 @@ class Zero3(StatsWithNorm, DataParallel):
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
-        """Persistent model-state bytes of this rank, by kind and location (zero.py's keys),
+        """Persistent model-state bytes of this rank, by kind and location (stage12.py's keys),
         plus ``peak_gathered_bytes`` (transient full parameters; not in the totals)."""
         param = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
         grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from bmray.actors.train.checkpoints import load_checkpoint, read_manifest
-from bmray.actors.parallel.data_parallel import (STATS_SLOTS, DataParallel, DataParallelConfig,
-                                  bucket_assignment)
+from bmray.actors.parallel.buckets import bucket_assignment
+from bmray.actors.parallel.data_parallel import STATS_SLOTS, DataParallel, DataParallelConfig
 from bmray.actors.train.config import CheckpointConfig, TrainConfig
 from bmray.actors.train.loop import Trainer, seed_everything
 from bmray.models.config import ModelConfig
@@ -111,7 +111,7 @@ def _dp_fit(pack, cfg, dp_cfg, objective=None, unused=False, ckpt_dir=None, spli
     norms.update(result.grad_norms)
     return {"losses": losses, "grad_norms": norms, "eval": result.eval,
             "weights": weights(trainer),
-            "shm": trainer.strategy._shm is not None,
+            "shm": trainer.strategy.uses_shared_memory,
             "memory": trainer.strategy.memory_report(), "checkpoint": result.checkpoint}
 
 

@@ -115,7 +115,7 @@ def _fit(group, rank, pack, cfg, variants, fault=None):
         outs[variant] = {"losses": result.losses, "grad_norms": result.grad_norms,
                          "weights": consolidated(trainer),
                          "initial_pos": pos, "memory": trainer.strategy.memory_report(),
-                         "shm": trainer.strategy._shm is not None}
+                         "shm": trainer.strategy.uses_shared_memory}
     # one bf16 step for the memory formula
     mcfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=0, device="cpu", echo=False)
     t = make_trainer(pack, mcfg, Zero3(param_dtype="bf16", group=group), rank, world)
