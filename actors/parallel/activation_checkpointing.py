@@ -1,42 +1,22 @@
-"""Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost"),
-one transformer block at a time, applied to a plain model from outside.
+"""Activation checkpointing (Chen et al. 2016), one transformer block at a time, applied to a
+plain model from outside.
 
-A checkpointed block keeps only its inputs during the forward pass; the activations its
-backward needs (attention scores, the FFN's 4·d hidden, LayerNorm statistics, dropout masks)
-are recomputed from those inputs when backward reaches the block. Memory for activations
-falls from O(layers · per-block activations) to O(layers · block input + one block's
-activations), for one extra forward per block.
+A checkpointed block keeps only its input during the forward pass and recomputes its
+activations when backward reaches it: activation memory falls from L blocks' activations to L
+block inputs plus one block's activations, for one extra forward per block.
 
-How it is applied (DESIGN.md: strategies are applied from outside the model, as torchtitan's
-``apply_ac`` and FSDP2's ``fully_shard`` do): each selected block's class is swapped for a
-subclass whose ``forward`` runs the original one under
-``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` — the way ``fully_shard`` swaps in
-its ``FSDP<Block>`` class. Unlike wrapping the block in another module (torch's
-``checkpoint_wrapper``), the module tree and therefore the parameter names and state-dict keys
-do not change, so checkpoints load with checkpointing on or off and ZeRO-3 / pipeline code
-finds the same ``blocks.3`` it would find in the plain model.
+Each selected block's class is swapped for a ``Checkpointed<Block>`` subclass whose
+``forward`` runs the original under ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``
+(as FSDP2's ``fully_shard`` swaps classes), so parameter names and state-dict keys do not
+change. Gradients are bit-identical (same autograd graph; the RNG state is stashed and
+restored, so dropout draws the same masks). Not applied outside training, under no_grad and
+with ``use_cache=True``.
 
-Correctness — recomputation gives identical gradients:
+Which blocks: those of ``type(model).block_lists`` (``models.structure.find_blocks``),
+numbered over the lists in order (a T5 with 2 + 2 layers: ``blocks=[0, 2]`` is the first
+encoder and the first decoder block); a model without ``block_lists`` passes them.
 
-* ``use_reentrant=False`` keeps autograd's graph exactly the graph of the plain model (saved
-  tensors are swapped for holders that recompute on first unpack), so the order in which
-  gradients are accumulated, and therefore every bit of them, is unchanged.
-* ``preserve_rng_state`` (torch's default) stashes the CPU RNG state — and that of the
-  device of the block's tensor inputs — before the forward and restores it for the
-  recomputation, so dropout draws the same masks twice; the outer RNG stream is left as the
-  plain model would leave it.
-
-When it is *not* applied: outside training mode, under ``torch.no_grad`` / inference mode
-(nothing is saved for backward, so nothing is to gain) and when ``use_cache=True`` is passed
-(generation: the block returns its KV cache). The wrapped model generates exactly as the
-plain one does.
-
-Which blocks: ``type(model).block_lists`` names the ``nn.ModuleList`` attributes that hold the
-per-layer modules (``GPT.blocks``; ``T5.encoder_blocks`` then ``decoder_blocks``; a dotted path
-such as ``generator.blocks`` works too). Blocks are numbered over those lists in that order,
-so for a T5 with 2 + 2 layers, ``blocks=[0, 2]`` is the first encoder and the first decoder
-block. A model without ``block_lists`` (e.g. a ``transformers`` model) passes ``block_lists``
-explicitly.
+Cost, correctness and the paper: docs/activation_checkpointing.md.
 """
 from __future__ import annotations
 

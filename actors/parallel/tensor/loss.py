@@ -6,7 +6,8 @@ sum of exp-sum, target logit and logit-sum), never the [N, V] logits; with ``s =
 ``Z = sum_j exp(s_j)`` over all ranks, ``loss = log Z - (1-eps) s_y - eps/V sum_j s_j``, whose
 gradient ``softmax - (1-eps) onehot - eps/V`` is local to the shard. ``vocab_parallel_accuracy``
 finds the global argmax from two [N] all-reduces. ``tensor_parallel_loss`` and
-``TensorParallelLM`` give a TP GPT the (loss, metrics) of ``models.losses.lm_loss_and_metrics``.
+``TensorParallelLM`` give a TP GPT the (loss, metrics) of
+``models.layers.losses.lm_loss_and_metrics``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Per-token loss from logits [N, V_local] (rows = counted tokens), labels [N] (global ids).
 
     With ``s = x - max`` (max over the whole vocabulary), ``Z = sum_j exp(s_j)`` over all ranks:
-    ``loss = log Z - (1-eps) s_y - eps/V sum_j s_j`` (= models.losses.cross_entropy's
+    ``loss = log Z - (1-eps) s_y - eps/V sum_j s_j`` (= models.layers.losses.cross_entropy's
     ``(1-eps)(-log p_y) + eps mean_j(-log p_j)``), whose gradient is
     ``p_j - (1-eps)[j = y] - eps/V``: local to the shard, no communication backward.
     """
@@ -81,8 +82,8 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, labels: Tensor,
                                  label_smoothing: float = 0.0) -> Tensor:
     """Mean token cross-entropy over the non-ignored labels from this rank's vocabulary shard
     ``local_logits`` [..., V_local] (global ids ``vocab_start ..``); equals
-    ``models.losses.cross_entropy`` on the full logits, value and gradient. Zero (with a zero
-    gradient) if no label counts. Every rank of ``group`` must call it with the same labels.
+    ``models.layers.losses.cross_entropy`` on the full logits, value and gradient. Zero (with a
+    zero gradient) if no label counts. Every rank of ``group`` must call it with the same labels.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -102,9 +103,9 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, labels: Tensor,
 @torch.no_grad()
 def vocab_parallel_accuracy(local_logits: Tensor, labels: Tensor, group: dist.ProcessGroup | None,
                             vocab_start: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """``models.losses.accuracy`` from a vocabulary shard: the global argmax is the smallest id
-    holding the global max (torch's argmax returns the first), from two [N] all-reduces. A 0-d
-    float64 tensor on the logits' device (no host sync)."""
+    """``models.layers.losses.accuracy`` from a vocabulary shard: the global argmax is the
+    smallest id holding the global max (torch's argmax returns the first), from two [N]
+    all-reduces. A 0-d float64 tensor on the logits' device (no host sync)."""
     logits = local_logits.reshape(-1, local_logits.size(-1)).float()
     labels = labels.reshape(-1)
     valid = labels != ignore_index
@@ -122,9 +123,10 @@ def vocab_parallel_accuracy(local_logits: Tensor, labels: Tensor, group: dist.Pr
 def tensor_parallel_loss(local_logits: Tensor, labels: Tensor,
                          model: nn.Module | TensorParallelInfo,
                          aux_loss: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """``models.losses.lm_loss_and_metrics`` for a vocabulary-parallel model: (loss, metrics)
-    from this rank's logit shard. ``model`` is the TP model (or a pipeline stage that carries
-    its ``tensor_parallel`` info, or the info itself); label smoothing is the model config's.
+    """``models.layers.losses.lm_loss_and_metrics`` for a vocabulary-parallel model: (loss,
+    metrics) from this rank's logit shard. ``model`` is the TP model (or a pipeline stage that
+    carries its ``tensor_parallel`` info, or the info itself); label smoothing is the model
+    config's.
     Metrics: lm_loss, lm_acc (+ aux_loss). A collective: all TP ranks call it."""
     info = tensor_parallel_info(model)
     if not info.vocab_parallel:

@@ -68,7 +68,8 @@ class TensorParallelInfo:
 
 
 def _is_gpt_like(model: nn.Module) -> bool:
-    """embed.tok -> blocks -> ln_f -> lm_head over the vocabulary (models.gpt.GPT's layout)."""
+    """embed.tok -> blocks -> ln_f -> lm_head over the vocabulary (models.families.gpt.GPT's
+    layout)."""
     embed = getattr(model, "embed", None)
     tok = getattr(embed, "tok", None)
     head = getattr(model, "lm_head", None)
@@ -101,7 +102,7 @@ def _plan(model: nn.Module) -> TensorParallelPlan:
 def _check_attention(name: str, attn: MultiHeadAttention, plan: TensorParallelPlan,
                      attn_name: str, tp: int) -> None:
     if type(attn) is not MultiHeadAttention:
-        raise ConfigError(f"{name}.{attn_name}: expected models.attention."
+        raise ConfigError(f"{name}.{attn_name}: expected models.layers.attention."
                           f"MultiHeadAttention, got {type(attn).__name__}")
     want = {f"{attn_name}.{p}": "column" for p in ("q_proj", "k_proj", "v_proj")}
     want[f"{attn_name}.out_proj"] = "row"
