@@ -1,4 +1,5 @@
-"""Driver side: connect to Ray, and (later issues) the mesh, placement groups and worker gangs."""
+"""Driver side: connect to Ray, worker gangs, the launcher, a local head, the planner and its
+cost model."""
 from bmray.cluster.connect import connect, shutdown
 
 __all__ = ["connect", "shutdown"]

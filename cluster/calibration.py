@@ -2,7 +2,7 @@
 per device kind: data, each with where it came from.
 
 The figures are copied from bench/results/plan_calibration.json, which bench/plan_calibrate.py
-fits to measured steps (its docstring has the method); tests/test_plan.py checks that this
+fits to measured steps (its docstring has the method); tests/cluster/test_plan.py checks that this
 table and that JSON agree and recomputes the H100 fit from the recorded runs. A kind's
 ``values`` replace :class:`cluster.cost_model.Hardware`'s defaults; what a kind does not list
 keeps them (e.g. the H100's NVLink and network bandwidths are data-sheet figures, not fits).
@@ -62,7 +62,7 @@ CALIBRATIONS: Mapping[str, Calibration] = MappingProxyType({
         method="peak = a one-thread 512³ fp32 matmul; mfu = the cost model's compute of one "
                "single-process fp32 step of a 4-block GPT (h 128, s 128, b 8) at MFU 1 / its "
                "median; latency and bus bandwidth from 2-rank gloo all-reduces of 4 B and 4 MiB",
-        holdout="tests/test_plan.py ranks three 2-rank layouts of another GPT (h 64)",
+        holdout="tests/cluster/test_plan.py ranks three 2-rank layouts of another GPT (h 64)",
         notes=("measured on a shared machine (load average in the JSON): absolute times are "
                "rough, the ranking is what the tests check",)),
 })

@@ -1,23 +1,16 @@
 """Run one experiment on a gang of workers, restarting it from its checkpoint when a worker dies.
 
+    report = TrainRun(raw_experiment).fit()      # rank 0's report, attempts, failures
+
 The driver starts, watches and collects: it starts the parameter-server shards if the strategy
-needs them, starts the gang, runs ``train_rank`` on every rank, and waits. If a worker or a shard dies (``ray.kill``, a lost node, an exception), the
-failure is reported with the rank that caused it; with ``run.max_failures > 0`` the whole gang
-(and the shards) is torn down and started afresh, and every rank resumes from the newest good
-checkpoint in ``checkpoint.dir`` — the training loop's resume is exact, so the restarted run
-continues with the losses of one that never failed (Ray Train's ``FailureConfig(max_failures)``
-semantics, with our own checkpoints).
-
-Elastic restarts: with ``scaling.min_workers`` set, each attempt runs on the most workers the
-live nodes can hold (at most ``num_workers``, at least ``min_workers``, and a size the strategy
-accepts: a multiple of tp x pp that divides the global batch). A lost node thus shrinks the gang
-instead of leaving the restart waiting for capacity that will not return; the data stream is
-world-size independent and checkpoints load at any world size, so the run continues as one
-resumed at the smaller size would. The next restart grows back if capacity returned.
-
-A failure no restart can fix (a ConfigError, a CheckpointError such as a checkpoint of another
-model) ends the run at once instead of spending the remaining restarts on it. ``RunConfig`` and
-``ScalingConfig`` live in actors/train/scaling.py and are re-exported here.
+needs them, starts the gang, runs ``train_rank`` on every rank, and waits. A dead worker or shard
+is reported with its rank; with ``run.max_failures > 0`` the gang (and the shards) is started
+afresh and every rank resumes from the newest good checkpoint — exactly, so the restarted run
+continues with the losses of one that never failed (Ray Train's ``FailureConfig`` semantics).
+With ``scaling.min_workers`` a restart runs on the most workers the live nodes hold (elastic).
+A ConfigError or CheckpointError ends the run at once: no restart would fix it.
+``RunConfig`` and ``ScalingConfig`` live in actors/train/scaling.py and are re-exported here.
+Fault tolerance in full: docs/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Why our own actor rather than Ray Train's TorchTrainer (see cluster/gang.py for 
 side): the parameter server needs worker actors that talk to separate shard actors, fault
 tolerance must restart the gang from *our* sharded checkpoints, and tests and benchmarks run
 arbitrary functions on every rank (collectives against numpy, DDP against single-process
-training) without the ~10 s TorchTrainer start-up per run measured in RAY_NOTES.md.
+training) without the ~10 s TorchTrainer start-up per run.
 
 ``GangWorker.execute(fn, ...)`` runs a cloudpickled function inside the actor, where
 ``worker_context()`` says which rank it is; torch.distributed's default group is the gang.

@@ -1,4 +1,4 @@
-"""Which rank of which gang the current process is (set by actors.gang_worker.GangWorker)."""
+"""Which rank of which gang the current process is (set by gang_worker.GangWorker)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,31 +2,18 @@
 
 Layout under a root (a local path or a URI such as ``s3://bucket/run`` / ``gs://...``)::
 
-    <root>/step_00000120/rank_00000.pt    this rank's state (torch.save): model, optimizer,
-                                          scheduler, RNG, data position, loop counters
+    <root>/step_00000120/rank_00000.pt    this rank's state (torch.save)
     <root>/step_00000120/manifest.json    step, world size, model config, data position,
-                                          file list — written last, so it marks completeness
+                                          file list and sizes — written last (the commit)
     <root>/latest                         the name of the newest complete checkpoint
     <root>/averaged/                      optional mean of the last k checkpoints' weights
 
-Why this shape: a crash mid-save must lose nothing. Files are written into
-``<root>/.tmp.step_XXXXXXXX`` and the directory is renamed into place only when complete
-(a rename is atomic on local and POSIX filesystems; on object stores, where a "rename" is a
-copy, the manifest written last is the commit marker and directories without one are
-ignored). ``latest`` is replaced the same way (write a temp file, then move). One file per
-rank plus a manifest is the layout later sharded strategies (ZeRO, pipeline) extend.
-
-The manifest also records every state file's size. Loading verifies the checkpoint before
-touching the model (:func:`verify_checkpoint`): a missing, truncated or unreadable file raises
-:class:`CorruptCheckpointError` naming the file (``Trainer.fit``'s resume then falls back to the
-previous good checkpoint: damage to the newest one never loses the run), and a checkpoint of
-another model raises :class:`CheckpointError` naming the first differing architecture field of
-the manifest's ``model_config`` or the first mismatching parameter and both shapes, instead of
-torch's long list of size mismatches.
-
-Averaging (``average_checkpoints``) is the elementwise mean of parameters over the last k
-checkpoints, as in Vaswani et al. 2017 (§6.1, "averaging the last 5 checkpoints"); it is
-computed in float64 and cast back to each tensor's dtype.
+Files are written into ``<root>/.tmp.step_XXXXXXXX`` and renamed into place when complete, so a
+crash mid-save loses nothing. Loading verifies first (:func:`verify_checkpoint`): a missing or
+truncated file raises :class:`CorruptCheckpointError` naming it; a checkpoint of another model
+raises :class:`CheckpointError` naming the first differing field or parameter. Averaging is the
+float64 mean of the last k checkpoints' parameters (Vaswani et al. 2017, §6.1). Sharded ZeRO
+checkpoints are read by sharded_state.py. Design and formats: docs/checkpoints.md.
 """
 from __future__ import annotations
 
@@ -151,7 +138,7 @@ def save_checkpoint(root: str, step: int, state: Mapping[str, Any], *,
     tensors. ``keep_last`` > 0 deletes older step checkpoints beyond the newest N.
     Single writer. With several writing ranks the three phases run apart:
     ``begin_checkpoint`` (rank 0) / barrier / ``write_rank_state`` (every rank) / barrier /
-    ``commit_checkpoint`` (rank 0) — see ``actors.trainer.Trainer.save``.
+    ``commit_checkpoint`` (rank 0) — see ``Trainer.save`` in loop.py.
     """
     begin_checkpoint(root, step)
     write_rank_state(root, step, state, rank)

@@ -81,7 +81,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and how often the run's full state is saved (see actors/checkpoint.py)."""
+    """Where and how often the run's full state is saved (see checkpoints.py)."""
 
     dir: str | None = None       # local path or pyarrow URI (s3://, gs://); None: no checkpoints
     every: int = 0               # save every N steps; 0: only at the end of the run

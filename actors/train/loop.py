@@ -1,27 +1,15 @@
-"""The training loop, written once for every strategy.
+"""The training loop, written once for every strategy: ``Trainer`` and ``train``.
 
-One optimizer step (``Trainer.train_step``):
+One optimizer step (``Trainer.train_step``): take this rank's slice of the next global batch,
+split it into ``micro_batches`` (objective generators seeded from seed, step, micro-batch,
+rank), weight micro-batch i by n_i / N (its target tokens over the step's, summed over ranks:
+exactly the full batch's loss), ``strategy.run_micro_batches``, ``strategy.clip_and_step``
+(global-norm clipping, AdamW), then the lr scheduler (lr_schedule.py).
 
-1. take the next global batch of token blocks from the data stream (this rank's slice);
-2. split it into ``micro_batches`` pieces and turn each into model inputs with the
-   objective, whose ``torch.Generator`` is seeded from (seed, step, micro-batch, rank) — so a
-   resumed run draws the same masks as an uninterrupted one;
-3. weight micro-batch i by n_i / N (n_i its target tokens, N the step's target tokens summed
-   over micro-batches *and ranks*): since each model loss is a mean over its targets,
-   Σ_i (n_i / N) · mean_i = (Σ targets CE) / N — exactly the loss of the full batch, even
-   with uneven micro-batches or ignored labels (plain division by the number of
-   micro-batches is only right when all n_i are equal);
-4. ``strategy.run_micro_batches`` (forward + backward, no gradient sync until the last),
-   ``strategy.clip_and_step`` (global-norm clipping, Pascanu et al. 2013; AdamW), then the
-   warmup + cosine scheduler (actors/schedule.py).
-
-Evaluation reports the token-weighted mean cross-entropy of a held-out set and its
-perplexity exp(mean CE). Metrics are JSON lines (actors/metrics.py); checkpoints hold the
-whole state — model, optimizer, scheduler, RNG (torch, CUDA, python, numpy), data position and
-loop counters — so ``fit`` after a restore continues exactly (actors/checkpoint.py).
-
-The loop never asks which strategy it runs: all it needs is the Strategy contract
-(actors/strategy.py).
+``fit`` evaluates, logs JSON-lines metrics (metrics.py) and saves / resumes the whole state —
+model, optimizer, scheduler, RNG, data position, loop counters — so a resumed run continues
+exactly (checkpoints.py). The loop never asks which strategy it runs: it only uses the
+Strategy contract (actors/parallel/strategy.py). The why of each step: docs/training_loop.md.
 """
 from __future__ import annotations
 

@@ -1,28 +1,14 @@
 """Sharded ZeRO checkpoints: each rank writes only its own slices; any layout loads them.
 
-With ``strategy.sharded_checkpoint: true`` (ZeroConfig / Zero3Config) a ZeRO strategy sets
-``replicated = False``, so :meth:`actors.trainer.Trainer.save` has every rank write its own
-``rank_XXXXX.pt`` (begin / write_rank_state / commit). Each file holds, under ``"sharded"``:
+With ``strategy.sharded_checkpoint: true`` a ZeRO strategy writes one ``rank_XXXXX.pt`` per
+rank holding, under ``"sharded"``, its slices of every flat bucket / unit (fp32 master and Adam
+moments) with the per-parameter layout (:func:`param_layout`, :func:`unit_entry`), and under
+``"model"`` the items that are not sharded.
 
-* ``format``, ``stage``, ``world_size`` (the shards' world), ``shard_rank``, ``shards``;
-* ``units``: one entry per flat bucket (stages 0-2) or unit (stage 3): ``numel`` (padded
-  flat size), ``start``/``stop`` (this rank's slice of it), the fp32 ``master``,
-  ``exp_avg`` and ``exp_avg_sq`` slices, and ``params`` — per parameter its ``names`` (tied
-  weights: all of them), ``shape``, ``offset`` and ``numel`` in the flat padded buffer and
-  ``opt_index`` (its index in SingleProcess's AdamW);
-* ``step`` (AdamW's step count), ``optim_template`` (SingleProcess's optimizer state dict
-  without state, with the current lr / initial_lr in its param groups), ``scaler`` (loss
-  scaler state or None);
-
-and under ``"model"`` the items that are not sharded (frozen parameters and buffers, fp32).
-The trainer adds scheduler / rng / data / loop as for any checkpoint.
-
-Loading (:func:`consolidate_sharded`): the simplest correct rule — every loader reads all rank
-files and reassembles full fp32 tensors per parameter into SingleProcess's format (model +
-AdamW state dict), then the current strategy's ``load_state_dict`` re-shards. This works for
-any world size and stage and for SingleProcess. A future optimisation would read only the
-slices of the flat buffers that overlap the loading rank's own slice (the layout above has
-everything needed) instead of materialising the full state on every rank.
+Loading (:func:`consolidate_sharded`): every loader reads all rank files and reassembles full
+fp32 tensors per parameter into SingleProcess's format (model + AdamW state dict); the current
+strategy's ``load_state_dict`` then re-shards — for any world size and stage, and for
+SingleProcess. The file format in full: docs/checkpoints.md.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ References, both independent of the elastic restart: (1) a fresh 2-worker run th
 copy of the same checkpoint (what "a run resumed at that size" does), which the elastic run must
 equal step for step; (2) the uninterrupted single-process run of the same config, which every
 step of both attempts must match (losses and pre-clip gradient norms, tolerances as in
-tests/test_fault_tolerance.py): the data stream and checkpoints are world-size independent.
+tests/cluster/test_fault_tolerance.py): the data stream and checkpoints are world-size independent.
 
 The cluster runs in a subprocess with its own RAY_TMPDIR: the test session's embedded Ray
 (conftest's ``ray_session``) stays untouched, and so does any other Ray on the machine.

@@ -191,7 +191,7 @@ def pack(tmp_path_factory):
 
 def stream_trainer(pack, root, n_heads: int = 2, **ckpt) -> Trainer:
     """A trainer on a real BlockStream (its position is checkpointed, so a resumed run can
-    match an uninterrupted one exactly, as in tests/test_trainer.py)."""
+    match an uninterrupted one exactly, as in tests/actors/train/test_trainer.py)."""
     path, vocab = pack
     seed_everything(0)
     mc = ModelConfig(family="gpt", vocab_size=vocab, d_model=16, n_heads=n_heads, n_layers=1,

@@ -1,7 +1,7 @@
 """Sharded ZeRO checkpoints (strategy.sharded_checkpoint, actors/train/sharded_state.py): every rank
 writes only its own shard, and the checkpoint loads at another world size and stage (and in a
 single process) and continues the run exactly (losses rtol 1e-5 / atol 1e-6, as
-tests/test_zero.py)."""
+tests/actors/parallel/test_zero.py)."""
 from __future__ import annotations
 
 import io
