@@ -463,7 +463,8 @@ def head_transient_bytes(spec: ModelSpec, seq: int, micro_batch: int, act_bytes:
       backward: the ZeRO / data-parallel strategies do (``weighted_forward_backward`` holds
       the model output, logits included); a pipeline stage returns only the loss (**8**).
       Label smoothing adds only [N]-sized terms to this peak.
-    * ``actors.parallel.tensor.loss.vocab_parallel_cross_entropy`` (vocabulary-parallel GPT, tp > 1):
+    * ``actors.parallel.tensor.loss.vocab_parallel_cross_entropy`` (vocabulary-parallel GPT,
+      tp > 1):
       forward holds the logits (e), the selected rows (e, the Function's input), their fp32
       copy (4; none in fp32), ``x − max`` (4) and its exponential (4, saved as the softmax):
       2e + 8 (e = 2) or 3·4 (e = 4), i.e. **12** beyond the saved softmax either way;
