@@ -1,1 +1,2 @@
-"""Collective communication: typed collectives, the shared-memory transport, point-to-point."""
+"""Collective communication: typed collectives, the shared-memory transport, the transport
+interface the data-parallel strategies use (transport.py). See docs/communication.md."""

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bmray.actors.parallel.strategy import split_step_stats
+from bmray.actors.parallel.zero.config import ZeroSharedConfig
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler
 from bmray.actors.parallel.zero.offload import OffloadConfig, ShardedAdamW
 from bmray.actors.train.config import TrainConfig
@@ -27,10 +28,11 @@ from bmray.actors.train.config import TrainConfig
 class ShardedOptimizer(torch.optim.Optimizer):
     """A torch Optimizer face for :class:`ShardedAdamW` over the fp32 ``masters`` (one flat
     slice each; ``decay[i]``: whether masters[i] takes weight decay), so the trainer's LR
-    scheduler (LambdaLR) drives its learning rate like any optimizer's."""
+    scheduler (LambdaLR) drives its learning rate like any optimizer's. ``options``: where
+    the state lives (``offload_optimizer``, ``disk_dir``); ``rank`` names its files."""
 
     def __init__(self, masters: list[nn.Parameter], decay: list[bool], cfg: TrainConfig,
-                 offload: OffloadConfig, name: str) -> None:
+                 options: ZeroSharedConfig, rank: int) -> None:
         # build_adamw's two groups (decay, no decay), so the LR scheduler's state is the same
         # as SingleProcess's and checkpoints move between them
         super().__init__([{"params": [m for m, d in zip(masters, decay) if d],
@@ -38,8 +40,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                           {"params": [m for m, d in zip(masters, decay) if not d],
                            "weight_decay": 0.0}], dict(lr=cfg.lr))
         self.masters = masters
+        offload = OffloadConfig(optimizer=options.offload_optimizer, disk_dir=options.disk_dir)
         self.inner = ShardedAdamW([(m.data, cfg.weight_decay if d else 0.0)
-                                   for m, d in zip(masters, decay)], cfg, offload, name=name)
+                                   for m, d in zip(masters, decay)], cfg, offload,
+                                  name=f"zero_rank{rank}")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:

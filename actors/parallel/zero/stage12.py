@@ -49,7 +49,6 @@ from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimize
                                                            optimizer_template, param_states)
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
 from bmray.actors.parallel.zero.memory import memory_totals
-from bmray.actors.parallel.zero.offload import OffloadConfig
 from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
                                                           step_master_shards)
 from bmray.actors.train.config import TrainConfig
@@ -114,7 +113,8 @@ class Zero(GradNormStats, DataParallel):
             self._names.setdefault(id(p), []).append(name)
         # SingleProcess's optimizer, never stepped (no state): the checkpoint layout
         self._template = build_adamw(self.model, cfg, self.params)
-        plan = self.bucket_plan(self.params, group_of=takes_weight_decay, itemsize=self.dtype.itemsize)
+        plan = self.bucket_plan(self.params, group_of=takes_weight_decay,
+                                itemsize=self.dtype.itemsize)
         on_host = self.config.offload_optimizer != "none"
         # fp32 parameters on the optimizer's device: the master *is* this rank's slice of the
         # parameters (module doc, "Aliased fp32 masters"); otherwise a separate fp32 copy
@@ -175,10 +175,7 @@ class Zero(GradNormStats, DataParallel):
     def _build_optimizer(self, cfg: TrainConfig) -> ShardedOptimizer:
         """ShardedAdamW (zero/offload.py) over the fp32 master slices: one flat group per
         bucket, decay or not as build_adamw decides; it allocates its state up front."""
-        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
-                                disk_dir=self.config.disk_dir)
-        return ShardedOptimizer(self.masters, self.decay, cfg, offload,
-                                name=f"zero_rank{self.rank}")
+        return ShardedOptimizer(self.masters, self.decay, cfg, self.config, self.rank)
 
     # ------------------------------------------------------------ backward
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -367,7 +364,7 @@ class Zero(GradNormStats, DataParallel):
             moments["exp_avg_sq"].append(v)
         step = torch.as_tensor(step if step is not None else 0.0, dtype=torch.float32)
         inner = self.optimizer.inner
-        inner.load_state_dict({"step": int(step), "weight_decay": inner.weighttakes_weight_decay,
+        inner.load_state_dict({"step": int(step), "weight_decay": inner.weight_decays,
                                "numel": [m.numel() for m in self.masters],
                                "master": [m.detach() for m in self.masters], **moments})
         load_lr_and_scaler(self.optimizer, self.scaler, state)

@@ -48,7 +48,6 @@ from bmray.actors.parallel.zero.consolidated_state import (consolidated_optimize
                                                            optimizer_template, param_states)
 from bmray.actors.parallel.zero.loss_scaler import DynamicLossScaler, ScaledWeight
 from bmray.actors.parallel.zero.memory import memory_totals
-from bmray.actors.parallel.zero.offload import OffloadConfig
 from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
                                                           step_master_shards)
 from bmray.actors.train.config import TrainConfig
@@ -94,7 +93,8 @@ class _Unit:
                  world: int, rank: int) -> None:
         self.index, self.name, self.module = index, name, module
         self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
-        params = [p for p in params if takes_weight_decay(p)] + [p for p in params if not takes_weight_decay(p)]
+        params = [p for p in params if takes_weight_decay(p)] + \
+            [p for p in params if not takes_weight_decay(p)]
         self.params = params
         self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
         total = sum(p.numel() for p in params)
@@ -242,10 +242,8 @@ class Zero3(GradNormStats, DataParallel):
                 self.decay.append(d)
                 self._seg.append((u, lo, hi))
         self._unit_of = {id(p): u for u in self.units for p in u.params}
-        offload = OffloadConfig(optimizer=self.config.offload_optimizer,
-                                disk_dir=self.config.disk_dir)
-        self.optimizer = ShardedOptimizer(self.masters, self.decay, self.cfg, offload,
-                                          name=f"zero_rank{self.rank}")
+        self.optimizer = ShardedOptimizer(self.masters, self.decay, self.cfg, self.config,
+                                          self.rank)
         if self.dtype == torch.float16:
             self.scaler = DynamicLossScaler(self.cfg.loss_scale, group=self.group)
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
@@ -550,7 +548,7 @@ class Zero3(GradNormStats, DataParallel):
         seg = lambda k: [flats[u.index][k][lo:hi].clone() for u, lo, hi in self._seg]  # noqa
         inner = self.optimizer.inner
         step = int(torch.as_tensor(step if step is not None else 0.0))
-        inner.load_state_dict({"step": step, "weight_decay": inner.weighttakes_weight_decay,
+        inner.load_state_dict({"step": step, "weight_decay": inner.weight_decays,
                                "numel": [m.numel() for m in self.masters],
                                "master": seg(0), "exp_avg": seg(1), "exp_avg_sq": seg(2)})
         for m, t in zip(self.masters, seg(0)):
