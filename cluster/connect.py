@@ -1,7 +1,7 @@
 """Connect the driver to Ray: an embedded local Ray by default, a cluster when an address is given.
 
-Why one function: every job must run unchanged on a laptop (`python -m jobs.X`), on a cluster
-(`RAY_ADDRESS=ray://... python -m jobs.X` or `--address`) and under `ray job submit`, where the
+Why one function: every job must run unchanged on a laptop (`bmray X`), on a cluster
+(`RAY_ADDRESS=ray://... bmray X` or `--address`) and under `ray job submit`, where the
 job supervisor exports RAY_ADDRESS for us. Ray's own resolution order is kept: an explicit
 address, then RAY_ADDRESS, else a new local Ray sized by `num_cpus` (logical CPUs may exceed the
 physical cores: workers pin torch to their own share of threads).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,35 +87,78 @@ def test_quickstart_prints_loss_and_samples(ray_session, tmp_path, capsys):
     assert "greedy completions" in out and out.count("[") >= 3
 
 
-def test_ray_job_submit_runs_the_same_command():
-    """A real head (its own ports, temp dir and process group), `ray job submit`, SUCCEEDED,
-    the job's logs; the head is stopped afterwards without touching other Ray clusters."""
+@pytest.fixture(scope="module")
+def job_head():
+    """A real head (its own ports, temp dir and process group) shared by the `ray job submit`
+    tests; stopped afterwards without touching other Ray clusters."""
     from bmray.cluster.local_head import LocalHead
 
-    job_id = f"bmray-test-{os.getpid()}"
     with LocalHead(num_cpus=2) as head:
-        submit = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
-                  "--address", head.dashboard_url, "--working-dir", REPO,
-                  "--submission-id", job_id, "--",
-                  "python", "-m", "bmray.jobs.pretrain", "--config", "configs/gpt-tiny.yaml",
-                  "--set", "train.max_steps=5", "--set", "train.eval_every=0",
-                  "--set", "checkpoint.every=0", "--set", "checkpoint.average_last=0",
-                  "--set", "data.world.n_entities=30",
-                  "--set", "data.corpus=runs/w30/documents.jsonl",
-                  "--set", "data.pack_dir=runs/packs/jobtest"]
-        # without --no-wait the CLI tails the job's logs until it ends
-        out = subprocess.run(submit, env=head.child_env, capture_output=True, text=True,
-                             timeout=300)
-        # The status through the SDK, in a process with the head's auth settings (Ray reads
-        # RAY_AUTH_MODE once per process, so this test process cannot switch it).
-        query = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
-                 "c = C(sys.argv[1]); print(c.get_job_status(sys.argv[2]).value); "
-                 "print(c.get_job_logs(sys.argv[2]))")
-        status = subprocess.run([sys.executable, "-c", query, head.dashboard_url, job_id],
-                                env=head.child_env, capture_output=True, text=True, timeout=60)
+        yield head
+
+
+def submit_job(head, working_dir: str, job_id: str, entrypoint: list[str]):
+    """`ray job submit --working-dir ... -- entrypoint` against ``head``, waiting for the end:
+    (the CLI's output, the status query's output)."""
+    submit = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit",
+              "--address", head.dashboard_url, "--working-dir", working_dir,
+              "--submission-id", job_id, "--", *entrypoint]
+    # without --no-wait the CLI tails the job's logs until it ends
+    out = subprocess.run(submit, env=head.child_env, capture_output=True, text=True,
+                         timeout=300)
+    # The status through the SDK, in a process with the head's auth settings (Ray reads
+    # RAY_AUTH_MODE once per process, so this test process cannot switch it).
+    query = ("import sys; from ray.job_submission import JobSubmissionClient as C; "
+             "c = C(sys.argv[1]); print(c.get_job_status(sys.argv[2]).value); "
+             "print(c.get_job_logs(sys.argv[2]))")
+    status = subprocess.run([sys.executable, "-c", query, head.dashboard_url, job_id],
+                            env=head.child_env, capture_output=True, text=True, timeout=60)
+    return out, status
+
+
+TINY_JOB = ["--set", "train.max_steps=5", "--set", "train.eval_every=0",
+            "--set", "checkpoint.every=0", "--set", "checkpoint.average_last=0",
+            "--set", "data.world.n_entities=30",
+            "--set", "data.corpus=runs/w30/documents.jsonl",
+            "--set", "data.pack_dir=runs/packs/jobtest"]
+
+
+def test_ray_job_submit_runs_the_same_command(job_head):
+    """`ray job submit -- bmray pretrain ...` on a real head: SUCCEEDED, the job's logs."""
+    job_id = f"bmray-test-{os.getpid()}"
+    out, status = submit_job(job_head, REPO, job_id,
+                             ["bmray", "pretrain", "--config", "configs/gpt-tiny.yaml",
+                              *TINY_JOB])
     assert status.returncode == 0, status.stderr
     state, _, logs = status.stdout.partition("\n")
     assert state == "SUCCEEDED", out.stdout[-3000:] + out.stderr[-3000:]
     assert "trained to step 5" in logs
     assert "Ray cluster at" in logs          # it joined the head, not an embedded Ray
     assert "trained to step 5" in out.stdout + out.stderr
+
+
+SHADOW = ("raise ImportError('the working directory\\'s own {name} package was imported "
+          "instead of bmray.{name}')\n")
+
+
+def test_job_from_a_project_with_its_own_models_and_jobs(job_head, tmp_path):
+    """One namespace: a user's project with its own `models/` and `jobs/` packages (which fail
+    if imported) submits `bmray pretrain` with `--working-dir` of that project, and it runs."""
+    project = tmp_path / "project"
+    for name in ("models", "jobs"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text(SHADOW.format(name=name))
+    shutil.copy(os.path.join(REPO, "configs", "gpt-tiny.yaml"), project / "cfg.yaml")
+    job_id = f"bmray-test-namespace-{os.getpid()}"
+    out, status = submit_job(job_head, str(project), job_id,
+                             ["bmray", "pretrain", "--config", "cfg.yaml", *TINY_JOB,
+                              "--set", "train.max_steps=2"])
+    assert status.returncode == 0, status.stderr
+    state, _, logs = status.stdout.partition("\n")
+    assert state == "SUCCEEDED", out.stdout[-3000:] + out.stderr[-3000:]
+    assert "trained to step 2" in logs
+    # the control: in that job a bare `import models` is the project's own package
+    _, status = submit_job(job_head, str(project), f"{job_id}-control",
+                           ["python", "-c", "import models"])
+    state, _, logs = status.stdout.partition("\n")
+    assert state == "FAILED" and "instead of bmray.models" in logs, status.stdout[-3000:]
