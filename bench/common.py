@@ -25,6 +25,7 @@ from bmray.models.world import WorldConfig, write_world
 
 BOOTSTRAP_RESAMPLES = 2000
 INTERVAL = 0.9
+MB = 2 ** 20
 
 
 def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> str:
@@ -247,6 +248,32 @@ def deepspeed_gang_env() -> Any:
     return ctx
 
 
+def deepspeed_engine(model_cfg: ModelConfig, cfg: TrainConfig, conf: dict[str, Any]) -> Any:
+    """DeepSpeed's engine (config ``conf``, logging quiet) over ``fresh_model(model_cfg)``
+    with ``decay_groups`` and ``cfg``'s schedule, in training mode."""
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+    model = fresh_model(model_cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=decay_groups(model.parameters(), cfg.weight_decay),
+        config=conf, lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg),
+        dist_init_required=False)
+    engine.train()
+    return engine
+
+
+def destroy_engine(engine: Any) -> None:
+    """``engine.destroy()`` where this DeepSpeed has it."""
+    try:
+        engine.destroy()
+    except Exception:       # noqa: BLE001 - older engines have no destroy()
+        pass
+
+
 def measured_run(fn: Callable[[], Any], sample_ms: float,
                  error_chars: int | None = None) -> dict[str, Any]:
     """``fn()`` on this gang rank between memory readings: freed heap returned and the ranks
@@ -273,23 +300,32 @@ def measured_run(fn: Callable[[], Any], sample_ms: float,
 
 # ---------------------------------------------------------------- runs of a gang
 
-def first_error(runs: Sequence[Sequence[dict]]) -> dict[str, str] | None:
-    """{"error", "traceback"} of the first failed rank of ``runs`` (per round, the per-rank
-    results of ``measured_run``), or None."""
+def gang_summary(runs: Sequence[Sequence[dict]], rank_figures: Callable[[list[dict]], dict]
+                 ) -> dict[str, Any]:
+    """One side's numbers from ``runs`` (per round, every rank's ``measured_run`` result with
+    its ``steps_s`` and ``model_state``): the gang's step times per round and their pooled
+    median, each rank's memory over the rounds (peak RSS above the baseline: median over
+    rounds; model state: the last round's) with ``rank_figures(its results)`` beside it, and
+    the largest rank's memory; or the first failed rank's {"error", "traceback"}."""
     errors = [r for rep in runs for r in rep if "error" in r]
-    return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]} if errors else None
-
-
-def gang_rounds(runs: Sequence[Sequence[dict]]) -> list[list[float]]:
-    """Per round, the gang's step times (``gang_steps`` over the ranks' ``steps_s``)."""
-    return [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
+    if errors:
+        return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
+    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
             for rep in runs]
-
-
-def by_rank(runs: Sequence[Sequence[dict]]) -> dict[int, list[dict]]:
-    """Each rank's results over the rounds, ranks in order."""
-    ranks = sorted({r["rank"] for rep in runs for r in rep})
-    return {k: [r for rep in runs for r in rep if r["rank"] == k] for k in ranks}
+    per_rank = {}
+    for k in sorted({r["rank"] for rep in runs for r in rep}):
+        rs = [r for rep in runs for r in rep if r["rank"] == k]
+        per_rank[k] = {**rank_figures(rs),
+                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
+                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs],
+                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
+                       "model_state": rs[-1]["model_state"],
+                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB}
+    step = pooled_median(gang)
+    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
+            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
+            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
+            "per_rank": per_rank}
 
 
 # ---------------------------------------------------------------- command line and results

@@ -93,16 +93,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          by_rank, connect_ray, cpu_train_config, decay_groups,
-                          deepspeed_gang_env, first_error, fresh_model, gang_rounds,
-                          gpt_config, measured_run, nbytes, parse_args, pooled_median,
-                          rank_batches, ratio_with_interval, result_path, warmup_cosine_lr,
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, balanced_order,  # noqa: E402
+                          connect_ray, cpu_train_config, deepspeed_engine, deepspeed_gang_env,
+                          destroy_engine, fresh_model, gang_summary, gpt_config, measured_run,
+                          nbytes, parse_args, rank_batches, ratio_with_interval, result_path,
                           with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
-MB = 2 ** 20
 SIDES = ("ours, gloo", "ours", "deepspeed")
 GOAL_SIDE = "ours, gloo"                       # the same transport as DeepSpeed's
 TRANSPORT = {"ours, gloo": "process_group", "ours": "auto"}
@@ -231,22 +229,10 @@ def ds_resolved_zero(conf: dict[str, Any]) -> dict[str, Any]:
 
 def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     """(seconds of each timed step, losses, model-state report) of DeepSpeed's engine."""
-    import logging
-
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.utils import logger as ds_logger
     from bmray.models import objective_for
 
-    ds_logger.setLevel(logging.ERROR)
-    model = fresh_model(model_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model,
-                                           model_parameters=decay_groups(model.parameters(),
-                                                                         cfg.weight_decay),
-                                           config=json.loads(json.dumps(conf)),
-                                           lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg),
-                                           dist_init_required=False)
-    engine.train()
+    engine = deepspeed_engine(model_cfg, cfg, json.loads(json.dumps(conf)))
     objective = objective_for(model_cfg)          # the same inputs / labels as our Trainer's
     steps, losses = [], []
     for i, blocks in enumerate(batches):
@@ -260,10 +246,7 @@ def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
         if i >= warmup:
             steps.append(time.perf_counter() - t0)
     report = ds_model_state(engine)
-    try:
-        engine.destroy()
-    except Exception:       # noqa: BLE001 - older engines have no destroy()
-        pass
+    destroy_engine(engine)
     return steps, losses, report
 
 
@@ -286,30 +269,18 @@ def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len,
 
 def _summary(rounds: list[list[dict]]) -> dict[str, Any]:
     """One side's numbers from ``rounds`` (per round, the per-rank results)."""
-    error = first_error(rounds)
-    if error:
-        return error
-    gang = gang_rounds(rounds)
-    per_rank = {}
-    for k, rs in by_rank(rounds).items():
-        per_rank[k] = {"median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
-                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
-                       "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
-                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
-                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB,
-                       "model_state": rs[-1]["model_state"],
-                       "steps_s": [r["steps_s"] for r in rs],
-                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs]}
-    step = pooled_median(gang)
+    summary = gang_summary(rounds, lambda rs: {
+        "median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
+        "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
+        "steps_s": [r["steps_s"] for r in rs]})
+    if "error" in summary:
+        return summary
     last = rounds[-1]
-    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
-            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
-            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
-            # the step's loss over all ranks (ours logs it all-reduced; DeepSpeed's out.loss is
-            # the rank's own: equal token counts per rank, so the mean over ranks is global)
-            "losses": [statistics.fmean(r["losses"][i] for r in last)
-                       for i in range(len(last[0]["losses"]))],
-            "per_rank": per_rank}
+    # the step's loss over all ranks (ours logs it all-reduced; DeepSpeed's out.loss is the
+    # rank's own: equal token counts per rank, so the mean over ranks is global)
+    summary["losses"] = [statistics.fmean(r["losses"][i] for r in last)
+                         for i in range(len(last[0]["losses"]))]
+    return summary
 
 
 def compare(ours: dict[str, Any], ds: dict[str, Any]) -> dict[str, Any] | None:

@@ -31,11 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.common import (decay_groups, deepspeed_gang_env, fresh_model, gpt_config,
-                          result_path, write_json)
+from bench.common import (MB, decay_groups, deepspeed_gang_env, destroy_engine, fresh_model,
+                          gpt_config, result_path, write_json)
 from bench.live_bytes import TensorCensus
-
-MB = 2 ** 20
 
 
 def _batch(vocab: int, seq: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
@@ -121,10 +119,7 @@ def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> d
             engine.step()
         out["after_step"] = census.live()
         out["config"] = conf
-        try:
-            engine.destroy()
-        except Exception:       # noqa: BLE001 - older engines have no destroy()
-            pass
+        destroy_engine(engine)
     out["psi"] = psi
     return out
 

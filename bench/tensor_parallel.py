@@ -93,16 +93,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          by_rank, connect_ray, cpu_train_config, decay_groups,
-                          deepspeed_gang_env, first_error, fresh_model, fused_adamw,
-                          gang_rounds, gpt_config, measured_run, nbytes, parse_args,
-                          pooled_median, ratio_with_interval, result_path, warmup_cosine_lr,
-                          with_steps, write_json)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, balanced_order,  # noqa: E402
+                          connect_ray, cpu_train_config, deepspeed_engine, deepspeed_gang_env,
+                          destroy_engine, fresh_model, fused_adamw, gang_summary, gpt_config,
+                          measured_run, nbytes, parse_args, ratio_with_interval, result_path,
+                          warmup_cosine_lr, with_steps, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
-MB = 2 ** 20
 LOOPS = ("ours", "torch", "torch_vocab", "deepspeed")
 LABELS = {"ours": "bmray MeshParallel", "torch": "torch TP (blocks)",
           "torch_vocab": "torch TP (+vocab)", "deepspeed": "DeepSpeed AutoTP"}
@@ -300,21 +298,11 @@ def ds_config(tp: int, cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
 
 def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """DeepSpeed's documented loop on an AutoTP engine: (step s, losses, norms, state)."""
-    import logging
-
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.utils import clip_grad_norm_
-    from deepspeed.utils import logger as ds_logger
     from bmray.models import objective_for
 
-    ds_logger.setLevel(logging.ERROR)
-    model = fresh_model(model_cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=decay_groups(model.parameters(), cfg.weight_decay),
-        config=ds_config(tp, cfg, batches[0].size(0)),
-        lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg), dist_init_required=False)
-    engine.train()
+    engine = deepspeed_engine(model_cfg, cfg, ds_config(tp, cfg, batches[0].size(0)))
     objective = objective_for(model_cfg)
     params = [p for p in engine.module.parameters() if p.requires_grad]
     steps, losses, norms, grad_bytes = [], [], [], 0
@@ -344,10 +332,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
                      "optimizer's state tensors")
     state["layers"] = sorted({type(m).__name__ for m in engine.module.modules()
                               if "Layer" in type(m).__name__})
-    try:
-        engine.destroy()
-    except Exception:       # noqa: BLE001 - older engines have no destroy()
-        pass
+    destroy_engine(engine)
     return steps, losses, norms, state
 
 
@@ -386,30 +371,20 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
 
 def _summary(runs: list[list[dict]]) -> dict[str, Any]:
     """One loop's numbers at one tp from ``runs`` (per round, the per-rank results)."""
-    error = first_error(runs)
-    if error:
-        return error
-    gang = gang_rounds(runs)
-    per_rank = {}
-    for k, rs in by_rank(runs).items():
+    def rank_figures(rs: list[dict]) -> dict[str, Any]:
         steps = [s for r in rs for s in r["steps_s"]]
-        per_rank[k] = {"median_step_s": statistics.median(steps), "steps_s": steps,
-                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
-                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs],
-                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
-                       "ru_maxrss_mb": max(r["ru_maxrss"] for r in rs) / MB,
-                       "model_state": rs[-1]["model_state"],
-                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB}
-    step = pooled_median(gang)
+        return {"median_step_s": statistics.median(steps), "steps_s": steps,
+                "ru_maxrss_mb": max(r["ru_maxrss"] for r in rs) / MB}
+
+    summary = gang_summary(runs, rank_figures)
+    if "error" in summary:
+        return summary
     last = runs[-1]
-    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
-            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
-            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
-            "losses": last[0]["losses"], "grad_norms": last[0]["grad_norms"],
-            # all ranks of a TP group must see the same loss
-            "rank_loss_spread": max(abs(a - b) for r in last for a, b in
-                                    zip(r["losses"], last[0]["losses"])),
-            "per_rank": per_rank}
+    summary.update(losses=last[0]["losses"], grad_norms=last[0]["grad_norms"],
+                   # all ranks of a TP group must see the same loss
+                   rank_loss_spread=max(abs(a - b) for r in last for a, b in
+                                        zip(r["losses"], last[0]["losses"])))
+    return summary
 
 
 def _max_diff(a: list[float], b: list[float], n: int = CHECK_STEPS) -> float:
