@@ -10,6 +10,7 @@ import os
 import random
 import statistics
 import threading
+import time
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
@@ -231,6 +232,26 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss())
+
+
+class StepTimer:
+    """Times the steps of a gang's run from step ``warmup`` on: ``start(i)`` before step i (the
+    ranks meet first when the timing begins, so they start it together), ``stop(i)`` after it;
+    ``steps`` holds the seconds of each timed step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self._t0 = warmup, [], 0.0
+
+    def start(self, i: int) -> None:
+        if i == self.warmup:
+            import torch.distributed as dist
+
+            dist.barrier()
+        self._t0 = time.perf_counter()
+
+    def stop(self, i: int) -> None:
+        if i >= self.warmup:
+            self.steps.append(time.perf_counter() - self._t0)
 
 
 def deepspeed_gang_env() -> Any:

@@ -11,7 +11,7 @@ between them; ``zero_grad(set_to_none=False)`` keeps them views) and ``static_gr
 the JSON (``peer_config``). Ours runs four times:
 
 * ``bmray DataParallel, gloo``: the *same hand-written loop* with
-  `actors.data_parallel.DataParallel` in DDP's place (forward + backward through
+  `actors.parallel.data_parallel.DataParallel` in DDP's place (forward + backward through
   ``forward_backward`` with weight 1/world, since our buckets sum where DDP averages;
   ``clip_and_step``; the scheduler; the loss read back), its buckets all-reduced over the
   same gloo process group as DDP's (``transport: process_group``) — the like-for-like
@@ -19,10 +19,10 @@ the JSON (``peer_config``). Ours runs four times:
 * ``bmray Trainer, gloo``: the whole `Trainer` on the same strategy and transport
   (token-weighted accumulation, the global loss summed for logging — it rides in the last
   gradient bucket, so a step makes the same collectives as DDP's — read-ahead, metrics rows):
-  what ``jobs.pretrain`` runs;
+  what ``bmray pretrain`` runs;
 * ``bmray DataParallel`` and ``bmray Trainer``: the same two with our default
   ``transport: auto``, which sums the buckets of the workers of one host in shared memory
-  (actors/shm_transport.py) — a product feature DDP does not have, so these rows are
+  (actors/comm/shm_transport.py) — a product feature DDP does not have, so these rows are
   "bmray default vs peer default", not the goal.
 
 All run inside the same gang of Ray workers (`cluster.gang.WorkerGroup`, one torch thread per

@@ -1,13 +1,15 @@
 """Parameter server (sync, async) against all-reduce data parallelism at the same worker count.
 
 Same GPT, same initial weights, same data path (synthetic world -> BPE -> packed Parquet ->
-BlockStream sliced by rank), same loop (actors.trainer.Trainer), N gang workers
+BlockStream sliced by rank), same loop (actors.train.loop.Trainer), N gang workers
 (cluster.gang.WorkerGroup, one CPU thread each); only the strategy differs:
 
-* ``all-reduce DP``       actors.data_parallel.DataParallel (bucketed all-reduce, SUM; shared
-                          memory between the workers of this host, ``transport: auto``)
+* ``all-reduce DP``       actors.parallel.data_parallel.DataParallel (bucketed all-reduce,
+                          SUM; shared memory between the workers of this host,
+                          ``transport: auto``)
 * ``all-reduce DP, gloo`` the same over the gloo process group (``transport: process_group``)
-* ``PS sync``             actors.param_server.ParameterServer, K shards, BSP (equals DP's maths)
+* ``PS sync``             actors.parallel.param_server.ParameterServer, K shards, BSP (equals
+                          DP's maths)
 * ``PS async (s=2)``      the same, SSP with staleness 2: each push is applied on arrival
 
 The parameter server moves its gradients and parameters through Ray's object store, so no

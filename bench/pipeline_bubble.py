@@ -1,16 +1,16 @@
 """Pipeline bubble: measured idle fraction of each stage against (p-1)/(m+p-1), GPipe and 1F1B.
 
 A GPT of ``--layers`` equal blocks is cut into p stages (balanced by parameter count; the
-vocabulary is small so the embedding and head add little to the end stages: the formula
-assumes equal stages), one stage per Ray worker (`cluster.gang.WorkerGroup`, one torch thread
-each, gloo p2p), and `actors.pipeline.PipelineEngine` runs m micro-batches per step. Per stage
-the engine measures busy (compute) and idle (the rest of the step window between two barriers:
-blocked in recv/send, or done and waiting for the others). The table gives, for the fastest
-of ``--repeats`` steps (after one warm-up step; see ``best_step``), the idle fraction
+vocabulary is small so the embedding and head add little to the end stages: the formula assumes
+equal stages), one stage per Ray worker (`cluster.gang.WorkerGroup`, one torch thread each, gloo
+p2p), and `actors.parallel.pipeline.engine.PipelineEngine` runs m micro-batches per step. Per
+stage the engine measures busy (compute) and idle (the rest of the step window between two
+barriers: blocked in recv/send, or done and waiting for the others). The table gives, for the
+fastest of ``--repeats`` steps (after one warm-up step; see ``best_step``), the idle fraction
 averaged over the stages with its spread, next to the formula, and the median over all steps;
-and the activations held: peak micro-batches in flight per stage and peak saved-activation
-bytes of stage 0 (where 1F1B and GPipe differ most). ``cpu/wall`` is the CPU time of the
-stages' compute over its wall time in the reported step: near 1 the stages had their cores to
+and the activations held: peak micro-batches in flight per stage and peak saved-activation bytes
+of stage 0 (where 1F1B and GPipe differ most). ``cpu/wall`` is the CPU time of the stages'
+compute over its wall time in the reported step: near 1 the stages had their cores to
 themselves; well below 1 other processes took them and the row measures the contention too.
 
     python bench/pipeline_bubble.py [--stages 2 4 --micro 1 2 4 8 --repeats 5] [--spawn]

@@ -11,9 +11,9 @@ per rank, one torch thread each, gloo); tp = 1 is plain single-rank training for
 
 The loops (``--loops``):
 
-* ``ours`` — what a user runs: ``actors.trainer.Trainer`` on
-  ``actors.mesh_parallel.MeshParallel(tp=N)`` (dp = pp = 1; ZeRO-1 over a dp group of one,
-  i.e. a plain optimizer with an fp32 master copy). Its TP (``actors.tensor_parallel``)
+* ``ours`` — what a user runs: ``actors.train.loop.Trainer`` on
+  ``actors.parallel.mesh.MeshParallel(tp=N)`` (dp = pp = 1; ZeRO-1 over a dp group of one,
+  i.e. a plain optimizer with an fp32 master copy). Its TP (``actors.parallel.tensor``)
   shards the blocks (q/k/v and ffn.up by columns, out_proj and ffn.down by rows, one Megatron
   "f" for the three projections), the vocabulary (embedding and tied lm_head) and computes the
   vocabulary-parallel cross-entropy; the trainer also logs token accuracy and all-reduces the
@@ -93,11 +93,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, balanced_order,  # noqa: E402
-                          connect_ray, cpu_train_config, deepspeed_engine, deepspeed_gang_env,
-                          destroy_engine, fresh_model, fused_adamw, gang_summary, gpt_config,
-                          measured_run, nbytes, parse_args, ratio_with_interval, result_path,
-                          warmup_cosine_lr, with_steps, write_json)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, StepTimer,  # noqa: E402
+                          balanced_order, connect_ray, cpu_train_config, deepspeed_engine,
+                          deepspeed_gang_env, destroy_engine, fresh_model, fused_adamw,
+                          gang_summary, gpt_config, measured_run, nbytes, parse_args,
+                          ratio_with_interval, result_path, warmup_cosine_lr, with_steps,
+                          write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
@@ -142,21 +143,17 @@ def _optim_state_bytes(opt: Any) -> int:
 
 def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """Trainer on MeshParallel(tp=N): (step seconds, losses, first grad norm, state bytes)."""
-    import torch.distributed as dist
     from bmray.actors.parallel.mesh import MeshParallel
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
     trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=MeshParallel(tp=tp), model_config=model_cfg)
-    steps, losses, norms = [], [], []
+    timer, losses, norms = StepTimer(warmup), [], []
     for i in range(len(batches)):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         row = trainer.train_step()
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(row["loss"])
         norms.append(row["grad_norm"])
     trainer.strategy.flush()
@@ -165,7 +162,7 @@ def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
                                  "model_state_bytes")}
     state["note"] = ("memory_report(): parameters, flat gradient bucket, fp32 master + "
                      "AdamW moments")
-    return steps, losses, norms, state
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- torch TP (DTensor)
@@ -205,7 +202,6 @@ def torch_parallelize(model: torch.nn.Module, tp: int, vocab: bool) -> torch.nn.
 
 def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
     """Hand-written loop on torch TP: (step seconds, losses, grad norms, state bytes)."""
-    import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
@@ -237,11 +233,9 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
                 torch.nn.utils.clip_grads_with_norm_(ps, cfg.grad_clip, total)
         return total
 
-    steps, losses, norms, grad_bytes = [], [], [], 0
+    timer, losses, norms, grad_bytes = StepTimer(warmup), [], [], 0
     for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         batch = objective(blocks)
         if vocab and tp > 1:
             logits = model(input_ids=batch["input_ids"]).logits
@@ -262,15 +256,14 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
         for o in opts:
             o.zero_grad(set_to_none=True)
         value = float((loss.full_tensor() if isinstance(loss, DTensor) else loss).detach())
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(value)
         norms.append(float(norm))
     state = {"param_bytes": nbytes(params), "grad_bytes": grad_bytes,
              "optimizer_bytes": sum(_optim_state_bytes(o) for o in opts)}
     state["model_state_bytes"] = sum(state.values())
     state["note"] = "local shards of parameters, their gradients, AdamW moments"
-    return steps, losses, norms, state
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- DeepSpeed AutoTP
@@ -298,18 +291,15 @@ def ds_config(tp: int, cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
 
 def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """DeepSpeed's documented loop on an AutoTP engine: (step s, losses, norms, state)."""
-    import torch.distributed as dist
     from deepspeed.runtime.utils import clip_grad_norm_
     from bmray.models import objective_for
 
     engine = deepspeed_engine(model_cfg, cfg, ds_config(tp, cfg, batches[0].size(0)))
     objective = objective_for(model_cfg)
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    steps, losses, norms, grad_bytes = [], [], [], 0
+    timer, losses, norms, grad_bytes = StepTimer(warmup), [], [], 0
     for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         out = engine(**objective(blocks))
         engine.backward(out.loss)
         if i == len(batches) - 1:
@@ -320,8 +310,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
             norm = clip_grad_norm_(params, float("inf"), mpu=engine.mpu)
         engine.step()
         value = float(out.loss.detach())
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(value)
         norm = engine.get_global_grad_norm() if norm is None else norm
         norms.append(float(norm) if norm is not None else float("nan"))
@@ -333,7 +322,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     state["layers"] = sorted({type(m).__name__ for m in engine.module.modules()
                               if "Layer" in type(m).__name__})
     destroy_engine(engine)
-    return steps, losses, norms, state
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- one run on every rank

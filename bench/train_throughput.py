@@ -2,7 +2,7 @@
 
 Same GPT, same initial weights, same batches, same optimizer (AdamW), schedule and clipping;
 the plain loop is what a user would write by hand (nanoGPT-style). Ours runs through
-`actors.trainer.Trainer` (token-weighted accumulation, metrics, schedule, strategy object),
+`actors.train.loop.Trainer` (token-weighted accumulation, metrics, schedule, strategy object),
 once on the same in-memory batches and once streaming the same blocks from Parquet through
 `models.data.BlockStream`, so the table shows what the loop costs and what the data path costs.
 
