@@ -351,6 +351,24 @@ def gang_summary(runs: Sequence[Sequence[dict]], rank_figures: Callable[[list[di
 
 # ---------------------------------------------------------------- command line and results
 
+def add_timing_args(ap: Any, steps: int, warmup_steps: int, repeats: int,
+                    repeats_help: str | None = None,
+                    steps_help: str | None = "timed steps per run",
+                    warmup_help: str = "untimed steps before each run") -> None:
+    """``--steps``, ``--warmup-steps`` and ``--repeats`` (the rounds) with these defaults."""
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--warmup-steps", type=int, default=warmup_steps, help=warmup_help)
+    ap.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+
+
+def add_model_args(ap: Any, d_model: int, layers: int, vocab: int | None = None) -> None:
+    """``--d-model``, ``--layers`` and (given a default) ``--vocab`` of the GPT."""
+    ap.add_argument("--d-model", type=int, default=d_model)
+    ap.add_argument("--layers", type=int, default=layers)
+    if vocab is not None:
+        ap.add_argument("--vocab", type=int, default=vocab)
+
+
 def result_path(script: str, name: str) -> str:
     """``name`` in the results folder beside ``script`` (a bench's ``__file__``)."""
     return os.path.join(os.path.dirname(script), "results", name)

@@ -55,9 +55,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          bootstrap_ratio, connect_ray, cpu_train_config, fresh_model,
-                          fused_adamw, gpt_config, parse_args, pooled_median, rank_batches,
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, add_model_args,  # noqa: E402
+                          add_timing_args, balanced_order, bootstrap_ratio,
+                          connect_ray, cpu_train_config, fresh_model, fused_adamw,
+                          gpt_config, parse_args, pooled_median, rank_batches,
                           result_path, warmup_cosine_lr, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 
@@ -181,15 +182,11 @@ QUICK = {"workers": [2], "steps": 5, "warmup_steps": 2, "repeats": 5}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=10, help="rounds (a multiple of 5 "
-                    "gives each loop each position equally often)")
+    add_timing_args(ap, steps=40, warmup_steps=3, repeats=10, repeats_help="rounds (a multiple "
+                    "of 5 gives each loop each position equally often)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_model_args(ap, d_model=128, layers=2, vocab=2048)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
     ap.add_argument("--out", default=result_path(__file__, "ddp_throughput.json"))
     args = parse_args(ap, QUICK)

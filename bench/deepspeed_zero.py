@@ -94,10 +94,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, StepTimer,  # noqa: E402
-                          balanced_order, connect_ray, cpu_train_config, deepspeed_engine,
-                          deepspeed_gang_env, destroy_engine, fresh_model, gang_summary,
-                          gpt_config, measured_run, nbytes, parse_args, rank_batches,
-                          ratio_with_interval, result_path, with_steps, world_pack, write_json)
+                          add_model_args, add_timing_args, balanced_order,
+                          connect_ray, cpu_train_config, deepspeed_engine,
+                          deepspeed_gang_env, destroy_engine, fresh_model,
+                          gang_summary, gpt_config, measured_run, nbytes,
+                          parse_args, rank_batches, ratio_with_interval,
+                          result_path, with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
@@ -296,15 +298,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     ap.add_argument("--offload", nargs="+", default=["none", "cpu"], choices=["none", "cpu"])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=6, help="rounds, each side once per round "
-                    "in rotating order (a multiple of 3 balances the positions)")
+    add_timing_args(ap, steps=20, warmup_steps=2, repeats=6, repeats_help="rounds, each side "
+                    "once per round in rotating order (a multiple of 3 balances the positions)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_model_args(ap, d_model=256, layers=4, vocab=2048)
     ap.add_argument("--bucket-mb", type=float, default=25.0,
                     help="our bucket_mb; DeepSpeed's reduce/allgather bucket in elements")
     ap.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],

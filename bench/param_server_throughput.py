@@ -42,9 +42,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          cpu_train_config, fresh_model, gpt_config, parse_args,
-                          ratio_with_interval, result_path, world_pack, write_json)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, add_model_args,  # noqa: E402
+                          add_timing_args, balanced_order, cpu_train_config,
+                          fresh_model, gpt_config, parse_args,
+                          ratio_with_interval, result_path, world_pack,
+                          write_json)
 from bmray.actors.parallel.param_server import (ParameterServer, ParamServerConfig, reset_shards,  # noqa: E402
                                  start_shards, stop_shards)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
@@ -95,14 +97,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--staleness", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--repeats", type=int, default=8, help="rounds, every strategy once per "
-                    "round in rotating order (a multiple of 4 balances the positions)")
+    add_timing_args(ap, steps=20, warmup_steps=3, repeats=8, repeats_help="rounds, every "
+                    "strategy once per round in rotating order (a multiple of 4 balances the "
+                    "positions)", steps_help="timed steps", warmup_help="untimed steps first")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=129)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    add_model_args(ap, d_model=256, layers=4)
     ap.add_argument("--out", default=result_path(__file__, "param_server_throughput.json"))
     args = parse_args(ap, QUICK)
     vocab = 4096

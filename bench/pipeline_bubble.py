@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import connect_ray, gpt_config, result_path, write_json  # noqa: E402
+from bench.common import (add_model_args, connect_ray, gpt_config, result_path,  # noqa: E402
+                          write_json)
 from bmray.models import ModelConfig  # noqa: E402
 
 GOAL_POINTS = 5.0
@@ -136,9 +137,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8, help="timed steps per (p, m, schedule)")
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=128)
+    add_model_args(ap, d_model=256, layers=8, vocab=128)
     ap.add_argument("--spawn", action="store_true",
                     help="torch.multiprocessing instead of a Ray gang (no Ray needed)")
     ap.add_argument("--out", default=result_path(__file__, "pipeline_bubble.json"))

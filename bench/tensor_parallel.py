@@ -94,11 +94,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, StepTimer,  # noqa: E402
-                          balanced_order, connect_ray, cpu_train_config, deepspeed_engine,
-                          deepspeed_gang_env, destroy_engine, fresh_model, fused_adamw,
-                          gang_summary, gpt_config, measured_run, nbytes, parse_args,
-                          ratio_with_interval, result_path, warmup_cosine_lr, with_steps,
-                          write_json)
+                          add_timing_args, balanced_order, connect_ray,
+                          cpu_train_config, deepspeed_engine, deepspeed_gang_env,
+                          destroy_engine, fresh_model, fused_adamw, gang_summary,
+                          gpt_config, measured_run, nbytes, parse_args,
+                          ratio_with_interval, result_path, warmup_cosine_lr,
+                          with_steps, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
@@ -400,10 +401,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=8, help="rounds, every loop once per round "
-                    "in rotating order")
+    add_timing_args(ap, steps=10, warmup_steps=2, repeats=8, repeats_help="rounds, every loop "
+                    "once per round in rotating order")
     ap.add_argument("--batch", type=int, default=4, help="blocks per step (every rank)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per block")
     ap.add_argument("--d-model", type=int, default=256)
