@@ -2,11 +2,11 @@
 
 Both run in the same process group of the same gang (cluster.gang.WorkerGroup on an embedded
 Ray; torch.multiprocessing if Ray is unavailable), on the same float32 tensors of 1 .. 256 MB
-(MB = 2^20 bytes): ``actors.collectives.all_reduce(t, "sum")`` against
+(MB = 2^20 bytes): ``actors.comm.collectives.all_reduce(t, "sum")`` against
 ``torch.distributed.all_reduce(t)``. So the table measures what the wrapper costs (validation,
 op lookup, the Handle), not a different algorithm. A third column, ``shm``, is the
 shared-memory transport the data-parallel strategies use between the ranks of one host
-(``actors.shm_transport.ShmGroup.all_reduce``, 8 MB slots, larger tensors in pieces): a
+(``actors.comm.shm_transport.ShmGroup.all_reduce``, 8 MB slots, larger tensors in pieces): a
 different algorithm, measured on the same tensors.
 
 Bandwidths as nccl-tests define them (nccl-tests/doc/PERFORMANCE.md):
@@ -209,7 +209,7 @@ def main() -> None:
                                                  "each repeat timing both back to back "
                                                  "(= ours bandwidth / plain bandwidth)",
                         "ratio_shm_over_plain": "the same for the shared-memory transport "
-                                                "(actors/shm_transport.py)"},
+                                                "(actors/comm/shm_transport.py)"},
         "repeats": args.repeats, "same_result": all(checks), "rows": rows,
         "elapsed_s": round(elapsed, 1),
         "env": {"torch": torch.__version__, "python": platform.python_version(),

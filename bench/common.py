@@ -10,6 +10,7 @@ import os
 import random
 import statistics
 import threading
+import time
 import traceback
 from typing import Any, Callable, Iterable, Sequence
 
@@ -25,6 +26,7 @@ from bmray.models.world import WorldConfig, write_world
 
 BOOTSTRAP_RESAMPLES = 2000
 INTERVAL = 0.9
+MB = 2 ** 20
 
 
 def world_pack(root: str, block_len: int, vocab: int, n_entities: int = 300) -> str:
@@ -232,6 +234,26 @@ class PeakRSS:
         self.peak = max(self.peak, rss())
 
 
+class StepTimer:
+    """Times the steps of a gang's run from step ``warmup`` on: ``start(i)`` before step i (the
+    ranks meet first when the timing begins, so they start it together), ``stop(i)`` after it;
+    ``steps`` holds the seconds of each timed step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.steps, self._t0 = warmup, [], 0.0
+
+    def start(self, i: int) -> None:
+        if i == self.warmup:
+            import torch.distributed as dist
+
+            dist.barrier()
+        self._t0 = time.perf_counter()
+
+    def stop(self, i: int) -> None:
+        if i >= self.warmup:
+            self.steps.append(time.perf_counter() - self._t0)
+
+
 def deepspeed_gang_env() -> Any:
     """Inside a gang worker: set the launcher variables DeepSpeed reads (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_*) from the existing gang and import deepspeed, so every side of a
@@ -245,6 +267,32 @@ def deepspeed_gang_env() -> Any:
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29500"))
     import deepspeed  # noqa: F401
     return ctx
+
+
+def deepspeed_engine(model_cfg: ModelConfig, cfg: TrainConfig, conf: dict[str, Any]) -> Any:
+    """DeepSpeed's engine (config ``conf``, logging quiet) over ``fresh_model(model_cfg)``
+    with ``decay_groups`` and ``cfg``'s schedule, in training mode."""
+    import logging
+
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.ERROR)
+    model = fresh_model(model_cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=decay_groups(model.parameters(), cfg.weight_decay),
+        config=conf, lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg),
+        dist_init_required=False)
+    engine.train()
+    return engine
+
+
+def destroy_engine(engine: Any) -> None:
+    """``engine.destroy()`` where this DeepSpeed has it."""
+    try:
+        engine.destroy()
+    except Exception:       # noqa: BLE001 - older engines have no destroy()
+        pass
 
 
 def measured_run(fn: Callable[[], Any], sample_ms: float,
@@ -273,26 +321,53 @@ def measured_run(fn: Callable[[], Any], sample_ms: float,
 
 # ---------------------------------------------------------------- runs of a gang
 
-def first_error(runs: Sequence[Sequence[dict]]) -> dict[str, str] | None:
-    """{"error", "traceback"} of the first failed rank of ``runs`` (per round, the per-rank
-    results of ``measured_run``), or None."""
+def gang_summary(runs: Sequence[Sequence[dict]], rank_figures: Callable[[list[dict]], dict]
+                 ) -> dict[str, Any]:
+    """One side's numbers from ``runs`` (per round, every rank's ``measured_run`` result with
+    its ``steps_s`` and ``model_state``): the gang's step times per round and their pooled
+    median, each rank's memory over the rounds (peak RSS above the baseline: median over
+    rounds; model state: the last round's) with ``rank_figures(its results)`` beside it, and
+    the largest rank's memory; or the first failed rank's {"error", "traceback"}."""
     errors = [r for rep in runs for r in rep if "error" in r]
-    return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]} if errors else None
-
-
-def gang_rounds(runs: Sequence[Sequence[dict]]) -> list[list[float]]:
-    """Per round, the gang's step times (``gang_steps`` over the ranks' ``steps_s``)."""
-    return [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
+    if errors:
+        return {"error": errors[0]["error"], "traceback": errors[0]["traceback"]}
+    gang = [gang_steps([r["steps_s"] for r in sorted(rep, key=lambda r: r["rank"])])
             for rep in runs]
-
-
-def by_rank(runs: Sequence[Sequence[dict]]) -> dict[int, list[dict]]:
-    """Each rank's results over the rounds, ranks in order."""
-    ranks = sorted({r["rank"] for rep in runs for r in rep})
-    return {k: [r for rep in runs for r in rep if r["rank"] == k] for k in ranks}
+    per_rank = {}
+    for k in sorted({r["rank"] for rep in runs for r in rep}):
+        rs = [r for rep in runs for r in rep if r["rank"] == k]
+        per_rank[k] = {**rank_figures(rs),
+                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
+                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs],
+                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
+                       "model_state": rs[-1]["model_state"],
+                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB}
+    step = pooled_median(gang)
+    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
+            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
+            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
+            "per_rank": per_rank}
 
 
 # ---------------------------------------------------------------- command line and results
+
+def add_timing_args(ap: Any, steps: int, warmup_steps: int, repeats: int,
+                    repeats_help: str | None = None,
+                    steps_help: str | None = "timed steps per run",
+                    warmup_help: str = "untimed steps before each run") -> None:
+    """``--steps``, ``--warmup-steps`` and ``--repeats`` (the rounds) with these defaults."""
+    ap.add_argument("--steps", type=int, default=steps, help=steps_help)
+    ap.add_argument("--warmup-steps", type=int, default=warmup_steps, help=warmup_help)
+    ap.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+
+
+def add_model_args(ap: Any, d_model: int, layers: int, vocab: int | None = None) -> None:
+    """``--d-model``, ``--layers`` and (given a default) ``--vocab`` of the GPT."""
+    ap.add_argument("--d-model", type=int, default=d_model)
+    ap.add_argument("--layers", type=int, default=layers)
+    if vocab is not None:
+        ap.add_argument("--vocab", type=int, default=vocab)
+
 
 def result_path(script: str, name: str) -> str:
     """``name`` in the results folder beside ``script`` (a bench's ``__file__``)."""

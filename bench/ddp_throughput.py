@@ -11,7 +11,7 @@ between them; ``zero_grad(set_to_none=False)`` keeps them views) and ``static_gr
 the JSON (``peer_config``). Ours runs four times:
 
 * ``bmray DataParallel, gloo``: the *same hand-written loop* with
-  `actors.data_parallel.DataParallel` in DDP's place (forward + backward through
+  `actors.parallel.data_parallel.DataParallel` in DDP's place (forward + backward through
   ``forward_backward`` with weight 1/world, since our buckets sum where DDP averages;
   ``clip_and_step``; the scheduler; the loss read back), its buckets all-reduced over the
   same gloo process group as DDP's (``transport: process_group``) — the like-for-like
@@ -19,10 +19,10 @@ the JSON (``peer_config``). Ours runs four times:
 * ``bmray Trainer, gloo``: the whole `Trainer` on the same strategy and transport
   (token-weighted accumulation, the global loss summed for logging — it rides in the last
   gradient bucket, so a step makes the same collectives as DDP's — read-ahead, metrics rows):
-  what ``jobs.pretrain`` runs;
+  what ``bmray pretrain`` runs;
 * ``bmray DataParallel`` and ``bmray Trainer``: the same two with our default
   ``transport: auto``, which sums the buckets of the workers of one host in shared memory
-  (actors/shm_transport.py) — a product feature DDP does not have, so these rows are
+  (actors/comm/shm_transport.py) — a product feature DDP does not have, so these rows are
   "bmray default vs peer default", not the goal.
 
 All run inside the same gang of Ray workers (`cluster.gang.WorkerGroup`, one torch thread per
@@ -55,9 +55,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          bootstrap_ratio, connect_ray, cpu_train_config, fresh_model,
-                          fused_adamw, gpt_config, parse_args, pooled_median, rank_batches,
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, add_model_args,  # noqa: E402
+                          add_timing_args, balanced_order, bootstrap_ratio,
+                          connect_ray, cpu_train_config, fresh_model, fused_adamw,
+                          gpt_config, parse_args, pooled_median, rank_batches,
                           result_path, warmup_cosine_lr, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 
@@ -181,15 +182,11 @@ QUICK = {"workers": [2], "steps": 5, "warmup_steps": 2, "repeats": 5}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=10, help="rounds (a multiple of 5 "
-                    "gives each loop each position equally often)")
+    add_timing_args(ap, steps=40, warmup_steps=3, repeats=10, repeats_help="rounds (a multiple "
+                    "of 5 gives each loop each position equally often)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_model_args(ap, d_model=128, layers=2, vocab=2048)
     ap.add_argument("--bucket-mb", type=float, default=1.0)
     ap.add_argument("--out", default=result_path(__file__, "ddp_throughput.json"))
     args = parse_args(ap, QUICK)

@@ -2,16 +2,16 @@
 without CPU optimizer offload, 2 workers.
 
 Same GPT (``models.build_model``), same initial weights (seeded), same batches (each rank's
-slice of the same global batch from ``models.data.BlockStream`` over the synthetic world,
-held in memory so Parquet reads are not timed), the same parameter dtype with fp32 master
-weights and AdamW moments on both sides, the same AdamW hyper-parameters
-and two groups (decay on matrices only), the same warmup + cosine schedule, the same
-gradient clipping and micro-batch. Ours is the whole ``actors.trainer.Trainer`` on
-``actors.zero.Zero(stage, bucket_mb, param_dtype, offload_optimizer, transport)`` (stage 3:
-``actors.zero3.Zero3``; token-weighted loss, the global loss summed for logging each step,
-inside the grad-norm all-reduce); DeepSpeed's is the loop its docs show (``engine(batch)``,
-``engine.backward(loss)``, ``engine.step()``) after ``deepspeed.initialize`` inside the same
-Ray gang (``cluster.gang.WorkerGroup``: one torch thread per worker, torch.distributed on gloo
+slice of the same global batch from ``models.data.BlockStream`` over the synthetic world, held
+in memory so Parquet reads are not timed), the same parameter dtype with fp32 master weights and
+AdamW moments on both sides, the same AdamW hyper-parameters and two groups (decay on matrices
+only), the same warmup + cosine schedule, the same gradient clipping and micro-batch. Ours is
+the whole ``actors.train.loop.Trainer`` on ``actors.parallel.zero.stage12.Zero(stage, bucket_mb,
+param_dtype, offload_optimizer, transport)`` (stage 3: ``actors.parallel.zero.stage3.Zero3``;
+token-weighted loss, the global loss summed for logging each step, inside the grad-norm
+all-reduce); DeepSpeed's is the loop its docs show (``engine(batch)``,
+``engine.backward(loss)``, ``engine.step()``) after ``deepspeed.initialize`` inside the same Ray
+gang (``cluster.gang.WorkerGroup``: one torch thread per worker, torch.distributed on gloo
 already initialised — DeepSpeed wraps that group with ``dist_init_required=False``).
 
 Three sides per configuration:
@@ -20,7 +20,7 @@ Three sides per configuration:
   the same gloo process group DeepSpeed uses (``transport: process_group``): the like-for-like
   row on which the goal is judged;
 * ``ours`` — our default ``transport: auto``: between the CPU workers of one host the same
-  collectives go through shared memory (actors/shm_transport.py), a product feature DeepSpeed
+  collectives go through shared memory (actors/comm/shm_transport.py), a product feature DeepSpeed
   does not have ("bmray default vs peer default", not the goal);
 * ``deepspeed`` — configured as its docs recommend for speed (``ds_config``):
   ``overlap_comm: true``, ``contiguous_gradients: true``, ``reduce_scatter: true``, and bucket
@@ -36,18 +36,18 @@ Three sides per configuration:
 
 Parameter dtype: ``--param-dtype bf16`` is the mixed-precision setting the comparison is
 specified for (DeepSpeed refuses fp16 on CPU), but the default is fp32: on this machine's CPU
-(AVX2, no AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against 6.4 ms, one
-thread), so a bf16 step of the default GPT takes ~10 s on either side and the comparison
+(AVX2, no AVX512-BF16) a bf16 matmul is ~50x slower than fp32 (256x1024x512: 320 ms against
+6.4 ms, one thread), so a bf16 step of the default GPT takes ~10 s on either side and the comparison
 measures torch's bf16 GEMM fallback, not the two ZeRO implementations. With fp32 DeepSpeed
 still clones an fp32 master partition (12 bytes per parameter of optimizer state with the two
 moments); ours steps this rank's slice of the flat fp32 parameter buffer in place when the
-optimizer is not offloaded (8 bytes: the moments; actors/zero.py, "aliased fp32 masters"). The
-parameters and gradients cost 4 bytes each instead of 2.
+optimizer is not offloaded (8 bytes: the moments; actors/parallel/zero/stage12.py, "aliased
+fp32 masters"). The parameters and gradients cost 4 bytes each instead of 2.
 
 Optimizers: ours always uses torch's fused AdamW kernel over flat shards
-(``actors.offload.ShardedAdamW``). DeepSpeed with ``offload_optimizer: cpu`` insists on its
-``DeepSpeedCPUAdam`` (``torch_adam: false``); without offload it gets ``torch_adam: true`` and
-``fused: true``, i.e. the same torch kernel as ours.
+(``actors.parallel.zero.offload.ShardedAdamW``). DeepSpeed with ``offload_optimizer: cpu``
+insists on its ``DeepSpeedCPUAdam`` (``torch_adam: false``); without offload it gets
+``torch_adam: true`` and ``fused: true``, i.e. the same torch kernel as ours.
 
 Measured per rank, per run (a run = fresh model + strategy, ``--warmup-steps`` untimed steps,
 ``--steps`` timed ones): each step's wall time — the gang's step takes as long as its slower
@@ -93,16 +93,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          by_rank, connect_ray, cpu_train_config, decay_groups,
-                          deepspeed_gang_env, first_error, fresh_model, gang_rounds,
-                          gpt_config, measured_run, nbytes, parse_args, pooled_median,
-                          rank_batches, ratio_with_interval, result_path, warmup_cosine_lr,
-                          with_steps, world_pack, write_json)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, StepTimer,  # noqa: E402
+                          add_model_args, add_timing_args, balanced_order,
+                          connect_ray, cpu_train_config, deepspeed_engine,
+                          deepspeed_gang_env, destroy_engine, fresh_model,
+                          gang_summary, gpt_config, measured_run, nbytes,
+                          parse_args, rank_batches, ratio_with_interval,
+                          result_path, with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
-MB = 2 ** 20
 SIDES = ("ours, gloo", "ours", "deepspeed")
 GOAL_SIDE = "ours, gloo"                       # the same transport as DeepSpeed's
 TRANSPORT = {"ours, gloo": "process_group", "ours": "auto"}
@@ -121,7 +121,7 @@ def ours_config(stage: int, offload: str, dtype: str, transport: str, bucket_mb:
 
 
 def build_ours(conf: dict[str, Any]):
-    """``actors.zero.Zero`` from ``ours_config``'s options (``actors.zero3.Zero3`` at 3)."""
+    """Our ZeRO (``Zero``; ``Zero3`` at stage 3) from ``ours_config``'s options."""
     from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
     from bmray.actors.parallel.zero.stage3 import Zero3, Zero3Config
 
@@ -163,25 +163,21 @@ def ds_model_state(engine) -> dict[str, Any]:
 
 def ours_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     """(seconds of each timed step, losses, model-state report) of our Trainer on our ZeRO."""
-    import torch.distributed as dist
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
     trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=build_ours(conf), model_config=model_cfg)
-    steps, losses = [], []
+    timer, losses = StepTimer(warmup), []
     for i in range(len(batches)):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         row = trainer.train_step(read_ahead=i + 1 < len(batches))     # as fit() does
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(row["loss"])
     trainer.strategy.flush()
     report = trainer.strategy.memory_report()
     report = {k: v for k, v in report.items() if k != "by_location"}
-    return steps, losses, report
+    return timer.steps, losses, report
 
 
 def block_numel(model_cfg: ModelConfig) -> int:
@@ -231,40 +227,21 @@ def ds_resolved_zero(conf: dict[str, Any]) -> dict[str, Any]:
 
 def ds_loop(conf: dict[str, Any], model_cfg, cfg: TrainConfig, batches, warmup):
     """(seconds of each timed step, losses, model-state report) of DeepSpeed's engine."""
-    import logging
-
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.utils import logger as ds_logger
     from bmray.models import objective_for
 
-    ds_logger.setLevel(logging.ERROR)
-    model = fresh_model(model_cfg)
-    engine, _, _, _ = deepspeed.initialize(model=model,
-                                           model_parameters=decay_groups(model.parameters(),
-                                                                         cfg.weight_decay),
-                                           config=json.loads(json.dumps(conf)),
-                                           lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg),
-                                           dist_init_required=False)
-    engine.train()
+    engine = deepspeed_engine(model_cfg, cfg, json.loads(json.dumps(conf)))
     objective = objective_for(model_cfg)          # the same inputs / labels as our Trainer's
-    steps, losses = [], []
+    timer, losses = StepTimer(warmup), []
     for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         out = engine(**objective(blocks))
         engine.backward(out.loss)
         engine.step()
         losses.append(float(out.loss.detach()))     # what a user's logging does each step
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
     report = ds_model_state(engine)
-    try:
-        engine.destroy()
-    except Exception:       # noqa: BLE001 - older engines have no destroy()
-        pass
-    return steps, losses, report
+    destroy_engine(engine)
+    return timer.steps, losses, report
 
 
 def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len, global_batch,
@@ -286,30 +263,18 @@ def worker_run(side: str, conf: dict[str, Any], pack, model_cfg, cfg, block_len,
 
 def _summary(rounds: list[list[dict]]) -> dict[str, Any]:
     """One side's numbers from ``rounds`` (per round, the per-rank results)."""
-    error = first_error(rounds)
-    if error:
-        return error
-    gang = gang_rounds(rounds)
-    per_rank = {}
-    for k, rs in by_rank(rounds).items():
-        per_rank[k] = {"median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
-                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
-                       "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
-                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
-                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB,
-                       "model_state": rs[-1]["model_state"],
-                       "steps_s": [r["steps_s"] for r in rs],
-                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs]}
-    step = pooled_median(gang)
+    summary = gang_summary(rounds, lambda rs: {
+        "median_step_s": statistics.median(s for r in rs for s in r["steps_s"]),
+        "peak_rss_mb": max(r["peak_rss"] for r in rs) / MB,
+        "steps_s": [r["steps_s"] for r in rs]})
+    if "error" in summary:
+        return summary
     last = rounds[-1]
-    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
-            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
-            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
-            # the step's loss over all ranks (ours logs it all-reduced; DeepSpeed's out.loss is
-            # the rank's own: equal token counts per rank, so the mean over ranks is global)
-            "losses": [statistics.fmean(r["losses"][i] for r in last)
-                       for i in range(len(last[0]["losses"]))],
-            "per_rank": per_rank}
+    # the step's loss over all ranks (ours logs it all-reduced; DeepSpeed's out.loss is the
+    # rank's own: equal token counts per rank, so the mean over ranks is global)
+    summary["losses"] = [statistics.fmean(r["losses"][i] for r in last)
+                         for i in range(len(last[0]["losses"]))]
+    return summary
 
 
 def compare(ours: dict[str, Any], ds: dict[str, Any]) -> dict[str, Any] | None:
@@ -333,15 +298,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     ap.add_argument("--offload", nargs="+", default=["none", "cpu"], choices=["none", "cpu"])
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=6, help="rounds, each side once per round "
-                    "in rotating order (a multiple of 3 balances the positions)")
+    add_timing_args(ap, steps=20, warmup_steps=2, repeats=6, repeats_help="rounds, each side "
+                    "once per round in rotating order (a multiple of 3 balances the positions)")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=65)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_model_args(ap, d_model=256, layers=4, vocab=2048)
     ap.add_argument("--bucket-mb", type=float, default=25.0,
                     help="our bucket_mb; DeepSpeed's reduce/allgather bucket in elements")
     ap.add_argument("--param-dtype", default="fp32", choices=["fp32", "bf16"],

@@ -1,12 +1,12 @@
 """The largest GPT our ZeRO + CPU offload trains on one GPU, with its tokens/s and MFU (bf16).
 
 For a single CUDA device (written for an H100): climbs a ladder of GPT sizes (125M to 65B
-parameters), and for each rung trains a few steps with our ZeRO — stage 3 with CPU offload
-when the code base has it (``Zero(stage=3)`` accepted or an ``actors.zero3`` module), else
-stage 2 with ``offload_optimizer="cpu"`` — on bf16 parameters, with activation checkpointing,
-in a one-rank process group the rung initialises itself (nccl; gloo with ``--dry-run``).
-The ladder stops at the first rung that does not train (CUDA out of memory, host memory too
-small, or the rung's process killed); the largest rung that trained is the answer.
+parameters), and for each rung trains a few steps with our ZeRO — stage 3 with CPU offload when
+the code base has it (``Zero(stage=3)`` accepted or an ``actors.parallel.zero.stage3`` module),
+else stage 2 with ``offload_optimizer="cpu"`` — on bf16 parameters, with activation
+checkpointing, in a one-rank process group the rung initialises itself (nccl; gloo with
+``--dry-run``). The ladder stops at the first rung that does not train (CUDA out of memory, host
+memory too small, or the rung's process killed); the largest rung that trained is the answer.
 
 Each rung runs in its own child process: a CUDA OOM leaves the allocator fragmented, and a
 host OOM is a SIGKILL that would otherwise take the whole ladder with it. Before a rung starts,
@@ -65,7 +65,7 @@ DRY_LADDER = {"dry-a": (32, 1), "dry-b": (64, 2), "dry-c": (96, 2), "dry-d": (12
 
 
 def n_params(d_model: int, n_layers: int, vocab: int, seq: int) -> int:
-    """Ψ of models.gpt's GPT (tied embeddings, learned positions, biases, LayerNorms)."""
+    """Ψ of models.families.gpt's GPT (tied embeddings, learned positions, biases, LayerNorms)."""
     d, f = d_model, 4 * d_model
     block = (3 * d * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
     return vocab * d + seq * d + n_layers * block + 2 * d
@@ -178,7 +178,7 @@ def run_rung(args: argparse.Namespace) -> dict[str, Any]:
         if actual != psi:
             out["params_formula"], psi = psi, actual
             out["params"] = psi
-        if args.activation_checkpointing:       # every block, as jobs/experiment.py applies it
+        if args.activation_checkpointing:       # every block, as actors/train/experiment.py does
             out["checkpointed_blocks"] = len(apply_activation_checkpointing(model, "all"))
         phase = "setup"
         n_steps = args.warmup_steps + args.steps

@@ -9,7 +9,7 @@ know about is invisible to it. These readings come from elsewhere:
   allocated inside the trace and still alive at that point, ``peak(a, b)`` the most alive
   between two marks. Tensors that existed before the trace are not counted (neither their
   allocation nor their free). Memory the allocator does not serve is not seen: shared-memory
-  segments (actors/shm_transport.py) and memory-mapped files (``offload_optimizer: disk``).
+  segments (actors/comm/shm_transport.py) and memory-mapped files (``offload_optimizer: disk``).
   The records are per thread: a tensor allocated on this thread and freed on another (a
   shared-memory or gloo work object letting go of an all-gather's input on its own thread)
   looks alive forever. So the trace is exact up to the first collective, and

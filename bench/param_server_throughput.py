@@ -1,13 +1,15 @@
 """Parameter server (sync, async) against all-reduce data parallelism at the same worker count.
 
 Same GPT, same initial weights, same data path (synthetic world -> BPE -> packed Parquet ->
-BlockStream sliced by rank), same loop (actors.trainer.Trainer), N gang workers
+BlockStream sliced by rank), same loop (actors.train.loop.Trainer), N gang workers
 (cluster.gang.WorkerGroup, one CPU thread each); only the strategy differs:
 
-* ``all-reduce DP``       actors.data_parallel.DataParallel (bucketed all-reduce, SUM; shared
-                          memory between the workers of this host, ``transport: auto``)
+* ``all-reduce DP``       actors.parallel.data_parallel.DataParallel (bucketed all-reduce,
+                          SUM; shared memory between the workers of this host,
+                          ``transport: auto``)
 * ``all-reduce DP, gloo`` the same over the gloo process group (``transport: process_group``)
-* ``PS sync``             actors.param_server.ParameterServer, K shards, BSP (equals DP's maths)
+* ``PS sync``             actors.parallel.param_server.ParameterServer, K shards, BSP (equals
+                          DP's maths)
 * ``PS async (s=2)``      the same, SSP with staleness 2: each push is applied on arrival
 
 The parameter server moves its gradients and parameters through Ray's object store, so no
@@ -40,9 +42,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          cpu_train_config, fresh_model, gpt_config, parse_args,
-                          ratio_with_interval, result_path, world_pack, write_json)
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, add_model_args,  # noqa: E402
+                          add_timing_args, balanced_order, cpu_train_config,
+                          fresh_model, gpt_config, parse_args,
+                          ratio_with_interval, result_path, world_pack,
+                          write_json)
 from bmray.actors.parallel.param_server import ParameterServer, ParamServerConfig  # noqa: E402
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.cluster import connect, shutdown  # noqa: E402
@@ -93,14 +97,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--staleness", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps")
-    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--repeats", type=int, default=8, help="rounds, every strategy once per "
-                    "round in rotating order (a multiple of 4 balances the positions)")
+    add_timing_args(ap, steps=20, warmup_steps=3, repeats=8, repeats_help="rounds, every "
+                    "strategy once per round in rotating order (a multiple of 4 balances the "
+                    "positions)", steps_help="timed steps", warmup_help="untimed steps first")
     ap.add_argument("--batch", type=int, default=16, help="global batch (blocks)")
     ap.add_argument("--block-len", type=int, default=129)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    add_model_args(ap, d_model=256, layers=4)
     ap.add_argument("--out", default=result_path(__file__, "param_server_throughput.json"))
     args = parse_args(ap, QUICK)
     vocab = 4096

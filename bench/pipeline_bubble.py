@@ -1,16 +1,16 @@
 """Pipeline bubble: measured idle fraction of each stage against (p-1)/(m+p-1), GPipe and 1F1B.
 
 A GPT of ``--layers`` equal blocks is cut into p stages (balanced by parameter count; the
-vocabulary is small so the embedding and head add little to the end stages: the formula
-assumes equal stages), one stage per Ray worker (`cluster.gang.WorkerGroup`, one torch thread
-each, gloo p2p), and `actors.pipeline.PipelineEngine` runs m micro-batches per step. Per stage
-the engine measures busy (compute) and idle (the rest of the step window between two barriers:
-blocked in recv/send, or done and waiting for the others). The table gives, for the fastest
-of ``--repeats`` steps (after one warm-up step; see ``best_step``), the idle fraction
+vocabulary is small so the embedding and head add little to the end stages: the formula assumes
+equal stages), one stage per Ray worker (`cluster.gang.WorkerGroup`, one torch thread each, gloo
+p2p), and `actors.parallel.pipeline.engine.PipelineEngine` runs m micro-batches per step. Per
+stage the engine measures busy (compute) and idle (the rest of the step window between two
+barriers: blocked in recv/send, or done and waiting for the others). The table gives, for the
+fastest of ``--repeats`` steps (after one warm-up step; see ``best_step``), the idle fraction
 averaged over the stages with its spread, next to the formula, and the median over all steps;
-and the activations held: peak micro-batches in flight per stage and peak saved-activation
-bytes of stage 0 (where 1F1B and GPipe differ most). ``cpu/wall`` is the CPU time of the
-stages' compute over its wall time in the reported step: near 1 the stages had their cores to
+and the activations held: peak micro-batches in flight per stage and peak saved-activation bytes
+of stage 0 (where 1F1B and GPipe differ most). ``cpu/wall`` is the CPU time of the stages'
+compute over its wall time in the reported step: near 1 the stages had their cores to
 themselves; well below 1 other processes took them and the row measures the contention too.
 
     python bench/pipeline_bubble.py [--stages 2 4 --micro 1 2 4 8 --repeats 5] [--spawn]
@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import connect_ray, gpt_config, result_path, write_json  # noqa: E402
+from bench.common import (add_model_args, connect_ray, gpt_config, result_path,  # noqa: E402
+                          write_json)
 from bmray.models import ModelConfig  # noqa: E402
 
 GOAL_POINTS = 5.0
@@ -137,9 +138,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8, help="timed steps per (p, m, schedule)")
     ap.add_argument("--rows", type=int, default=4, help="sequences per micro-batch")
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=128)
+    add_model_args(ap, d_model=256, layers=8, vocab=128)
     ap.add_argument("--spawn", action="store_true",
                     help="torch.multiprocessing instead of a Ray gang (no Ray needed)")
     ap.add_argument("--out", default=result_path(__file__, "pipeline_bubble.json"))

@@ -2,7 +2,7 @@
 from measured steps, and write the fit to bench/results/plan_calibration.json.
 
 The table the planner reads is cluster/calibration.py; its figures are copied from that JSON
-(tests/test_plan.py checks they agree, and recomputes the H100 fit from the recorded runs).
+(tests/cluster/test_plan.py checks they agree, and recomputes the H100 fit from the recorded runs).
 
 * ``h100``: from the recorded H100 runs of bench/gpu_zero3_offload.py (no GPU needed here):
   the 6.7B GPT, ZeRO-3 + CPU optimizer offload, bf16, activation checkpointing, micro-batch 4
@@ -22,7 +22,7 @@ The table the planner reads is cluster/calibration.py; its figures are copied fr
     .venv/bin/python bench/plan_calibrate.py --cpu      # also measure the CPU kind (~1 min)
 
 :func:`time_layout` (the measured step of any dp × tp × pp layout, ZeRO stage, micro-batch
-count and checkpointing) is also what tests/test_plan.py ranks layouts with.
+count and checkpointing) is also what tests/cluster/test_plan.py ranks layouts with.
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ GPT h = 1024, 8 blocks, V = 32000, s = 1024, b = 4, bf16 (the record's ``config`
 
 On CPU (``--dry-run``) there is no ``memory_allocated``: ``base``, ``peak`` and the ``reading``
 are null, the states, the saved bytes and the predictions are measured as on the GPU.
-tests/test_plan.py runs the dry run and reads the recorded JSON.
+tests/cluster/test_plan.py runs the dry run and reads the recorded JSON.
 """
 from __future__ import annotations
 

@@ -31,11 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.common import (decay_groups, deepspeed_gang_env, fresh_model, gpt_config,
-                          result_path, write_json)
+from bench.common import (MB, add_model_args, decay_groups, deepspeed_gang_env, destroy_engine,
+                          fresh_model, gpt_config, result_path, write_json)
 from bench.live_bytes import TensorCensus
-
-MB = 2 ** 20
 
 
 def _batch(vocab: int, seq: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
@@ -121,10 +119,7 @@ def census_run(side: str, stage: int, offload: str, style: str, dims: dict) -> d
             engine.step()
         out["after_step"] = census.live()
         out["config"] = conf
-        try:
-            engine.destroy()
-        except Exception:       # noqa: BLE001 - older engines have no destroy()
-            pass
+        destroy_engine(engine)
     out["psi"] = psi
     return out
 
@@ -143,9 +138,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--offload", nargs="+", default=["none", "cpu"])
     ap.add_argument("--ds-config", choices=["plain", "overlap", "both"], default="overlap")
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=2048)
+    add_model_args(ap, d_model=256, layers=4, vocab=2048)
     ap.add_argument("--out", default=result_path(__file__, "state_census.json"))
     args = ap.parse_args()
     from bmray.cluster import connect, shutdown

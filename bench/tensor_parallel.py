@@ -11,9 +11,9 @@ per rank, one torch thread each, gloo); tp = 1 is plain single-rank training for
 
 The loops (``--loops``):
 
-* ``ours`` — what a user runs: ``actors.trainer.Trainer`` on
-  ``actors.mesh_parallel.MeshParallel(tp=N)`` (dp = pp = 1; ZeRO-1 over a dp group of one,
-  i.e. a plain optimizer with an fp32 master copy). Its TP (``actors.tensor_parallel``)
+* ``ours`` — what a user runs: ``actors.train.loop.Trainer`` on
+  ``actors.parallel.mesh.MeshParallel(tp=N)`` (dp = pp = 1; ZeRO-1 over a dp group of one,
+  i.e. a plain optimizer with an fp32 master copy). Its TP (``actors.parallel.tensor``)
   shards the blocks (q/k/v and ffn.up by columns, out_proj and ffn.down by rows, one Megatron
   "f" for the three projections), the vocabulary (embedding and tied lm_head) and computes the
   vocabulary-parallel cross-entropy; the trainer also logs token accuracy and all-reduces the
@@ -93,16 +93,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, balanced_order,  # noqa: E402
-                          by_rank, connect_ray, cpu_train_config, decay_groups,
-                          deepspeed_gang_env, first_error, fresh_model, fused_adamw,
-                          gang_rounds, gpt_config, measured_run, nbytes, parse_args,
-                          pooled_median, ratio_with_interval, result_path, warmup_cosine_lr,
+from bench.common import (BOOTSTRAP_RESAMPLES, INTERVAL, MB, StepTimer,  # noqa: E402
+                          add_timing_args, balanced_order, connect_ray,
+                          cpu_train_config, deepspeed_engine, deepspeed_gang_env,
+                          destroy_engine, fresh_model, fused_adamw, gang_summary,
+                          gpt_config, measured_run, nbytes, parse_args,
+                          ratio_with_interval, result_path, warmup_cosine_lr,
                           with_steps, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.models import ModelConfig  # noqa: E402
 
-MB = 2 ** 20
 LOOPS = ("ours", "torch", "torch_vocab", "deepspeed")
 LABELS = {"ours": "bmray MeshParallel", "torch": "torch TP (blocks)",
           "torch_vocab": "torch TP (+vocab)", "deepspeed": "DeepSpeed AutoTP"}
@@ -144,21 +144,17 @@ def _optim_state_bytes(opt: Any) -> int:
 
 def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """Trainer on MeshParallel(tp=N): (step seconds, losses, first grad norm, state bytes)."""
-    import torch.distributed as dist
     from bmray.actors.parallel.mesh import MeshParallel
     from bmray.actors.train.loop import Trainer
     from bmray.models import objective_for
 
     trainer = Trainer(fresh_model(model_cfg), objective_for(model_cfg), iter(batches), cfg,
                       strategy=MeshParallel(tp=tp), model_config=model_cfg)
-    steps, losses, norms = [], [], []
+    timer, losses, norms = StepTimer(warmup), [], []
     for i in range(len(batches)):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         row = trainer.train_step()
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(row["loss"])
         norms.append(row["grad_norm"])
     trainer.strategy.flush()
@@ -167,7 +163,7 @@ def ours_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
                                  "model_state_bytes")}
     state["note"] = ("memory_report(): parameters, flat gradient bucket, fp32 master + "
                      "AdamW moments")
-    return steps, losses, norms, state
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- torch TP (DTensor)
@@ -207,7 +203,6 @@ def torch_parallelize(model: torch.nn.Module, tp: int, vocab: bool) -> torch.nn.
 
 def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
     """Hand-written loop on torch TP: (step seconds, losses, grad norms, state bytes)."""
-    import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
@@ -239,11 +234,9 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
                 torch.nn.utils.clip_grads_with_norm_(ps, cfg.grad_clip, total)
         return total
 
-    steps, losses, norms, grad_bytes = [], [], [], 0
+    timer, losses, norms, grad_bytes = StepTimer(warmup), [], [], 0
     for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         batch = objective(blocks)
         if vocab and tp > 1:
             logits = model(input_ids=batch["input_ids"]).logits
@@ -264,15 +257,14 @@ def torch_loop(tp, vocab, model_cfg, cfg: TrainConfig, batches, warmup):
         for o in opts:
             o.zero_grad(set_to_none=True)
         value = float((loss.full_tensor() if isinstance(loss, DTensor) else loss).detach())
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(value)
         norms.append(float(norm))
     state = {"param_bytes": nbytes(params), "grad_bytes": grad_bytes,
              "optimizer_bytes": sum(_optim_state_bytes(o) for o in opts)}
     state["model_state_bytes"] = sum(state.values())
     state["note"] = "local shards of parameters, their gradients, AdamW moments"
-    return steps, losses, norms, state
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- DeepSpeed AutoTP
@@ -300,28 +292,15 @@ def ds_config(tp: int, cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
 
 def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
     """DeepSpeed's documented loop on an AutoTP engine: (step s, losses, norms, state)."""
-    import logging
-
-    import deepspeed
-    import torch.distributed as dist
     from deepspeed.runtime.utils import clip_grad_norm_
-    from deepspeed.utils import logger as ds_logger
     from bmray.models import objective_for
 
-    ds_logger.setLevel(logging.ERROR)
-    model = fresh_model(model_cfg)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=decay_groups(model.parameters(), cfg.weight_decay),
-        config=ds_config(tp, cfg, batches[0].size(0)),
-        lr_scheduler=lambda opt: warmup_cosine_lr(opt, cfg), dist_init_required=False)
-    engine.train()
+    engine = deepspeed_engine(model_cfg, cfg, ds_config(tp, cfg, batches[0].size(0)))
     objective = objective_for(model_cfg)
     params = [p for p in engine.module.parameters() if p.requires_grad]
-    steps, losses, norms, grad_bytes = [], [], [], 0
+    timer, losses, norms, grad_bytes = StepTimer(warmup), [], [], 0
     for i, blocks in enumerate(batches):
-        if i == warmup:
-            dist.barrier()
-        t0 = time.perf_counter()
+        timer.start(i)
         out = engine(**objective(blocks))
         engine.backward(out.loss)
         if i == len(batches) - 1:
@@ -332,8 +311,7 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
             norm = clip_grad_norm_(params, float("inf"), mpu=engine.mpu)
         engine.step()
         value = float(out.loss.detach())
-        if i >= warmup:
-            steps.append(time.perf_counter() - t0)
+        timer.stop(i)
         losses.append(value)
         norm = engine.get_global_grad_norm() if norm is None else norm
         norms.append(float(norm) if norm is not None else float("nan"))
@@ -344,11 +322,8 @@ def ds_loop(tp, model_cfg, cfg: TrainConfig, batches, warmup):
                      "optimizer's state tensors")
     state["layers"] = sorted({type(m).__name__ for m in engine.module.modules()
                               if "Layer" in type(m).__name__})
-    try:
-        engine.destroy()
-    except Exception:       # noqa: BLE001 - older engines have no destroy()
-        pass
-    return steps, losses, norms, state
+    destroy_engine(engine)
+    return timer.steps, losses, norms, state
 
 
 # ---------------------------------------------------------------- one run on every rank
@@ -386,30 +361,20 @@ def worker_run(loop, tp, model_cfg, cfg, batch, seq, warmup, sample_ms):
 
 def _summary(runs: list[list[dict]]) -> dict[str, Any]:
     """One loop's numbers at one tp from ``runs`` (per round, the per-rank results)."""
-    error = first_error(runs)
-    if error:
-        return error
-    gang = gang_rounds(runs)
-    per_rank = {}
-    for k, rs in by_rank(runs).items():
+    def rank_figures(rs: list[dict]) -> dict[str, Any]:
         steps = [s for r in rs for s in r["steps_s"]]
-        per_rank[k] = {"median_step_s": statistics.median(steps), "steps_s": steps,
-                       "peak_delta_mb": statistics.median(r["peak_delta"] for r in rs) / MB,
-                       "peak_delta_mb_per_round": [r["peak_delta"] / MB for r in rs],
-                       "baseline_rss_mb": statistics.median(r["baseline_rss"] for r in rs) / MB,
-                       "ru_maxrss_mb": max(r["ru_maxrss"] for r in rs) / MB,
-                       "model_state": rs[-1]["model_state"],
-                       "model_state_mb": rs[-1]["model_state"]["model_state_bytes"] / MB}
-    step = pooled_median(gang)
+        return {"median_step_s": statistics.median(steps), "steps_s": steps,
+                "ru_maxrss_mb": max(r["ru_maxrss"] for r in rs) / MB}
+
+    summary = gang_summary(runs, rank_figures)
+    if "error" in summary:
+        return summary
     last = runs[-1]
-    return {"median_step_s": step, "median_ms": step * 1e3, "gang_steps_s": gang,
-            "model_state_mb": max(v["model_state_mb"] for v in per_rank.values()),
-            "peak_delta_mb": max(v["peak_delta_mb"] for v in per_rank.values()),
-            "losses": last[0]["losses"], "grad_norms": last[0]["grad_norms"],
-            # all ranks of a TP group must see the same loss
-            "rank_loss_spread": max(abs(a - b) for r in last for a, b in
-                                    zip(r["losses"], last[0]["losses"])),
-            "per_rank": per_rank}
+    summary.update(losses=last[0]["losses"], grad_norms=last[0]["grad_norms"],
+                   # all ranks of a TP group must see the same loss
+                   rank_loss_spread=max(abs(a - b) for r in last for a, b in
+                                        zip(r["losses"], last[0]["losses"])))
+    return summary
 
 
 def _max_diff(a: list[float], b: list[float], n: int = CHECK_STEPS) -> float:
@@ -436,10 +401,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--loops", nargs="+", default=list(LOOPS), choices=LOOPS)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=2, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=8, help="rounds, every loop once per round "
-                    "in rotating order")
+    add_timing_args(ap, steps=10, warmup_steps=2, repeats=8, repeats_help="rounds, every loop "
+                    "once per round in rotating order")
     ap.add_argument("--batch", type=int, default=4, help="blocks per step (every rank)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per block")
     ap.add_argument("--d-model", type=int, default=256)

@@ -2,7 +2,7 @@
 
 Same GPT, same initial weights, same batches, same optimizer (AdamW), schedule and clipping;
 the plain loop is what a user would write by hand (nanoGPT-style). Ours runs through
-`actors.trainer.Trainer` (token-weighted accumulation, metrics, schedule, strategy object),
+`actors.train.loop.Trainer` (token-weighted accumulation, metrics, schedule, strategy object),
 once on the same in-memory batches and once streaming the same blocks from Parquet through
 `models.data.BlockStream`, so the table shows what the loop costs and what the data path costs.
 
@@ -28,8 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (cpu_train_config, fused_adamw, gpt_config, result_path,  # noqa: E402
-                          warmup_cosine_lr, with_steps, world_pack, write_json)
+from bench.common import (add_model_args, add_timing_args, cpu_train_config,  # noqa: E402
+                          fused_adamw, gpt_config, result_path, warmup_cosine_lr,
+                          with_steps, world_pack, write_json)
 from bmray.actors.train.config import TrainConfig  # noqa: E402
 from bmray.actors.train.loop import Trainer  # noqa: E402
 from bmray.models import ModelConfig, build_model, objective_for  # noqa: E402
@@ -62,13 +63,10 @@ def ours_loop(model: torch.nn.Module, data, cfg: TrainConfig, model_cfg: ModelCo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup-steps", type=int, default=3, help="untimed steps before each run")
-    ap.add_argument("--repeats", type=int, default=3)
+    add_timing_args(ap, steps=30, warmup_steps=3, repeats=3, steps_help=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--block-len", type=int, default=129)
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    add_model_args(ap, d_model=256, layers=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=result_path(__file__, "train_throughput.json"))
     args = ap.parse_args()

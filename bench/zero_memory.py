@@ -27,7 +27,7 @@ from bmray.actors.train.config import TrainConfig
 from bmray.actors.train.loop import seed_everything
 from bmray.actors.parallel.zero.stage12 import Zero
 from bmray.actors.parallel.zero.stage3 import Zero3
-from bench.common import gpt_config, result_path, world_pack, write_json
+from bench.common import add_model_args, gpt_config, result_path, world_pack, write_json
 from bench.live_bytes import AllocatorTrace, TensorCensus
 from bmray.models.data import BlockStream
 from bmray.models.families.registry import build_model
@@ -76,8 +76,7 @@ def _measure(pack: str, vocab: int, d_model: int, layers: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
+    add_model_args(ap, d_model=128, layers=2)
     ap.add_argument("--out", default=result_path(__file__, "zero_memory.json"))
     args = ap.parse_args()
 

@@ -46,3 +46,10 @@ def gangs(ray_session):
     yield get
     for group in started.values():
         group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gang(gangs):
+    """One gang of 4 workers for a module's tests (a run on fewer workers uses a process
+    group of the first of them)."""
+    return gangs(4)

@@ -241,7 +241,8 @@ def bert_batches(steps: int):
                "target": torch.randn(4, 384, generator=g)}
 
 
-def run_bert(strategy, rank=0, world=1, steps=3):
+def train_bert(strategy, rank=0, world=1, steps=3) -> list[float]:
+    """``steps`` steps of the BERT on this rank's share of each batch; the global losses."""
     cfg = TrainConfig(lr=1e-3, eps=EPS, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
     strategy.setup(build_bert(), cfg)
     losses = []
@@ -251,6 +252,11 @@ def run_bert(strategy, rank=0, world=1, steps=3):
         losses.append(strategy.all_reduce_sum([float(result.loss) / world])[0])
         strategy.clip_and_step(cfg.grad_clip)
     strategy.flush()
+    return losses
+
+
+def run_bert(strategy, rank=0, world=1, steps=3):
+    losses = train_bert(strategy, rank, world, steps)
     return losses, {k: v.detach().float().clone() for k, v in strategy.module.state_dict().items()}
 
 

@@ -47,8 +47,8 @@ from bmray.models.typed_config import ConfigError
 from tests.equivalence import (EPS, LOSS_TOL, NORM_TOL, WEIGHT_TOL, assert_same_run,
                                scaled_reduction)
 from tests.actors.parallel.test_zero import (CFG, FIRST_STEP, NO_CLIP, assert_matches,
-                             assert_reduced_gradients, autograd_gradients, bert_batches,
-                             build_bert, make_trainer, reference, weights)
+                             assert_reduced_gradients, autograd_gradients, make_trainer,
+                             reference, train_bert, weights)
 from tests.tiny_corpus import build_pack
 
 torch.set_num_threads(1)
@@ -69,15 +69,6 @@ def consolidated(trainer) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def pack(tmp_path_factory):
     return build_pack(tmp_path_factory.mktemp("zero3_pack"), eval_blocks=14)
-
-
-@pytest.fixture(scope="module")
-def gang(ray_session):
-    from bmray.cluster.gang import ScalingConfig, WorkerGroup
-
-    group = WorkerGroup(ScalingConfig(num_workers=4)).start()
-    yield group
-    group.shutdown()
 
 
 def on(gang, n, fn, *args):
@@ -129,7 +120,7 @@ def _checkpoint_save(group, rank, pack, root):
     return {"losses": losses, "path": trainer.save(root)}     # a collective under ZeRO
 
 
-def _checkpoint_resume(group, rank, pack, path):
+def resume_zero3(group, rank, pack, path):
     torch.manual_seed(99)
     trainer = make_trainer(pack, CFG, Zero3(group=group), rank, dist.get_world_size(group))
     trainer.restore(path)
@@ -140,15 +131,7 @@ def _checkpoint_resume(group, rank, pack, path):
 
 def run_bert(strategy, rank=0, world=1, steps=3):
     """tests.actors.parallel.test_zero.run_bert, reading the weights through the strategy's state_dict."""
-    cfg = TrainConfig(lr=1e-3, eps=EPS, warmup_steps=0, grad_clip=1.0, device="cpu", echo=False)
-    strategy.setup(build_bert(), cfg)
-    losses = []
-    for batch in bert_batches(steps):
-        share = {k: v.chunk(world)[rank] for k, v in batch.items()}
-        result = strategy.forward_backward(share, 1.0 / world)
-        losses.append(strategy.all_reduce_sum([float(result.loss) / world])[0])
-        strategy.clip_and_step(cfg.grad_clip)
-    strategy.flush()
+    losses = train_bert(strategy, rank, world, steps)
     state = strategy.state_dict()["model"]
     return losses, {k: v.detach().float().clone() for k, v in state.items()}, \
         strategy.memory_report()
@@ -394,7 +377,7 @@ def test_checkpoint_moves_between_stage3_and_stage1(pack, gang, tmp_path):
     sp = make_trainer(pack, CFG)
     sp.fit(until=10)
     sp_path = sp.save(str(tmp_path / "ck1"))
-    for out in on(gang, 2, _checkpoint_resume, pack, sp_path):
+    for out in on(gang, 2, resume_zero3, pack, sp_path):
         assert_matches(out, ref, ref_result, steps)
 
 

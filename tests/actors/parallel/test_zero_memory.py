@@ -164,15 +164,6 @@ def check(o: dict, v: Variant, n: int) -> None:
 
 # ---------------------------------------------------------------- gang plumbing
 
-@pytest.fixture(scope="module")
-def gang(ray_session):
-    from bmray.cluster.gang import ScalingConfig, WorkerGroup
-
-    group = WorkerGroup(ScalingConfig(num_workers=4)).start()
-    yield group
-    group.shutdown()
-
-
 _IDLE = "idle"
 
 

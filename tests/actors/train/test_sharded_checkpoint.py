@@ -18,7 +18,7 @@ from bmray.actors.parallel.zero.stage3 import Zero3, Zero3Config
 from bmray.models.typed_config import ConfigError
 
 from tests.actors.parallel.test_zero import CFG, ZCFG, assert_matches, make_trainer, reference, weights
-from tests.actors.parallel.test_zero3 import consolidated, on
+from tests.actors.parallel.test_zero3 import on, resume_zero3
 from tests.tiny_corpus import build_pack
 
 torch.set_num_threads(1)
@@ -30,15 +30,6 @@ def pack(tmp_path_factory):
     return build_pack(tmp_path_factory.mktemp("sharded_pack"), eval_blocks=14)
 
 
-@pytest.fixture(scope="module")
-def gang(ray_session):
-    from bmray.cluster.gang import ScalingConfig, WorkerGroup
-
-    group = WorkerGroup(ScalingConfig(num_workers=4)).start()
-    yield group
-    group.shutdown()
-
-
 def _save(group, rank, pack, root, kind):
     world = dist.get_world_size(group)
     strategy = (Zero(stage=2, sharded_checkpoint=True, group=group, **ZCFG) if kind == "zero2"
@@ -46,15 +37,6 @@ def _save(group, rank, pack, root, kind):
     trainer = make_trainer(pack, CFG, strategy, rank, world)
     trainer.fit(until=10)
     return {"path": trainer.save(root)}
-
-
-def _resume_zero3(group, rank, pack, path):
-    torch.manual_seed(99)
-    trainer = make_trainer(pack, CFG, Zero3(group=group), rank, dist.get_world_size(group))
-    trainer.restore(path)
-    result = trainer.fit()
-    return {"losses": result.losses, "grad_norms": result.grad_norms,
-            "weights": consolidated(trainer)}
 
 
 def _rank_states(path):
@@ -101,7 +83,7 @@ def test_zero2_sharded_resumes_at_zero3_and_single_process(pack, gang, tmp_path)
     result = single.fit()
     assert_matches({"losses": result.losses, "grad_norms": result.grad_norms,
                     "weights": weights(single)}, ref, ref_result, STEPS)
-    for out in on(gang, 4, _resume_zero3, pack, path):
+    for out in on(gang, 4, resume_zero3, pack, path):
         assert_matches(out, ref, ref_result, STEPS)
 
 
