@@ -1,9 +1,10 @@
 """Typed configuration of the transformer families (GPT, BERT, ELECTRA, T5).
 
-One dataclass says what to build; `models.registry.build_model` turns it into an ``nn.Module`` and
-`models.objectives.objective_for` picks how packed token blocks become a batch for it. Every value is
-checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming the key path
-(``model.n_heads``), so a typo in a YAML file fails at load time, not after an hour of training.
+One dataclass says what to build; `models.families.registry.build_model` turns it into an
+``nn.Module`` and `models.objectives.objective_for` picks how packed token blocks become a batch
+for it. Every value is checked in ``__post_init__`` and a bad one raises ``ConfigError`` naming
+the key path (``model.n_heads``), so a typo in a YAML file fails at load time, not after an hour
+of training. The families, layers and objectives: docs/models.md.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """What model to build. Field meanings follow the session spec; see the module docstring."""
+    """What model to build (the fields: docs/models.md, "Configuration" and "Families")."""
 
     family: str                                  # "gpt" | "bert" | "electra" | "t5"
     vocab_size: int

@@ -1,41 +1,19 @@
 """Text generation: greedy, sampling (top-k / nucleus) and beam search, with or without a KV cache.
 
-One loop per search strategy, written once for both model shapes in the spec:
+One loop per strategy serves both model shapes:
 
-* decoder-only (GPT): ``model(input_ids, past_key_values=..., use_cache=True)`` -> ``.logits [B,T,V]``,
-  ``.past_key_values`` (list per layer of ``(k, v)`` shaped ``[B, H, T, Dh]``);
-* encoder-decoder (T5): ``model.encode(input_ids, attention_mask) -> [B,S,D]`` once, then
+* decoder-only (GPT): ``model(input_ids, past_key_values=..., use_cache=True)`` -> ``.logits``,
+  ``.past_key_values`` (per layer ``(k, v)`` shaped ``[B, H, T, Dh]``);
+* encoder-decoder (T5): ``model.encode(input_ids, attention_mask)`` once, then
   ``model.decode(decoder_input_ids, encoder_hidden, encoder_mask, past_key_values=, use_cache=)``
-  per step. ``generate`` tells them apart by whether the model has an ``encode`` method.
+  per step; ``generate`` tells them apart by whether the model has an ``encode`` method.
 
-The only thing that differs between the two is how one step's logits are computed (``_next_logits``);
-the search loops never branch on the model shape. With ``use_cache=True`` a step feeds only the newest
-token and the cache; with ``use_cache=False`` it re-runs the whole sequence. Both give the same tokens
-(up to float round-off), which the tests check.
-
-Supported prompts
------------------
-* Decoder-only: a batch of prompts of **equal length** (no padding). A decoder ``attention_mask`` with
-  zeros (left padding) is refused, because the spec's GPT continues positions from the cache length,
-  so a left-padded row would not see the positions it would see unpadded.
-* Encoder-decoder: encoder inputs may be padded; ``attention_mask`` (1 = real token) goes to
-  ``encode`` and, as ``encoder_mask``, to every ``decode`` call. Without one, all positions are real.
-
-Returned ids
-------------
-* decoder-only: ``[B, T + n]`` = the prompt followed by the new tokens;
-* encoder-decoder: ``[B, 1 + n]`` = the decoder start token followed by the new tokens (as Hugging
-  Face's ``generate`` does for T5).
-
-A row that hit ``eos_id`` is filled with ``pad_id`` after its eos; generation stops early once every
-row has finished, so ``n <= max_new_tokens``.
-
-Length penalty (beam search)
-----------------------------
-We use the Hugging Face convention, **not** GNMT's ``((5 + |Y|) / 6) ** alpha`` of Wu et al. 2016:
-a finished hypothesis scores ``sum_logprob / len ** length_penalty`` where ``len`` is the number of
-generated tokens (eos included; prompt / decoder start token excluded). ``length_penalty = 0`` is
-the plain log-probability; ``> 0`` favours longer outputs, ``< 0`` shorter ones.
+Only ``_next_logits`` depends on the shape; with and without the cache give the same tokens.
+Decoder-only prompts must have equal length (a left-padded decoder mask is refused); encoder
+inputs may be padded. Returned ids: decoder-only ``[B, T + n]`` (prompt + new tokens),
+encoder-decoder ``[B, 1 + n]`` (start token + new tokens); a row is ``pad_id`` after its eos.
+Beam search scores ``sum_logprob / len ** length_penalty`` (the Hugging Face convention, not
+GNMT's). Details and references: docs/models.md, "Generation".
 """
 from __future__ import annotations
 
@@ -46,7 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from bmray.models.typed_config import ConfigError, check_choice
+from bmray.models.typed_config import ConfigError, check_choice, check_int
 
 STRATEGIES = ("greedy", "sample", "beam")
 
@@ -71,13 +49,13 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         p = "generation"
         check_choice(f"{p}.strategy", self.strategy, STRATEGIES)
-        _check_int(f"{p}.max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_int(f"{p}.top_k", self.top_k, minimum=0)
-        _check_int(f"{p}.num_beams", self.num_beams, minimum=1)
-        _check_int(f"{p}.pad_id", self.pad_id, minimum=0)
+        check_int(f"{p}.max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int(f"{p}.top_k", self.top_k, minimum=0)
+        check_int(f"{p}.num_beams", self.num_beams, minimum=1)
+        check_int(f"{p}.pad_id", self.pad_id, minimum=0)
         for key in ("eos_id", "seed", "decoder_start_id"):
             if getattr(self, key) is not None:
-                _check_int(f"{p}.{key}", getattr(self, key), minimum=0)
+                check_int(f"{p}.{key}", getattr(self, key), minimum=0)
         for key in ("temperature", "top_p", "length_penalty"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -91,13 +69,6 @@ class GenerationConfig:
                               f"got strategy {self.strategy!r}")
         if not isinstance(self.use_cache, bool):
             raise ConfigError(f"{p}.use_cache: expected true or false, got {self.use_cache!r}")
-
-
-def _check_int(path: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{path}: must be >= {minimum}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,30 +1,15 @@
 """Byte-level BPE tokenizer, trained with the `tokenizers` library and saved beside the model.
 
-Algorithm: byte-pair encoding (Sennrich, Haddow & Birch 2016, "Neural Machine Translation of Rare
-Words with Subword Units", Algorithm 1): start from single symbols and greedily merge the most
-frequent adjacent pair until the vocabulary is full. We do not re-implement it; the Rust trainer
-of `tokenizers` does the counting and merging (tests/test_tokenizer.py checks it against a
-brute-force pair count on the paper's own example).
+BPE (Sennrich et al. 2016) over byte-level pre-tokenization (GPT-2): every string round-trips,
+``decode(encode(text)) == text``, and ``<unk>`` never occurs; no normalizer is applied.
 
-Why byte-level pre-tokenization (Radford et al. 2019, GPT-2 §2.2) and not whitespace: a whitespace
-pre-tokenizer throws the whitespace away (``"a  b\\n"`` and ``"a b"`` encode the same), and any
-character never seen in training becomes ``<unk>``. Byte-level BPE maps every UTF-8 byte to one of
-256 base symbols and keeps spaces inside tokens, so ``decode(encode(text)) == text`` for *every*
-string (any script, emoji, tabs, newlines, repeated spaces) and ``<unk>`` never occurs. No
-normalizer is applied, for the same reason (NFKC would rewrite the text).
-
-Special tokens. Every family shares the same seven specials at fixed ids, so a model config can
-hold constant defaults and one pack serves any family::
+Every family shares seven specials at fixed ids, so one pack serves any family::
 
     <pad>=0  <s>=1  </s>=2  <unk>=3  <mask>=4  <cls>=5  <sep>=6
 
-A gpt model only uses pad/bos/eos/unk; bert/electra add mask/cls/sep. t5 appends ``n_sentinels``
-span-corruption sentinels ``<extra_id_0> ... <extra_id_{n-1}>`` at ids 7.. (Raffel et al. 2020,
-§3.1.4). ``encode`` adds no specials itself: the packer puts ``</s>`` between documents and the
-objectives add what their family needs. Specials exist only as ids: a literal ``"</s>"`` or
-``"<mask>"`` in corpus text is encoded as ordinary text (``encode_special_tokens``), so a web page
-that happens to contain ``</s>`` cannot end a document or fake a mask (the "special token
-injection" problem tiktoken guards against the same way).
+t5 appends ``n_sentinels`` sentinels ``<extra_id_0> ...`` from id 7 on. ``encode`` adds no
+specials itself (the packer and the objectives do), and a literal ``"</s>"`` in corpus text is
+encoded as ordinary text. Why byte-level, and the references: docs/models.md, "Tokenizer".
 """
 from __future__ import annotations
 

@@ -9,6 +9,8 @@
 readers.py: documents from text / JSONL / Parquet on any pyarrow filesystem.
 packing.py: the pack format (Parquet blocks + meta.json) and pack_corpus.
 stream.py:  BlockStream (world-size independent order, resumable) and eval_batches.
+
+Design and references: docs/models.md, "Data pipeline".
 """
 from bmray.models.data.packing import (PackMeta, PackMismatchError, pack_corpus, read_pack_meta)
 from bmray.models.data.readers import CorpusConfig, CorpusReader, read_documents, resolve_files

@@ -11,7 +11,7 @@ KV cache: ``past_key_values`` is a list (one per block) of ``(k, v)`` shaped
 [B, n_heads, T_past, d_head]; with it ``input_ids`` holds only the new tokens and positions
 continue from the cache length. ``attention_mask`` ([B, T] or, with a cache, [B, T_past + T];
 1 = real token) masks padded keys and, when given, derives positions from the number of real
-tokens before each one (see ``models.blocks.positions_for``).
+tokens before each one (see ``models.layers.blocks.positions_for``).
 """
 from __future__ import annotations
 

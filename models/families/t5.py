@@ -12,7 +12,7 @@ the tied output layer (our embeddings use the 0.02 GPT init, not T5's unit-varia
 
 Training is teacher-forced: ``decoder_input_ids = shift_right(labels)`` (the decoder start token
 is ``cfg.bos_id``; T5 uses pad), so the decoder at position t sees the labels before t only.
-``decode`` with ``use_cache=True`` returns the self-attention K/V cache in the spec's format (a list
+``decode`` with ``use_cache=True`` returns the self-attention K/V cache in GPT's format (a list
 per decoder block of ``(k, v)`` [B, H, T_past, d_head]); the cross-attention K/V over the encoder
 output are recomputed each step (they never change, so caching them is only a speed-up; keeping
 them out keeps the cache format the same as GPT's).

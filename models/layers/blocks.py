@@ -15,7 +15,7 @@ pre-LN stack needs because the residual stream itself is never normalised.
 Layout for parallelism applied from outside: attention projections are ``attn.{q,k,v,out}_proj``,
 feed-forward ``ffn.up`` / ``ffn.down`` (MoE: ``ffn.router`` and ``ffn.experts[i].up/down``);
 models keep their blocks in an ``nn.ModuleList`` so pipeline stages and ZeRO-3 can cut and wrap
-them one block at a time. ``FeedForward`` is defined in ``models.moe`` (its experts are
+them one block at a time. ``FeedForward`` is defined in ``models.layers.moe`` (its experts are
 FeedForwards) and re-exported here.
 """
 from __future__ import annotations

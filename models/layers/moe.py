@@ -1,28 +1,17 @@
 """Mixture-of-experts feed-forward layer: Switch (top-1) and GShard (top-2) routing.
 
-A router ``W_r`` gives each token a distribution over experts, ``p(x) = softmax(x W_r)``
-(Shazeer et al. 2017). Each token goes to its ``top_k`` experts:
+A router ``W_r`` gives each token ``p(x) = softmax(x W_r)`` over the experts; each token goes to
+its ``top_k``: Switch uses the raw router probability as the gate, GShard renormalises the two
+gates ``p / (p_1 + p_2)``. Every expert takes at most
+``capacity = ceil(capacity_factor * top_k * tokens / num_experts)`` tokens, first choices before
+second ones; a token that finds its expert full is dropped for that choice (the residual still
+carries it). The load-balancing loss is ``N * sum_i f_i * P_i`` (1 for uniform routing).
 
-* Switch (Fedus et al. 2021, sec. 2.1): top-1, output ``p_i(x) E_i(x)`` (the gate is the raw
-  router probability, which is how the router gets a gradient).
-* GShard (Lepikhin et al. 2020, Algorithm 1): top-2, gates renormalised ``g_1, g_2 = p / (p_1 + p_2)``.
-  (GShard's random dispatch of the second expert is not implemented: the second choice always goes.)
-
-Capacity (Fedus et al. 2021, eq. 3): every expert takes at most
-``capacity = ceil(capacity_factor * top_k * tokens / num_experts)`` tokens. Tokens claim slots in
-order, all first choices before any second choice (GShard, Algorithm 1); a token that finds its
-expert full is dropped for that choice and contributes nothing through it (the block's residual
-connection still carries it).
-
-Load-balancing loss (Fedus et al. 2021, eq. 4-6): ``N * sum_i f_i * P_i`` with ``f_i`` the fraction
-of tokens whose first choice is expert i (counted before capacity dropping) and ``P_i`` the mean
-router probability of expert i. It equals 1 for perfectly uniform routing. GShard's ``l_aux`` is
-the same quantity (its ``c_e / S`` counts first choices), so one function serves both.
-
-Experts are ordinary ``FeedForward`` modules with ``up``/``down`` projections, kept in an
-``nn.ModuleList`` ``experts``, so expert parallelism or tensor parallelism can shard them from
-outside. The dispatch here loops over experts with index gathers: readable, exact, and fine for
-the few experts a test or a small run uses.
+Experts are ordinary ``FeedForward`` modules with ``up``/``down`` projections in the
+``nn.ModuleList`` ``experts``, so expert or tensor parallelism can shard them from outside; the
+dispatch loops over experts with index gathers (exact, fine for a few experts).
+Formulas and papers (Shazeer et al. 2017; Lepikhin et al. 2020; Fedus et al. 2021):
+docs/models.md, "Layers".
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@
 
 Modules: `config` (WorldConfig), `names` (unique invented names), `schema` (types, attributes,
 templates: data only), `world` (World: lazy generation), `writer` (write_world: files on disk).
+
+Design and references: docs/models.md, "The synthetic world".
 """
 from bmray.models.world.config import WorldConfig
 from bmray.models.world.schema import REGIONS, TYPES
