@@ -1,121 +1,24 @@
 """What a parallel layout of a transformer costs per GPU: model-state memory (ZeRO), activation
 memory, the pipeline bubble and an estimated step time. The formulas the planner
-(``python -m jobs.plan``) ranks layouts with, kept apart from its search so each can be read
-(and tested) against its paper.
+(``bmray plan``, cluster/planner.py) ranks layouts with, kept apart from its search so each can
+be read and tested against its paper. docs/planner.md ("The cost model") writes them out.
 
 A layout is ``dp × tp × pp`` GPUs, a ZeRO stage over the dp group, optimizer / parameter
 offload, ``m`` micro-batches per step and activation checkpointing on or off. All sizes are
 bytes *per GPU*; a pipeline stage's numbers are those of one of its ranks.
 
-**Parameters** (:class:`ModelSpec`, counted exactly from the model built on the ``meta``
-device, trainable only). Tensor parallelism splits the Megatron-LM matrices (Shoeybi et al.
-2019, sec. 3) that the model's ``tp_plan`` names (models/structure.py, the table
-:mod:`actors.parallel.tensor` applies): column-parallel ``q/k/v_proj`` and ``ffn.up`` (weight
-and bias), row-parallel ``out_proj`` and ``ffn.down`` (weight; the bias is replicated) and, for
-GPT, the vocabulary-parallel token embedding / output layer (BERT, ELECTRA and T5 keep
-embeddings and heads replicated); LayerNorms and positional embeddings are replicated. MoE
-blocks take no tensor parallelism (experts are for expert parallelism). A pipeline stage
-holds a contiguous run of blocks; the first stage also the embeddings, the last one the head
-(final LayerNorm, output layer). A tied output layer counts on both the first and the last stage:
-Megatron-LM keeps a copy of the word embedding on the last stage and all-reduces its gradient
-with the first stage's.
-
-**Model states** (Rajbhandari et al. 2020, "ZeRO", sec. 3 and 5), mixed-precision AdamW with
-Ψ = the parameters one GPU holds (its stage, its tp slice) and N = dp::
-
-    stage 0   bΨ + bΨ + 12Ψ          (2+2+12 = 16Ψ in bf16)
-    stage 1   bΨ + bΨ + 12Ψ/N        (4Ψ + 12Ψ/N)
-    stage 2   bΨ + bΨ/N + 12Ψ/N      (2Ψ + 14Ψ/N)
-    stage 3   bΨ/N + bΨ/N + 12Ψ/N    (16Ψ/N)
-
-with b the bytes of ``param_dtype`` (gradients are kept in the same dtype) and 12 the fp32
-master copy plus both Adam moments. This is exactly what :meth:`actors.zero.Zero.memory_report`
-and :meth:`actors.zero3.Zero3.memory_report` count. In fp32 the parameters are 4Ψ (not 2Ψ);
-at stages 0-2 with the optimizer on the device the fp32 master *is* this rank's slice of the
-parameters (actors/zero.py, "Aliased fp32 masters"), so the optimizer holds only the
-moments, 8Ψ/N: stage 0 4Ψ + 4Ψ + 8Ψ = 16Ψ (as ``kind: ddp``), stage 1 8Ψ + 8Ψ/N, stage 2
-4Ψ + 12Ψ/N; at stage 3 the master is the parameter shard (16Ψ/N). Optimizer or parameter
-offload (the master in host memory) keeps a separate fp32 master: 12Ψ/N. The measured bytes exceed
-these by the padding of each flat bucket / unit to a multiple of N (≤ N−1 elements each).
-Optimizer offload moves the 12Ψ/N to host memory, where a GPU run's step also holds the fp32
-gradient slices copied to the host (4Ψ/N, counted with the optimizer: ``step_master_shards``'
-``g.to(master.device)``; our ZeRO strategies keep the masters themselves in host memory, so
-:class:`actors.offload.ShardedAdamW` allocates no pinned staging buffer and ``memory_report``
-shows 12Ψ/N host — the H100 check, bench/results/plan_gpu_check.json, measured exactly that,
-12Ψ, against the predicted 16Ψ host peak); stage-3 parameter offload moves the bΨ/N parameter
-shard to host.
-
-Not in ``memory_report`` but on the device (``transient``): stage 2's reduce buckets on the wire
-(``max_inflight_buckets + 1`` of ``bucket_mb``) and stage 3's gathered units (the root unit plus
-two blocks gathered, two blocks' gradients being reduce-scattered). The optimizer step's own
-temporaries (:func:`step_transient_bytes`: the fp32 copy of the gradient slices, 4Ψ/N' in
-bf16/fp16) come after backward, when the activations are freed: a GPU's peak is model states
-plus the larger of (activations + transients of forward/backward) and the step's.
-
-**Activations** (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
-Transformer Models", sec. 4): what one block saves for backward, per micro-batch of b sequences
-of s tokens, width h, a heads, FFN width f, activations of e bytes, dropout masks of 1 byte::
-
-    attention   LN input e·sbh, Q/K/V input e·sbh, Q and K 2e·sbh, V e·sbh,
-                out-projection input e·sbh, residual dropout mask sbh,
-                scores (eager only): softmax e·as²b; with dropout also its mask as²b and
-                output e·as²b
-    MLP         LN input e·sbh, up input e·sbh, GELU input e·sbf, down input e·sbf,
-                residual dropout mask sbh
-
-With e = 2, f = 4h and dropout this is the paper's eq. 1, ``sbh(34 + 5as/h)``; tensor
-parallelism t divides the Q/K/V, projection, FFN and score terms (eq. 2,
-``sbh(10 + 24/t + 5as/(ht))``), sequence parallelism also the rest (eq. 4, everything / t).
-``attention="fused"`` (our models call ``F.scaled_dot_product_attention``, whose flash /
-memory-efficient kernels save no s×s matrix) replaces the score terms by the log-sum-exp
-(4·asb bytes). We also count the LayerNorm statistics (mean and rstd, 8·sb bytes per
-LayerNorm) and, on the first / last stage, the token ids and the head: final-LN input, output
-layer input (e·sbh each) and the fp32 log-probabilities of the loss (4·sbV/t, what
-``models.losses.cross_entropy`` saves). Activation checkpointing of every block (Chen et al.
-2016; the paper's "full recomputation") keeps only each block's input (e·sbh, /t with sequence
-parallelism) plus, while one block is recomputed in backward, that block's full activations.
-
-**The head's transients** (:func:`head_transient_bytes`): at the start of backward the last
-stage also holds the logits and the loss's fp32 gradients, (e + 8)·sbV bytes for our
-``cross_entropy`` (12·sbV/t for the vocabulary-parallel loss) — more than all the saved
-activations of a few blocks when V ≫ h. Measured on an H100, this brings the predicted peak of
-one forward + backward to within 1% of ``torch.cuda.max_memory_allocated`` (the function's
-docstring has the arithmetic). With checkpointing they come before any block is recomputed,
-so the peak takes the larger of the two, not their sum.
-
-Pipeline schedules (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on
-GPU Clusters Using Megatron-LM", sec. 2.2): with ``p`` stages and ``m`` micro-batches the bubble
-is ``(p−1)/(m+p−1)`` of the step for both GPipe and 1F1B; GPipe keeps all ``m`` micro-batches'
-activations, 1F1B at most ``p − i`` on stage i (the first stage holds the most).
-
-**Step time** (:func:`step_time`; only to *rank* layouts, the absolute value is rough):
-
-    per micro-batch, per stage   t = F·(4/3 for checkpointed blocks) / (tp·peak·mfu)
-                                     + TP all-reduces (Megatron's f/g: 4 per block, 6 with
-                                       recomputation, each 2(t−1)/t·e·sbh over NVLink)
-                                     + pipeline send/recv (2·e·sbh)
-    pipeline                     (m + p − 1) · max over stages of t   (= ideal / (1 − bubble))
-    + data parallel              stage 0: all-reduce of the gradients; 1: + all-gather of the
-                                 parameters; 2: a reduce-scatter per micro-batch + all-gather;
-                                 3: per micro-batch two all-gathers and a reduce-scatter
-                                 (~1.5× stage 2 at m = 1) — ring volumes (N−1)/N·bytes, over
-                                 NVLink within a node and the network across nodes
-    every collective or send also costs a fixed latency (Hockney's α; per bucket for data
-    parallelism, per unit for stage 3), which is what makes tiny models prefer plain dp
-    + offload                    PCIe (fp32 gradients down, masters up; stage-3 parameter
-                                 shards up at every gather) and the CPU Adam step, memory-bound
-                                 at 28 bytes per parameter over the node's share of host bandwidth
-
-with F = 6 × tokens × matmul parameters + 12 × tokens × s·h per attention (Kaplan et al.
-2020; Narayanan et al. 2021 eq. 3). No overlap of communication with compute is assumed, the
-same pessimism for every layout.
-
-``mfu`` (and the offload term's host rate) are not guesses: they are fitted per device kind to
-measured steps (cluster/calibration.py, from bench/plan_calibrate.py): on an H100, 0.469 from
-the recorded ZeRO-3 + offload runs of a 6.7B GPT, which then predicts the 1.3B and 2.7B runs
-within 1% and the 125M run 12% low; on this CPU from a measured single-process step. Per-step
-and per-micro-batch overheads (Python, kernel launches) are not modelled: the estimate of a
-tiny model on CPU is several times too low, its ranking of layouts is what is tested.
+* Parameters (:class:`ModelSpec`): counted exactly from the model built on the ``meta`` device;
+  tensor parallelism splits what the family's ``tp_plan`` names (models/structure.py), the same
+  table :mod:`bmray.actors.parallel.tensor` applies (Shoeybi et al. 2019).
+* Model states: ZeRO's 16Ψ, 4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in bf16 (Rajbhandari et al. 2020),
+  what the strategies' ``memory_report`` counts; offload moves the 12Ψ/N to host memory.
+* Activations: Korthikanti et al. 2022 eq. 1–4 per block, plus the head's transients
+  (logits and the loss's fp32 gradients) and checkpointing (Chen et al. 2016).
+* Pipeline: the bubble ``(p−1)/(m+p−1)`` and the stage partition come from
+  :mod:`bmray.actors.parallel.pipeline.schedule` (Narayanan et al. 2021).
+* Step time: FLOPs / (peak · mfu) plus ring collectives with a latency term, PCIe and CPU Adam
+  for offload; ``mfu`` and the host rate are fitted per device kind (cluster/calibration.py).
+  It only *ranks* layouts: per-step overheads are not modelled.
 """
 from __future__ import annotations
 

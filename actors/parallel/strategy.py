@@ -1,48 +1,17 @@
 """The Strategy interface: everything the training loop needs from "how the model is run".
 
-Why an interface: the loop (actors/train/loop.py) is written once. Data parallelism (DDP with
-bucketed all-reduce), the parameter server, ZeRO-1/2/3, mixed precision and the pipeline
-differ in how a micro-batch's gradients are produced, reduced and applied — not
-in the loop around them. Each of them subclasses :class:`Strategy`; the loop never asks which
-one it has (torchtitan applies parallelisms from outside the model in the same spirit).
+The loop (bmray.actors.train.loop) is written once. Data parallelism, the parameter server,
+ZeRO-1/2/3, mixed precision, tensor and pipeline parallelism differ in how a micro-batch's
+gradients are produced, reduced and applied, not in the loop around them. Each subclasses
+:class:`Strategy`; the loop never asks which one it has (torchtitan applies parallelisms from
+outside the model in the same spirit).
 
-The contract, in the loop's order of calls:
-
-* ``setup(model, cfg)``            wrap the model, move it to the device, build the optimizer
-                                   (a strategy that shards optimizer state builds its own).
-* ``run_micro_batches(batches, weights)``
-                                   forward + backward of each micro-batch of one optimizer
-                                   step. After it, the gradients equal
-                                   ∂/∂θ Σ_ranks Σ_i weights[i] · loss_i  — a *sum* over ranks:
-                                   the loop already divides by the global token count, so a
-                                   strategy whose all-reduce averages must multiply by the
-                                   world size. The default calls ``forward_backward`` under
-                                   ``no_sync()`` for all but the last micro-batch (DDP's
-                                   accumulation trick); a pipeline overrides the whole method
-                                   with its schedule (GPipe / 1F1B).
-* ``clip_and_step(max_norm)``      global grad-norm clipping + optimizer step + zero_grad;
-                                   returns the pre-clip global norm (ZeRO: norm over shards,
-                                   mixed precision: after unscaling, skip on inf).
-* ``all_reduce_sum(values)``       sums a list of python numbers over ranks in one
-                                   collective (token counts, weighted losses); identity in
-                                   one process. ``all_reduce_sum_async`` starts the same
-                                   collective and returns a callable that waits for it (the
-                                   loop reduces the step's losses while the gradients are
-                                   still being reduced; default: synchronous).
-* ``reduce_step_stats(values, counts)``
-                                   the step's logged sums and token counts, started right
-                                   after the backward (data parallelism carries them in the
-                                   last gradient bucket: no collective of their own).
-* ``forward(batch)``               an eval forward (the loop wraps it in ``torch.no_grad``).
-* ``state_dict()`` / ``load_state_dict()``  model + optimizer of this rank.
-* ``barrier()``                    wait for every rank (checkpoint commits); no-op in one process.
-* ``is_main``, ``rank``, ``world_size``, ``device``, ``memory_report()``.
-* ``replicated``                   True when every rank holds the same model + optimizer state
-                                   (single process, data parallel): rank 0 alone writes it and
-                                   every rank loads that one file, so a checkpoint written at
-                                   one world size loads at any other. Sharding strategies
-                                   (ZeRO, pipeline) set False: each rank writes and reads its
-                                   own ``rank_XXXXX.pt``.
+The contract, in the loop's order of calls: ``setup`` → per step ``run_micro_batches`` (after
+it the gradients equal ∂/∂θ Σ_ranks Σ_i wᵢ·lossᵢ, a *sum* over ranks) → ``clip_and_step``
+(returns the pre-clip global norm) → ``all_reduce_sum`` / ``reduce_step_stats`` for the logged
+numbers; ``forward`` for eval, ``state_dict`` / ``load_state_dict``, ``barrier``, and
+``replicated`` (one checkpoint file for all ranks, or one per rank). docs/architecture.md
+("The strategy contract") has the table of every method.
 """
 from __future__ import annotations
 
