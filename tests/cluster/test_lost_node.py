@@ -29,7 +29,10 @@ import torch
 from bmray.models.typed_config import ConfigError
 from tests.conftest import REPO, folders_with_tests
 
-STEPS, EVERY = 12, 3
+# Long enough that the run is still going when Ray declares the removed node dead (about a
+# second after the removal with FAST_NODE_DEATH; 12 steps of this model take ~1.5 s, so a
+# shorter run could finish on the dead node's still-running workers before that).
+STEPS, EVERY = 40, 3
 FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
                    "health_check_timeout_ms": 200, "health_check_failure_threshold": 3}
 
@@ -72,7 +75,8 @@ def scenario(tmp: str) -> dict:
     cluster.wait_for_nodes()
     cluster.connect()
     try:
-        raw = experiment(tmp, "elastic", "scaling.num_workers=4", "scaling.min_workers=2",
+        raw = experiment(tmp, "elastic", f"train.max_steps={STEPS}",
+                         "scaling.num_workers=4", "scaling.min_workers=2",
                          "run.max_failures=1")
         metrics = f"{tmp}/elastic.metrics.jsonl"
         run = TrainRun(raw)
@@ -94,7 +98,8 @@ def scenario(tmp: str) -> dict:
         resumed = report["resumed_from"]
         copy_root = f"{tmp}/resumed_at_2"
         shutil.copytree(resumed, f"{copy_root}/{os.path.basename(resumed)}")
-        fresh = TrainRun(experiment(tmp, "resumed_at_2", "scaling.num_workers=2",
+        fresh = TrainRun(experiment(tmp, "resumed_at_2", f"train.max_steps={STEPS}",
+                                    "scaling.num_workers=2",
                                     "checkpoint.resume=true")).fit()
         # reference 2: uninterrupted, single process
         single = reference(raw)
