@@ -152,7 +152,9 @@ def check(o: dict, v: Variant, n: int) -> None:
     predicted = formula(v.stage, v.dtype, v.offload, o["psi"], n)
     padding = 16 * (n - 1) * o["tensors"]
     assert 0 <= state + disk - predicted <= padding, (label, state + disk, predicted)
-    assert o["live"]["setup"] == o["live"]["steps"], (label, o["live"])     # no growth
+    # no growth over the steps (a stray copy grows); setup may hold 8 bytes more once in a few
+    # runs (a scalar not yet freed when it is measured: seen at stage 3, bf16, offload, N = 2)
+    assert o["live"]["steps"] <= o["live"]["setup"] <= o["live"]["steps"] + 8, (label, o["live"])
     if o["allocator"] is not None:      # two independent counts agree
         assert o["allocator"] == o["live"], (label, o["allocator"], o["live"])
     report = o["report"]
