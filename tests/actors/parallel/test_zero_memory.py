@@ -22,7 +22,8 @@ with optimizer offload to host memory and to disk:
   buckets / units as parameter tensors. The model has Ψ odd, so the padding is exercised.
 * the strategy's ``memory_report`` (model_state_bytes less what it puts on disk) equals the
   measurement to the byte, and its disk bytes equal the moment files' size on disk;
-* nothing grows across steps (the live bytes after step 1 and step 2 equal those after setup);
+* nothing grows across steps (the live bytes after two steps are at most those after setup,
+  and at most 1 KiB less: see ``check``);
 * disk offload: the files' pages are not resident after a step (smaps), i.e. the moments
   really are on disk, not in memory.
 
@@ -152,9 +153,11 @@ def check(o: dict, v: Variant, n: int) -> None:
     predicted = formula(v.stage, v.dtype, v.offload, o["psi"], n)
     padding = 16 * (n - 1) * o["tensors"]
     assert 0 <= state + disk - predicted <= padding, (label, state + disk, predicted)
-    # no growth over the steps (a stray copy grows); setup may hold 8 bytes more once in a few
-    # runs (a scalar not yet freed when it is measured: seen at stage 3, bf16, offload, N = 2)
-    assert o["live"]["steps"] <= o["live"]["setup"] <= o["live"]["steps"] + 8, (label, o["live"])
+    # no growth over the steps (a stray copy grows). Setup may hold a few bytes more: in the
+    # full suite a small tensor from the worker process's other users (8 and 28 bytes, seen
+    # once in a few runs; not reproduced with this module alone) can still be alive then.
+    # 1 KiB bounds it far below any copy of the model state (2Ψ ≈ 57 KB here).
+    assert 0 <= o["live"]["setup"] - o["live"]["steps"] <= 1024, (label, o["live"])
     if o["allocator"] is not None:      # two independent counts agree
         assert o["allocator"] == o["live"], (label, o["allocator"], o["live"])
     report = o["report"]
