@@ -75,12 +75,13 @@ def find_blocks(model: nn.Module, block_lists: Sequence[str] | None = None
                 ) -> list[tuple[str, nn.Module]]:
     """(qualified name, block) of every block, numbered over the block lists in order.
 
-    ``block_lists``: dotted paths of the ModuleLists; ``None`` takes ``type(model).block_lists``
-    (a model without one, e.g. a ``transformers`` model, passes them). A ValueError names what
-    is missing."""
-    paths = block_lists if block_lists is not None else getattr(type(model), "block_lists", None)
+    ``block_lists``: dotted paths of the ModuleLists; ``None`` takes ``model.block_lists`` (the
+    family's class attribute, or an instance's own: a wrapper such as a delta-tuned model
+    prefixes its base's). A model without one (a ``transformers`` model) passes them. A
+    ValueError names what is missing."""
+    paths = block_lists if block_lists is not None else getattr(model, "block_lists", None)
     if not paths:
-        raise ValueError(f"{type(model).__name__} has no `block_lists` class attribute; pass "
+        raise ValueError(f"{type(model).__name__} has no `block_lists` attribute; pass "
                          f"block_lists=[...] naming its nn.ModuleList(s) of transformer blocks")
     out = []
     for path in paths:

@@ -12,7 +12,7 @@ change. Gradients are bit-identical (same autograd graph; the RNG state is stash
 restored, so dropout draws the same masks). Not applied outside training, under no_grad and
 with ``use_cache=True``.
 
-Which blocks: those of ``type(model).block_lists`` (``models.structure.find_blocks``),
+Which blocks: those of ``model.block_lists`` (``models.structure.find_blocks``),
 numbered over the lists in order (a T5 with 2 + 2 layers: ``blocks=[0, 2]`` is the first
 encoder and the first decoder block); a model without ``block_lists`` passes them.
 

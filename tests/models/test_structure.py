@@ -30,7 +30,7 @@ def test_find_blocks_numbers_blocks_over_the_block_lists(family):
 
 
 def test_find_blocks_errors_name_what_is_missing():
-    with pytest.raises(ValueError, match="`block_lists` class attribute"):
+    with pytest.raises(ValueError, match="`block_lists` attribute"):
         find_blocks(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="'nope' is not a submodule of GPT"):
         find_blocks(build_model(tiny("gpt")), ["nope"])
@@ -88,3 +88,12 @@ def test_plan_validation():
     plan = TensorParallelPlan({"ffn.up": "column"})
     with pytest.raises(TypeError):
         plan.blocks["ffn.down"] = "row"
+
+
+def test_find_blocks_reads_an_instance_block_lists():
+    """A wrapper (a delta-tuned model holds its base as ``base``) names its base's blocks."""
+    wrapper = nn.Module()
+    wrapper.base = build_model(tiny("gpt"))
+    wrapper.block_lists = ("base.blocks",)
+    assert [n for n, _ in find_blocks(wrapper)] == [
+        f"base.blocks.{i}" for i in range(len(wrapper.base.blocks))]
