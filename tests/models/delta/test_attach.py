@@ -176,3 +176,24 @@ def test_frozen_base_is_untouched_by_training():
     after = model.delta_state_dict()
     assert set(after) == set(delta_before) and all(k.startswith(("l.", "b.")) for k in after)
     assert any(not torch.equal(after[k], delta_before[k]) for k in after)
+
+
+def test_bf16_base_with_float32_deltas():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6).to(torch.bfloat16)
+    model = DeltaModel(nn.Sequential(lin))
+    lora = model.add("l", LoraConfig(targets=("0",), rank=2, alpha=2.0))
+    model.add("a", AdapterConfig(targets=("0",), bottleneck=3))
+    model.add("b", BitFitConfig(targets=("0",)))
+    assert all(p.dtype == torch.float32 for d in model.deltas.values() for p in d.parameters())
+    with torch.no_grad():
+        lora.sites["0"].B.fill_(0.5)
+        model.get("b").sites["0"].bias.fill_(1.0)
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    s = lora.sites["0"]
+    want = (x.float() @ lin.weight.float().T + lin.bias.float()) + x.float() @ s.A.T @ s.B.T + 1.0
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=5e-2)
+    out.float().sum().backward()
+    assert s.A.grad is not None and s.A.grad.dtype == torch.float32
