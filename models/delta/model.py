@@ -100,12 +100,21 @@ class DeltaModel(nn.Module):
             raise ConfigError(f"mixed: delta(s) {merged} are merged into the base; unmerge first")
         device = next((p.device for p in self.base.parameters()), torch.device("cpu"))
         saved = {n: d.rows for n, d in self.deltas.items()}
+
+        def check_batch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+            if x is not None and x.dim() > 0 and x.shape[0] != len(assignment):
+                raise ConfigError(f"mixed: {len(assignment)} rows assigned, the batch has "
+                                  f"{x.shape[0]}")
+
+        check = self.base.register_forward_pre_hook(check_batch, with_kwargs=True, prepend=True)
         try:
             for n, d in self.deltas.items():
                 d.rows = torch.tensor([i for i, a in enumerate(assignment) if a == n],
                                       dtype=torch.long, device=device)
             yield
         finally:
+            check.remove()
             for n, d in self.deltas.items():
                 d.rows = saved[n]
 

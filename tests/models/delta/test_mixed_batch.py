@@ -86,6 +86,10 @@ def test_mixed_refuses_unknown_and_merged_deltas():
     with pytest.raises(ConfigError, match=r"unknown delta\(s\) \['Z'\]"):
         with model.mixed(["A", "Z"]):
             pass
+    with pytest.raises(ConfigError, match=r"mixed: 2 rows assigned, the batch has 3"):
+        with model.mixed(["A", None]):
+            model(torch.zeros(3, 4, dtype=torch.long))
+    assert not model.base._forward_pre_hooks and model.get("A").rows is None
     model.merge("A")
     with pytest.raises(ConfigError, match="merged"):
         with model.mixed(["A", None]):
