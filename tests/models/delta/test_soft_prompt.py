@@ -212,3 +212,17 @@ def test_bad_input_is_a_clear_error():
     SoftPrompt(SoftPromptConfig(targets=("embed.segment",))).attach(model)
     with pytest.raises(ValueError, match="never embedded the model's input_ids"):
         model(ids())
+
+
+def test_two_prompts_on_one_row_stack_latest_first():
+    model = tiny("gpt")
+    a = SoftPrompt(SoftPromptConfig(length=2, init="random", seed=1)).attach(model)
+    b = SoftPrompt(SoftPromptConfig(length=3, init="random", seed=2)).attach(model)
+    x = ids()
+    both = torch.cat([b.sites["embed:tok"].prompt, a.sites["embed:tok"].prompt])
+    torch.testing.assert_close(model(x).logits, reference_gpt(model, both, x), **TOL)
+    a.rows = torch.tensor([0, 1])                       # a on rows 0-1, b on every row
+    mixed = model(x).logits
+    torch.testing.assert_close(mixed[:2], reference_gpt(model, both, x)[:2], **TOL)
+    torch.testing.assert_close(mixed[2:], reference_gpt(model, b.sites["embed:tok"].prompt,
+                                                        x)[2:], **TOL)
