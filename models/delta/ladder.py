@@ -189,6 +189,9 @@ class Ladder(Delta):
     def _exit(self, output: Any):
         if not self._active():
             return None
+        if "s" not in self._side:
+            raise RuntimeError(f"ladder: the output module ran before the side network saw the "
+                               f"blocks {[site_name(k) for k in self.sites]}; check targets/output")
         h = first(output)
         side = self.head.up(self.head.ln(self._side.pop("s")))
         rows = self.rows

@@ -72,8 +72,8 @@ def test_attention_with_prefix_matches_the_formula(causal, reparam):
     model = Holder(MultiHeadAttention(32, 4, causal=causal)).eval()
     x = torch.randn(3, 5, 32)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
-    delta = randomise(Prefix(PrefixConfig(targets=("attn",), length=3, reparam_hidden=reparam)),
-                      2).attach(model)
+    delta = randomise(Prefix(PrefixConfig(targets=("attn",), length=3, reparam_hidden=reparam))
+                      .attach(model), 2)
     pk, pv = delta.sites["attn"].key_values()
     for m in (None, mask):
         got, _ = model.attn(x, key_padding_mask=m)
@@ -88,7 +88,7 @@ def test_attention_with_prefix_matches_the_formula(causal, reparam):
 
 def test_finalize_drops_the_mlp_and_keeps_the_outputs():
     model = tiny("gpt")
-    delta = randomise(Prefix(PrefixConfig(length=4, reparam_hidden=8)), 3).attach(model)
+    delta = randomise(Prefix(PrefixConfig(length=4, reparam_hidden=8)).attach(model), 3)
     before = model(ids()).logits
     n_before = delta.num_trainable()
     delta.finalize()
@@ -111,11 +111,11 @@ def test_mixed_batch_equals_each_row_alone(family):
     if family == "t5":
         kw["decoder_input_ids"] = ids(4, 3, seed=9)
     bare = model(x, **kw).logits
-    a = randomise(Prefix(PrefixConfig(length=3, reparam_hidden=0)), 4)
-    b = randomise(Prefix(PrefixConfig(length=5, reparam_hidden=8)), 5)
+    a = Prefix(PrefixConfig(length=3, reparam_hidden=0))
+    b = Prefix(PrefixConfig(length=5, reparam_hidden=8))
     alone = {}
-    for name, d in (("a", a), ("b", b)):
-        d.attach(model)
+    for name, d, seed in (("a", a, 4), ("b", b, 5)):
+        randomise(d.attach(model), seed)
         alone[name] = model(x, **kw).logits
         d.detach()
     assert not torch.allclose(alone["a"], bare, atol=1e-3)
@@ -135,7 +135,7 @@ def test_greedy_generation_with_cache_equals_without():
     model = tiny("gpt")
     prompt = ids(2, 4)
     bare = model(prompt).logits
-    delta = randomise(Prefix(PrefixConfig(length=3, reparam_hidden=0)), 6, 2.0).attach(model)
+    delta = randomise(Prefix(PrefixConfig(length=3, reparam_hidden=0)).attach(model), 6, 2.0)
     cached = generate(model, prompt, GenerationConfig(max_new_tokens=8, use_cache=True))
     full = generate(model, prompt, GenerationConfig(max_new_tokens=8, use_cache=False))
     assert torch.equal(cached, full)
@@ -148,7 +148,7 @@ def test_greedy_generation_with_cache_equals_without():
 
 def test_t5_greedy_generation_with_cache_equals_without():
     model = tiny("t5")
-    randomise(Prefix(PrefixConfig(length=2, reparam_hidden=0)), 7).attach(model)
+    randomise(Prefix(PrefixConfig(length=2, reparam_hidden=0)).attach(model), 7)
     src = ids(2, 6)
     cached = generate(model, src, GenerationConfig(max_new_tokens=6, use_cache=True))
     assert torch.equal(cached, generate(model, src, GenerationConfig(max_new_tokens=6,
@@ -159,7 +159,7 @@ def test_detach_restores_the_base_bit_exactly():
     model = tiny("gpt")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     before = model(ids()).logits
-    delta = randomise(Prefix(PrefixConfig(length=3)), 8).attach(model)
+    delta = randomise(Prefix(PrefixConfig(length=3)).attach(model), 8)
     out = model(ids(), labels=ids())
     out.loss.backward()
     assert all(p.grad is not None for p in delta.parameters())
@@ -178,7 +178,7 @@ def minilm():
 def test_minilm_self_attention_matches_the_formula(minilm):
     attn = minilm.encoder.layer[0].attention.self
     delta = randomise(Prefix(PrefixConfig(targets=("encoder.layer.0.attention.self",), length=3,
-                                          reparam_hidden=0)), 9).attach(minilm)
+                                          reparam_hidden=0)).attach(minilm), 9)
     pk, pv = delta.sites["encoder:layer:0:attention:self"].key_values()
     x = torch.randn(2, 5, 384)
     got = attn(x)[0]
@@ -198,7 +198,7 @@ def test_minilm_mixed_batch_and_detach(minilm):
     mask[2, 4:] = 0
     bare = minilm(input_ids=x, attention_mask=mask).last_hidden_state
     delta = randomise(Prefix(PrefixConfig(targets=("attention.self",), length=4,
-                                          reparam_hidden=0)), 10).attach(minilm)
+                                          reparam_hidden=0)).attach(minilm), 10)
     assert len(delta.sites) == 6
     alone = minilm(input_ids=x, attention_mask=mask).last_hidden_state
     assert not torch.allclose(alone, bare, atol=1e-3)
