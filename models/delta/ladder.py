@@ -168,7 +168,7 @@ class Ladder(Delta):
             raise ValueError("ladder side-tuning has no KV cache; generate with use_cache=False")
         x = kw.get("x", kw.get("hidden_states"))
         mask = kw["key_padding_mask"] if "key_padding_mask" in kw else self._side.get("mask")
-        rows = self.rows
+        rows = None if self.rows is None else self.rows.to(x.device)
         if rows is not None:
             x = x[rows]
             mask = mask[rows] if mask is not None else None
@@ -180,7 +180,7 @@ class Ladder(Delta):
             return None
         h = first(output).detach()
         if self.rows is not None:
-            h = h[self.rows]
+            h = h[self.rows.to(h.device)]
         mu = torch.sigmoid(rung.alpha / self.config.temperature)
         s = mu * rung.down(h) + (1 - mu) * self._side["s"]
         self._side["s"] = rung.block(s, key_padding_mask=self._side["mask"])[0]
@@ -194,7 +194,7 @@ class Ladder(Delta):
                                f"blocks {[site_name(k) for k in self.sites]}; check targets/output")
         h = first(output)
         side = self.head.up(self.head.ln(self._side.pop("s")))
-        rows = self.rows
+        rows = None if self.rows is None else self.rows.to(h.device)
         base = h.detach() if rows is None else h[rows].detach()
         new = base + side if self.config.combine == "add" else side
         return with_first(output, new if rows is None else h.index_copy(0, rows, new))

@@ -224,3 +224,15 @@ def test_bad_input_is_a_clear_error():
         Prefix(PrefixConfig(targets=("no_such_module",))).attach(tiny("gpt"))
     with pytest.raises(ConfigError, match="matches no MultiHeadAttention"):
         Prefix(PrefixConfig()).attach(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_two_prefixes_on_one_layer_keep_the_cache_clean():
+    model = tiny("gpt")
+    a = randomise(Prefix(PrefixConfig(length=2, reparam_hidden=0)).attach(model), 11)
+    b = randomise(Prefix(PrefixConfig(length=5, reparam_hidden=0)).attach(model), 12)
+    prompt = ids(2, 4)
+    assert model(prompt, use_cache=True).past_key_values[0][0].shape[2] == 4
+    cached = generate(model, prompt, GenerationConfig(max_new_tokens=6, use_cache=True))
+    assert torch.equal(cached, generate(model, prompt, GenerationConfig(max_new_tokens=6,
+                                                                        use_cache=False)))
+    a.detach(), b.detach()
