@@ -10,6 +10,7 @@ from transformers import BertModel
 
 from bmray.models.config import ModelConfig
 from bmray.models.delta.ladder import Ladder, LadderConfig
+from bmray.models.delta.prefix import Prefix, PrefixConfig
 from bmray.models.families.registry import build_model
 from bmray.models.generation import GenerationConfig, generate
 from bmray.models.typed_config import ConfigError
@@ -108,6 +109,29 @@ def test_no_backpropagation_through_the_backbone(frozen):
     backbone = [p for n, p in model.named_parameters() if not n.startswith("lm_head")]
     assert all(p.grad is None for p in backbone)   # ... no gradient reaches it through the ladder
     assert all(p.grad is not None for p in ladder.parameters())
+
+
+def saved_bytes(model, delta, x) -> int:
+    """Bytes autograd saves for backward during one forward (what training keeps alive)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, labels=x).loss.backward()
+    delta.detach()
+    return total[0]
+
+
+def test_ladder_saves_far_less_for_backward_than_a_delta_inside_the_backbone():
+    x = ids(4, 32)
+    model = tiny("gpt")
+    model.requires_grad_(False)
+    ladder = saved_bytes(model, randomise(Ladder(LadderConfig()).attach(model), 8), x)
+    prefix = saved_bytes(model, Prefix(PrefixConfig(length=4, reparam_hidden=0)).attach(model), x)
+    assert ladder < 0.5 * prefix, (ladder, prefix)
 
 
 def test_mixed_batch_equals_each_row_alone():

