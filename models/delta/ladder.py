@@ -23,6 +23,7 @@ delta keep the backbone's output. No KV cache: generate with ``use_cache=False``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from inspect import signature
 from typing import Any, ClassVar
 
 import torch
@@ -155,7 +156,8 @@ class Ladder(Delta):
     # ------------------------------------------------------------------ hooks
     def _root_pre(self, model: nn.Module, args: tuple, kwargs: dict):
         kw = bound_arguments(model, args, kwargs)
-        if kw.get("past_key_values") is not None or kw.get("cache") is not None:
+        if kw.get("past_key_values") is not None or kw.get("cache") is not None or \
+                (kw.get("use_cache") and "past_key_values" in signature(model.forward).parameters):
             raise ValueError("ladder side-tuning has no KV cache; generate with use_cache=False")
         self._side = {"mask": kw.get("attention_mask")}
         return None

@@ -162,6 +162,8 @@ def test_detach_restores_the_base_and_generation_without_cache():
     assert out.shape == (2, 6)
     with pytest.raises(ValueError, match="no KV cache"):
         generate(model, ids(2, 3), GenerationConfig(max_new_tokens=3, use_cache=True))
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(ids(), use_cache=True)
     ladder.detach()
     assert torch.equal(model(ids()).logits, before)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
