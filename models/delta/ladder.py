@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bmray.models.delta.base import Delta, DeltaConfig, SiteDelta, match_modules, site_key, site_name
+from bmray.models.delta.base import (Delta, DeltaConfig, SiteDelta, match_modules, site_key,
+                                     site_name)
 from bmray.models.delta.prefix import bound_arguments
 from bmray.models.layers.attention import MultiHeadAttention
 from bmray.models.layers.blocks import TransformerBlock

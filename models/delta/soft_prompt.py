@@ -1,9 +1,9 @@
 """Prompt tuning (Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning").
 
-``length`` P trainable vectors are prepended to the input embeddings, ``[p_1..p_P; e(x_1)..e(x_T)]``;
-only they train. Init (sec. 3.2): "random" uniform in [-0.5, 0.5]; "vocab" rows of the embedding
-matrix drawn at random; "tokens" the embeddings of given ids (e.g. a caller's tokenised words,
-repeated cyclically up to P).
+``length`` P trainable vectors are prepended to the input embeddings,
+``[p_1..p_P; e(x_1)..e(x_T)]``; only they train. Init (sec. 3.2): "random" uniform in
+[-0.5, 0.5]; "vocab" rows of the embedding matrix drawn at random; "tokens" the embeddings of
+given ids (e.g. a caller's tokenised words, repeated cyclically up to P).
 
 Where it hooks in (none of our models takes ``inputs_embeds``): a pre-hook on the model root
 lengthens ``input_ids`` by P placeholder ids and ``attention_mask`` / ``token_type_ids`` (and the
@@ -29,7 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from bmray.models.delta.base import Delta, DeltaConfig, SiteDelta, match_modules, site_key, site_name
+from bmray.models.delta.base import (Delta, DeltaConfig, SiteDelta, match_modules, site_key,
+                                     site_name)
 from bmray.models.delta.prefix import bound_arguments, row_flags
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
@@ -201,7 +202,8 @@ class SoftPrompt(Delta):
             for name in ("labels", "mlm_labels"):
                 if kw.get(name) is not None:
                     kw[name] = place(kw[name], flags, p, -100, -100)
-        frame.flags, frame.ids, frame.extended, frame.strip = flags, kw["input_ids"], True, not enc_dec
+        frame.flags, frame.ids, frame.extended = flags, kw["input_ids"], True
+        frame.strip = not enc_dec
         return (), kw
 
     def _embed_post(self, model: nn.Module, args: tuple, output: Tensor, site: PromptSite):

@@ -44,7 +44,8 @@ def reference_gpt(model, prompt, x):
 def reference_bert(model, prompt, x, mask):
     p = prompt.size(0)
     h = torch.cat([prompt.expand(x.size(0), -1, -1), model.embed.tok(x)], 1)
-    h = h + model.embed.pos(torch.arange(h.size(1))) + model.embed.segment(torch.zeros_like(h[..., 0]).long())
+    segment = model.embed.segment(torch.zeros(h.shape[:2], dtype=torch.long))
+    h = h + model.embed.pos(torch.arange(h.size(1))) + segment
     m = torch.cat([torch.ones(x.size(0), p, dtype=mask.dtype), mask], 1)
     for block in model.blocks:
         h = block(h, key_padding_mask=m)[0]
