@@ -10,6 +10,8 @@ from torch import nn
 from transformers import BertModel
 
 from bmray.models.config import ModelConfig
+from bmray.models.delta.ladder import Ladder, LadderConfig
+from bmray.models.delta.prefix import Prefix, PrefixConfig
 from bmray.models.delta.soft_prompt import SoftPrompt, SoftPromptConfig
 from bmray.models.families.registry import build_model
 from bmray.models.generation import GenerationConfig, generate
@@ -227,3 +229,32 @@ def test_two_prompts_on_one_row_stack_latest_first():
     torch.testing.assert_close(mixed[:2], reference_gpt(model, both, x)[:2], **TOL)
     torch.testing.assert_close(mixed[2:], reference_gpt(model, b.sites["embed:tok"].prompt,
                                                         x)[2:], **TOL)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_one_batch_with_a_different_method_per_row(family):
+    """Row 0 prefix, row 1 soft prompt, row 2 ladder, row 3 the bare base: one forward equals
+    each row run alone with its own delta."""
+    model = tiny(family)
+    x = ids(4, 6)
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0
+    deltas = [Prefix(PrefixConfig(length=3, reparam_hidden=0)),
+              SoftPrompt(SoftPromptConfig(length=4, init="random")), Ladder(LadderConfig())]
+    bare = model(x, attention_mask=mask).logits
+    alone = []
+    for seed, d in enumerate(deltas):
+        d.attach(model)
+        with torch.no_grad():
+            for p in d.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        alone.append(model(x, attention_mask=mask).logits)
+        d.detach()
+    for row, d in enumerate(deltas):
+        d.attach(model)
+        d.rows = torch.tensor([row])
+    mixed = model(x, attention_mask=mask).logits
+    for row in range(3):
+        assert not torch.allclose(alone[row][row], bare[row], atol=1e-3)
+        torch.testing.assert_close(mixed[row], alone[row][row], **TOL)
+    torch.testing.assert_close(mixed[3], bare[3], **TOL)
