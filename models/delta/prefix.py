@@ -30,12 +30,19 @@ from bmray.models.typed_config import ConfigError, check_int
 __all__ = ["PrefixConfig", "Prefix", "PrefixSite", "PrefixCache", "bound_arguments", "row_flags"]
 
 
+_SIGNATURES: dict[type, inspect.Signature] = {}    # forward's signature, per module class
+
+
 def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """A forward call's arguments as one keyword dict (positional ones named by the signature),
     so a pre-hook can rewrite any of them and hand them back as ``((), kwargs)``."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    out = dict(bound.arguments)
-    for name, param in inspect.signature(module.forward).parameters.items():
+    sig = _SIGNATURES.get(type(module)) if "forward" not in vars(module) else None
+    if sig is None:
+        sig = inspect.signature(module.forward)
+        if "forward" not in vars(module):          # not patched on this instance
+            _SIGNATURES[type(module)] = sig
+    out = dict(sig.bind(*args, **kwargs).arguments)
+    for name, param in sig.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             out.update(out.pop(name, {}))
     return out
