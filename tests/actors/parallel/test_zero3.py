@@ -334,20 +334,28 @@ def test_any_module_ties_frozen_and_activation_checkpointing(pack, case):
         return model
 
     ref_losses, ref_norms, ref_w = _steps(SingleProcess("cpu"), make(), batches)
-    z = Zero3()
-    losses, norms, w = _steps(z, make(), batches)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), **NORM_TOL)
-    for name, tensor in ref_w.items():
-        torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
-    if case == "toy":
-        # layer 3 is frozen (no unit); the weight tied between layers 0 and 2 is the root's
-        assert [u.name for u in z.units] == ["layers.0", "layers.1", "layers.2", "<root>"]
+    for shard_frozen in (True, False):
+        z = Zero3(shard_frozen=shard_frozen)
+        losses, norms, w = _steps(z, make(), batches)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), **NORM_TOL)
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
+        if case != "toy":
+            continue
+        # layer 3 is frozen: a unit of frozen parameters only when they are sharded, else
+        # none; the weight tied between layers 0 and 2 is the root's
+        frozen_unit = ["layers.3"] if shard_frozen else []
+        assert [u.name for u in z.units] == ["layers.0", "layers.1", "layers.2",
+                                             *frozen_unit, "<root>"]
         assert z._unit_of[id(z.module.layers[0][0].weight)] is z.root
         assert torch.equal(w["layers.0.0.weight"], w["layers.2.0.weight"])
-        torch.testing.assert_close(w["layers.1.0.bias"], Toy().layers[1][0].bias.detach())
+        toy = Toy()
+        for name, p in toy.named_parameters():      # frozen: bit-identical
+            if not p.requires_grad:
+                assert torch.equal(w[name], p.detach()), name
         assert z.memory_report()["trainable_params"] == sum(
-            p.numel() for p in Toy().parameters() if p.requires_grad)
+            p.numel() for p in toy.parameters() if p.requires_grad)
 
 
 def test_wraps_transformers_bert_from_outside(gang):
