@@ -20,7 +20,8 @@ at a time; the design is in docs/zero.md.
   from the masters and the next forward gathers them.
 
 Observability: ``memory_report()`` adds ``unit_bytes``, ``unit_levels``,
-``peak_gathered_bytes`` and the frozen base's ``frozen_bytes``; ``strategy.trace = []`` records ``(event, unit index)``.
+``peak_gathered_bytes`` and the frozen base's ``frozen_bytes``; ``strategy.trace = []``
+records ``(event, unit index)``.
 Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``:
 :class:`Zero3Config`).
 """
@@ -573,10 +574,10 @@ class Zero3(GradNormStats, DataParallel):
             if self.world_size > 1 else shard
         return full.cpu()
 
-    def _frozen_names(self) -> dict[str, tuple[_FrozenFlat, int, nn.Parameter]]:
-        """Every name of a sharded frozen parameter → (its flat, offset, parameter)."""
-        return {n: (u.frozen, off, p) for u in self.units if u.frozen is not None
-                for p, off in u.frozen.pieces() for n in self._names[id(p)]}
+    def _frozen_names(self) -> set[str]:
+        """Every name of a sharded frozen parameter."""
+        return {n for u in self.units if u.frozen is not None
+                for p in u.frozen.params for n in self._names[id(p)]}
 
     def _frozen_values(self) -> dict[str, torch.Tensor]:
         """The sharded frozen parameters in full, fp32 on the CPU (a collective)."""
@@ -618,7 +619,7 @@ class Zero3(GradNormStats, DataParallel):
                                frozen_layout(f.params, f.offsets, self._names))
                   for f in (u.frozen for u in self.units) if f is not None]
         sharded_names = {n for p in self.params for n in self._names[id(p)]}
-        model = non_sharded_model(self.module, sharded_names | set(self._frozen_names()))
+        model = non_sharded_model(self.module, sharded_names | self._frozen_names())
         sharded = {"format": SHARDED_FORMAT, "stage": 3, "world_size": self.world_size,
                    "shard_rank": self.rank, "shards": self.world_size, "units": units,
                    "frozen_units": frozen,
@@ -662,13 +663,13 @@ class Zero3(GradNormStats, DataParallel):
         """Load a consolidated (SingleProcess-format) state; keep this rank's slices."""
         self._drain_gathers()
         model = state["model"]
-        frozen = self._frozen_names()
-        sharded = {n for p in self.params for n in self._names[id(p)]} | set(frozen)
+        sharded = {n for p in self.params for n in self._names[id(p)]} | self._frozen_names()
         rest = {k: v for k, v in model.items() if k not in sharded}
         missing, unexpected = self.module.load_state_dict(rest, strict=False)
-        if unexpected or set(missing) - sharded:
+        missing = set(missing) - sharded | {n for n in sharded if n not in model}
+        if unexpected or missing:
             raise KeyError(f"Zero3.load_state_dict: unexpected {unexpected}, "
-                           f"missing {sorted(set(missing) - sharded)}")
+                           f"missing {sorted(missing)}")
         pstate = param_states(state.get("optimizer"), self._template_params())
         step = None
         flats = {}

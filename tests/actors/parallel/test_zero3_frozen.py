@@ -198,7 +198,8 @@ def test_a_wrong_gradient_scale_fails(gang):
 
 def test_eval_forward_and_state_dict_round_trip():
     """One process: a no-grad forward frees every unit; the consolidated state holds the full
-    model (frozen included) and loads back into a fresh Zero3 and into SingleProcess."""
+    model (frozen included) and loads back into a fresh Zero3 and into SingleProcess; a state
+    without a frozen parameter is an error naming it."""
     z = Zero3()
     model = frozen_base_gpt()
     z.setup(model, TrainConfig(**TRAIN))
@@ -223,3 +224,7 @@ def test_eval_forward_and_state_dict_round_trip():
     again.load_state_dict(state)
     for name, value in again.state_dict()["model"].items():
         assert torch.equal(value, state["model"][name]), name
+    partial = dict(state, model={k: v for k, v in state["model"].items()
+                                 if k != "blocks.1.ffn.up.weight"})
+    with pytest.raises(KeyError, match=r"missing \['blocks.1.ffn.up.weight'\]"):
+        again.load_state_dict(partial)

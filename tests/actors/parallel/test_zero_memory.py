@@ -17,16 +17,17 @@ state. The frozen ones (Φ_f elements, no gradient, no optimizer state) cost 2Φ
 in bf16 (4Φ_f in fp32) at stages 0-2 and at stage 3 with ``shard_frozen: false``, 2Φ_f/N
 (4Φ_f/N) at stage 3, which shards them (``frozen``, written out below). Besides the model
 with one frozen tensor, stage 3 runs on a frozen base (everything frozen but the LayerNorm
-biases: delta tuning's shape), sharded and not. Checks, for stages 0-3 at N = 1, 2, 4 (one gang of 4
-workers; N < 4 runs on a sub-group of the first N, as tests/test_zero3.py), bf16 and fp32,
-with optimizer offload to host memory and to disk:
+biases: delta tuning's shape), sharded and not. Checks, for stages 0-3 at N = 1, 2, 4 (one
+gang of 4 workers; N < 4 runs on a sub-group of the first N, as tests/test_zero3.py), bf16
+and fp32, with optimizer offload to host memory and to disk:
 
 * measured − formula is ≥ 0 and at most the shards' padding: each flat bucket / unit is padded
   to a multiple of N (≤ N − 1 elements, ≤ 16 bytes each), and there are at most as many
   buckets / units as parameter tensors (a unit's frozen flat is padded alike). The model
   has Ψ odd (and the frozen base Φ_f odd), so the padding is exercised.
 * the strategy's ``memory_report`` (model_state_bytes plus the frozen bytes it keeps, less
-  what it puts on disk) equals the measurement to the byte, and its disk bytes equal the moment files' size on disk;
+  what it puts on disk) equals the measurement to the byte, and its disk bytes equal the
+  moment files' size on disk;
 * nothing grows across steps (the live bytes after two steps are at most those after setup,
   and at most 1 KiB less: see ``check``);
 * disk offload: the files' pages are not resident after a step (smaps), i.e. the moments
@@ -35,8 +36,8 @@ with optimizer offload to host memory and to disk:
 The allocator does not serve the shared-memory transport's segments (not model state; the
 report lists them apart as ``comm_buffer_bytes``) nor mapped files (hence the smaps check).
 A strategy that keeps one stray copy of its parameters, or a full copy of the frozen base under
-stage 3, fails both checks (``test_a_stray_copy_is_seen``, ``test_a_full_frozen_copy_is_seen``); no float arithmetic is compared, so nothing here depends on
-the CPU's rounding.
+stage 3, fails both checks (``test_a_stray_copy_is_seen``, ``test_a_full_frozen_copy_is_seen``);
+no float arithmetic is compared, so nothing here depends on the CPU's rounding.
 """
 from __future__ import annotations
 
