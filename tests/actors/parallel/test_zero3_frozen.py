@@ -15,10 +15,13 @@ replicated frozen base). The frozen parameters are bit-identical after training 
 Memory: the rank keeps 4Φ_f/N bytes of frozen base plus at most N − 1 padding elements per
 unit (Φ_f: frozen parameters, fp32), 4Φ_f without sharding; the live-byte measurement of the
 same formula is in test_zero_memory.py. A reduce-scatter scaled by 2 fails the norm check.
+Every unit with frozen parameters is freed once backward has passed it (before the backward
+of the block before it), also when blocks take their input by keyword.
 """
 from __future__ import annotations
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -228,3 +231,73 @@ def test_eval_forward_and_state_dict_round_trip():
                                  if k != "blocks.1.ffn.up.weight"})
     with pytest.raises(KeyError, match=r"missing \['blocks.1.ffn.up.weight'\]"):
         again.load_state_dict(partial)
+
+
+class KeywordBlocks(nn.Module):
+    """Blocks called with their input by keyword (as some ``transformers`` layers are): a
+    frozen Linear, then a trainable LayerNorm; block 1 wholly frozen."""
+
+    block_lists = ("blocks",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 8)
+        self.blocks = nn.ModuleList(_KeywordBlock() for _ in range(3))
+        self.emb.requires_grad_(False)
+        self.blocks.requires_grad_(False)
+        for i in (0, 2):
+            self.blocks[i].norm.requires_grad_(True)
+        self.head = nn.Linear(8, 11, bias=False)
+
+    def forward(self, input_ids, labels):
+        x = self.emb(input_ids)
+        for block in self.blocks:
+            x = block(x=x)
+        loss = nn.functional.cross_entropy(self.head(x).flatten(0, 1), labels.flatten())
+        return types.SimpleNamespace(loss=loss)
+
+
+class _KeywordBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.norm = nn.Linear(8, 8), nn.LayerNorm(8)
+
+    def forward(self, x):
+        return x + self.norm(torch.tanh(self.proj(x)))
+
+
+def test_keyword_inputs_free_frozen_units_after_their_backward():
+    """One process: inputs passed by keyword go through the backward watch too, so each
+    block with frozen parameters is freed before backward reaches the block before it; the
+    run equals SingleProcess and the frozen weights are bit-identical."""
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": (ids := torch.randint(0, 11, (2, 8), generator=g)),
+                "labels": ids.roll(1, 1)} for _ in range(3)]
+    sp = SingleProcess("cpu")
+    sp.setup(KeywordBlocks(), TrainConfig(**TRAIN))
+    z = Zero3()
+    model = KeywordBlocks()
+    z.setup(model, TrainConfig(**TRAIN))
+    assert [(u.name, len(u.params), len(u.frozen.params)) for u in z.units] == [
+        ("blocks.0", 2, 2), ("blocks.1", 0, 4), ("blocks.2", 2, 2), ("<root>", 1, 1)]
+    for step, batch in enumerate(batches):
+        z.trace = [] if step == 0 else None
+        ref_loss = float(sp.forward_backward(batch, 1.0).loss)
+        torch.testing.assert_close(float(z.forward_backward(batch, 1.0).loss), ref_loss,
+                                   **LOSS_TOL)
+        if step == 0:
+            t = z.trace
+            for u in (1, 2):
+                assert t.index(("free", u), t.index(("backward", u))) < \
+                    t.index(("backward", u - 1)), (u, t)
+        torch.testing.assert_close(float(z.clip_and_step(1.0)), float(sp.clip_and_step(1.0)),
+                                   **NORM_TOL)
+    ref_w = sp.state_dict()["model"]
+    w = z.state_dict()["model"]
+    initial = KeywordBlocks().state_dict()
+    for name, tensor in ref_w.items():
+        torch.testing.assert_close(w[name], tensor.float(), **WEIGHT_TOL, msg=name)
+    for name, p in KeywordBlocks().named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(w[name], initial[name]), name
