@@ -40,6 +40,43 @@ def unit_entry(numel: int, start: int, stop: int, master, exp_avg, exp_avg_sq,
             "exp_avg_sq": _fp32_cpu(exp_avg_sq), "params": layout}
 
 
+def frozen_layout(params, offsets, names: dict[int, list[str]]) -> list[dict[str, Any]]:
+    """Per-parameter layout entries of one flat buffer of frozen parameters (no optimizer)."""
+    return [{"names": list(names[id(p)]), "shape": tuple(p.shape), "offset": int(off),
+             "numel": int(p.numel())} for p, off in zip(params, offsets)]
+
+
+def frozen_entry(numel: int, start: int, stop: int, values, layout) -> dict[str, Any]:
+    """This rank's slice of a flat buffer of frozen parameters (ZeRO-3's ``shard_frozen``)."""
+    return {"numel": int(numel), "start": int(start), "stop": int(stop),
+            "values": _fp32_cpu(values), "params": layout}
+
+
+def _frozen_params(path: str, states: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Full frozen parameters reassembled from every rank's ``frozen_units`` (if any)."""
+    first = states[0]["sharded"].get("frozen_units", [])
+    out = {}
+    for i, f in enumerate(first):
+        full = torch.zeros(f["numel"])
+        covered = torch.zeros(f["numel"], dtype=torch.bool)
+        for s in states:
+            mine = s["sharded"].get("frozen_units", [])
+            if len(mine) != len(first) or mine[i]["numel"] != f["numel"]:
+                raise ckpt.CorruptCheckpointError(f"{path!r}: rank files disagree on the "
+                                                  f"layout (frozen unit {i})")
+            full[mine[i]["start"]:mine[i]["stop"]] = mine[i]["values"].float()
+            covered[mine[i]["start"]:mine[i]["stop"]] = True
+        if not bool(covered.all()):
+            raise ckpt.CorruptCheckpointError(f"{path!r}: frozen unit {i} is not fully covered "
+                                              f"by the rank files (missing shards)")
+        for entry in f["params"]:
+            a, n = entry["offset"], entry["numel"]
+            value = full[a:a + n].view(tuple(entry["shape"])).clone()
+            for name in entry["names"]:
+                out[name] = value
+    return out
+
+
 def is_sharded_state(state: dict[str, Any]) -> bool:
     return isinstance(state.get("sharded"), dict) and \
         state["sharded"].get("format") == SHARDED_FORMAT
@@ -49,7 +86,8 @@ def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
                         ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(manifest, state in SingleProcess's format) from every rank file of a sharded checkpoint
     (a step directory, or a root: its ``latest``). Non-sharded items (scheduler, rng, data,
-    loop, frozen params and buffers, loss scaler) come from rank 0's file."""
+    loop, buffers, frozen params not sharded, loss scaler) come from rank 0's file; frozen
+    params sharded by ZeRO-3 (``frozen_units``) are reassembled from every file."""
     path = ckpt.resolve_checkpoint(path)
     manifest = ckpt.verify_checkpoint(path)          # every file present, at its committed size
     files = manifest.get("files") or [f"rank_{r:05d}.pt"
@@ -83,6 +121,7 @@ def consolidate_sharded(path: str, map_location: str | torch.device = "cpu"
                                        f"rank files (missing shards)")
         flats.append(full)
     model = dict(states[0].get("model", {}))
+    model.update(_frozen_params(path, states))
     optim_state: dict[int, dict[str, torch.Tensor]] = {}
     step = torch.tensor(float(first["step"]))
     for i, u in enumerate(first["units"]):

@@ -4,21 +4,24 @@ Rajbhandari et al. 2020, §5.3; units and flat parameters as in PyTorch FSDP (Zh
 2023). Per rank 16Ψ/N of model state plus the transient full parameters of the units gathered
 at a time; the design is in docs/zero.md.
 
-* **Units**: every module of the model's ``block_lists`` is one unit; every other trainable
-  parameter (and a tied one) belongs to the root unit. A unit's parameters live in one flat
-  buffer padded to a multiple of N; rank r keeps slice r (``param_dtype``; on the host with
-  ``offload_params``) and its fp32 master. The full buffer's storage exists only while the
-  unit is gathered; module parameters are views into it.
+* **Units**: every module of the model's ``block_lists`` is one unit; every other
+  parameter (and a tied one) belongs to the root unit. A unit's trainable parameters live in
+  one flat buffer padded to a multiple of N; rank r keeps slice r (``param_dtype``; on the
+  host with ``offload_params``) and its fp32 master. Frozen ones (``shard_frozen``) live in a
+  second such buffer with no gradient, master or optimizer state (DeepSpeed partitions every
+  parameter). Full buffers exist only while the unit is gathered; parameters view them.
 * **Forward**: a pre-hook gathers the unit and prefetches the next; a post-hook frees it
   (level 3) or keeps it until its gradients are reduced (level 2, ``block_levels``).
 * **Backward**: the unit is re-gathered (level 3) when the first gradient reaches its outputs;
   once all its gradients exist they are reduce-scattered (SUM, async, ``max_inflight`` at a
   time) into the gradient shard, in a fixed order on every rank (last block first, root last).
+  A unit with frozen parameters is freed only once backward has passed its inputs.
 * **Step**: as stages 1/2 (sharded_optimizer.py); the ``param_dtype`` slices are refreshed
   from the masters and the next forward gathers them.
 
-Observability: ``memory_report()`` adds ``unit_bytes``, ``unit_levels`` and
-``peak_gathered_bytes``; ``strategy.trace = []`` records ``(event, unit index)``.
+Observability: ``memory_report()`` adds ``unit_bytes``, ``unit_levels``,
+``peak_gathered_bytes`` and the frozen base's ``frozen_bytes``; ``strategy.trace = []``
+records ``(event, unit index)``.
 Config: ``strategy: {kind: zero, stage: 3, ...}`` (routed to ``kind: zero3``:
 :class:`Zero3Config`).
 """
@@ -32,7 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError, check_choice, check_positive
@@ -51,7 +54,8 @@ from bmray.actors.parallel.zero.memory import memory_totals
 from bmray.actors.parallel.zero.sharded_optimizer import (GradNormStats, ShardedOptimizer,
                                                           step_master_shards)
 from bmray.actors.train.config import TrainConfig
-from bmray.actors.train.sharded_state import SHARDED_FORMAT, param_layout, unit_entry
+from bmray.actors.train.sharded_state import (SHARDED_FORMAT, frozen_entry, frozen_layout,
+                                              param_layout, unit_entry)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Zero3Config(ZeroSharedConfig):
     max_inflight: int = 2                  # reduce-scatters on the wire at once
     sharded_checkpoint: bool = False       # each rank writes only its shard (sharded_state.py)
     block_levels: dict[str, int] | None = None   # unit-name glob -> ZeRO level 2 | 3 (else 3)
+    shard_frozen: bool = True              # frozen parameters sharded too (False: replicated)
 
     def __post_init__(self) -> None:
         check_choice("strategy.stage", self.stage, [3])
@@ -83,15 +88,52 @@ class Zero3Config(ZeroSharedConfig):
                                       f"of [2, 3] (2: keep gathered until backward, "
                                       f"3: free after forward)")
         check_bool("strategy.sharded_checkpoint", self.sharded_checkpoint)
+        check_bool("strategy.shard_frozen", self.shard_frozen)
         check_positive("strategy.max_inflight", self.max_inflight)
 
 
+class _FrozenFlat:
+    """A unit's frozen parameters as one flat ``param_dtype`` buffer padded to a multiple of
+    N: this rank's slice persists, the full buffer only while the unit is gathered."""
+
+    def __init__(self, params: list[nn.Parameter], world: int, rank: int) -> None:
+        self.params = params
+        self.offsets = [0, *itertools.accumulate(p.numel() for p in params)][:-1]
+        self.numel = -(-sum(p.numel() for p in params) // world) * world
+        self.bounds = C.shard_bounds(self.numel, rank, world)
+        self.full: torch.Tensor | None = None
+        self.shard: torch.Tensor | None = None
+
+    def pieces(self):
+        return zip(self.params, self.offsets)
+
+
+class _AfterBackward(torch.autograd.Function):
+    """Identity on a unit's inputs whose backward runs once the unit's own backward is done
+    (all uses of its parameters computed): then its frozen parameters may be freed. FSDP2's
+    ``RegisterPostBackwardFunction`` does the same."""
+
+    @staticmethod
+    def forward(ctx: Any, done: Any, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.done = done
+        return inputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        ctx.done()
+        return (None, *grads)
+
+
 class _Unit:
-    """One flat parameter: its module, params (decay first), offsets, shard and full buffer."""
+    """One flat parameter: its module, params (decay first), offsets, shard and full buffer;
+    its frozen parameters, if any, in a second flat buffer (``frozen``)."""
 
     def __init__(self, index: int, name: str, module: nn.Module, params: list[nn.Parameter],
-                 world: int, rank: int) -> None:
+                 world: int, rank: int, frozen: list[nn.Parameter] = ()) -> None:
         self.index, self.name, self.module = index, name, module
+        self.frozen = _FrozenFlat(list(frozen), world, rank) if frozen else None
+        self.watched = False                       # _AfterBackward on this forward's inputs
+        self.backward_done = False                 # ... and its backward has run
         self.level = 3                             # ZeRO level: 3 frees after forward, 2 keeps
         params = [p for p in params if takes_weight_decay(p)] + \
             [p for p in params if not takes_weight_decay(p)]
@@ -119,7 +161,14 @@ class _Unit:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.full.element_size()
+        return sum(full.numel() * full.element_size() for full, _ in self.flats())
+
+    def flats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(full buffer, this rank's shard) of the trainable and the frozen flat (non-empty)."""
+        out = [(self.full, self.shard)] if self.numel else []
+        if self.frozen is not None:
+            out.append((self.frozen.full, self.frozen.shard))
+        return out
 
     def pieces(self):
         """(param, flat offset) of every parameter."""
@@ -173,7 +222,7 @@ class Zero3(GradNormStats, DataParallel):
             if not hit:
                 names = ", ".join(u.name for u in blocks) or "none"
                 raise ConfigError(f"strategy.block_levels: {pattern!r} matches no unit; the "
-                                  f"units are {names} (blocks without trainable parameters "
+                                  f"units are {names} (blocks without parameters to shard "
                                   f"have none; the root is always held)")
             for u in hit:
                 u.level = level
@@ -189,11 +238,12 @@ class Zero3(GradNormStats, DataParallel):
         for name, p in module.named_parameters(remove_duplicate=False):
             self._names.setdefault(id(p), []).append(name)
         self._template = build_adamw(module, cfg, self.params)
-        # unit of every trainable parameter: the one block whose names hold all its uses
+        # unit of every parameter it shards: the one block whose names hold all its uses
         blocks = self._block_modules()
+        shard_frozen = self.config.shard_frozen
         owner: dict[int, int] = {}
         for id_, names in self._names.items():
-            if id_ not in trainable:
+            if id_ not in trainable and not shard_frozen:
                 continue
             homes = {next((b for b, (bn, _) in enumerate(blocks)
                            if n.startswith(bn + ".")), -1) for n in names}
@@ -201,14 +251,17 @@ class Zero3(GradNormStats, DataParallel):
         masters_full = {id(p): p.detach().float().reshape(-1).clone() for p in self.params}
         module.to(self.dtype)                   # in place: identities and ties kept
         units: list[_Unit] = []
+        sharded_frozen = self.frozen if shard_frozen else []
         for b, (bname, bmod) in enumerate(blocks):
             ps = [p for p in self.params if owner[id(p)] == b]
-            if ps:
-                units.append(_Unit(len(units), bname, bmod, ps, self.world_size, self.rank))
+            fs = [p for p in sharded_frozen if owner[id(p)] == b]
+            if ps or fs:
+                units.append(_Unit(len(units), bname, bmod, ps, self.world_size, self.rank, fs))
         root_ps = [p for p in self.params if owner[id(p)] == -1]
+        root_fs = [p for p in sharded_frozen if owner[id(p)] == -1]
         self.blocks = units
-        self.root = (_Unit(len(units), "<root>", module, root_ps, self.world_size, self.rank)
-                     if root_ps else None)
+        self.root = (_Unit(len(units), "<root>", module, root_ps, self.world_size, self.rank,
+                           root_fs) if root_ps or root_fs else None)
         self._assign_levels(units)
         if self.root is not None:
             self.root.level = 2                 # gathered for the whole forward + backward
@@ -234,6 +287,8 @@ class Zero3(GradNormStats, DataParallel):
             u.full = torch.empty(u.numel, dtype=self.dtype, device=self.device)
             for p, off in u.pieces():
                 p.data = u.full[off:off + p.numel()].view_as(p)
+            if u.frozen is not None:
+                self._shard_frozen(u.frozen, shard_device, pin)
             self._free(u)
             for lo, hi, d in u.segments:
                 self.masters.append(nn.Parameter(u.shard[lo:hi]) if self.aliased else
@@ -242,6 +297,7 @@ class Zero3(GradNormStats, DataParallel):
                 self.decay.append(d)
                 self._seg.append((u, lo, hi))
         self._unit_of = {id(p): u for u in self.units for p in u.params}
+        self.replicated_frozen = [p for p in self.frozen if not shard_frozen]
         self.optimizer = ShardedOptimizer(self.masters, self.decay, self.cfg, self.config,
                                           self.rank)
         if self.dtype == torch.float16:
@@ -249,7 +305,7 @@ class Zero3(GradNormStats, DataParallel):
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
                        for p in self.params]
         for u in self.blocks:
-            u.module.register_forward_pre_hook(self._make_pre_forward(u))
+            u.module.register_forward_pre_hook(self._make_pre_forward(u), with_kwargs=True)
             u.module.register_forward_hook(self._make_post_forward(u))
         module.register_forward_pre_hook(self._root_pre_forward)
         module.register_forward_hook(self._root_post_forward)
@@ -257,20 +313,35 @@ class Zero3(GradNormStats, DataParallel):
         self._open_transport(
             capacity_bytes=max((u.nbytes for u in self.units), default=1 << 20))
 
+    def _shard_frozen(self, f: _FrozenFlat, shard_device: Any, pin: bool) -> None:
+        """Move ``f``'s parameters into its flat buffer; keep this rank's slice."""
+        flat = torch.zeros(f.numel, dtype=self.dtype, device=self.device)
+        for p, off in f.pieces():
+            flat[off:off + p.numel()] = p.detach().reshape(-1)
+        f.shard = flat[f.bounds.start:f.bounds.stop].to(shard_device, copy=True)
+        if pin:
+            f.shard = f.shard.pin_memory()
+        f.full = torch.empty(f.numel, dtype=self.dtype, device=self.device)
+        for p, off in f.pieces():
+            p.data = f.full[off:off + p.numel()].view_as(p)
+
     # ------------------------------------------------------------ gather / free
     def _alloc(self, u: _Unit) -> None:
-        storage = u.full.untyped_storage()
-        if storage.nbytes() == 0:
-            storage.resize_(u.nbytes)
-            self.gathered_bytes += u.nbytes
-            self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
+        for full, _ in u.flats():
+            storage = full.untyped_storage()
+            nbytes = full.numel() * full.element_size()
+            if storage.nbytes() == 0 and nbytes:
+                storage.resize_(nbytes)
+                self.gathered_bytes += nbytes
+        self.peak_gathered_bytes = max(self.peak_gathered_bytes, self.gathered_bytes)
 
     def _free(self, u: _Unit) -> None:
-        storage = u.full.untyped_storage()
-        if storage.nbytes():
-            if self.gathered_bytes:
-                self.gathered_bytes -= storage.nbytes()
-            storage.resize_(0)
+        for full, _ in u.flats():
+            storage = full.untyped_storage()
+            if storage.nbytes():
+                if self.gathered_bytes:
+                    self.gathered_bytes -= storage.nbytes()
+                storage.resize_(0)
         u.gathered = False
         self._event("free", u)
 
@@ -280,20 +351,21 @@ class Zero3(GradNormStats, DataParallel):
             return
         self._alloc(u)
         self._event("gather", u)
-        shard = u.shard.to(self.device, non_blocking=True)
-        out = u.full.detach()
-        if self.world_size == 1:
-            out.copy_(shard)
-            u.pending = True
-            return
-        u.pending = self._all_gather(shard, u.numel, out=out)   # straight into the buffer
+        u.pending = []
+        for full, shard in u.flats():
+            shard = shard.to(self.device, non_blocking=True)
+            out = full.detach()
+            if self.world_size == 1:
+                out.copy_(shard)
+            else:           # straight into the buffer
+                u.pending.append(self._all_gather(shard, out.numel(), out=out))
 
     def _wait_gather(self, u: _Unit) -> None:
         if u.gathered:
             return
         self._start_gather(u)
-        if u.pending is not True:
-            u.pending.wait()
+        for handle in u.pending:
+            handle.wait()
         u.pending = None
         u.gathered = True
         self._event("ready", u)
@@ -318,13 +390,43 @@ class Zero3(GradNormStats, DataParallel):
                 self._free(self.root)
 
     def _make_pre_forward(self, u: _Unit):
-        def hook(module: nn.Module, args: Any) -> None:
+        def hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
             self._wait_gather(u)
             nxt = self._next(u, 1)
             recompute = torch._C._current_graph_task_id() != -1     # checkpointed block
             if self.config.prefetch and nxt is not None and not recompute:
                 self._start_gather(nxt)
+            if u.frozen is not None and torch.is_grad_enabled() and not recompute:
+                return self._watch_backward(u, args, kwargs)
+            return None
         return hook
+
+    def _watch_backward(self, u: _Unit, args: Any, kwargs: Any) -> Any:
+        """Route ``u``'s inputs that need a gradient through :class:`_AfterBackward`, so that
+        ``u`` (whose frozen parameters backward still needs after its gradients are ready) is
+        freed when backward has passed it. Inputs without gradients: freed at the end."""
+        flat, spec = tree_flatten((args, kwargs))
+        at = [i for i, t in enumerate(flat) if torch.is_tensor(t) and t.requires_grad]
+        u.watched = bool(at)
+        if not at:
+            return None
+        outs = _AfterBackward.apply(lambda: self._backward_done(u), *(flat[i] for i in at))
+        for i, t in zip(at, outs):
+            flat[i] = t
+        return tree_unflatten(flat, spec)
+
+    def _backward_done(self, u: _Unit) -> None:
+        u.backward_done = True
+        self._release(u)
+
+    def _release(self, u: _Unit) -> None:
+        """Free a block unit in backward once its gradients are reduced and, if it has frozen
+        parameters, backward has passed its inputs (the root is freed at the end)."""
+        if u is self.root or not u.reduced:
+            return
+        if u.frozen is not None and not u.backward_done:
+            return
+        self._free(u)
 
     def _make_post_forward(self, u: _Unit):
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -352,10 +454,14 @@ class Zero3(GradNormStats, DataParallel):
             self._event("backward", u)
             self._wait_gather(u)
             prev = self._next(u, -1)
-            if self.config.prefetch and prev is not None and not prev.reduced:
+            if self.config.prefetch and prev is not None and not self._released(prev):
                 self._start_gather(prev)
             return None
         return hook
+
+    @staticmethod
+    def _released(u: _Unit) -> bool:
+        return u.reduced and (u.frozen is None or u.backward_done or not u.watched)
 
     def _grad_ready(self, p: torch.Tensor) -> None:
         u = self._unit_of[id(p)]
@@ -376,6 +482,10 @@ class Zero3(GradNormStats, DataParallel):
     @torch.no_grad()
     def _reduce(self, u: _Unit) -> None:
         """Flatten ``u``'s gradients, reduce-scatter them (async), free the unit."""
+        if not u.params:                    # frozen only: nothing to reduce
+            u.reduced = True
+            self._release(u)
+            return
         flat = torch.zeros(u.numel, dtype=self.dtype, device=self.device)
         for p, off in u.pieces():
             if p.grad is not None:
@@ -385,8 +495,7 @@ class Zero3(GradNormStats, DataParallel):
         self._event("reduce", u)
         u.pending_grad = (self._reduce_scatter_into(flat, u.grad_shard)
                           if self.world_size > 1 else flat)
-        if u is not self.root:
-            self._free(u)
+        self._release(u)
         self._inflight.append(u)
         while len(self._inflight) > self.config.max_inflight:
             self._retire(self._inflight.pop(0))
@@ -416,6 +525,7 @@ class Zero3(GradNormStats, DataParallel):
             self._free(self.root)
         for u in self.units:
             u.missing, u.reduced, u.backward_gathered = len(u.params), False, False
+            u.watched = u.backward_done = False
         self._launched = 0
 
     # ------------------------------------------------------------ loop API
@@ -464,6 +574,28 @@ class Zero3(GradNormStats, DataParallel):
             if self.world_size > 1 else shard
         return full.cpu()
 
+    def _frozen_names(self) -> set[str]:
+        """Every name of a sharded frozen parameter."""
+        return {n for u in self.units if u.frozen is not None
+                for p in u.frozen.params for n in self._names[id(p)]}
+
+    def _frozen_values(self) -> dict[str, torch.Tensor]:
+        """The sharded frozen parameters in full, fp32 on the CPU (a collective)."""
+        out = {}
+        for u in self.units:
+            f = u.frozen
+            if f is None:
+                continue
+            shard = f.shard.to(self.device, torch.float32)
+            full = C.all_gather(shard, numel=f.numel, group=self.group) \
+                if self.world_size > 1 else shard
+            full = full.cpu()
+            for p, off in f.pieces():
+                value = full[off:off + p.numel()].view(p.shape).clone()
+                for n in self._names[id(p)]:
+                    out[n] = value
+        return out
+
     def sharded_state_dict(self) -> dict[str, Any]:
         """This rank's shard only (no collective): see actors/train/sharded_state.py."""
         self._drain_gathers()
@@ -483,10 +615,14 @@ class Zero3(GradNormStats, DataParallel):
             layout = param_layout(u.params, u.offsets, self._names, opt_index)
             units.append(unit_entry(u.numel, u.bounds.start, u.bounds.stop, shard["w"],
                                     shard["m"], shard["v"], layout))
+        frozen = [frozen_entry(f.numel, f.bounds.start, f.bounds.stop, f.shard,
+                               frozen_layout(f.params, f.offsets, self._names))
+                  for f in (u.frozen for u in self.units) if f is not None]
         sharded_names = {n for p in self.params for n in self._names[id(p)]}
-        model = non_sharded_model(self.module, sharded_names)
+        model = non_sharded_model(self.module, sharded_names | self._frozen_names())
         sharded = {"format": SHARDED_FORMAT, "stage": 3, "world_size": self.world_size,
                    "shard_rank": self.rank, "shards": self.world_size, "units": units,
+                   "frozen_units": frozen,
                    "step": int(inner.step_count),
                    "optim_template": optimizer_template(self._template, self.optimizer),
                    "scaler": self.scaler.state_dict() if self.scaler is not None else None}
@@ -508,10 +644,13 @@ class Zero3(GradNormStats, DataParallel):
                 per_param[id(p)] = {k: t[off:off + p.numel()].view(p.shape).clone()
                                     for k, t in full.items()}
         sharded = {n: id(p) for p in self.params for n in self._names[id(p)]}
+        frozen = self._frozen_values()
         model = {}
         for k, v in self.module.state_dict(keep_vars=True).items():
             if k in sharded:
                 model[k] = per_param[sharded[k]]["w"]
+            elif k in frozen:
+                model[k] = frozen[k]
             else:
                 v = v.detach()
                 model[k] = v.float().clone() if v.is_floating_point() else v.clone()
@@ -524,12 +663,13 @@ class Zero3(GradNormStats, DataParallel):
         """Load a consolidated (SingleProcess-format) state; keep this rank's slices."""
         self._drain_gathers()
         model = state["model"]
-        sharded = {n for p in self.params for n in self._names[id(p)]}
+        sharded = {n for p in self.params for n in self._names[id(p)]} | self._frozen_names()
         rest = {k: v for k, v in model.items() if k not in sharded}
         missing, unexpected = self.module.load_state_dict(rest, strict=False)
-        if unexpected or set(missing) - sharded:
+        missing = set(missing) - sharded | {n for n in sharded if n not in model}
+        if unexpected or missing:
             raise KeyError(f"Zero3.load_state_dict: unexpected {unexpected}, "
-                           f"missing {sorted(set(missing) - sharded)}")
+                           f"missing {sorted(missing)}")
         pstate = param_states(state.get("optimizer"), self._template_params())
         step = None
         flats = {}
@@ -554,12 +694,23 @@ class Zero3(GradNormStats, DataParallel):
         for m, t in zip(self.masters, seg(0)):
             m.data.copy_(t)
         self._refresh_shards()
+        for u in self.units:
+            f = u.frozen
+            if f is not None:
+                full = torch.zeros(f.numel)
+                for p, off in f.pieces():
+                    full[off:off + p.numel()] = model[self._names[id(p)][0]].reshape(-1).float()
+                f.shard.copy_(full[f.bounds.start:f.bounds.stop])
         load_lr_and_scaler(self.optimizer, self.scaler, state)
 
     # ------------------------------------------------------------ memory
     def memory_report(self) -> dict[str, Any]:
         """Persistent model-state bytes of this rank, by kind and location (stage12.py's keys),
-        plus ``peak_gathered_bytes`` (transient full parameters; not in the totals)."""
+        plus ``peak_gathered_bytes`` (transient full parameters; not in the totals) and the
+        frozen base: ``frozen_param_bytes`` (all of it), ``frozen_bytes`` (what this rank
+        keeps: its shards, or every frozen parameter without ``shard_frozen``; not in the
+        totals, as stages 0-2 count no frozen bytes either), ``frozen_by_location`` and
+        ``frozen_saved_bytes`` (the difference)."""
         param = sum(u.shard.numel() * u.shard.element_size() for u in self.units)
         grad = sum(u.grad_shard.numel() * u.grad_shard.element_size() for u in self.units)
         inner = self.optimizer.inner.memory_report()
@@ -571,9 +722,17 @@ class Zero3(GradNormStats, DataParallel):
                        "grad": {"device": grad, "host": 0, "disk": 0},
                        "optimizer": optim}
         by_location["param"][param_at] = param
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        frozen_all = sum(nbytes(p) for p in self.frozen)
+        frozen_by_location = {"device": sum(nbytes(p) for p in self.replicated_frozen),
+                              "host": 0, "disk": 0}
+        frozen_by_location[param_at] += sum(nbytes(u.frozen.shard) for u in self.units
+                                            if u.frozen is not None)
+        frozen = sum(frozen_by_location.values())
         return memory_totals(
             param, grad, optim, by_location,
-            frozen_param_bytes=sum(p.numel() * p.element_size() for p in self.frozen),
+            frozen_param_bytes=frozen_all, frozen_bytes=frozen,
+            frozen_saved_bytes=frozen_all - frozen, frozen_by_location=frozen_by_location,
             trainable_params=sum(p.numel() for p in self.params),
             num_units=len(self.units), stage=3, shards=self.world_size,
             master_aliased=self.aliased,

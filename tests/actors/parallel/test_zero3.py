@@ -100,12 +100,11 @@ def _fit(group, rank, pack, cfg, variants, fault=None):
     outs = {}
     for variant in variants:        # names of VARIANTS
         trainer = make_trainer(pack, cfg, Zero3(group=group, **VARIANTS[variant]), rank, world)
-        pos = trainer.strategy.module.embed.pos.weight.detach().clone()
         with scaled_reduction(fault) if fault else contextlib.nullcontext():
             result = trainer.fit()
         outs[variant] = {"losses": result.losses, "grad_norms": result.grad_norms,
                          "weights": consolidated(trainer),
-                         "initial_pos": pos, "memory": trainer.strategy.memory_report(),
+                         "memory": trainer.strategy.memory_report(),
                          "shm": trainer.strategy.uses_shared_memory}
     # one bf16 step for the memory formula
     mcfg = TrainConfig(max_steps=1, lr=1e-3, warmup_steps=0, device="cpu", echo=False)
@@ -178,10 +177,11 @@ def test_same_losses_norms_weights_and_memory(pack, gang, workers, cfg):
             o = out[variant]
             assert sorted(o["losses"]) == steps
             assert_matches(o, ref, ref_result, steps, what=variant)
-            torch.testing.assert_close(o["weights"]["embed.pos.weight"], o["initial_pos"],
-                                       rtol=0, atol=0)      # frozen: unchanged
+            # frozen (and sharded: the root's frozen flat): unchanged, as in SingleProcess
+            assert torch.equal(o["weights"]["embed.pos.weight"], module.embed.pos.weight)
             mem = o["memory"]
             assert mem["trainable_params"] == psi and mem["frozen_param_bytes"] == 32 * 32 * 4
+            assert mem["frozen_bytes"] == 32 * 32 * 4 // workers
             where = "host" if variant == "offload_params" else "device"
             assert mem["by_location"]["param"][where] == mem["param_bytes"] > 0
             where = "host" if variant == "offload_optimizer" else "device"
@@ -334,20 +334,28 @@ def test_any_module_ties_frozen_and_activation_checkpointing(pack, case):
         return model
 
     ref_losses, ref_norms, ref_w = _steps(SingleProcess("cpu"), make(), batches)
-    z = Zero3()
-    losses, norms, w = _steps(z, make(), batches)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), **NORM_TOL)
-    for name, tensor in ref_w.items():
-        torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
-    if case == "toy":
-        # layer 3 is frozen (no unit); the weight tied between layers 0 and 2 is the root's
-        assert [u.name for u in z.units] == ["layers.0", "layers.1", "layers.2", "<root>"]
+    for shard_frozen in (True, False):
+        z = Zero3(shard_frozen=shard_frozen)
+        losses, norms, w = _steps(z, make(), batches)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **LOSS_TOL)
+        torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), **NORM_TOL)
+        for name, tensor in ref_w.items():
+            torch.testing.assert_close(w[name], tensor, **WEIGHT_TOL, msg=name)
+        if case != "toy":
+            continue
+        # layer 3 is frozen: a unit of frozen parameters only when they are sharded, else
+        # none; the weight tied between layers 0 and 2 is the root's
+        frozen_unit = ["layers.3"] if shard_frozen else []
+        assert [u.name for u in z.units] == ["layers.0", "layers.1", "layers.2",
+                                             *frozen_unit, "<root>"]
         assert z._unit_of[id(z.module.layers[0][0].weight)] is z.root
         assert torch.equal(w["layers.0.0.weight"], w["layers.2.0.weight"])
-        torch.testing.assert_close(w["layers.1.0.bias"], Toy().layers[1][0].bias.detach())
+        toy = Toy()
+        for name, p in toy.named_parameters():      # frozen: bit-identical
+            if not p.requires_grad:
+                assert torch.equal(w[name], p.detach()), name
         assert z.memory_report()["trainable_params"] == sum(
-            p.numel() for p in Toy().parameters() if p.requires_grad)
+            p.numel() for p in toy.parameters() if p.requires_grad)
 
 
 def test_wraps_transformers_bert_from_outside(gang):
@@ -410,9 +418,10 @@ def _levels(group, rank, batches, levels, ac_blocks):
     apply_activation_checkpointing(model, ac_blocks)
     z = Zero3(block_levels=levels, group=group)
     z.setup(model, TrainConfig(lr=3e-3, eps=EPS, warmup_steps=0, device="cpu", echo=False))
-    held = []                       # bytes of each block's full buffer right after its forward
-    hooks = [b.register_forward_hook(lambda m, a, o: held.append(
-        m.ffn.up.weight.untyped_storage().nbytes())) for b in model.blocks]
+    held = []       # bytes of each block's full buffers (trainable, frozen) after its forward
+    hooks = [b.register_forward_hook(lambda m, a, o: held.append(sum(
+        {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+         for p in m.parameters()}.values()))) for b in model.blocks]
     z.trace = []
     losses, norms = [], []
     for step, batch in enumerate(batches):

@@ -92,6 +92,15 @@ def test_zero3_sharded_resumes_at_zero1_one_process_and_a_damaged_shard_is_named
     path = on(gang, 2, _save, pack, str(tmp_path / "ck3"), "zero3")[0]["path"]
     _, states = _rank_states(path)
     assert len(states) == 2 and all(is_sharded_state(s) for s in states)
+    # the frozen positional embedding is sharded too (shard_frozen): half of it in each file
+    for st in states:
+        assert "embed.pos.weight" not in st["model"]
+        [frozen] = st["sharded"]["frozen_units"]
+        assert frozen["values"].numel() == 32 * 32 // 2
+        assert [e["names"] for e in frozen["params"]] == [["embed.pos.weight"]]
+    _, full = consolidate_sharded(path)
+    assert torch.equal(full["model"]["embed.pos.weight"],
+                       reference(pack)[0].strategy.module.embed.pos.weight)   # unchanged
     trainer = make_trainer(pack, CFG, Zero(stage=1, **ZCFG))
     trainer.restore(path)
     result = trainer.fit()
