@@ -165,6 +165,19 @@ class PromptModel(nn.Module):
         return F.cross_entropy(scores.float(), self.targets(examples).to(scores.device))
 
     @torch.no_grad()
+    def calibrate(self, support: Sequence[Example]) -> Tensor:
+        """KPT's contextualised calibration: the verbalizer's prior over label words is
+        estimated on ``support`` (unlabelled inputs; their labels are not read)."""
+        return self.verbalizer.calibrate(self.word_log_probs(support))
+
+    @torch.no_grad()
+    def label_word_vectors(self) -> Tensor:
+        """[W, D] mean input embedding of each label word's pieces: q(v) for KPT's relevance."""
+        table = self.embedding.weight
+        return torch.stack([table[torch.tensor(p, device=table.device)].float().mean(0)
+                            for p in self.word_pieces])
+
+    @torch.no_grad()
     def predict(self, examples: Sequence[Example]) -> list[str]:
         return [self.verbalizer.labels[i] for i in self(examples).argmax(-1).tolist()]
 

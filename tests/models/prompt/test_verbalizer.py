@@ -161,3 +161,19 @@ def test_bad_templates_fail_before_compute():
     pm = PromptForMaskedLM(model("bert"), TEMPLATE, ManualVerbalizer(WORDS), tok)
     with pytest.raises(VerbalizerError, match="'maybe' is not one of"):
         pm.loss([Example("x", label="maybe")])
+
+
+def test_kpt_calibrated_support_probabilities_average_to_one():
+    """After calibration on a support set, mean_x p(w|x) / P~(w) = 1 for every word there."""
+    tok, bert = tokenizer("bert"), model("bert").eval()
+    verb = KnowledgeableVerbalizer({"pos": ["great", "good", "zebra"], "neg": ["awful", "bad"]})
+    pm = PromptForMaskedLM(bert, TEMPLATE, verb, tok)
+    support = [Example("the film was good"), Example("a bad and dull story"), Example("fine work")]
+    pm.calibrate(support)
+    with torch.no_grad():
+        calibrated = pm.word_log_probs(support) - verb.log_prior
+    assert torch.allclose(calibrated.exp().mean(0), torch.ones(5), atol=1e-4)
+    q = pm.label_word_vectors()
+    assert torch.allclose(q[2], bert.embed.tok.weight[tok.encode(" zebra")].mean(0))
+    dropped = verb.refine(q, threshold=1.0)
+    assert set(dropped) <= {"good", "zebra", "bad"}            # anchors stay
