@@ -10,11 +10,13 @@ PromptForSeq2SeqLM (T5): the mask is the first sentinel; the decoder scores
 
 Soft template tokens are rows of ``soft.weight``, written over the word-embedding output at
 their positions by a forward hook that lives only for the call (the base model is not edited).
-``freeze_base`` turns off the base's gradients. Docs: docs/prompt_learning.md.
+``freeze_base`` turns off the base's gradients. The LM and T5 models also generate from a
+filled template (``generate``). Docs: docs/prompt_learning.md.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bmray.models.data.classification import Example
+from bmray.models.generation import GenerationConfig, generate
 from bmray.models.prompt.template import EncodedPrompt, Template, TemplateError
 from bmray.models.prompt.tokenization import PromptTokenizer, wrap
 from bmray.models.prompt.verbalizer import ManualVerbalizer, SoftVerbalizer, VerbalizerError
@@ -76,17 +79,22 @@ class SoftTokens(nn.Module):
         self.weight = nn.Parameter(torch.stack(rows) if rows else torch.zeros(0, table.size(1)))
 
     @contextlib.contextmanager
-    def inject(self, embedding: nn.Embedding, input_ids: Tensor, rows: Tensor, cols: Tensor,
-               soft_ids: Tensor) -> Iterator[None]:
-        """While open, a call of ``embedding`` on exactly ``input_ids`` gets ``weight[soft_ids]``
-        written at ``(rows, cols)``; other calls (a T5 decoder's) are untouched."""
-        if rows.numel() == 0:
+    def inject(self, embedding: nn.Embedding, match: Callable[[Tensor], bool], cols: Tensor,
+               soft_ids: Tensor, rows: Tensor | None = None) -> Iterator[None]:
+        """While open, a call of ``embedding`` on ids for which ``match(ids)`` holds gets
+        ``weight[soft_ids]`` written at ``(rows, cols)`` (``rows`` None: at ``cols`` of every
+        row); other calls (a T5 decoder's, a cached generation step's) are untouched."""
+        if cols.numel() == 0:
             yield
             return
 
         def hook(module, inputs, output):
-            if inputs[0] is not input_ids:
+            if not match(inputs[0]):
                 return output
+            if rows is None:
+                n = output.size(0)
+                r = torch.arange(n, device=output.device).repeat_interleave(len(cols))
+                return output.index_put((r, cols.repeat(n)), self.weight[soft_ids.repeat(n)].to(output.dtype))
             return output.index_put((rows, cols), self.weight[soft_ids].to(output.dtype))
 
         handle = embedding.register_forward_hook(hook)
@@ -133,7 +141,7 @@ class PromptModel(nn.Module):
     def run(self, forward: Callable[..., Any], input_ids: Tensor, soft_rows: Tensor,
             soft_cols: Tensor, soft_ids: Tensor, **kwargs) -> Any:
         """``forward(input_ids=..., **kwargs)`` with the soft tokens written in."""
-        with self.soft.inject(self.embedding, input_ids, soft_rows, soft_cols, soft_ids):
+        with self.soft.inject(self.embedding, lambda ids: ids is input_ids, soft_cols, soft_ids, soft_rows):
             return forward(input_ids=input_ids, **kwargs)
 
     @staticmethod
@@ -180,6 +188,11 @@ class PromptModel(nn.Module):
     @torch.no_grad()
     def predict(self, examples: Sequence[Example]) -> list[str]:
         return [self.verbalizer.labels[i] for i in self(examples).argmax(-1).tolist()]
+
+    def generation_config(self, max_new_tokens: int = 16) -> GenerationConfig:
+        """Greedy, stopping at the tokenizer's eos."""
+        return GenerationConfig(max_new_tokens=max_new_tokens, eos_id=self.tok.eos_id,
+                                pad_id=self.tok.pad_id)
 
     @property
     def device(self) -> torch.device:
@@ -267,6 +280,20 @@ class PromptForCausalLM(PromptModel):
         return _teacher_forced(logp, starts, self.word_pieces, len(examples))
 
 
+    @torch.no_grad()
+    def generate(self, example: Example, config: GenerationConfig | None = None) -> str:
+        """Fill the template with ``example`` and continue it from the mask (greedy by
+        default, up to eos); returns the new text."""
+        e = self.encode([example])[0]
+        prompt = torch.tensor([e.input_ids[:e.mask_positions[0]]], device=self.device)
+        n = prompt.size(1)
+        with self.soft.inject(self.embedding, lambda ids: ids.dim() == 2 and ids.size(1) >= n,
+                              torch.tensor(e.soft_positions, device=self.device),
+                              torch.tensor(e.soft_ids, device=self.device)):
+            out = generate(self.base, prompt, config or self.generation_config())
+        return self.tok.decode(_until(out[0, n:].tolist(), self.tok.eos_id))
+
+
 class PromptForSeq2SeqLM(PromptModel):
     """``model(input_ids=, attention_mask=, decoder_input_ids=)`` -> decoder logits (our T5).
     The decoder starts with ``decoder_start_id`` (default: ``model.config.bos_id``, what our T5
@@ -301,6 +328,28 @@ class PromptForSeq2SeqLM(PromptModel):
                        decoder_input_ids=dec_ids.to(dev))
         logp = F.log_softmax(logits_of(out).float(), dim=-1)
         return _teacher_forced(logp, [1] * len(dec), self.word_pieces, len(examples))
+
+
+    @torch.no_grad()
+    def generate(self, example: Example, config: GenerationConfig | None = None) -> str:
+        """Fill the template with ``example`` and let the decoder write the masked span
+        (``<extra_id_0> span ...``: the leading sentinel is dropped, eos ends it)."""
+        e = self.encode([example])[0]
+        ids = torch.tensor([e.input_ids], device=self.device)
+        config = config or self.generation_config()
+        if config.decoder_start_id is None:
+            config = dataclasses.replace(config, decoder_start_id=self.decoder_start_id)
+        with self.soft.inject(self.embedding, lambda x: x is ids,
+                              torch.tensor(e.soft_positions, device=self.device),
+                              torch.tensor(e.soft_ids, device=self.device)):
+            out = generate(self.base, ids, config)[0, 1:].tolist()
+        if out and out[0] == self.tok.mask_id:
+            out = out[1:]
+        return self.tok.decode(_until(out, self.tok.eos_id))
+
+
+def _until(ids: list[int], stop: int | None) -> list[int]:
+    return ids[:ids.index(stop)] if stop is not None and stop in ids else ids
 
 
 def _teacher_forced(logp: Tensor, starts: Sequence[int], word_pieces: Sequence[Sequence[int]],

