@@ -228,8 +228,8 @@ class PromptForMaskedLM(PromptModel):
         return ids.to(dev), attn.to(dev), masks.to(dev), rows, cols, sids
 
     def word_log_probs(self, examples: Sequence[Example]) -> Tensor:
-        out = None
-        for k in sorted({len(p) for p in self.word_pieces}):
+        out = None                                      # [B, W], made on the logits' device
+        for k in sorted({len(p) for p in self.word_pieces}):   # one pass per piece count
             ids, attn, masks, rows, cols, sids = self._batch(examples, k)
             logits = logits_of(self.run(self.base, ids, rows, cols, sids, attention_mask=attn))
             at_mask = logits.gather(1, masks[..., None].expand(-1, -1, logits.size(-1)))   # [B, k, V]

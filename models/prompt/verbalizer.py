@@ -14,6 +14,7 @@ mask's hidden state. Formulas and choices: docs/prompt_learning.md.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
@@ -92,6 +93,15 @@ class KnowledgeableVerbalizer(ManualVerbalizer):
         self.register_buffer("log_prior", torch.zeros(len(self.words)), persistent=False)
         self.register_buffer("keep", torch.ones(len(self.words), dtype=torch.bool), persistent=False)
         self.anchor = tuple(self.word_class.index(c) for c in range(len(self.labels)))
+
+    @classmethod
+    def from_file(cls, path: str | Path, labels: Sequence[str]) -> "KnowledgeableVerbalizer":
+        """KPT's word-list format: line i holds class ``labels[i]``'s words, comma-separated,
+        the anchor first; blank lines are skipped."""
+        lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if len(lines) != len(labels):
+            raise VerbalizerError(f"{path}: {len(lines)} word lines for {len(labels)} labels {list(labels)}")
+        return cls({lab: [w for w in ln.split(",") if w.strip()] for lab, ln in zip(labels, lines)})
 
     def calibrate(self, support_word_logp: Tensor) -> Tensor:
         """Set ``log P~(w) = log mean_x p(w | x)`` over unlabelled support inputs [N, W]; returns it.

@@ -177,3 +177,12 @@ def test_kpt_calibrated_support_probabilities_average_to_one():
     assert torch.allclose(q[2], bert.embed.tok.weight[tok.encode(" zebra")].mean(0))
     dropped = verb.refine(q, threshold=1.0)
     assert set(dropped) <= {"good", "zebra", "bad"}            # anchors stay
+
+
+def test_kpt_word_file(tmp_path):
+    path = tmp_path / "words.txt"
+    path.write_text("sports, game,team\n\npolitics,election\n")
+    v = KnowledgeableVerbalizer.from_file(path, ["Sports", "World"])
+    assert v.words == ("sports", "game", "team", "politics", "election") and v.anchor == (0, 3)
+    with pytest.raises(VerbalizerError, match="2 word lines for 3 labels"):
+        KnowledgeableVerbalizer.from_file(path, ["a", "b", "c"])
