@@ -44,6 +44,19 @@ def input_embedding(model: nn.Module) -> nn.Embedding:
     raise TemplateError(f"cannot find the word embedding of a {type(model).__name__}; pass embedding=")
 
 
+def checked_max_length(model: nn.Module, max_length: int | None) -> int:
+    """``max_length``, or the model's position limit when None (512 if it states none); a
+    length beyond the limit is an error, not an index error deep in the embedding."""
+    cfg = getattr(model, "config", None)
+    limit = getattr(cfg, "max_seq_len", None) or getattr(cfg, "max_position_embeddings", None)
+    if max_length is None:
+        return int(limit or 512)
+    if max_length < 1 or (limit is not None and max_length > limit):
+        raise TemplateError(f"max_length={max_length} is outside 1..{limit or 'inf'} (the "
+                            f"{type(model).__name__}'s position limit)")
+    return max_length
+
+
 def logits_of(out: Any) -> Tensor:
     """Vocabulary logits from a model output: a tensor or anything with ``.logits``."""
     return out if isinstance(out, Tensor) else out.logits
@@ -108,16 +121,17 @@ class PromptModel(nn.Module):
     """What the three kinds share: encoding, soft tokens, labels, loss, prediction."""
 
     def __init__(self, model: nn.Module, template: Template | str, verbalizer: nn.Module,
-                 tokenizer: Any, max_length: int = 128, freeze_base: bool = True,
+                 tokenizer: Any, max_length: int | None = None, freeze_base: bool = True,
                  embedding: nn.Embedding | None = None):
         super().__init__()
         self.template = template if isinstance(template, Template) else Template(template)
         self.tok = wrap(tokenizer)
         self.verbalizer = verbalizer
-        self.max_length = max_length
+        self.max_length = checked_max_length(model, max_length)
         self.check()                                    # bad input fails before any compute
         self.base = model
-        self.embedding = embedding if embedding is not None else input_embedding(model)
+        # part of the base, so not registered again here (no duplicate in state_dict)
+        self.__dict__["embedding"] = embedding if embedding is not None else input_embedding(model)
         self.soft = SoftTokens(self.template, self.embedding, self.tok)
         if freeze_base:
             for p in model.parameters():
@@ -205,7 +219,7 @@ class PromptForMaskedLM(PromptModel):
     ``model.encode``, what our BERT has)."""
 
     def __init__(self, model: nn.Module, template: Template | str, verbalizer: nn.Module,
-                 tokenizer: Any, max_length: int = 128, freeze_base: bool = True,
+                 tokenizer: Any, max_length: int | None = None, freeze_base: bool = True,
                  embedding: nn.Embedding | None = None, hidden_fn: Callable[..., Tensor] | None = None):
         super().__init__(model, template, verbalizer, tokenizer, max_length, freeze_base, embedding)
         self.hidden_fn = hidden_fn or getattr(model, "encode", None)
@@ -300,7 +314,7 @@ class PromptForSeq2SeqLM(PromptModel):
     trains with; a `transformers` T5 uses ``decoder_start_token_id``)."""
 
     def __init__(self, model: nn.Module, template: Template | str, verbalizer: nn.Module,
-                 tokenizer: Any, max_length: int = 128, freeze_base: bool = True,
+                 tokenizer: Any, max_length: int | None = None, freeze_base: bool = True,
                  embedding: nn.Embedding | None = None, decoder_start_id: int | None = None):
         super().__init__(model, template, verbalizer, tokenizer, max_length, freeze_base, embedding)
         cfg = getattr(model, "config", None)

@@ -15,6 +15,7 @@ from bmray.models.data.classification import Example
 from bmray.models.generation import GenerationConfig, generate
 from bmray.models.prompt.prompt_model import (PromptForCausalLM, PromptForMaskedLM,
                                               PromptForSeq2SeqLM, input_embedding)
+from bmray.models.prompt.template import TemplateError
 from bmray.models.prompt.verbalizer import ManualVerbalizer, SoftVerbalizer
 from tests.prompt_fixtures import model, tokenizer, toy_examples
 
@@ -167,3 +168,12 @@ def test_generation_with_a_soft_template(family, use_cache):
     assert reference(x_id) != reference(0)                   # 0: the pad id
     assert pm.generate(Example(TEXT), cfg) == reference(x_id)
     assert not input_embedding(base)._forward_hooks
+
+
+def test_max_length_beyond_the_models_positions_is_an_error():
+    with pytest.raises(TemplateError, match="max_length=65 is outside 1..64"):
+        PromptForMaskedLM(model("bert"), "{text_a} {mask}", ManualVerbalizer(WORDS), tokenizer("bert"),
+                          max_length=65)
+    pm = PromptForMaskedLM(model("bert"), "{text_a} {mask}", ManualVerbalizer(WORDS), tokenizer("bert"))
+    assert pm.max_length == 64
+    assert "embedding.weight" not in pm.state_dict()
