@@ -33,7 +33,8 @@ from bmray.models.objectives import MaskedLM
 from bmray.models.outputs import ModelOutput
 
 __all__ = ["MLMHead", "MaskedLMModel", "MaskedLMObjective", "WrongBaseError", "save_mlm_head",
-           "load_mlm_head", "load_minilm_mlm", "load_minilm_encoder", "DEFAULT_ARTIFACT"]
+           "load_mlm_head", "read_manifest", "describe_base", "load_minilm_mlm",
+           "load_minilm_encoder", "DEFAULT_ARTIFACT"]
 
 DEFAULT_ARTIFACT = Path(__file__).resolve().parents[2] / "artifacts" / "minilm_mlm_head"
 HEAD_FILE, MANIFEST_FILE = "head.safetensors", "manifest.json"
@@ -90,10 +91,6 @@ class MaskedLMModel(nn.Module):
         if freeze_encoder:
             encoder.requires_grad_(False)
             encoder.eval()
-
-    @property
-    def config(self) -> Any:
-        return self.encoder.config
 
     def train(self, mode: bool = True) -> "MaskedLMModel":
         super().train(mode)
