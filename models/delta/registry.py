@@ -11,7 +11,11 @@ from typing import Any
 from bmray.models.delta.adapter import AdapterConfig, AdapterDelta
 from bmray.models.delta.base import Delta, DeltaConfig
 from bmray.models.delta.bitfit import BitFitConfig, BitFitDelta
+from bmray.models.delta.intrinsic import IntrinsicPrompt, IntrinsicPromptConfig
+from bmray.models.delta.ladder import Ladder, LadderConfig
 from bmray.models.delta.lora import LoraConfig, LoraDelta
+from bmray.models.delta.prefix import Prefix, PrefixConfig
+from bmray.models.delta.soft_prompt import SoftPrompt, SoftPromptConfig
 from bmray.models.typed_config import ConfigError, from_dict
 
 __all__ = ["METHODS", "delta_config_from_dict", "build_delta"]
@@ -20,6 +24,10 @@ METHODS: dict[str, tuple[type[DeltaConfig], type[Delta]]] = {
     "lora": (LoraConfig, LoraDelta),
     "adapter": (AdapterConfig, AdapterDelta),
     "bitfit": (BitFitConfig, BitFitDelta),
+    "prefix": (PrefixConfig, Prefix),
+    "soft_prompt": (SoftPromptConfig, SoftPrompt),
+    "ladder": (LadderConfig, Ladder),
+    "intrinsic_prompt": (IntrinsicPromptConfig, IntrinsicPrompt),
 }
 
 

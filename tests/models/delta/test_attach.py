@@ -72,7 +72,7 @@ def test_rank_larger_than_the_layer_names_it():
 def test_bad_configs_name_the_key():
     with pytest.raises(ConfigError, match=r"delta: unknown key.*'rnak'"):
         delta_config_from_dict({"method": "lora", "targets": ["q_proj"], "rnak": 4})
-    with pytest.raises(ConfigError, match=r"delta\.method: 'loar' is not one of \['adapter', 'bitfit', 'lora'"):
+    with pytest.raises(ConfigError, match=r"delta\.method: 'loar' is not one of \['adapter', 'bitfit', 'intrinsic_prompt', 'ladder', 'lora'"):
         delta_config_from_dict({"method": "loar", "targets": ["q_proj"]})
     with pytest.raises(ConfigError, match=r"delta\.rank"):
         delta_config_from_dict({"method": "lora", "targets": ["q"], "rank": 0})
