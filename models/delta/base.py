@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import inspect
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -29,9 +30,25 @@ from torch import Tensor, nn
 from bmray.models.typed_config import ConfigError
 
 __all__ = ["DeltaConfig", "SiteDelta", "Delta", "match_modules", "base_identity", "site_key",
-           "site_name"]
+           "site_name", "bound_arguments"]
 
 Hook = Callable[..., Any]
+_SIGNATURES: dict[type, inspect.Signature] = {}    # forward's signature, per module class
+
+
+def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A forward call's arguments as one keyword dict (positional ones named by the signature),
+    so a pre-hook can rewrite any of them and hand them back as ``((), kwargs)``."""
+    sig = _SIGNATURES.get(type(module)) if "forward" not in vars(module) else None
+    if sig is None:
+        sig = inspect.signature(module.forward)
+        if "forward" not in vars(module):          # not patched on this instance
+            _SIGNATURES[type(module)] = sig
+    out = dict(sig.bind(*args, **kwargs).arguments)
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(out.pop(name, {}))
+    return out
 
 
 @dataclass(frozen=True)
@@ -142,8 +159,16 @@ class Delta(nn.Module):
                               f"{sorted(site_name(k) for k in self.sites)}, this model has {names}")
         for key, site in self.sites.items():
             self._hook(modules[site_name(key)], site)
-        self._base_ref[:] = [model]
+        self._bind(model)
         return self
+
+    def _bind(self, model: nn.Module) -> None:
+        self._base_ref[:] = [model]
+
+    @property
+    def base(self) -> nn.Module | None:
+        """The model this delta is attached to (None when detached)."""
+        return self._base_ref[0] if self._base_ref else None
 
     def _hook(self, module: nn.Module, site: SiteDelta) -> None:
         def pre(mod, args, kwargs):

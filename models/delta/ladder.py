@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from bmray.models.delta.base import (Delta, DeltaConfig, SiteDelta, match_modules, site_key,
                                      site_name)
-from bmray.models.delta.prefix import bound_arguments
+from bmray.models.delta.base import bound_arguments
 from bmray.models.layers.attention import MultiHeadAttention
 from bmray.models.layers.blocks import TransformerBlock
 from bmray.models.typed_config import ConfigError, check_choice, check_int, check_positive
@@ -151,7 +151,7 @@ class Ladder(Delta):
                 lambda m, a, out, rung=rung: self._climb(rung, out)))
         hooks.append(modules[output].register_forward_hook(lambda m, a, out: self._exit(out)))
         self._handles += hooks
-        self._base_ref[:] = [model]
+        self._bind(model)
         return self
 
     # ------------------------------------------------------------------ hooks

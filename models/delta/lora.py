@@ -105,9 +105,9 @@ class LoraDelta(Delta):
         return any(site.merged for site in self.sites.values())
 
     def _layers(self) -> list[tuple[LoraSite, nn.Linear]]:
-        if not self._base_ref:
+        if self.base is None:
             raise RuntimeError("lora delta is not attached: nothing to merge into")
-        modules = dict(self._base_ref[0].named_modules())
+        modules = dict(self.base.named_modules())
         return [(site, modules[site_name(key)]) for key, site in self.sites.items()]
 
     @torch.no_grad()

@@ -15,7 +15,6 @@ delta see the prefix columns masked out, so they compute the bare base. docs/del
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -23,38 +22,14 @@ import torch
 from torch import Tensor, nn
 from transformers.models.bert.modeling_bert import BertSelfAttention
 
-from bmray.models.delta.base import Delta, DeltaConfig, SiteDelta
+from bmray.models.delta.base import Delta, DeltaConfig, SiteDelta, bound_arguments
+from bmray.models.delta.rows import row_flags
 from bmray.models.layers.attention import MultiHeadAttention
 from bmray.models.typed_config import ConfigError, check_int
 
-__all__ = ["PrefixConfig", "Prefix", "PrefixSite", "PrefixCache", "bound_arguments", "row_flags"]
+__all__ = ["PrefixConfig", "Prefix", "PrefixSite", "PrefixCache"]
 
 
-_SIGNATURES: dict[type, inspect.Signature] = {}    # forward's signature, per module class
-
-
-def bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """A forward call's arguments as one keyword dict (positional ones named by the signature),
-    so a pre-hook can rewrite any of them and hand them back as ``((), kwargs)``."""
-    sig = _SIGNATURES.get(type(module)) if "forward" not in vars(module) else None
-    if sig is None:
-        sig = inspect.signature(module.forward)
-        if "forward" not in vars(module):          # not patched on this instance
-            _SIGNATURES[type(module)] = sig
-    out = dict(sig.bind(*args, **kwargs).arguments)
-    for name, param in sig.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(out.pop(name, {}))
-    return out
-
-
-def row_flags(batch: int, rows: Tensor | None, device: torch.device) -> Tensor:
-    """[batch] bool: True for the rows a delta applies to (``rows`` None = every row)."""
-    if rows is None:
-        return torch.ones(batch, dtype=torch.bool, device=device)
-    flags = torch.zeros(batch, dtype=torch.bool, device=device)
-    flags[rows.to(device)] = True
-    return flags
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
-__all__ = ["add_at_rows"]
+__all__ = ["add_at_rows", "row_flags"]
 
 
 def add_at_rows(output: Tensor, rows: Tensor | None, fn: Callable[..., Tensor],
@@ -24,3 +25,12 @@ def add_at_rows(output: Tensor, rows: Tensor | None, fn: Callable[..., Tensor],
     picked = [x.index_select(0, rows) for x in inputs]
     return output.index_add(0, rows, fn(*picked).to(output.dtype).expand(
         (rows.numel(),) + tuple(output.shape[1:])))
+
+
+def row_flags(batch: int, rows: Tensor | None, device: torch.device) -> Tensor:
+    """[batch] bool: True for the rows a delta applies to (``rows`` None = every row)."""
+    if rows is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    flags = torch.zeros(batch, dtype=torch.bool, device=device)
+    flags[rows.to(device)] = True
+    return flags

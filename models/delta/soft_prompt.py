@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from bmray.models.delta.base import (Delta, DeltaConfig, SiteDelta, match_modules, site_key,
                                      site_name)
-from bmray.models.delta.prefix import bound_arguments, row_flags
+from bmray.models.delta.base import bound_arguments
+from bmray.models.delta.rows import row_flags
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
 __all__ = ["SoftPromptConfig", "SoftPrompt", "PromptSite", "INITS", "PER_TOKEN_OUTPUTS",
@@ -165,7 +166,7 @@ class SoftPrompt(Delta):
                 lambda m, a, k: self._root_pre(m, a, k, enc_dec), with_kwargs=True),
             emb.register_forward_hook(lambda m, a, out: self._embed_post(model, a, out, site)),
             model.register_forward_hook(self._root_post, with_kwargs=True, prepend=True)]
-        self._base_ref[:] = [model]
+        self._bind(model)
         return self
 
     # ------------------------------------------------------------------ hooks
