@@ -141,8 +141,14 @@ def build_tuner(sweep: SweepConfig, spec: TrialSpec, resume: bool = False) -> Tu
     tune_config = TuneConfig(metric=sweep.metric, mode=sweep.mode,
                              search_alg=sweep.searcher(spec.space),
                              scheduler=sweep.scheduler_obj(), num_samples=sweep.num_samples,
-                             max_concurrent_trials=sweep.max_concurrent_trials or None)
+                             max_concurrent_trials=sweep.max_concurrent_trials or None,
+                             trial_dirname_creator=trial_dirname)
     return Tuner(trainable, tune_config=tune_config, run_config=run_config)
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial folders (Tune's default spells every sampled value into the name)."""
+    return f"trial_{trial.trial_id}"
 
 
 def run_sweep(sweep: SweepConfig, adapt: Mapping[str, Any], space: SearchSpace,
