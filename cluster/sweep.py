@@ -133,8 +133,7 @@ def build_tuner(sweep: SweepConfig, spec: TrialSpec, resume: bool = False) -> Tu
     keep = KeepBestCheckpoints(sweep.metric, sweep.mode, sweep.keep_checkpoints)
     run_config = RunConfig(
         name=sweep.name, storage_path=os.path.dirname(sweep.sweep_dir),
-        checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=sweep.metric,
-                                           checkpoint_score_order=sweep.mode),
+        checkpoint_config=CheckpointConfig(num_to_keep=1),      # per trial: its latest delta
         failure_config=FailureConfig(max_failures=0),
         callbacks=[keep, JsonLoggerCallback(), CSVLoggerCallback(), TBXLoggerCallback()],
         verbose=0)
@@ -142,6 +141,7 @@ def build_tuner(sweep: SweepConfig, spec: TrialSpec, resume: bool = False) -> Tu
                              search_alg=sweep.searcher(spec.space),
                              scheduler=sweep.scheduler_obj(), num_samples=sweep.num_samples,
                              max_concurrent_trials=sweep.max_concurrent_trials or None,
+                             reuse_actors=True,     # a trial's process imports torch once
                              trial_dirname_creator=trial_dirname)
     return Tuner(trainable, tune_config=tune_config, run_config=run_config)
 

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from bmray.actors.tune.space import SearchSpace
 from bmray.cluster import connect
-from bmray.cluster.sweep import SweepConfig, SweepResult, run_sweep, tensorboard_command,
-                                trial_spec
+from bmray.cluster.sweep import (SweepConfig, SweepResult, run_sweep, tensorboard_command,
+                                  trial_spec)
 from bmray.models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
 SECTIONS = ("adapt", "space", "sweep")

@@ -23,7 +23,7 @@ def make(tmp_path, name, best, status="TERMINATED", checkpoints=1):
         (path / f"checkpoint_{i:06d}").mkdir(parents=True)
         (path / f"checkpoint_{i:06d}" / "delta.safetensors").write_bytes(b"x")
     (path / "body_out").mkdir(parents=True)
-    analysis = {} if best is None else {"accuracy": {"max": best, "min": -best, "last": best}}
+    analysis = {} if best is None else {"accuracy": {"max": 1.0, "min": 0.0, "last": best}}
     return FakeTrial(name, str(path), status, analysis)
 
 
@@ -47,11 +47,17 @@ def test_keeps_the_best_n_of_the_whole_sweep(tmp_path):
     assert {t.trial_id for t in trials if checkpoint_dirs(t.path)} == {"t5", "t2"}
 
 
-def test_mode_min_ranks_low_first(tmp_path):
+def test_mode_min_ranks_low_first_by_the_last_value(tmp_path):
     trials = [make(tmp_path, "a", 0.5), make(tmp_path, "b", 0.9)]
-    assert [t.trial_id for t in ranked(trials, "accuracy", "min")] == ["b", "a"]  # min = -best
+    assert [t.trial_id for t in ranked(trials, "accuracy", "min")] == ["a", "b"]
 
 
 def test_keep_at_least_one():
     with pytest.raises(ValueError):
         KeepBestCheckpoints("accuracy", "max", keep=0)
+
+
+def test_the_finishing_trial_counts_before_tune_marks_it_terminated(tmp_path):
+    trials = [make(tmp_path, "a", 0.5), make(tmp_path, "b", 0.9, status="RUNNING")]
+    KeepBestCheckpoints("accuracy", "max", keep=1).on_trial_complete(0, trials, trials[1])
+    assert [bool(checkpoint_dirs(t.path)) for t in trials] == [False, True]

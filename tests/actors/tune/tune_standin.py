@@ -47,6 +47,7 @@ class Train:
 class Task:
     log_dir: str = ""
     sleep_s: float = 0.0
+    checkpoint_evals: bool = False     # save the delta at every eval and hand it to on_eval
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,16 @@ def gang_task() -> str:
     return "" if pg is None else pg.id.hex()
 
 
+def save_delta(model: torch.nn.Module, cfg: StandinConfig, out_dir: str) -> str:
+    delta_dir = os.path.join(out_dir, "delta")
+    os.makedirs(delta_dir, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(delta_dir, "delta.safetensors"))
+    with open(os.path.join(delta_dir, "manifest.json"), "w") as fh:
+        json.dump({"method": cfg.delta.method, "lr": cfg.train.lr}, fh)
+    return delta_dir
+
+
 def run(cfg: StandinConfig, *, out_dir: str, on_eval: Callable[[dict], None] | None = None
         ) -> StandinResult:
     torch.set_num_threads(1)
@@ -126,16 +137,13 @@ def run(cfg: StandinConfig, *, out_dir: str, on_eval: Callable[[dict], None] | N
         if on_eval is not None and step % cfg.train.eval_every == 0:
             with torch.no_grad():
                 acc = (model(x).argmax(-1) == y).float().mean().item()
-            on_eval({"step": step, "accuracy": acc, "loss": loss.item(),
-                     "gang_placed": placed})
+            values = {"step": step, "accuracy": acc, "loss": loss.item(), "gang_placed": placed}
+            if cfg.task.checkpoint_evals:
+                values["delta_dir"] = save_delta(model, cfg, out_dir)
+            on_eval(values)
     with torch.no_grad():
         acc = (model(x).argmax(-1) == y).float().mean().item()
-    delta_dir = os.path.join(out_dir, "delta")
-    os.makedirs(delta_dir, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              os.path.join(delta_dir, "delta.safetensors"))
-    with open(os.path.join(delta_dir, "manifest.json"), "w") as fh:
-        json.dump({"method": cfg.delta.method, "hidden": hidden, "lr": cfg.train.lr}, fh)
+    delta_dir = save_delta(model, cfg, out_dir)
     if marker:
         with open(marker) as fh:
             times = json.load(fh)
