@@ -51,7 +51,7 @@ class SweepConfig:
     reduction_factor: int = 2              # ASHA: keep the top 1/rf at each rung
     max_t: int = 10                        # ASHA: the most evaluations a trial makes
     max_concurrent_trials: int = 0         # 0: as many as the cluster holds
-    workers_per_trial: int = 1             # the gang of each trial
+    workers_per_trial: int = 1             # the gang of each trial (0: none, the body alone)
     cpus_per_worker: float = 1.0
     trial_cpus: float = 1.0                # the trial driver's bundle
     keep_checkpoints: int = 3              # delta checkpoints kept across the WHOLE sweep
@@ -73,7 +73,7 @@ class SweepConfig:
             raise ConfigError(f"sweep.grace_period: {self.grace_period} is more than sweep.max_t "
                               f"({self.max_t})")
         check_int("sweep.max_concurrent_trials", self.max_concurrent_trials, minimum=0)
-        check_int("sweep.workers_per_trial", self.workers_per_trial, minimum=1)
+        check_int("sweep.workers_per_trial", self.workers_per_trial, minimum=0)
         check_positive("sweep.cpus_per_worker", self.cpus_per_worker, allow_zero=True)
         check_positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
         check_int("sweep.keep_checkpoints", self.keep_checkpoints, minimum=1)
@@ -112,14 +112,16 @@ class SweepResult:
 def trial_spec(sweep: SweepConfig, adapt: Mapping[str, Any], space: SearchSpace,
                body: Callable[..., Any], load_config: Callable[[dict], Any]) -> TrialSpec:
     """Validate the adapt config and the space now (before any trial), and bind the trial."""
-    try:
-        load_config(dict(adapt))
-    except ConfigError as exc:
-        raise ConfigError(f"adapt: {exc}") from None
-    space.validate(adapt, load_config)
-    return TrialSpec(adapt=dict(adapt), space=space, body=body, load_config=load_config,
+    spec = TrialSpec(adapt=dict(adapt), space=space, body=body, load_config=load_config,
                      workers_per_trial=sweep.workers_per_trial,
                      cpus_per_worker=sweep.cpus_per_worker, trial_cpus=sweep.trial_cpus)
+    base = spec.base_mapping()
+    try:
+        load_config(base)
+    except ConfigError as exc:
+        raise ConfigError(f"adapt: {exc}") from None
+    space.validate(base, load_config)
+    return spec
 
 
 def build_tuner(sweep: SweepConfig, spec: TrialSpec, resume: bool = False) -> Tuner:

@@ -42,10 +42,9 @@ class TrialSpec:
     space: SearchSpace
     body: Callable[..., Any]
     load_config: Callable[[dict[str, Any]], Any]
-    workers_per_trial: int = 1
+    workers_per_trial: int = 1                     # 0: the body runs in the trial driver alone
     cpus_per_worker: float = 1.0
     trial_cpus: float = 1.0                        # the trial driver's own bundle
-    set_workers: bool = True                       # write workers_per_trial into scaling.num_workers
 
     def resources(self) -> PlacementGroupFactory:
         """Bundle 0: the trial driver; bundles 1..N: its gang."""
@@ -53,13 +52,16 @@ class TrialSpec:
                                      [{"CPU": self.cpus_per_worker}] * self.workers_per_trial,
                                      strategy="PACK")
 
+    def base_mapping(self) -> dict[str, Any]:
+        """The adapt mapping every trial starts from: the gang's size is the sweep's."""
+        if not self.workers_per_trial:
+            return dict(self.adapt)
+        return merge(self.adapt, {"scaling": {"num_workers": self.workers_per_trial,
+                                              "cpus_per_worker": self.cpus_per_worker}})
+
     def trial_mapping(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """The adapt mapping of the trial with flat ``params`` (Tune's config)."""
-        mapping = merge(self.adapt, self.space.resolve(params))
-        if self.set_workers:
-            mapping = merge(mapping, {"scaling": {"num_workers": self.workers_per_trial,
-                                                  "cpus_per_worker": self.cpus_per_worker}})
-        return mapping
+        return merge(self.base_mapping(), self.space.resolve(params))
 
 
 def make_trainable(spec: TrialSpec) -> Any:
