@@ -14,6 +14,8 @@ starts workers places them in the trial's bundles: ``gang_bundles()``.
 The trial body is injected: ``body(cfg, out_dir=..., on_eval=...)`` returning an object with
 ``metrics`` (with the sweep's metric), ``trainable_params``, ``total_params``,
 ``peak_memory_bytes``, ``latency_ms`` and ``delta_dir``; ``load_config(mapping)`` builds ``cfg``.
+``on_eval`` reports to Tune, so the body calls it in the trial's own process (rank 0's results
+come back to it), never from a gang worker.
 """
 from __future__ import annotations
 
