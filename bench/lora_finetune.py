@@ -261,7 +261,8 @@ def main() -> None:
         r = ratio if s == SIDES[0] else {"ratio": 1.0, "interval": [1.0, 1.0]}
         pr = paired if s == SIDES[0] else {"p05": 1.0, "p95": 1.0}
         print(f"{s:18s} {steps_per_s[s]:8.2f} {steps_per_s[s] * tokens:9.0f} {r['ratio']:7.3f} "
-              f"{r['interval'][0]:6.3f}–{r['interval'][1]:6.3f} {pr['p05']:7.3f}–{pr['p95']:6.3f} "
+              f"{r['interval'][0]:6.3f}–{r['interval'][1]:6.3f} "
+              f"{pr['p05']:7.3f}–{pr['p95']:6.3f} "
               f"{mem[s] / MB:8.2f}")
     speed_met = ratio["ratio"] >= 1.0
     mem_met = mem[SIDES[0]] <= mem[SIDES[1]]

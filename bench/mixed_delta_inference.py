@@ -20,8 +20,9 @@ ours are copied into PEFT's eight adapters (``get_peft_model`` + ``add_adapter``
 Before timing, every side's output must agree (allclose, 1e-4) with PEFT's mixed output (the
 LoRA sides) or with the sub-batches run one after another (the mixed-methods side).
 
-Timing: one process, torch on 1 thread; the sides alternate in rotating rounds
-(``bench.common.balanced_order``), each round one untimed forward then ``--steps`` timed ones.
+Timing: one process, torch on 1 thread; the sides alternate forward by forward (A B C ..., so
+every side is measured next to every other, minutes apart from none) in rounds whose order
+rotates (``bench.common.balanced_order``); each round one untimed pass then ``--steps`` timed.
 "× PEFT mixed" = PEFT mixed's median forward time / the side's (> 1: faster), with a 90%
 bootstrap interval over rounds; quote ratios, not times (shared, noisy machine).
 
@@ -140,8 +141,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=16.0)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3, help="timed forwards per side per round")
-    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=2, help="timed forwards per side per round")
+    ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(REPO, "bench/results/mixed_delta_inference.json"))
     args = parse_args(ap, {"rounds": 6, "steps": 1})
     torch.set_num_threads(1)
@@ -212,15 +213,17 @@ def main() -> None:
         assert check["deltas_change_output"]["mixed_methods_min_row_change"] > 1e-3
 
         times: dict[str, list[list[float]]] = {s: [] for s in sides}
-        for name in balanced_order(list(sides), args.rounds):
-            fn = sides[name]
-            fn()                                             # untimed, after the switch
-            ts = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            times[name].append(ts)
+        order = balanced_order(list(sides), args.rounds)
+        for r in range(args.rounds):
+            rotation = order[r * len(sides):(r + 1) * len(sides)]
+            for name in rotation:
+                times[name].append([])
+            for step in range(args.steps + 1):               # step 0: untimed warm-up
+                for name in rotation:
+                    t0 = time.perf_counter()
+                    sides[name]()
+                    if step:
+                        times[name][-1].append(time.perf_counter() - t0)
 
     peer_t = times[PEER]
     rows = []
@@ -240,8 +243,9 @@ def main() -> None:
     print(f"\nMiniLM BertModel, {N_DELTAS} LoRA deltas r={args.rank} alpha={args.alpha:g} on "
           f"query+value, batch {args.batch}x{args.seq} AG News, each row a random delta "
           f"({len(groups(assignment))} used), inference_mode, 1 thread; {args.rounds} rotating "
-          f"rounds x {args.steps} forwards; '× PEFT mixed' = PEFT mixed median / the side's, "
-          f"90% bootstrap interval over rounds; '†' = ours only (mixed methods), not like for like")
+          f"rounds x {args.steps} forwards, interleaved; '× PEFT mixed' = PEFT mixed median / "
+          f"the side's, 90% bootstrap interval over rounds; '†' = ours only (mixed methods), "
+          f"not like for like")
     print(f"{'side':40s} {'rows/s':>7s} {'× PEFT mixed':>12s} {'90% interval':>14s} "
           f"{'paired p05–p95':>15s}")
     for r in rows:
@@ -256,7 +260,8 @@ def main() -> None:
           f"({goal['ratio_vs_peft_mixed']:.3f}); bmray mixed vs PEFT one after another: "
           f"{seq_ratio['ratio']:.3f} ({seq_ratio['interval'][0]:.3f}–"
           f"{seq_ratio['interval'][1]:.3f}); mixed methods vs their one-after-another: "
-          f"{meth_seq['ratio']:.3f} ({meth_seq['interval'][0]:.3f}–{meth_seq['interval'][1]:.3f})")
+          f"{meth_seq['ratio']:.3f} ({meth_seq['interval'][0]:.3f}–"
+          f"{meth_seq['interval'][1]:.3f})")
     write_json(args.out, {
         "bench": "mixed_delta_inference", "args": vars(args),
         "model": "all-MiniLM-L6-v2 BertModel (dropout 0, eval, inference_mode)", "data": AGNEWS,
