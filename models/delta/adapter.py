@@ -64,7 +64,7 @@ class AdapterSite(SiteDelta):
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any,
              rows: Tensor | None) -> Any:
         x = (args[0] if args else kwargs["input"]) if self.parallel else output
-        return add_at_rows(output, rows, self.adapter, x)
+        return add_at_rows(output, rows, self.adapter, x, inplace=True)   # a Linear's output
 
 
 class AdapterDelta(Delta):

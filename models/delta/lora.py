@@ -74,7 +74,19 @@ class LoraSite(SiteDelta):
         if self.merged:
             return output
         x = args[0] if args else kwargs["input"]
-        return add_at_rows(output, rows, self.lora, x)
+        if rows is None and output.dtype == self.A.dtype:
+            return self.add_fused(output, x)
+        return add_at_rows(output, rows, self.lora, x, inplace=True)
+
+    def add_fused(self, output: Tensor, x: Tensor) -> Tensor:
+        """``output + scale · (dropout(x) Aᵀ) Bᵀ`` as one ``addmm``: the scale and the sum ride
+        in the second matmul (no [tokens, out] temporaries for them, forward or backward); in
+        place on the layer's fresh output when autograd is off."""
+        xa = (self.dropout(x) @ self.A.t()).reshape(-1, self.A.shape[0])
+        flat = output.reshape(-1, output.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, xa, self.B.t(), alpha=self.scale).view(output.shape)
+        return flat.addmm_(xa, self.B.t(), alpha=self.scale).view(output.shape)
 
 
 class LoraDelta(Delta):

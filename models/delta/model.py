@@ -110,8 +110,10 @@ class DeltaModel(nn.Module):
         check = self.base.register_forward_pre_hook(check_batch, with_kwargs=True, prepend=True)
         try:
             for n, d in self.deltas.items():
-                d.rows = torch.tensor([i for i, a in enumerate(assignment) if a == n],
-                                      dtype=torch.long, device=device)
+                rows = [i for i, a in enumerate(assignment) if a == n]
+                # every row to one delta: rows=None, its plain (unindexed) path
+                d.rows = None if rows and len(rows) == len(assignment) else \
+                    torch.tensor(rows, dtype=torch.long, device=device)
             yield
         finally:
             check.remove()

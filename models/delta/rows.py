@@ -2,8 +2,11 @@
 
 A site's delta adds ``f(x)`` to its output. With ``rows`` (a 1-D LongTensor of batch rows, dim 0)
 only those rows get it: ``out[rows] += f(x[rows])``, computed on the selected rows alone (no
-wasted compute on the others) and out of place, so autograd sees an ordinary op
-(``Tensor.index_add``). ``rows=None`` adds to every row.
+wasted compute on the others). With autograd recording it is out of place, so autograd sees an
+ordinary op (``Tensor.index_add``); with autograd off (inference) the caller may ask for it in
+place (``inplace=True``: ``index_add_`` into the module's fresh output, no copy of the whole
+output per delta — with eight deltas at a site that is eight copies saved). ``rows=None`` adds
+to every row.
 """
 from __future__ import annotations
 
@@ -16,15 +19,21 @@ __all__ = ["add_at_rows", "row_flags"]
 
 
 def add_at_rows(output: Tensor, rows: Tensor | None, fn: Callable[..., Tensor],
-                *inputs: Tensor) -> Tensor:
-    """``output + fn(*inputs)`` on the rows ``rows`` (all rows when None); the addend is cast
-    to ``output``'s dtype (a float32 delta on a bf16 base)."""
+                *inputs: Tensor, alpha: float = 1.0, inplace: bool = False) -> Tensor:
+    """``output + alpha · fn(*inputs)`` on the rows ``rows`` (all rows when None); the addend is
+    cast to ``output``'s dtype (a float32 delta on a bf16 base). ``inplace`` writes into
+    ``output`` when autograd is off (the caller vouches that nothing else holds ``output``, e.g.
+    an ``nn.Linear``'s result); when autograd is on it is ignored."""
+    inplace = inplace and not torch.is_grad_enabled()
     if rows is None:
-        return output + fn(*inputs).to(output.dtype)
+        addend = fn(*inputs).to(output.dtype)
+        return output.add_(addend, alpha=alpha) if inplace else output.add(addend, alpha=alpha)
     rows = rows.to(output.device)
     picked = [x.index_select(0, rows) for x in inputs]
-    return output.index_add(0, rows, fn(*picked).to(output.dtype).expand(
-        (rows.numel(),) + tuple(output.shape[1:])))
+    addend = fn(*picked).to(output.dtype).expand((rows.numel(),) + tuple(output.shape[1:]))
+    if inplace:
+        return output.index_add_(0, rows, addend, alpha=alpha)
+    return output.index_add(0, rows, addend, alpha=alpha)
 
 
 def row_flags(batch: int, rows: Tensor | None, device: torch.device) -> Tensor:
