@@ -13,6 +13,8 @@ Every worker also runs the single-process reference itself from the same seeds.
   in both orders (attach then parallelize; parallelize then attach): per-step losses, per-step
   gathered LoRA gradients, final gathered factors allclose; the frozen base bit-identical.
 * Merge under TP equals unmerged; exact unmerge restores the shards bit-exactly.
+* LoRA on q/k/v under sequence parallelism: one step against one process. LoRA dropout on
+  uneven row shards: the outer RNG stream stays in step across TP ranks (one loss).
 
 Tolerances (fp32, tests/equivalence.py): TP sums the same terms split into per-rank partial
 sums, so it differs from one process by rounding only: losses and gradients rtol 1e-5 /
@@ -244,6 +246,48 @@ def _train(tp: int, order: str) -> list[float]:
 def test_lora_training_under_tp_equals_single_process(gang, tp, order):
     losses = gang.execute(_train, tp, order)
     assert losses[0] == losses[tp - 1] and losses[0][0] != losses[0][-1]
+
+
+# ------------------------------------------- sequence parallelism (q/k/v), LoRA dropout
+def _sp_and_dropout(tp: int) -> dict:
+    group = _group(tp)
+    # LoRA on q/k/v under sequence parallelism (the attention gathers their input): one step
+    cfg = LoraConfig(targets=("q_proj", "k_proj", "v_proj"), rank=4, alpha=8.0)
+    ref = DeltaModel(build())
+    torch.manual_seed(3)
+    ref_delta = ref.add("lora", cfg)
+    _randomize_b(ref_delta, 5)
+    model = DeltaModel(apply_tensor_parallel(build(), group, sequence_parallel=True))
+    torch.manual_seed(3)
+    delta = model.add("lora", cfg)
+    with torch.no_grad():                     # the same B, cut to this rank's rows
+        for key, site in delta.sites.items():
+            site.B.copy_(torch.tensor_split(ref_delta.sites[key].B, tp, 0)[dist.get_rank(group)])
+    model.tensor_parallel = model.base.tensor_parallel
+    data = batch(8)
+    loss_ref, loss = ref(**data).loss, TensorParallelLM(model, group)(**data).loss
+    loss_ref.backward()
+    loss.backward()
+    torch.testing.assert_close(loss, loss_ref, **LOSS_TOL)
+    _close(_full(delta, group, grads=True),
+           {n: p.grad for n, p in ref_delta.named_parameters()}, GRAD_TOL, "sp grad")
+    # LoRA dropout on every split layer (uneven FFN shards): the row layers draw in the TP
+    # fork, so the outer stream stays in step across TP ranks and the loss is one number
+    drop = DeltaModel(build())
+    drop.add("lora", LoraConfig(targets=TARGETS, rank=4, dropout=0.3))
+    _randomize_b(drop.get("lora"), 6)
+    parallelize_delta_model(drop, group)
+    torch.manual_seed(11)
+    out = TensorParallelLM(drop, group)(**batch(9)).loss
+    out.backward()
+    return {"loss": float(out), "after": torch.rand(4)}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_qkv_and_lora_dropout(gang, tp):
+    res = gang.execute(_sp_and_dropout, tp)
+    assert len({r["loss"] for r in res[:tp]}) == 1
+    assert all(torch.equal(r["after"], res[0]["after"]) for r in res[:tp])
 
 
 # ------------------------------------------------------------------------ no process group
