@@ -115,8 +115,9 @@ class LoraSite(SiteDelta):
         return (self.B @ self.A) * self.scale
 
     def lora(self, x: Tensor, module: nn.Module | None = None) -> Tensor:
-        if self.split is not None:
-            return (module.low_rank(x.to(self.A.dtype), self.A, self.dropout) @ self.B.t()) * self.scale
+        if self.split is not None:                 # the layer makes the code whole
+            code = module.low_rank(x.to(self.A.dtype), self.A, self.dropout)
+            return (code @ self.B.t()) * self.scale
         x = self.dropout(x.to(self.A.dtype))
         return (x @ self.A.t() @ self.B.t()) * self.scale
 
@@ -129,7 +130,7 @@ class LoraSite(SiteDelta):
 
 
 class LoraDelta(Delta):
-    """LoRA on every matched ``nn.Linear``; see the module docstring."""
+    """LoRA on every matched ``nn.Linear`` or ``ShardedLinear``; see the module docstring."""
 
     config: LoraConfig
 
@@ -153,8 +154,9 @@ class LoraDelta(Delta):
             site = self.sites[site_key(name)] if site_key(name) in self.sites else None
             if site is None or site.split == shard:
                 continue
-            if site.split is not None or tuple(site.A.shape) != (self.config.rank, layer.in_features) \
-                    or site.B.size(0) != layer.out_features:
+            full_size = (site.A.shape == (self.config.rank, layer.in_features)
+                         and site.B.size(0) == layer.out_features)
+            if site.split is not None or not full_size:
                 raise ConfigError(f"lora site {name!r} holds A {tuple(site.A.shape)}, B "
                                   f"{tuple(site.B.shape)} (shard {site.split}); the layer there "
                                   f"is {layer.in_features} -> {layer.out_features}, shard {shard}")

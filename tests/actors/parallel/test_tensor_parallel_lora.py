@@ -131,7 +131,8 @@ def _layers(tp: int, f_outside: bool) -> bool:
     # the formula on full tensors
     ref = {n: t.clone().requires_grad_() for n, t in
            {"A1": A1, "B1": B1, "A2": A2, "B2": B2, "x": x}.items()}
-    h = torch.relu(ref["x"] @ up.weight.t() + up.bias + s * ref["x"] @ ref["A1"].t() @ ref["B1"].t())
+    x_ = ref["x"]
+    h = torch.relu(x_ @ up.weight.t() + up.bias + s * x_ @ ref["A1"].t() @ ref["B1"].t())
     y_ref = h @ down.weight.t() + down.bias + s * h @ ref["A2"].t() @ ref["B2"].t()
     y_ref.backward(dy)
 
