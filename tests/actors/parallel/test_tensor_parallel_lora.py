@@ -12,7 +12,8 @@ Every worker also runs the single-process reference itself from the same seeds.
   out_proj, ffn.up and ffn.down, 4 AdamW steps under TP against the same steps in one process,
   in both orders (attach then parallelize; parallelize then attach): per-step losses, per-step
   gathered LoRA gradients, final gathered factors allclose; the frozen base bit-identical.
-* Merge under TP equals unmerged; exact unmerge restores the shards bit-exactly.
+* Merge under TP equals unmerged; exact unmerge restores the shards bit-exactly; a mixed
+  batch (one row with the delta, one bare) equals one process's.
 * LoRA on q/k/v under sequence parallelism: one step against one process. LoRA dropout on
   uneven row shards: the outer RNG stream stays in step across TP ranks (one loss).
 
@@ -239,6 +240,9 @@ def _train(tp: int, order: str) -> list[float]:
     torch.testing.assert_close(merged.logits, unmerged.logits, **GRAD_TOL)
     torch.testing.assert_close(merged.loss, unmerged.loss, **LOSS_TOL)
     _close(model.base.state_dict(), shards, dict(rtol=0, atol=0), "unmerged base")
+    # a mixed batch (row 0 with the delta, row 1 bare) under TP equals one process's
+    with torch.no_grad(), model.mixed(["lora", None]), ref.mixed(["lora", None]):
+        torch.testing.assert_close(lm(**data).loss, ref(**data).loss, **LOSS_TOL)
     return losses
 
 
