@@ -6,21 +6,54 @@ base and only r·(in + out) parameters per site train. ``merge`` folds ``(alpha 
 for inference at the base's speed; ``unmerge`` restores W bit-exactly from a copy kept aside
 while merged (memory: one copy of every merged weight), or, with ``exact=False``, subtracts the
 update again (equal up to float rounding, no copy needed afterwards).
+
+A site may also be a :class:`ShardedLinear` (a tensor-parallel layer holding one shard of W):
+A and B are drawn full-size (the single process's draws), then the factor matching W's split is
+cut to this rank's shard (``LoraSite.shard``); the layer computes the rank-r code ``x Aᵀ``
+whole on every rank. docs/tensor_parallel.md ("LoRA on parallel layers") has the split.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from bmray.models.delta.base import Delta, DeltaConfig, SiteDelta, match_modules, site_name
+from bmray.models.delta.base import (Delta, DeltaConfig, SiteDelta, match_modules, site_key,
+                                     site_name)
 from bmray.models.delta.rows import add_at_rows
 from bmray.models.typed_config import ConfigError
 
-__all__ = ["LoraConfig", "LoraSite", "LoraDelta"]
+__all__ = ["LoraConfig", "LoraSite", "LoraDelta", "ShardedLinear", "WeightShard"]
+
+
+@dataclass(frozen=True)
+class WeightShard:
+    """The part of a full weight W [out, in] a sharded linear holds: rows (``dim`` 0, output
+    features) or columns (``dim`` 1, input features) ``[start, start + size)``."""
+
+    dim: int
+    start: int
+    size: int
+
+
+@runtime_checkable
+class ShardedLinear(Protocol):
+    """A linear layer holding one shard of a full weight W [out_features, in_features] (a
+    tensor-parallel layer); ``in_features``/``out_features`` are the full sizes. LoRA asks it:
+
+    * ``weight_shard()``: which rows or columns of W it holds (a ConfigError if LoRA cannot
+      follow its layout);
+    * ``low_rank(x, A, dropout)``: ``dropout(X) Aᵀ`` for the layer's full input X, whole on every
+      rank with correct gradients for x and A, from this rank's input x and A (full when W is
+      split by rows, its columns when W is split by columns)."""
+
+    def weight_shard(self) -> WeightShard: ...
+
+    def low_rank(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +64,7 @@ class LoraConfig(DeltaConfig):
     alpha: float = 16.0
     dropout: float = 0.0
     method: ClassVar[str] = "lora"
-    site_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    site_types: ClassVar[tuple[type, ...]] = (nn.Linear, ShardedLinear)
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -49,7 +82,9 @@ class LoraConfig(DeltaConfig):
 
 
 class LoraSite(SiteDelta):
-    """A [r, in], B [out, r] beside one ``nn.Linear``."""
+    """A [r, in], B [out, r] beside one ``nn.Linear`` — or, after :meth:`shard`, this rank's
+    part of them beside a :class:`ShardedLinear` (``tp_dims``: factor name -> split dim, the
+    attribute tensor-parallel checkpoints read to gather the shards)."""
 
     def __init__(self, in_features: int, out_features: int, config: LoraConfig):
         super().__init__()
@@ -60,12 +95,29 @@ class LoraSite(SiteDelta):
         self.dropout = nn.Dropout(config.dropout)
         self.merged = False
         self.saved_weight: Tensor | None = None   # the original weight while merged (exact unmerge)
+        self.split: WeightShard | None = None   # set by shard()
+
+    @torch.no_grad()
+    def shard(self, shard: WeightShard) -> None:
+        """Keep this rank's part: W split by rows (output features) splits B's rows, W split by
+        columns (input features) splits A's columns; the other factor stays whole. Then
+        ``update() = B A`` is exactly this rank's shard of the full update."""
+        if self.split is not None:
+            raise RuntimeError(f"lora site is already sharded ({self.split})")
+        name = "B" if shard.dim == 0 else "A"
+        full = getattr(self, name)
+        part = full.narrow(shard.dim, shard.start, shard.size).clone()
+        setattr(self, name, nn.Parameter(part, requires_grad=full.requires_grad))
+        self.split, self.tp_dims = shard, {name: shard.dim}
 
     def update(self) -> Tensor:
-        """(alpha / r) · B A: the [out, in] change of the weight."""
+        """(alpha / r) · B A: the [out, in] change of the weight (of this rank's shard of it)."""
         return (self.B @ self.A) * self.scale
 
-    def lora(self, x: Tensor) -> Tensor:
+    def lora(self, x: Tensor, module: nn.Module | None = None) -> Tensor:
+        if self.split is not None:                 # the layer makes the code whole
+            code = module.low_rank(x.to(self.A.dtype), self.A, self.dropout)
+            return (code @ self.B.t()) * self.scale
         x = self.dropout(x.to(self.A.dtype))
         return (x @ self.A.t() @ self.B.t()) * self.scale
 
@@ -74,6 +126,8 @@ class LoraSite(SiteDelta):
         if self.merged:
             return output
         x = args[0] if args else kwargs["input"]
+        if self.split is not None:                 # a tensor-parallel shard: the layer's own path
+            return add_at_rows(output, rows, functools.partial(self.lora, module=module), x)
         if rows is None and output.dtype == self.A.dtype:
             return self.add_fused(output, x)
         return add_at_rows(output, rows, self.lora, x, inplace=True)
@@ -90,23 +144,49 @@ class LoraSite(SiteDelta):
 
 
 class LoraDelta(Delta):
-    """LoRA on every matched ``nn.Linear``; see the module docstring."""
+    """LoRA on every matched ``nn.Linear`` or ``ShardedLinear``; see the module docstring."""
 
     config: LoraConfig
 
     def attach(self, model: nn.Module) -> "LoraDelta":
-        """Check every matched layer can take rank r (r ≤ min(in, out)) before building."""
+        """Check before building: every matched layer can take rank r (r ≤ min(in, out), full
+        sizes for a sharded layer) and a sharded layer's layout is one LoRA can follow.
+        Re-attaching full-size sites to sharded layers (the base was made tensor-parallel in
+        between) cuts them to this rank's shard; other shape mismatches are refused."""
+        if self.attached:
+            return super().attach(model)                     # refuses
         modules = dict(model.named_modules())
-        for name in match_modules(model, self.config.targets, LoraConfig.site_types):
+        names = match_modules(model, self.config.targets, LoraConfig.site_types)
+        to_cut = []
+        for name in names:
             layer = modules[name]
             if self.config.rank > min(layer.in_features, layer.out_features):
                 raise ConfigError(f"delta.rank: {self.config.rank} exceeds min(in, out) = "
                                   f"{min(layer.in_features, layer.out_features)} of layer {name!r} "
                                   f"({layer.in_features} -> {layer.out_features})")
+            shard = layer.weight_shard() if isinstance(layer, ShardedLinear) else None
+            site = self.sites[site_key(name)] if site_key(name) in self.sites else None
+            if site is None or site.split == shard:
+                continue
+            full_size = (site.A.shape == (self.config.rank, layer.in_features)
+                         and site.B.size(0) == layer.out_features)
+            if site.split is not None or not full_size:
+                raise ConfigError(f"lora site {name!r} holds A {tuple(site.A.shape)}, B "
+                                  f"{tuple(site.B.shape)} (shard {site.split}); the layer there "
+                                  f"is {layer.in_features} -> {layer.out_features}, shard {shard}")
+            to_cut.append((site, shard))
+        if sorted(site_name(k) for k in self.sites) == sorted(names):   # else attach refuses
+            for site, shard in to_cut:
+                site.shard(shard)
         return super().attach(model)
 
     def build_site(self, name: str, module: nn.Module) -> LoraSite:
-        return LoraSite(module.in_features, module.out_features, self.config)
+        """Full-size factors (the single process's random draws); cut to this rank's shard
+        beside a sharded layer."""
+        site = LoraSite(module.in_features, module.out_features, self.config)
+        if isinstance(module, ShardedLinear):
+            site.shard(module.weight_shard())
+        return site
 
     def site_from_tensors(self, tensors: dict[str, Tensor]) -> LoraSite:
         """An empty site shaped like saved tensors (``A``, ``B``): loading without a base."""

@@ -15,7 +15,8 @@
   activation checkpointing's recomputation draws the same masks.
 
 Each layer's class declares ``tp_dims`` (parameter -> split dim), read by
-``actors.parallel.tensor.state``.
+``actors.parallel.tensor.state``. The column and row layers are ``models.delta.lora.
+ShardedLinear``s (``weight_shard``, ``low_rank``), so a LoRA beside one is split to match.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from bmray.actors.parallel.tensor.ops import (CopyToTensorParallel, GatherFromSe
                                               ReduceScatterToSequenceParallel,
                                               ScatterToSequenceParallel, group_rank, group_size,
                                               rank_chunk, split_sizes)
+from bmray.models.delta.lora import WeightShard
 from bmray.models.layers.attention import KVCache, MultiHeadAttention
 from bmray.models.typed_config import ConfigError
 
@@ -113,6 +115,26 @@ class ColumnParallelLinear(TensorParallelModule):
             y = GatherFromTensorParallel.apply(y, self.group, self.out_sizes)
         return y
 
+    def weight_shard(self) -> WeightShard:
+        """This rank's rows of W (LoRA: B is split by rows, A stays whole)."""
+        if self.gather_output or (self.sequence_parallel and not self.input_is_parallel_ready):
+            raise ConfigError(f"LoRA on a ColumnParallelLinear needs a replicated input and a "
+                              f"split output (gather_output={self.gather_output}, "
+                              f"sequence_parallel={self.sequence_parallel})")
+        return WeightShard(0, sum(self.out_sizes[:self.tp_rank]), self.out_sizes[self.tp_rank])
+
+    def low_rank(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        """``dropout(x) Aᵀ`` [.., r] with A's gradient summed over the group (each rank's B
+        shard back-propagates only its output features into it). Dropout on the replicated x
+        draws from the outer stream: the same mask on every rank. Input already through f
+        (``input_is_parallel_ready``: that f sums x's partial gradient): f on A, an [r, in]
+        all-reduce backward. Else f on the code: one [.., r] all-reduce backward, which makes
+        the gradients of x and A whole at once."""
+        x = dropout(x)
+        if self.input_is_parallel_ready:
+            return x @ CopyToTensorParallel.apply(A, self.group).t()
+        return CopyToTensorParallel.apply(x @ A.t(), self.group)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"(local {self.weight.size(0)}, tp {self.tp_rank}/{self.tp_size}), "
@@ -155,6 +177,25 @@ class RowParallelLinear(TensorParallelModule):
         op = ReduceScatterToSequenceParallel if self.sequence_parallel else ReduceFromTensorParallel
         y = op.apply(y, self.group)
         return y if self.bias is None else y + self.bias
+
+    def weight_shard(self) -> WeightShard:
+        """This rank's columns of W (LoRA: A is split by columns, B stays whole)."""
+        if self.sequence_parallel:
+            raise ConfigError("LoRA on a RowParallelLinear under sequence parallelism is not "
+                              "supported (its output, and so B's gradient, is a sequence shard)")
+        sizes = split_sizes(self.in_features, self.tp_size)
+        return WeightShard(1, sum(sizes[:self.tp_rank]), sizes[self.tp_rank])
+
+    def low_rank(self, x: Tensor, A: Tensor, dropout: nn.Module) -> Tensor:
+        """``sum_r dropout(x_r) A_rᵀ``: the partial codes all-reduced by g *before* B (an
+        [.., r] tensor, not the [.., out] one). Then B's input and gradient are whole on every
+        rank, so B needs no gradient sync; summing after B, inside the layer's own all-reduce,
+        would save that collective but leave B's gradient a partial sum. Dropout on this
+        rank's features draws from ``tensor_parallel_rng`` (its own mask per rank)."""
+        active = dropout.training and getattr(dropout, "p", 0.0) > 0
+        with tensor_parallel_rng(self.group, x.device) if active else contextlib.nullcontext():
+            x = dropout(x)
+        return ReduceFromTensorParallel.apply(x @ A.t(), self.group)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.weight.size(1)}, tp "
