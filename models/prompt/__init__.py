@@ -1,0 +1,9 @@
+"""Prompt-learning: templates, verbalizers and prompt models for classification.
+
+template.py:      the template language (text, inputs, mask, soft tokens, truncation).
+tokenization.py:  one tokenizer interface over ours and `transformers` tokenizers.
+verbalizer.py:    manual (PET), knowledgeable (KPT) and soft (WARP) verbalizers.
+prompt_model.py:  prompt models over a masked LM, a causal LM and an encoder-decoder.
+
+Syntax, formulas and papers: docs/prompt_learning.md.
+"""
