@@ -339,10 +339,10 @@ def gang_position() -> tuple[int, int]:
     return 0, 1
 
 
-def run_adapt(cfg: AdaptConfig, *, out_dir: str,
-              on_eval: Callable[[dict], None] | None = None) -> AdaptResult:
-    """Train ``cfg``'s delta (or prompt) on its task; see the module docstring. On a gang
-    every rank calls this; rank 0's result is the run's."""
+def build_adapt_trainer(cfg: AdaptConfig, out_dir: str) -> tuple[Trainer, Task]:
+    """The task of ``cfg`` wired into a Trainer for this rank (of a gang, or alone): its
+    strategy, its slice of the rows, delta-only checkpoints under ``out_dir/checkpoints``
+    unless ``checkpoint.dir`` says otherwise, metrics in ``out_dir/metrics.jsonl``."""
     rank, world = gang_position()
     out = Path(out_dir)
     spec = cfg.strategy.resolved(world)
@@ -368,6 +368,18 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
                       checkpoint=cc, model_config=manifest, seed=cfg.seed)
     if cc.resume:
         check_base_of_checkpoint(cc.dir, task.identity)
+    return trainer, task
+
+
+def run_adapt(cfg: AdaptConfig, *, out_dir: str,
+              on_eval: Callable[[dict], None] | None = None) -> AdaptResult:
+    """Train ``cfg``'s delta (or prompt) on its task; see the module docstring. On a gang
+    every rank calls this; rank 0's result is the run's."""
+    rank, world = gang_position()
+    out = Path(out_dir)
+    trainer, task = build_adapt_trainer(cfg, out_dir)
+    strategy = trainer.strategy
+    delta_run = task.deltas is not None
     eval_batches = eval_row_batches(task.eval_rows, cfg.task.eval_batch_size, rank, world)
     cuda = strategy.device.type == "cuda"
     if cuda:
