@@ -45,7 +45,9 @@ from bmray.models.delta.base import base_identity
 from bmray.models.delta.io import read_manifest as read_delta_manifest
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
+from bmray.models.prompt.mlm_head import WrongBaseError, load_mlm_head
 from bmray.models.prompt.prompt_model import PromptForMaskedLM
+from bmray.models.prompt.template import TemplateError
 from bmray.models.prompt.verbalizer import ManualVerbalizer
 from bmray.models.tokenizer import Tokenizer, train_bpe
 from bmray.models.typed_config import ConfigError
@@ -243,15 +245,22 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
     if extra:
         raise ConfigError(f"prompt.label_words: {extra} are not classes of {cfg.task.dataset} "
                           f"(classes: {labels})")
-    if base.mlm is None:
-        raise ConfigError("prompt: the MiniLM has no masked-LM head here; use base.kind "
-                          "'family' (our BERT) for a prompt run")
+    mlm = base.mlm
+    if mlm is None:         # the MiniLM: its trained MLM head (models/prompt/mlm_head.py)
+        try:
+            mlm = load_mlm_head(base.model)
+        except WrongBaseError as exc:
+            raise ConfigError(f"prompt: {exc}") from exc
     verbalizer = ManualVerbalizer({label: p.label_words[label] for label in labels})
-    prompt = PromptForMaskedLM(base.mlm, p.template, verbalizer, base.tokenizer,
+    prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
                                max_length=cfg.task.max_length, freeze_base=True)
+    all_examples = [*train, *evals]
+    try:                    # every example fits the template: fail now, not at some step
+        prompt.encode(all_examples, max(map(len, prompt.word_pieces), default=1))
+    except TemplateError as exc:
+        raise ConfigError(f"prompt.template: {exc}") from exc
     dm = attach_delta(cfg, base.model)
     model = PromptClassifier(prompt, dm)
-    all_examples = [*train, *evals]
     rows = index_rows(train, labels)
     erows = index_rows(evals, labels)
     erows[:, 0] += len(train)

@@ -197,6 +197,11 @@ def adapt_config_from_dict(raw: dict[str, Any]) -> AdaptConfig:
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys are {sorted(SECTIONS)}")
     kw: dict[str, Any] = {}
+    ck = raw.get("checkpoint")
+    if isinstance(raw.get("out_dir"), str) and (ck is None or isinstance(ck, dict)) \
+            and not (ck or {}).get("dir"):
+        # checkpoints default to <out_dir>/checkpoints
+        raw = {**raw, "checkpoint": {**(ck or {}), "dir": f"{raw['out_dir']}/checkpoints"}}
     types = {"base": BaseConfig, "task": TaskConfig, "train": TrainConfig,
              "checkpoint": CheckpointConfig, "scaling": ScalingConfig, "run": RunConfig}
     for name, cls in types.items():
