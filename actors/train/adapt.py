@@ -72,6 +72,8 @@ class AdaptResult:
     losses: dict[int, float] = field(default_factory=dict)
     evals: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, int] = field(default_factory=dict)     # the strategy's memory report
+    delta_bytes: int = 0                # files of the saved delta (tensors + manifest)
+    checkpoint_bytes: int = 0           # files of the last checkpoint (state + manifest)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,6 +330,13 @@ def check_base_of_checkpoint(root: str, identity: dict[str, Any]) -> None:
             f"(weights sha256 {identity['weights_sha256'][:12]})")
 
 
+def dir_bytes(path: str | None) -> int:
+    """Total size of the files directly in a local directory (0 for None or a URI)."""
+    if not path or "://" in path or not Path(path).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
 def save_head(head: nn.Linear, directory: Path, labels: list[str], pooling: str) -> Path:
     """The classification head beside the delta: ``head.safetensors`` + ``head.json``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -423,7 +432,9 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
         if isinstance(module, SequenceClassifier):
             head_dir = str(save_head(module.head, out / "head", task.labels, cfg.task.pooling))
     strategy.barrier()
+    sizes = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
+             if rank == 0 else 0}
     return AdaptResult(metrics=evals[-1] if evals else {}, trainable_params=trainable,
                        total_params=total, peak_memory_bytes=int(peak), latency_ms=latency,
                        delta_dir=delta_dir, head_dir=head_dir, checkpoint=result.checkpoint,
-                       step=trainer.step, losses=losses, evals=evals, memory=memory)
+                       step=trainer.step, losses=losses, evals=evals, memory=memory, **sizes)

@@ -150,6 +150,9 @@ def test_run_adapt_reports_and_saves_the_delta(tmp_path):
     assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["examples"] == 64
     assert 0 < result.trainable_params < result.total_params / 10
     assert result.latency_ms > 0 and result.peak_memory_bytes > 0
+    assert result.delta_bytes == sum(os.path.getsize(os.path.join(result.delta_dir, f))
+                                     for f in os.listdir(result.delta_dir))
+    assert 0 < result.checkpoint_bytes < 10 * result.delta_bytes
     files = sorted(os.listdir(result.delta_dir))
     assert files == ["delta.safetensors", "manifest.json"]
     assert sorted(os.listdir(result.head_dir)) == ["head.json", "head.safetensors"]
@@ -217,3 +220,16 @@ def test_a_delta_saved_for_another_base_is_refused(tmp_path):
                delta={"method": "bitfit", "targets": ["ln_1"], "load": result.delta_dir})
     with pytest.raises(ConfigError, match="holds a lora delta, the config asks for bitfit"):
         build_task(load_adapt_config(raw), str(tmp_path / "a" / "tokenizer"))
+
+
+def test_world_labels_are_a_task(tmp_path):
+    """The synthetic world's documents, labelled by entity type (or region)."""
+    for label, classes in (("type", {"person", "city", "company", "country", "river"}),
+                           ("region", None)):
+        cfg = tiny(tmp_path, "task.dataset=world", "task.world_entities=20",
+                   f"task.world_label={label}", "task.few_shot_k=null", "task.eval_limit=null")
+        task = build_task(cfg, str(tmp_path / f"tok_{label}"))
+        assert len(task.train_rows) and len(task.eval_rows)
+        if classes is not None:
+            assert set(task.labels) <= classes and len(task.labels) >= 3
+        assert int(task.train_rows[:, -1].max()) < len(task.labels)
