@@ -66,6 +66,27 @@ def test_classifier_on_minilm_equals_the_formula(pooling):
     assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits, logits)
 
 
+def test_classifier_on_our_bert_reads_the_masked_encoder():
+    """Our BERT family: pooled ``encode(ids, attention_mask)`` (padding masked out) → head."""
+    from bmray.models.config import ModelConfig
+    from bmray.models.families.registry import build_model
+
+    torch.manual_seed(0)
+    bert = build_model(ModelConfig(family="bert", vocab_size=64, d_model=16, n_heads=2,
+                                   n_layers=1, d_ff=32, max_seq_len=16, dropout=0.0)).eval()
+    ids = torch.randint(7, 64, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 3:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    model = SequenceClassifier(DeltaModel(bert), 16, 4, pooling="mean").eval()
+    out = model(input_ids=ids, attention_mask=mask)
+    h = bert.encode(ids, attention_mask=mask)
+    m = mask[..., None].float()
+    ref = ((h * m).sum(1) / m.sum(1)) @ model.head.weight.T + model.head.bias
+    torch.testing.assert_close(out.logits, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_rows_objective_and_stream():
     exs = [Example(f"q{i}", None, "AB"[i % 2]) for i in range(10)]
     rows = encode_rows(exs, lambda ex: [7, 8, 9, 10, 11][: 1 + int(ex.text_a[1:]) % 5],
