@@ -5,6 +5,7 @@ tokenization.py:  one tokenizer interface over ours and `transformers` tokenizer
 verbalizer.py:    manual (PET), knowledgeable (KPT) and soft (WARP) verbalizers.
 prompt_model.py:  prompt models over a masked LM, a causal LM and an encoder-decoder.
 mlm_head.py:      the MLM head the offline MiniLM lacks, trained with our trainer.
+label_words.py:   label words for TREC and AG News (manual and hand-expanded).
 
 Syntax, formulas and papers: docs/prompt_learning.md.
 """

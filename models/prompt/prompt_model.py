@@ -8,10 +8,13 @@ template; the word is scored teacher-forced, ``sum_i log p(t_i | x, t_<i)``.
 PromptForSeq2SeqLM (T5): the mask is the first sentinel; the decoder scores
 ``<extra_id_0> t_1 .. t_k`` teacher-forced.
 
-Soft template tokens are rows of ``soft.weight``, written over the word-embedding output at
-their positions by a forward hook that lives only for the call (the base model is not edited).
-``freeze_base`` turns off the base's gradients. The LM and T5 models also generate from a
-filled template (``generate``). Docs: docs/prompt_learning.md.
+``collate(examples)`` makes a batch of tensors (the template filled with one mask) and
+``forward(**batch)`` returns a ModelOutput (class scores as logits; loss and accuracy with
+labels), so the training loop drives a prompt model like any other. Soft template tokens are
+rows of ``soft.weight``, written over the word-embedding output by a forward hook that lives
+only for the call (the base model is not edited); ``freeze_base`` turns off the base's
+gradients. The LM and T5 models also ``generate`` from a filled template.
+Docs: docs/prompt_learning.md.
 """
 from __future__ import annotations
 
@@ -25,17 +28,20 @@ from torch import Tensor, nn
 
 from bmray.models.data.classification import Example
 from bmray.models.generation import GenerationConfig, generate
+from bmray.models.outputs import ModelOutput
 from bmray.models.prompt.template import EncodedPrompt, Template, TemplateError
 from bmray.models.prompt.tokenization import PromptTokenizer, wrap
-from bmray.models.prompt.verbalizer import ManualVerbalizer, SoftVerbalizer, VerbalizerError
+from bmray.models.prompt.verbalizer import ManualVerbalizer, VerbalizerError
 
 EMBEDDING_NAMES = ("embed.tok", "shared", "word_embeddings", "wte")   # ours, T5, HF BERT, HF GPT-2
 
 
 def input_embedding(model: nn.Module) -> nn.Embedding:
-    """The model's word-embedding table: ``get_input_embeddings()`` where the model has it, else
-    the first ``nn.Embedding`` whose name ends with one of EMBEDDING_NAMES."""
-    getter = getattr(model, "get_input_embeddings", None)
+    """The model's word-embedding table: the encoder's ``get_input_embeddings()`` for a
+    `transformers` encoder-decoder (its T5 encoder has its own module tied to ``shared``), the
+    model's where it has one, else the first ``nn.Embedding`` named like EMBEDDING_NAMES."""
+    encoder = getattr(model, "get_encoder", None)
+    getter = getattr(encoder() if callable(encoder) else model, "get_input_embeddings", None)
     if callable(getter) and isinstance(getter(), nn.Embedding):
         return getter()
     for name, mod in model.named_modules():
@@ -55,6 +61,11 @@ def checked_max_length(model: nn.Module, max_length: int | None) -> int:
         raise TemplateError(f"max_length={max_length} is outside 1..{limit or 'inf'} (the "
                             f"{type(model).__name__}'s position limit)")
     return max_length
+
+
+def same_ids(a: Tensor, b: Tensor) -> bool:
+    """``a`` is ``b`` or a same-shaped view of its storage (a model may reshape its input)."""
+    return a is b or (a.shape == b.shape and a.data_ptr() == b.data_ptr())
 
 
 def logits_of(out: Any) -> Tensor:
@@ -100,10 +111,12 @@ class SoftTokens(nn.Module):
         if cols.numel() == 0:
             yield
             return
+        fired = []
 
         def hook(module, inputs, output):
             if not match(inputs[0]):
                 return output
+            fired.append(True)
             if rows is None:
                 n = output.size(0)
                 r = torch.arange(n, device=output.device).repeat_interleave(len(cols))
@@ -115,10 +128,17 @@ class SoftTokens(nn.Module):
             yield
         finally:
             handle.remove()
+        if not fired:       # silently dropped soft tokens would train nothing
+            raise TemplateError("the soft tokens were not written: the model never called its word "
+                                "embedding on the prompt's ids (pass embedding= if it has several)")
 
 
 class PromptModel(nn.Module):
-    """What the three kinds share: encoding, soft tokens, labels, loss, prediction."""
+    """What the three kinds share: collation, soft tokens, labels, loss, prediction.
+
+    A batch (``collate``): input_ids, attention_mask [B, T] (right-padded), mask_pos [B] (the
+    one mask), soft_pos / soft_ids [B, S] (-1 pads), labels [B] (class indices, optional).
+    """
 
     def __init__(self, model: nn.Module, template: Template | str, verbalizer: nn.Module,
                  tokenizer: Any, max_length: int | None = None, freeze_base: bool = True,
@@ -140,6 +160,8 @@ class PromptModel(nn.Module):
         if isinstance(verbalizer, ManualVerbalizer):
             mask_part = next(p for p in self.template.parts if p.kind == "mask")
             self.word_pieces = verbalizer.tokenize_words(self.tok, mask_part.space_before)
+        # room kept at encoding for a k-piece word's k - 1 extra tokens (masks or teacher forcing)
+        self.reserve = max((len(p) for p in self.word_pieces), default=1) - 1
 
     def check(self) -> None:
         """Template and verbalizer fit this kind of model (overridden per kind)."""
@@ -149,48 +171,83 @@ class PromptModel(nn.Module):
         if self.tok.mask_id is None:
             raise TemplateError(f"{type(self).__name__} needs a tokenizer with a mask/sentinel token")
 
-    def encode(self, examples: Sequence[Example], n_mask: int = 1) -> list[EncodedPrompt]:
-        return [self.template.encode(ex, self.tok, self.max_length, n_mask) for ex in examples]
+    # ------------------------------------------------------------------ batches
+    def encode(self, examples: Sequence[Example]) -> list[EncodedPrompt]:
+        budget = self.max_length - self.reserve
+        try:
+            return [self.template.encode(ex, self.tok, budget) for ex in examples]
+        except TemplateError as err:
+            if not self.reserve:
+                raise
+            raise TemplateError(f"{err} (max_length {self.max_length} less {self.reserve} kept for "
+                                "the longest label word's extra pieces)") from None
 
-    def run(self, forward: Callable[..., Any], input_ids: Tensor, soft_rows: Tensor,
-            soft_cols: Tensor, soft_ids: Tensor, **kwargs) -> Any:
-        """``forward(input_ids=..., **kwargs)`` with the soft tokens written in."""
-        with self.soft.inject(self.embedding, lambda ids: ids is input_ids, soft_cols, soft_ids, soft_rows):
+    def collate(self, examples: Sequence[Example], labels: bool = True) -> dict[str, Tensor]:
+        """The batch of tensors ``forward`` takes; ``labels`` reads each example's label."""
+        enc = self.encode(examples)
+        ids, attn = pad_right([e.input_ids for e in enc], self.tok.pad_id)
+        n_soft = max(len(e.soft_positions) for e in enc)
+        soft_pos = torch.full((len(enc), n_soft), -1, dtype=torch.long)
+        soft_ids = torch.full((len(enc), n_soft), -1, dtype=torch.long)
+        for i, e in enumerate(enc):
+            soft_pos[i, :len(e.soft_positions)] = torch.tensor(e.soft_positions, dtype=torch.long)
+            soft_ids[i, :len(e.soft_ids)] = torch.tensor(e.soft_ids, dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": attn, "soft_pos": soft_pos, "soft_ids": soft_ids,
+                 "mask_pos": torch.tensor([e.mask_positions[0] for e in enc], dtype=torch.long)}
+        if labels:
+            batch["labels"] = torch.tensor([self.verbalizer.label_index(ex.label) for ex in examples])
+        dev = self.device
+        return {k: v.to(dev) for k, v in batch.items()}
+
+    def run(self, forward: Callable[..., Any], input_ids: Tensor, soft_pos: Tensor, soft_ids: Tensor,
+            **kwargs) -> Any:
+        """``forward(input_ids=..., **kwargs)`` with the soft tokens written in; row b of
+        ``soft_pos``/``soft_ids`` [B, S] (-1 pads) belongs to row b of ``input_ids``."""
+        valid = soft_pos >= 0
+        rows = torch.arange(soft_pos.size(0), device=soft_pos.device)[:, None].expand_as(soft_pos)
+        with self.soft.inject(self.embedding, lambda ids: same_ids(ids, input_ids), soft_pos[valid],
+                              soft_ids[valid], rows[valid]):
             return forward(input_ids=input_ids, **kwargs)
 
-    @staticmethod
-    def soft_index(encoded: Sequence[EncodedPrompt], repeat: int = 1) -> tuple[Tensor, Tensor, Tensor]:
-        """(rows, cols, soft ids) of every soft position; row ``i * repeat + r`` is encoded[i]."""
-        rows, cols, ids = [], [], []
-        for i, e in enumerate(encoded):
-            for r in range(repeat):
-                rows += [i * repeat + r] * len(e.soft_positions)
-                cols += e.soft_positions
-                ids += e.soft_ids
-        as_long = lambda x: torch.tensor(x, dtype=torch.long)     # noqa: E731
-        return as_long(rows), as_long(cols), as_long(ids)
-
-    def word_log_probs(self, examples: Sequence[Example]) -> Tensor:
+    # ------------------------------------------------------------------ scoring
+    def word_log_probs(self, batch: dict[str, Tensor]) -> Tensor:
         """log p(w | x) of every label word, over all its pieces: [B, W]."""
         raise NotImplementedError
 
-    def forward(self, examples: Sequence[Example]) -> Tensor:
+    def class_scores(self, batch: dict[str, Tensor]) -> Tensor:
         """Class scores [B, C] (log-probability-like; argmax is the prediction)."""
-        return self.verbalizer.class_scores(self.word_log_probs(examples))
+        return self.verbalizer.class_scores(self.word_log_probs(batch))
 
-    def targets(self, examples: Sequence[Example]) -> Tensor:
-        return torch.tensor([self.verbalizer.label_index(ex.label) for ex in examples])
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, mask_pos: Tensor, soft_pos: Tensor,
+                soft_ids: Tensor, labels: Tensor | None = None) -> ModelOutput:
+        """ModelOutput(logits = class scores [B, C], loss = cross-entropy with ``labels``,
+        metrics = {"accuracy"})."""
+        scores = self.class_scores({"input_ids": input_ids, "attention_mask": attention_mask,
+                                    "mask_pos": mask_pos, "soft_pos": soft_pos, "soft_ids": soft_ids})
+        if labels is None:
+            return ModelOutput(logits=scores)
+        labels = labels.to(scores.device)
+        loss = F.cross_entropy(scores.float(), labels)
+        accuracy = (scores.detach().argmax(-1) == labels).float().mean()
+        return ModelOutput(logits=scores, loss=loss, metrics={"accuracy": accuracy})
+
+    def scores(self, examples: Sequence[Example]) -> Tensor:
+        """Class scores [B, C] of ``examples`` (their labels are not read)."""
+        return self.class_scores(self.collate(examples, labels=False))
 
     def loss(self, examples: Sequence[Example]) -> Tensor:
         """Cross-entropy of the class scores against the examples' labels."""
-        scores = self(examples)
-        return F.cross_entropy(scores.float(), self.targets(examples).to(scores.device))
+        return self(**self.collate(examples)).loss
+
+    @torch.no_grad()
+    def predict(self, examples: Sequence[Example]) -> list[str]:
+        return [self.verbalizer.labels[i] for i in self.scores(examples).argmax(-1).tolist()]
 
     @torch.no_grad()
     def calibrate(self, support: Sequence[Example]) -> Tensor:
         """KPT's contextualised calibration: the verbalizer's prior over label words is
         estimated on ``support`` (unlabelled inputs; their labels are not read)."""
-        return self.verbalizer.calibrate(self.word_log_probs(support))
+        return self.verbalizer.calibrate(self.word_log_probs(self.collate(support, labels=False)))
 
     @torch.no_grad()
     def label_word_vectors(self) -> Tensor:
@@ -198,10 +255,6 @@ class PromptModel(nn.Module):
         table = self.embedding.weight
         return torch.stack([table[torch.tensor(p, device=table.device)].float().mean(0)
                             for p in self.word_pieces])
-
-    @torch.no_grad()
-    def predict(self, examples: Sequence[Example]) -> list[str]:
-        return [self.verbalizer.labels[i] for i in self(examples).argmax(-1).tolist()]
 
     def generation_config(self, max_new_tokens: int = 16) -> GenerationConfig:
         """Greedy, stopping at the tokenizer's eos."""
@@ -211,6 +264,21 @@ class PromptModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embedding.weight.device
+
+
+def expand_mask(batch: dict[str, Tensor], k: int, mask_id: int) -> dict[str, Tensor]:
+    """The batch with its one mask at ``mask_pos`` widened to k masks (later tokens and soft
+    positions shift right by k - 1); ``mask_pos`` becomes [B, k]."""
+    ids, attn, m = batch["input_ids"], batch["attention_mask"], batch["mask_pos"][:, None]
+    j = torch.arange(ids.size(1) + k - 1, device=ids.device)[None]
+    src = torch.where(j < m, j, j - (k - 1)).expand(ids.size(0), -1)
+    in_mask = (j >= m) & (j < m + k)
+    soft_pos = batch["soft_pos"]
+    return {"input_ids": ids.gather(1, src).masked_fill(in_mask, mask_id),
+            "attention_mask": attn.gather(1, src).masked_fill(in_mask, 1),
+            "mask_pos": m + torch.arange(k, device=ids.device)[None],
+            "soft_pos": torch.where(soft_pos > m, soft_pos + (k - 1), soft_pos),
+            "soft_ids": batch["soft_ids"]}
 
 
 class PromptForMaskedLM(PromptModel):
@@ -233,36 +301,27 @@ class PromptForMaskedLM(PromptModel):
                                 "word at the mask")
         super().check()
 
-    def _batch(self, examples: Sequence[Example], n_mask: int):
-        enc = self.encode(examples, n_mask)
-        ids, attn = pad_right([e.input_ids for e in enc], self.tok.pad_id)
-        masks = torch.tensor([e.mask_positions for e in enc], dtype=torch.long)   # [B, n_mask]
-        dev = self.device
-        rows, cols, sids = (t.to(dev) for t in self.soft_index(enc))
-        return ids.to(dev), attn.to(dev), masks.to(dev), rows, cols, sids
-
-    def word_log_probs(self, examples: Sequence[Example]) -> Tensor:
-        out = None                                      # [B, W], made on the logits' device
+    def word_log_probs(self, batch: dict[str, Tensor]) -> Tensor:
+        columns: list[Tensor | None] = [None] * len(self.word_pieces)
         for k in sorted({len(p) for p in self.word_pieces}):   # one pass per piece count
-            ids, attn, masks, rows, cols, sids = self._batch(examples, k)
-            logits = logits_of(self.run(self.base, ids, rows, cols, sids, attention_mask=attn))
-            at_mask = logits.gather(1, masks[..., None].expand(-1, -1, logits.size(-1)))   # [B, k, V]
-            logp = F.log_softmax(at_mask.float(), dim=-1)
+            b = expand_mask(batch, k, self.tok.mask_id)
+            logits = logits_of(self.run(self.base, b["input_ids"], b["soft_pos"], b["soft_ids"],
+                                        attention_mask=b["attention_mask"]))
+            at_mask = logits.gather(1, b["mask_pos"][..., None].expand(-1, -1, logits.size(-1)))
+            logp = F.log_softmax(at_mask.float(), dim=-1)                       # [B, k, V]
             for w, pieces in enumerate(self.word_pieces):
-                if len(pieces) != k:
-                    continue
-                if out is None:
-                    out = logp.new_zeros(len(examples), len(self.word_pieces))
-                target = torch.tensor(pieces, device=logp.device)
-                out[:, w] = logp[:, torch.arange(k, device=logp.device), target].sum(-1)
-        return out
+                if len(pieces) == k:
+                    target = torch.tensor(pieces, device=logp.device)
+                    columns[w] = logp[:, torch.arange(k, device=logp.device), target].sum(-1)
+        return torch.stack(columns, dim=1)
 
-    def forward(self, examples: Sequence[Example]) -> Tensor:
+    def class_scores(self, batch: dict[str, Tensor]) -> Tensor:
         if not self.verbalizer.needs_hidden:
-            return super().forward(examples)
-        ids, attn, masks, rows, cols, sids = self._batch(examples, 1)
-        hidden = self.run(self.hidden_fn, ids, rows, cols, sids, attention_mask=attn)
-        return self.verbalizer.class_scores_from_hidden(hidden[torch.arange(len(examples)), masks[:, 0]])
+            return super().class_scores(batch)
+        hidden = self.run(self.hidden_fn, batch["input_ids"], batch["soft_pos"], batch["soft_ids"],
+                          attention_mask=batch["attention_mask"])
+        at_mask = hidden[torch.arange(hidden.size(0), device=hidden.device), batch["mask_pos"]]
+        return self.verbalizer.class_scores_from_hidden(at_mask)
 
 
 class PromptForCausalLM(PromptModel):
@@ -276,23 +335,20 @@ class PromptForCausalLM(PromptModel):
             raise VerbalizerError("SoftVerbalizer scores a mask's hidden state: use PromptForMaskedLM")
         super().check()
 
-    def word_log_probs(self, examples: Sequence[Example]) -> Tensor:
-        enc = self.encode(examples)
+    def word_log_probs(self, batch: dict[str, Tensor]) -> Tensor:
         n_words = len(self.word_pieces)
         seqs, starts = [], []
-        for e in enc:
-            prefix = e.input_ids[:e.mask_positions[0]]                  # the mask and framing after it go
-            for pieces in self.word_pieces:
-                seqs.append(prefix + pieces[:-1])
-                starts.append(len(prefix) - 1)                          # logits here predict piece 0
+        for row, m in zip(batch["input_ids"].tolist(), batch["mask_pos"].tolist()):
+            for pieces in self.word_pieces:             # the mask and the framing after it go
+                seqs.append(row[:m] + pieces[:-1])
+                starts.append(m - 1)                    # the logits here predict piece 0
         ids, attn = pad_right(seqs, self.tok.pad_id)
         dev = self.device
-        rows, cols, sids = (t.to(dev) for t in self.soft_index(enc, repeat=n_words))
-        ids, attn = ids.to(dev), attn.to(dev)
-        logp = F.log_softmax(logits_of(self.run(self.base, ids, rows, cols, sids,
-                                                attention_mask=attn)).float(), dim=-1)
-        return _teacher_forced(logp, starts, self.word_pieces, len(examples))
-
+        ids = ids.to(dev)
+        logits = logits_of(self.run(self.base, ids, batch["soft_pos"].repeat_interleave(n_words, 0),
+                                    batch["soft_ids"].repeat_interleave(n_words, 0),
+                                    attention_mask=attn.to(dev)))
+        return teacher_forced(F.log_softmax(logits.float(), dim=-1), starts, self.word_pieces)
 
     @torch.no_grad()
     def generate(self, example: Example, config: GenerationConfig | None = None) -> str:
@@ -305,7 +361,7 @@ class PromptForCausalLM(PromptModel):
                               torch.tensor(e.soft_positions, device=self.device),
                               torch.tensor(e.soft_ids, device=self.device)):
             out = generate(self.base, prompt, config or self.generation_config())
-        return self.tok.decode(_until(out[0, n:].tolist(), self.tok.eos_id))
+        return self.tok.decode(until(out[0, n:].tolist(), self.tok.eos_id))
 
 
 class PromptForSeq2SeqLM(PromptModel):
@@ -323,26 +379,23 @@ class PromptForSeq2SeqLM(PromptModel):
         if start is None:
             raise TemplateError("PromptForSeq2SeqLM needs decoder_start_id (the model's config has none)")
         self.decoder_start_id = int(start)
+        self.reserve = 0                    # the word goes to the decoder, not the encoder
 
     def check(self) -> None:
         if self.verbalizer.needs_hidden:
             raise VerbalizerError("SoftVerbalizer scores a mask's hidden state: use PromptForMaskedLM")
         super().check()
 
-    def word_log_probs(self, examples: Sequence[Example]) -> Tensor:
-        enc = self.encode(examples)
-        n_words = len(self.word_pieces)
-        enc_ids, enc_attn = pad_right([e.input_ids for e in enc for _ in range(n_words)], self.tok.pad_id)
-        dec = [[self.decoder_start_id, self.tok.mask_id] + p[:-1] for _ in enc for p in self.word_pieces]
-        dec_ids, _ = pad_right(dec, self.tok.pad_id)                     # causal: pads after are unseen
-        dev = self.device
-        rows, cols, sids = (t.to(dev) for t in self.soft_index(enc, repeat=n_words))
-        enc_ids = enc_ids.to(dev)
-        out = self.run(self.base, enc_ids, rows, cols, sids, attention_mask=enc_attn.to(dev),
-                       decoder_input_ids=dec_ids.to(dev))
-        logp = F.log_softmax(logits_of(out).float(), dim=-1)
-        return _teacher_forced(logp, [1] * len(dec), self.word_pieces, len(examples))
-
+    def word_log_probs(self, batch: dict[str, Tensor]) -> Tensor:
+        n_words, n = len(self.word_pieces), batch["input_ids"].size(0)
+        rep = lambda t: t.repeat_interleave(n_words, 0)                    # noqa: E731
+        dec = [[self.decoder_start_id, self.tok.mask_id] + p[:-1] for p in self.word_pieces] * n
+        dec_ids, _ = pad_right(dec, self.tok.pad_id)          # causal: pads after a word are unseen
+        enc_ids = rep(batch["input_ids"])
+        out = self.run(self.base, enc_ids, rep(batch["soft_pos"]), rep(batch["soft_ids"]),
+                       attention_mask=rep(batch["attention_mask"]), decoder_input_ids=dec_ids.to(self.device))
+        return teacher_forced(F.log_softmax(logits_of(out).float(), dim=-1), [1] * len(dec),
+                              self.word_pieces)
 
     @torch.no_grad()
     def generate(self, example: Example, config: GenerationConfig | None = None) -> str:
@@ -353,33 +406,32 @@ class PromptForSeq2SeqLM(PromptModel):
         config = config or self.generation_config()
         if config.decoder_start_id is None:
             config = dataclasses.replace(config, decoder_start_id=self.decoder_start_id)
-        with self.soft.inject(self.embedding, lambda x: x is ids,
+        with self.soft.inject(self.embedding, lambda x: same_ids(x, ids),
                               torch.tensor(e.soft_positions, device=self.device),
                               torch.tensor(e.soft_ids, device=self.device)):
             out = generate(self.base, ids, config)[0, 1:].tolist()
         if out and out[0] == self.tok.mask_id:
             out = out[1:]
-        return self.tok.decode(_until(out, self.tok.eos_id))
+        return self.tok.decode(until(out, self.tok.eos_id))
 
 
-def _until(ids: list[int], stop: int | None) -> list[int]:
+def until(ids: list[int], stop: int | None) -> list[int]:
+    """``ids`` up to (without) the first ``stop``."""
     return ids[:ids.index(stop)] if stop is not None and stop in ids else ids
 
 
-def _teacher_forced(logp: Tensor, starts: Sequence[int], word_pieces: Sequence[Sequence[int]],
-                    batch: int) -> Tensor:
+def teacher_forced(logp: Tensor, starts: Sequence[int], word_pieces: Sequence[Sequence[int]]) -> Tensor:
     """Row ``b * W + w`` of ``logp`` [B*W, T, V] scores word w from position ``starts[row]``:
     ``sum_i logp[row, start + i, pieces[i]]`` -> [B, W]."""
     n_words = len(word_pieces)
-    rows, cols, toks, owner = [], [], [], []
+    rows, cols, toks = [], [], []
     for row, start in enumerate(starts):
         pieces = word_pieces[row % n_words]
         rows += [row] * len(pieces)
         cols += range(start, start + len(pieces))
         toks += pieces
-        owner += [row] * len(pieces)
     dev = logp.device
-    picked = logp[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev),
-                  torch.tensor(toks, device=dev)]
-    sums = logp.new_zeros(batch * n_words).index_add(0, torch.tensor(owner, device=dev), picked)
-    return sums.view(batch, n_words)
+    rows_t = torch.tensor(rows, device=dev)
+    picked = logp[rows_t, torch.tensor(cols, device=dev), torch.tensor(toks, device=dev)]
+    sums = logp.new_zeros(len(starts)).index_add(0, rows_t, picked)
+    return sums.view(-1, n_words)

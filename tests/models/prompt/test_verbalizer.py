@@ -45,14 +45,14 @@ def test_manual_mlm_scores_every_piece():
     assert len(tok.encode(" zebra")) > 1 and len(tok.encode(" great")) == 1
     pm = PromptForMaskedLM(bert, TEMPLATE, ManualVerbalizer(WORDS), tok)
     with torch.no_grad():
-        scores = pm([Example(TEXT)])[0]
+        scores = pm.scores([Example(TEXT)])[0]
     great, zebra, awful = (bert_word_logp(bert, tok, w)[0] for w in ("great", "zebra", "awful"))
     ref = torch.tensor([log_mean_exp([great, zebra]), awful])
     assert torch.allclose(scores.double(), ref.double(), atol=1e-4)
     # a verbalizer that counted only the first piece of "zebra" would give another score
     only_zebra = PromptForMaskedLM(bert, TEMPLATE, ManualVerbalizer({"z": ["zebra"]}), tok)
     with torch.no_grad():
-        z = only_zebra([Example(TEXT)])[0, 0].item()
+        z = only_zebra.scores([Example(TEXT)])[0, 0].item()
     full, first = bert_word_logp(bert, tok, "zebra")
     assert math.isclose(z, full, abs_tol=1e-4) and abs(z - first) > 1.0
 
@@ -62,7 +62,7 @@ def test_causal_lm_teacher_forced():
     pm = PromptForCausalLM(gpt, "{text_a} It was {mask}", ManualVerbalizer(WORDS), tok)
     examples = [Example(TEXT), Example("a bad and dull story")]
     with torch.no_grad():
-        scores = pm(examples)
+        scores = pm.scores(examples)
     for b, ex in enumerate(examples):
         prefix = [1] + tok.encode(ex.text_a) + tok.encode(" It was")
         lp = {}
@@ -79,7 +79,7 @@ def test_seq2seq_decoder_scores_the_word():
     tok, t5 = tokenizer("t5"), model("t5").eval()
     pm = PromptForSeq2SeqLM(t5, TEMPLATE, ManualVerbalizer(WORDS), tok)
     with torch.no_grad():
-        scores = pm([Example(TEXT)])[0]
+        scores = pm.scores([Example(TEXT)])[0]
     sentinel = tok.special_ids()["sentinel_ids"][0]
     enc = [*tok.encode(TEXT), *tok.encode(" It was"), sentinel, *tok.encode("."), 2]
     lp = {}
@@ -136,7 +136,7 @@ def test_soft_verbalizer_is_a_dot_product_with_the_mask_state():
     with torch.no_grad():
         h = bert.encode(torch.tensor([ids]))[0, ids.index(4)]
         ref = torch.stack([h @ verb.weight[c] + verb.bias[c] for c in range(2)])
-        assert torch.allclose(pm([Example(TEXT)])[0], ref, atol=1e-5)
+        assert torch.allclose(pm.scores([Example(TEXT)])[0], ref, atol=1e-5)
 
 
 def test_unknown_label_word_names_it():
@@ -171,7 +171,7 @@ def test_kpt_calibrated_support_probabilities_average_to_one():
     support = [Example("the film was good"), Example("a bad and dull story"), Example("fine work")]
     pm.calibrate(support)
     with torch.no_grad():
-        calibrated = pm.word_log_probs(support) - verb.log_prior
+        calibrated = pm.word_log_probs(pm.collate(support, labels=False)) - verb.log_prior
     assert torch.allclose(calibrated.exp().mean(0), torch.ones(5), atol=1e-4)
     q = pm.label_word_vectors()
     assert torch.allclose(q[2], bert.embed.tok.weight[tok.encode(" zebra")].mean(0))
