@@ -22,6 +22,8 @@ import os
 import shutil
 from pathlib import Path
 
+import ray
+
 from bmray.actors.train.adapt import AdaptResult, run_adapt
 from bmray.actors.train.adapt_config import AdaptConfig
 from bmray.actors.tune.trainable import gang_bundles
@@ -47,7 +49,7 @@ def adapt_trial(cfg: AdaptConfig, *, out_dir: str, on_eval=None) -> AdaptResult:
         raise ConfigError("delta: a sweep trial checkpoints the delta only; delta null (full "
                           "fine-tuning) has none — give delta a method")
     cfg = trial_config(cfg, out_dir)
-    _, bundles = gang_bundles()
+    _, bundles = gang_bundles() if ray.is_initialized() else (None, [])
     if bundles:
         if len(bundles) != cfg.scaling.num_workers:
             raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers}, but the trial "
