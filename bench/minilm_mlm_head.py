@@ -1,6 +1,6 @@
 """Train an MLM head for the offline all-MiniLM-L6-v2 with our Trainer; report mask filling.
 
-    .venv/bin/python bench/minilm_mlm_head.py [--steps 500] [--out artifacts/minilm_mlm_head]
+    .venv/bin/python bench/minilm_mlm_head.py [--steps 900] [--out artifacts/minilm_mlm_head]
 
 Text: data/text/tinyshakespeare.txt (see data/README.md), word-pieced by the MiniLM's own
 tokenizer; the first 90% of its lines train, the last 10% are held out. The encoder is frozen
@@ -108,7 +108,7 @@ def probe(model: MaskedLMModel, tok, k: int = 5) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=900)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--block", type=int, default=62, help="word pieces per block ([CLS]/[SEP] added)")
     ap.add_argument("--lr", type=float, default=2e-3)
