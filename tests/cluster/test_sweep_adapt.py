@@ -26,6 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bmray.actors.train.adapt import build_task
 from bmray.actors.train.adapt_config import DeltaSection, adapt_config_from_dict
 from bmray.actors.tune.trainable import TrialSpec
+from bmray.cluster.sweep import DEFAULT_BODY, trial_spec
 from bmray.jobs import sweep as sweep_job
 from bmray.models.config import ModelConfig
 from bmray.models.delta.io import load_delta
@@ -244,3 +245,13 @@ def test_in_process_trials_need_one_worker(tmp_path, capsys):
                            "--set", f"sweep.storage_path={tmp_path}/runs"]) == 2
     assert "sweep.workers_per_trial: 0 runs each trial in its own process" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sweep_tiny.yaml", "sweep_trec.yaml"])
+def test_the_shipped_sweep_configs_validate(name):
+    """Every key and option of the shipped spaces builds an adapt config (no Ray, no model)."""
+    sweep, adapt, space = sweep_job.load_sweep(os.path.join(REPO, "configs", name), [])
+    body = sweep_job.resolve(sweep.trial_body, "trial_body")
+    loader = sweep_job.resolve(sweep.config_loader, "config_loader")
+    trial_spec(sweep, adapt, space, body, loader)
+    assert sweep.trial_body == DEFAULT_BODY and sweep.scheduler == "asha"
