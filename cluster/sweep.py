@@ -31,8 +31,8 @@ from bmray.actors.tune.space import SearchSpace
 from bmray.actors.tune.trainable import FINAL, TrialSpec, make_trainable
 from bmray.models.typed_config import ConfigError, check_choice, check_int, check_positive
 
-DEFAULT_BODY = "bmray.actors.train.adapt:run_adapt"
-DEFAULT_LOADER = "bmray.actors.train.adapt:load_adapt_config"
+DEFAULT_BODY = "bmray.cluster.adapt_trial:adapt_trial"   # run_adapt, on the trial's gang
+DEFAULT_LOADER = "bmray.actors.train.adapt_config:adapt_config_from_dict"
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,14 @@ def trial_spec(sweep: SweepConfig, adapt: Mapping[str, Any], space: SearchSpace,
                      cpus_per_worker=sweep.cpus_per_worker, trial_cpus=sweep.trial_cpus)
     base = spec.base_mapping()
     try:
-        load_config(base)
+        cfg = load_config(base)
     except ConfigError as exc:
         raise ConfigError(f"adapt: {exc}") from None
+    workers = getattr(getattr(cfg, "scaling", None), "num_workers", 1)
+    if sweep.workers_per_trial == 0 and workers != 1:
+        raise ConfigError(f"sweep.workers_per_trial: 0 runs each trial in its own process, but "
+                          f"adapt scaling.num_workers is {workers} (set it to 1, or give "
+                          f"workers_per_trial)")
     space.validate(base, load_config)
     return spec
 
