@@ -63,7 +63,7 @@ def minilm_prompt(**prompt):
 
 @pytest.mark.parametrize("overrides,raw,match", [
     (["delta.rnak=4"], None, r"delta: unknown key\(s\) \['rnak'\]"),
-    (["delta.targets=[nope]"], None, r"targets: 'nope' matches no Linear .* candidates:"),
+    (["delta.targets=[nope]"], None, r"targets: 'nope' matches no Linear\S* .* candidates:"),
     (["delta.rank=64"], None, r"delta.rank: 64 exceeds min\(in, out\) = 32"),
     ([], minilm_prompt(template="{text_a} It is about"), r"prompt: .*has no \{mask\}"),
     ([], minilm_prompt(label_words={**PROMPT["label_words"], "HUM": ["\u2603"]}),
