@@ -63,12 +63,16 @@ def workers_that_fit(scaling: ScalingConfig) -> int:
 class WorkerGroup:
     """A gang of ``num_workers`` GangWorker actors in one placement group, one process group."""
 
-    def __init__(self, scaling: ScalingConfig, env: dict[str, str] | None = None):
+    def __init__(self, scaling: ScalingConfig, env: dict[str, str] | None = None,
+                 placement: tuple[Any, list[int]] | None = None):
+        # ``placement``: (a placement group someone else reserved, the bundle index of each
+        # rank), e.g. a Tune trial's own bundles; the gang then places no group of its own
         self.scaling = scaling
         self.env = env or {}
         self.workers: list[Any] = []
         self.node_ids: list[str] = []        # the Ray node of each rank
         self._pg = None
+        self._placement = placement
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, placement_timeout_s: float | None = None) -> "WorkerGroup":
@@ -77,10 +81,16 @@ class WorkerGroup:
         s = self.scaling
         bundle = s.bundle
         wait_s = s.start_timeout_s if placement_timeout_s is None else placement_timeout_s
-        self._pg = placement_group([dict(bundle) for _ in range(s.num_workers)],
-                                   strategy=s.placement_strategy)
+        if self._placement is not None:
+            pg, bundles = self._placement
+            if len(bundles) != s.num_workers:
+                raise ValueError(f"placement: {len(bundles)} bundles for {s.num_workers} workers")
+        else:
+            self._pg = pg = placement_group([dict(bundle) for _ in range(s.num_workers)],
+                                            strategy=s.placement_strategy)
+            bundles = list(range(s.num_workers))
         try:
-            ray.get(self._pg.ready(), timeout=wait_s)
+            ray.get(pg.ready(), timeout=wait_s)
         except GetTimeoutError:
             self.shutdown()
             raise PlacementTimeout(
@@ -92,7 +102,7 @@ class WorkerGroup:
             GangWorker.options(
                 num_cpus=s.cpus_per_worker, num_gpus=1 if s.use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i),
+                    pg, placement_group_bundle_index=bundles[i]),
             ).remote(threads, self.env)
             for i in range(s.num_workers)]
         try:
@@ -146,12 +156,19 @@ class WorkerGroup:
         return self.get([self.workers[rank].execute.remote(fn, *args, **kwargs)])[0]
 
     @staticmethod
-    def get(refs: list) -> list[Any]:
+    def get(refs: list, on_wait: Callable[[], None] | None = None,
+            poll_s: float = 0.2) -> list[Any]:
         """ray.get in rank order, but report the first failure as soon as it happens: a dead
-        rank leaves its peers blocked in a collective, so waiting in rank order could hang."""
+        rank leaves its peers blocked in a collective, so waiting in rank order could hang.
+        ``on_wait`` is called every ``poll_s`` seconds while waiting (and once at the end)."""
         pending = list(refs)
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1,
+                                     timeout=poll_s if on_wait is not None else None)
+            if on_wait is not None:
+                on_wait()
+            if not done:
+                continue
             try:
                 ray.get(done[0])
             except Exception as exc:            # RayActorError, RayTaskError

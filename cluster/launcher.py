@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from bmray.actors.parallel.registry import strategy_from_dict
 from bmray.actors.runtime.train_rank import train_rank
@@ -51,9 +51,15 @@ class TrainRun:
     (from 1) of the current attempt (tests kill them to exercise fault tolerance).
     """
 
-    def __init__(self, raw_experiment: dict[str, Any], samples: list[str] | None = None):
+    def __init__(self, raw_experiment: dict[str, Any], samples: list[str] | None = None, *,
+                 parse: Callable[[dict[str, Any]], Any] = experiment_from_dict,
+                 rank_fn: Callable[..., dict[str, Any]] = train_rank):
+        # ``parse`` validates the raw config (anything with scaling / run / train sections);
+        # ``rank_fn(raw, shards, samples=, resume=)`` is what every rank runs (adaptation
+        # passes its own: jobs/adapt.py)
         self.raw = raw_experiment
-        self.exp = experiment_from_dict(raw_experiment)      # validates before anything starts
+        self.parse, self.rank_fn = parse, rank_fn
+        self.exp = parse(raw_experiment)                     # validates before anything starts
         self.samples = samples
         self.scaling: ScalingConfig = self.exp.scaling
         self.run_cfg: RunConfig = self.exp.run
@@ -72,7 +78,7 @@ class TrainRun:
             resume = None if self.attempt == 1 else True       # a restart always resumes
             try:
                 raw = self._start()
-                refs = self.group.execute_async(train_rank, raw, self.shards,
+                refs = self.group.execute_async(self.rank_fn, raw, self.shards,
                                                 samples=self.samples, resume=resume)
                 # A dead shard surfaces as a RayActorError in the workers' next pull/push.
                 reports = self.group.get(refs)
@@ -141,7 +147,7 @@ class TrainRun:
             raw = copy.deepcopy(self.raw)
             raw.setdefault("scaling", {})["num_workers"] = n
             try:
-                experiment_from_dict(raw)
+                self.parse(raw)
             except ConfigError:
                 continue
             out.append(n)

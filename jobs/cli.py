@@ -11,6 +11,7 @@ from typing import Sequence
 
 JOBS = {
     "pretrain": ("bmray.jobs.pretrain", "pre-train a model on a gang of Ray workers"),
+    "adapt": ("bmray.jobs.adapt", "fine-tune one delta or prompt on a task, on a gang"),
     "plan": ("bmray.jobs.plan", "choose a parallel layout that fits a model on a cluster"),
     "sweep": ("bmray.jobs.sweep", "Ray Tune sweep of an adaptation, with a Pareto report"),
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),

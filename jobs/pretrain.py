@@ -24,8 +24,9 @@ from bmray.cluster.launcher import RunFailed, TrainRun
 from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
 
 
-def parse_args(argv: list[str] | None = None, description: str = __doc__) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bmray pretrain",
+def parse_args(argv: list[str] | None = None, description: str = __doc__,
+               prog: str = "bmray pretrain") -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog,
                                  description=description.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="experiment YAML (see configs/)")

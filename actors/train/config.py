@@ -88,6 +88,9 @@ class CheckpointConfig:
     keep_last: int = 3           # retention: keep the newest N step checkpoints; 0 keeps all
     average_last: int = 0        # at the end, average the last k checkpoints into <dir>/averaged
     resume: bool = True          # continue from <dir>/latest when it exists
+    # only the trainable tensors (and their optimizer state): an adaptation run's checkpoint
+    # is its delta's size, not the frozen base's, which the run rebuilds from its source
+    trainable_only: bool = False
 
     def __post_init__(self) -> None:
         check_positive("checkpoint.every", self.every, allow_zero=True)

@@ -395,8 +395,15 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------ checkpoints
+    def trainable_names(self) -> set[str]:
+        """State-dict names of the parameters that train (what ``trainable_only`` keeps)."""
+        return {n for n, p in self.strategy.module.named_parameters() if p.requires_grad}
+
     def state_dict(self) -> dict[str, Any]:
         state = self.strategy.state_dict()
+        if self.ckpt_cfg.trainable_only:
+            keep = self.trainable_names()
+            state["model"] = {k: v for k, v in state["model"].items() if k in keep}
         if self._next is not None:          # the read-ahead batch belongs to the next step
             data = self._next.data_state
         else:
@@ -464,8 +471,14 @@ class Trainer:
             one_file = len(info.get("files") or [None]) == 1
             rank = 0 if self.strategy.replicated or one_file else self.strategy.rank
             manifest, state = ckpt.load_checkpoint(path, rank)
-        ckpt.check_compatible(self.strategy.checkpoint_shapes(), state["model"],
-                              source=f"checkpoint {path!r}")
+        shapes = self.strategy.checkpoint_shapes()
+        if self.ckpt_cfg.trainable_only:
+            # the frozen tensors are not in the checkpoint: they stay as built
+            keep = self.trainable_names()
+            shapes = {k: v for k, v in shapes.items() if k in keep}
+        ckpt.check_compatible(shapes, state["model"], source=f"checkpoint {path!r}")
+        if self.ckpt_cfg.trainable_only:
+            state["model"] = {**self.strategy.module.state_dict(), **state["model"]}
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])

