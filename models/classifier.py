@@ -76,20 +76,15 @@ class SequenceClassifier(nn.Module):
 
 
 class PromptClassifier(nn.Module):
-    """A prompt model (template + verbalizer + masked LM) as a trainable task model:
-    forward(examples, labels=None) -> ModelOutput(class scores [B, C], cross-entropy)."""
+    """A prompt model (template + verbalizer + masked LM) as a trainable task model over
+    examples: forward(examples, labels=None) -> the prompt model's ModelOutput (class scores,
+    cross-entropy, accuracy). ``deltas``: a DeltaModel over the same base (its parameters)."""
 
     def __init__(self, prompt_model: nn.Module, deltas: nn.Module | None = None):
         super().__init__()
         self.prompt = prompt_model
-        self.deltas = deltas            # a DeltaModel over the same base, for its parameters
+        self.deltas = deltas
 
     def forward(self, examples: list, labels: Tensor | None = None, **_: Any) -> ModelOutput:
-        scores = self.prompt(examples)
-        loss, metrics = None, {}
-        if labels is not None:
-            labels = labels.to(scores.device)
-            loss = F.cross_entropy(scores.float(), labels)
-            if metrics_enabled():
-                metrics["accuracy"] = accuracy(scores, labels)
-        return ModelOutput(logits=scores, loss=loss, metrics=metrics)
+        batch = self.prompt.collate(examples, labels=False)
+        return self.prompt(**batch, labels=labels)

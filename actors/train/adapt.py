@@ -67,6 +67,7 @@ class AdaptResult:
     latency_ms: float                   # inference, one example per forward, measured
     delta_dir: str | None               # the delta alone (save_delta); None: full fine-tuning
     head_dir: str | None = None         # the classification head (head.safetensors + head.json)
+    prompt_dir: str | None = None       # a prompt run: soft tokens (if any) + template, words
     checkpoint: str | None = None
     step: int = 0
     losses: dict[int, float] = field(default_factory=dict)
@@ -258,11 +259,14 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
                                max_length=cfg.task.max_length, freeze_base=True)
     all_examples = [*train, *evals]
     try:                    # every example fits the template: fail now, not at some step
-        prompt.encode(all_examples, max(map(len, prompt.word_pieces), default=1))
+        prompt.encode(all_examples)
     except TemplateError as exc:
         raise ConfigError(f"prompt.template: {exc}") from exc
     dm = attach_delta(cfg, base.model)
     model = PromptClassifier(prompt, dm)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("prompt: nothing would train (the masked LM is frozen): give delta a "
+                          "method or the template {soft} tokens")
     rows = index_rows(train, labels)
     erows = index_rows(evals, labels)
     erows[:, 0] += len(train)
@@ -330,6 +334,18 @@ def check_base_of_checkpoint(root: str, identity: dict[str, Any]) -> None:
             f"(weights sha256 {identity['weights_sha256'][:12]})")
 
 
+def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig) -> Path:
+    """A prompt run's own part: ``prompt.json`` (template, label words) and, when the
+    template has soft tokens, ``soft.safetensors`` (their trained vectors)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    soft = {k: v.detach().cpu().contiguous() for k, v in prompt.soft.state_dict().items()}
+    if soft:
+        safetensors.torch.save_file(soft, str(directory / "soft.safetensors"))
+    (directory / "prompt.json").write_text(json.dumps(
+        {"template": cfg.prompt.template, "label_words": cfg.prompt.label_words}, indent=1))
+    return directory
+
+
 def dir_bytes(path: str | None) -> int:
     """Total size of the files directly in a local directory (0 for None or a URI)."""
     if not path or "://" in path or not Path(path).is_dir():
@@ -375,9 +391,9 @@ def build_adapt_trainer(cfg: AdaptConfig, out_dir: str) -> tuple[Trainer, Task]:
         dist.barrier()
     task = build_task(cfg, tok_dir)
     strategy = build_strategy(spec, cfg.train.device)
-    delta_run = task.deltas is not None
+    frozen_base = task.deltas is not None or cfg.prompt is not None
     cc = dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint.dir or str(out / "checkpoints"),
-                             trainable_only=cfg.checkpoint.trainable_only or delta_run)
+                             trainable_only=cfg.checkpoint.trainable_only or frozen_base)
     stream = RowStream(task.train_rows, cfg.task.batch_size, rank, world, seed=cfg.seed)
     train_cfg = dataclasses.replace(cfg.train, metrics_path=cfg.train.metrics_path or
                                     (str(out / "metrics.jsonl") if rank == 0 else None))
@@ -425,16 +441,19 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     latency = measure_latency_ms(strategy, task.objective, task.eval_rows) if rank == 0 else 0.0
-    delta_dir = head_dir = None
+    delta_dir = head_dir = prompt_dir = None
     if rank == 0:
         if delta_run:
             delta_dir = str(task.deltas.save(cfg.delta.name, out / "delta"))
         if isinstance(module, SequenceClassifier):
             head_dir = str(save_head(module.head, out / "head", task.labels, cfg.task.pooling))
+        else:
+            prompt_dir = str(save_prompt(module.prompt, out / "prompt", cfg))
     strategy.barrier()
     sizes = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
              if rank == 0 else 0}
     return AdaptResult(metrics=evals[-1] if evals else {}, trainable_params=trainable,
                        total_params=total, peak_memory_bytes=int(peak), latency_ms=latency,
-                       delta_dir=delta_dir, head_dir=head_dir, checkpoint=result.checkpoint,
+                       delta_dir=delta_dir, head_dir=head_dir, prompt_dir=prompt_dir,
+                       checkpoint=result.checkpoint,
                        step=trainer.step, losses=losses, evals=evals, memory=memory, **sizes)

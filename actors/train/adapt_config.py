@@ -99,7 +99,9 @@ class TaskConfig:
 @dataclass(frozen=True)
 class PromptConfig:
     """Prompt-learning instead of a head: a template with one ``{mask}`` and the label words
-    of each class (a manual verbalizer, PET); the masked LM scores the words at the mask."""
+    of each class (a manual verbalizer, PET); the masked LM scores the words at the mask. The
+    masked LM stays frozen: what trains is the delta and the template's ``{soft}`` tokens
+    (prompt tuning, Lester et al. 2021) — a run with neither is a ConfigError."""
 
     template: str
     label_words: dict[str, list[str]]
@@ -161,9 +163,6 @@ class AdaptConfig:
         if m is not None and self.task.max_length > m.max_seq_len:
             raise ConfigError(f"task.max_length: {self.task.max_length} is longer than "
                               f"base.model.max_seq_len {m.max_seq_len}")
-        if self.prompt is not None and self.delta.config is None and self.delta.load is None:
-            raise ConfigError("delta: a prompt run tunes a delta on the frozen masked LM; "
-                              "give delta a method (full fine-tuning is the head path)")
 
 
 SECTIONS = ("base", "delta", "task", "prompt", "train", "checkpoint", "scaling", "strategy",

@@ -254,3 +254,27 @@ def test_world_labels_are_a_task(tmp_path):
         if classes is not None:
             assert set(task.labels) <= classes and len(task.labels) >= 3
         assert int(task.train_rows[:, -1].max()) < len(task.labels)
+
+
+@pytest.mark.parametrize("delta", ["lora", None], ids=["lora", "soft-prompt-only"])
+def test_prompt_runs_train_only_the_delta_and_soft_tokens(tmp_path, delta):
+    """A prompt over the MiniLM's MLM head: the masked LM stays frozen; the checkpoint and
+    the artifacts hold the delta and the template's soft tokens only."""
+    from bmray.models.prompt.label_words import TREC_MANUAL
+
+    raw = load_yaml(TINY)
+    raw.update(base={"kind": "minilm"}, out_dir=str(tmp_path), scaling={"num_workers": 1},
+               prompt={"template": "{soft*2} {text_a:shorten} It is about {mask} .",
+                       "label_words": TREC_MANUAL},
+               delta={"method": "lora", "targets": ["query"], "rank": 2} if delta else None)
+    raw["task"].update(max_length=32, eval_limit=16)
+    raw["train"].update(max_steps=2, eval_every=0)
+    result = run_adapt(load_adapt_config(raw), out_dir=str(tmp_path))
+    assert 0.0 <= result.metrics["accuracy"] <= 1.0 and result.metrics["examples"] == 16
+    _, state = load_checkpoint(result.checkpoint)
+    assert "prompt.soft.weight" in state["model"]
+    assert all(k == "prompt.soft.weight" or ".deltas." in k for k in state["model"])
+    assert any(".deltas." in k for k in state["model"]) == bool(delta)
+    assert (result.delta_dir is not None) == bool(delta)
+    assert sorted(os.listdir(result.prompt_dir)) == ["prompt.json", "soft.safetensors"]
+    assert result.trainable_params == sum(v.numel() for v in state["model"].values())
