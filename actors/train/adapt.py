@@ -63,8 +63,8 @@ class AdaptResult:
     metrics: dict[str, Any]             # the final eval: accuracy, loss, examples, step
     trainable_params: int
     total_params: int
-    peak_memory_bytes: int              # training: CUDA peak allocated, else model state
-                                        # + activation_bytes
+    peak_memory_bytes: int              # training: CUDA peak allocated, else parameters +
+                                        # gradients + optimizer state + activation_bytes
     latency_ms: float                   # inference, one example per forward, measured
     delta_dir: str | None               # the delta alone (save_delta); None: full fine-tuning
     head_dir: str | None = None         # the classification head (head.safetensors + head.json)
@@ -469,10 +469,13 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
                 on_eval(dict(row))
     memory = strategy.memory_report()
     activations = step_activation_bytes(cfg, strategy, task.objective, task.train_rows, world)
-    peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
-            memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"]
-            + activations)
     module = strategy.module
+    # a step holds a gradient for every trainable parameter (the report after the step sees
+    # none: they are freed by zero_grad(set_to_none=True))
+    grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters()
+                     if p.requires_grad)
+    peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
+            memory["param_bytes"] + grad_bytes + memory["optimizer_bytes"] + activations)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     latency = measure_latency_ms(strategy, task.objective, task.eval_rows) if rank == 0 else 0.0
