@@ -4,7 +4,8 @@ accuracy the other found, and the sweep's wall time.
 Both sweeps are ``run_sweep`` (cluster/sweep.py) with the real ``run_adapt`` as the trial body
 (the MiniLM + a delta + a head on TREC few-shot), the same space (delta method × LoRA rank /
 adapter bottleneck × lr), random search with the same seed and ``num_samples`` — so both draw the
-same trials in the same order (the JSON lists them) — and differ only in the scheduler. ASHA
+same trials (the JSON checks it) — and differ only in the scheduler; repeated for a few search
+seeds. ASHA
 (Li et al. 2020) cuts a trial at a rung (after 1, 2, 4 evaluations, reduction factor 2) unless it
 is in the top half there; FIFO runs every trial to ``max_t`` evaluations.
 
@@ -146,6 +147,62 @@ def drawn(summary: dict[str, Any]) -> list[str]:
     return sorted(json.dumps(t["config"], sort_keys=True) for t in summary["trials"])
 
 
+def compare(args: Any, adapt: dict[str, Any], seed: int, order: tuple[str, ...],
+            storage: str) -> dict[str, Any]:
+    """Both sweeps with the search seeded ``seed``, run in ``order``; their comparison."""
+    sweeps: dict[str, Any] = {}
+    for scheduler in order:
+        sweep = SweepConfig(name=f"{scheduler}-{seed}", storage_path=storage,
+                            num_samples=args.num_samples, search="random", seed=seed,
+                            scheduler=scheduler, max_t=args.max_t,
+                            grace_period=args.grace_period,
+                            reduction_factor=args.reduction_factor,
+                            max_concurrent_trials=args.concurrent, workers_per_trial=0,
+                            trial_cpus=1.0, keep_checkpoints=1)
+        t0 = time.perf_counter()
+        run_sweep(sweep, adapt, SearchSpace(SPACE), timed_run_adapt, load_adapt_config)
+        wall = time.perf_counter() - t0
+        sweeps[scheduler] = summarise(scheduler, sweep.sweep_dir, wall, args.num_samples)
+        sm = sweeps[scheduler]
+        print(f"seed {seed} {scheduler}: best {sm['best_accuracy']:.3f}, "
+              f"{sm['total_trial_steps']} trial-steps, {sm['trials_stopped_early']} stopped "
+              f"early, {wall:.0f} s", flush=True)
+    fifo, asha = sweeps["fifo"], sweeps["asha"]
+    common = min(fifo["best_accuracy"], asha["best_accuracy"])
+    comparison = {
+        "seed": seed, "order": list(order),
+        "fifo_best": fifo["best_accuracy"], "asha_best": asha["best_accuracy"],
+        "asha_steps_to_reach_fifo_best": steps_to_reach(asha["events"], fifo["best_accuracy"]),
+        "fifo_steps_to_reach_asha_best": steps_to_reach(fifo["events"], asha["best_accuracy"]),
+        "common_target": common,
+        "fifo_steps_to_common_target": steps_to_reach(fifo["events"], common),
+        "asha_steps_to_common_target": steps_to_reach(asha["events"], common),
+        "total_trial_steps": {"fifo": fifo["total_trial_steps"], "asha": asha["total_trial_steps"]},
+        "total_steps_ratio_asha_over_fifo": asha["total_trial_steps"] / fifo["total_trial_steps"],
+        "wall_s": {"fifo": fifo["wall_s"], "asha": asha["wall_s"]},
+        "wall_ratio_asha_over_fifo": asha["wall_s"] / fifo["wall_s"],
+        "trials_stopped_early": {"fifo": fifo["trials_stopped_early"],
+                                 "asha": asha["trials_stopped_early"]},
+        "same_trials_drawn": drawn(fifo) == drawn(asha),
+    }
+    return {"comparison": comparison, "sweeps": sweeps}
+
+
+def summary(comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the search seeds: total trial-steps and wall time of each scheduler, and how often
+    ASHA found FIFO's best (and at what cost) or stopped the trial that would have."""
+    tot = {s: sum(c["total_trial_steps"][s] for c in comparisons) for s in ("fifo", "asha")}
+    wall = {s: sum(c["wall_s"][s] for c in comparisons) for s in ("fifo", "asha")}
+    return {"seeds": [c["seed"] for c in comparisons], "total_trial_steps": tot,
+            "total_steps_ratio_asha_over_fifo": tot["asha"] / tot["fifo"],
+            "wall_s": wall, "wall_ratio_asha_over_fifo": wall["asha"] / wall["fifo"],
+            "asha_reached_fifo_best": sum(c["asha_steps_to_reach_fifo_best"] is not None
+                                          for c in comparisons),
+            "best_accuracy": {s: [c[f"{s}_best"] for c in comparisons] for s in ("fifo", "asha")},
+            "steps_to_common_target": {s: [c[f"{s}_steps_to_common_target"] for c in comparisons]
+                                       for s in ("fifo", "asha")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-samples", type=int, default=8)
@@ -157,58 +214,35 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=100, help="test questions (0: all 500)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--concurrent", type=int, default=2, help="trials at once (1 CPU each)")
-    ap.add_argument("--seed", type=int, default=0, help="the random search's seed (both sweeps)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
+                    help="random-search seeds: one FIFO and one ASHA sweep each")
     ap.add_argument("--out", default=result_path(__file__, "asha_vs_fifo.json"))
     args = parse_args(ap, {"num_samples": 3, "max_t": 2, "eval_every": 2, "eval_limit": 16,
+                           "seeds": [0],
                            "out": result_path(__file__, "asha_vs_fifo_quick.json")})
     adapt = adapt_mapping(args)
     connect_ray(num_cpus=args.concurrent)
-    sweeps: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="asha_vs_fifo_") as storage:
-        for scheduler in ("fifo", "asha"):
-            sweep = SweepConfig(name=scheduler, storage_path=storage,
-                                num_samples=args.num_samples, search="random", seed=args.seed,
-                                scheduler=scheduler, max_t=args.max_t,
-                                grace_period=args.grace_period,
-                                reduction_factor=args.reduction_factor,
-                                max_concurrent_trials=args.concurrent, workers_per_trial=0,
-                                trial_cpus=1.0, keep_checkpoints=1)
-            t0 = time.perf_counter()
-            run_sweep(sweep, adapt, SearchSpace(SPACE), timed_run_adapt, load_adapt_config)
-            wall = time.perf_counter() - t0
-            sweeps[scheduler] = summarise(scheduler, sweep.sweep_dir, wall, args.num_samples)
-            s = sweeps[scheduler]
-            print(f"{scheduler}: best {s['best_accuracy']:.3f}, {s['total_trial_steps']} "
-                  f"trial-steps, {s['trials_stopped_early']} stopped early, {wall:.0f} s",
-                  flush=True)
-    fifo, asha = sweeps["fifo"], sweeps["asha"]
-    common = min(fifo["best_accuracy"], asha["best_accuracy"])
-    comparison = {
-        "fifo_best": fifo["best_accuracy"], "asha_best": asha["best_accuracy"],
-        "asha_steps_to_reach_fifo_best": steps_to_reach(asha["events"], fifo["best_accuracy"]),
-        "fifo_steps_to_reach_asha_best": steps_to_reach(fifo["events"], asha["best_accuracy"]),
-        "common_target": common,
-        "fifo_steps_to_common_target": steps_to_reach(fifo["events"], common),
-        "asha_steps_to_common_target": steps_to_reach(asha["events"], common),
-        "total_trial_steps": {"fifo": fifo["total_trial_steps"], "asha": asha["total_trial_steps"]},
-        "total_steps_ratio_asha_over_fifo": asha["total_trial_steps"] / fifo["total_trial_steps"],
-        "wall_s": {"fifo": fifo["wall_s"], "asha": asha["wall_s"]},
-        "wall_ratio_asha_over_fifo": asha["wall_s"] / fifo["wall_s"],
-        "same_trials_drawn": drawn(fifo) == drawn(asha),
-    }
+    runs = []
     record = {"bench": "asha_vs_fifo",
               "config": {**{k: v for k, v in vars(args).items() if k != "out"},
                          "space": SPACE, "adapt": adapt, "search": "random (Optuna's "
-                         "RandomSampler through OptunaSearch)",
+                         "RandomSampler through OptunaSearch), the same seed for both sweeps",
+                         "order": "FIFO first on even seed positions, ASHA first on odd ones "
+                                  "(the machine's load drifts)",
                          "asha_rungs": "after grace_period * reduction_factor^i evaluations",
                          "trial_body": "run_adapt (MiniLM + delta + head, TREC few-shot), "
                                        "in the trial's process, 1 thread",
                          "torch": torch.__version__, "python": platform.python_version(),
                          "machine": f"{platform.machine()}, {os.cpu_count()} CPUs shared "
                                     "with other jobs"},
-              "comparison": comparison, "sweeps": sweeps}
-    write_json(args.out, record)
-    print(json.dumps(comparison, indent=1))
+              "runs": runs}
+    with tempfile.TemporaryDirectory(prefix="asha_vs_fifo_") as storage:
+        for i, seed in enumerate(args.seeds):
+            order = ("fifo", "asha") if i % 2 == 0 else ("asha", "fifo")
+            runs.append(compare(args, adapt, seed, order, storage))
+            record["summary"] = summary([r["comparison"] for r in runs])
+            write_json(args.out, record)          # partial results survive an interrupt
+    print(json.dumps(record["summary"], indent=1))
 
 
 if __name__ == "__main__":
