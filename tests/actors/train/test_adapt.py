@@ -4,6 +4,7 @@ training, and bad input failing before any step."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -264,8 +265,7 @@ def test_prompt_runs_train_only_the_delta_and_soft_tokens(tmp_path, delta):
 
     raw = load_yaml(TINY)
     raw.update(base={"kind": "minilm"}, out_dir=str(tmp_path), scaling={"num_workers": 1},
-               prompt={"template": "{soft*2} {text_a:shorten} It is about {mask} .",
-                       "label_words": TREC_MANUAL},
+               prompt={"template": "{soft*2} {text_a:shorten} It is about {mask} ."},
                delta={"method": "lora", "targets": ["query"], "rank": 2} if delta else None)
     raw["task"].update(max_length=32, eval_limit=16)
     raw["train"].update(max_steps=2, eval_every=0)
@@ -278,3 +278,24 @@ def test_prompt_runs_train_only_the_delta_and_soft_tokens(tmp_path, delta):
     assert (result.delta_dir is not None) == bool(delta)
     assert sorted(os.listdir(result.prompt_dir)) == ["prompt.json", "soft.safetensors"]
     assert result.trainable_params == sum(v.numel() for v in state["model"].values())
+    saved = json.loads(open(os.path.join(result.prompt_dir, "prompt.json")).read())
+    assert saved["label_words"] == TREC_MANUAL          # the dataset's default words
+
+
+def test_family_base_from_a_pretraining_checkpoint(tmp_path):
+    """``base.checkpoint``: the pre-trained weights are the base's; another architecture is a
+    CheckpointError naming the differing field."""
+    from bmray.actors.train.checkpoints import save_checkpoint
+    from bmray.models.families.registry import build_model
+
+    cfg = tiny(tmp_path)
+    torch.manual_seed(123)
+    pretrained = build_model(cfg.base.model)
+    save_checkpoint(str(tmp_path / "pre"), 5, {"model": pretrained.state_dict()},
+                    manifest={"model_config": dataclasses.asdict(cfg.base.model)})
+    task = build_task(tiny(tmp_path, f"base.checkpoint={tmp_path}/pre"), str(tmp_path / "tok"))
+    for k, v in pretrained.state_dict().items():
+        assert torch.equal(task.base.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="model_config.d_ff is 64 in the checkpoint"):
+        build_task(tiny(tmp_path, f"base.checkpoint={tmp_path}/pre", "base.model.d_ff=128"),
+                   str(tmp_path / "tok"))
