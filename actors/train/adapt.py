@@ -65,7 +65,8 @@ class AdaptResult:
     metrics: dict[str, Any]             # the final eval: accuracy, loss, examples, step
     trainable_params: int
     total_params: int
-    peak_memory_bytes: int              # training: CUDA peak allocated, else model-state bytes
+    peak_memory_bytes: int              # training: CUDA peak allocated, else parameters +
+                                        # gradients + optimizer state + activation_bytes
     latency_ms: float                   # inference, one example per forward, measured
     delta_dir: str | None               # the delta alone (save_delta); None: full fine-tuning
     head_dir: str | None = None         # the classification head (head.safetensors + head.json)
@@ -77,6 +78,7 @@ class AdaptResult:
     memory: dict[str, int] = field(default_factory=dict)     # the strategy's memory report
     delta_bytes: int = 0                # files of the saved delta (tensors + manifest)
     checkpoint_bytes: int = 0           # files of the last checkpoint (state + manifest)
+    activation_bytes: int = 0           # kept for backward by one training micro-batch
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,6 +285,37 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
 
 # ---------------------------------------------------------------- measuring
 
+def saved_activation_bytes(module: nn.Module, forward: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for the backward pass while ``forward()`` runs (and its result
+    lives): every tensor saved for backward, counted once per storage, parameters excluded
+    (they are model state). A frozen base saves nothing below the lowest trainable tensor, so
+    this is what separates ladder side-tuning (backward through the side network only; Sung
+    et al. 2022) from LoRA and adapters (backward through every block above the first delta)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.layout == torch.strided and t.device.type != "meta":
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values())
+
+
+def step_activation_bytes(cfg: AdaptConfig, strategy: Strategy, objective: Callable,
+                          rows: Tensor, world: int) -> int:
+    """``saved_activation_bytes`` of one training micro-batch of this rank (its share of
+    ``task.batch_size`` split into ``train.micro_batches``), in training mode."""
+    n = max(1, cfg.task.batch_size // world // cfg.train.micro_batches)
+    batch = objective(rows[:n], None)
+    return saved_activation_bytes(strategy.module, lambda: strategy.forward(batch))
+
+
 @torch.no_grad()
 def evaluate_accuracy(trainer: Trainer, batches: Sequence[Tensor]) -> dict[str, Any]:
     """Accuracy and mean cross-entropy over every eval row, summed over the gang."""
@@ -445,9 +478,14 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
             if on_eval is not None:
                 on_eval(dict(row))
     memory = strategy.memory_report()
-    peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
-            memory["param_bytes"] + memory["grad_bytes"] + memory["optimizer_bytes"])
+    activations = step_activation_bytes(cfg, strategy, task.objective, task.train_rows, world)
     module = strategy.module
+    # a step holds a gradient for every trainable parameter (the report after the step sees
+    # none: they are freed by zero_grad(set_to_none=True))
+    grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters()
+                     if p.requires_grad)
+    peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
+            memory["param_bytes"] + grad_bytes + memory["optimizer_bytes"] + activations)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     latency = measure_latency_ms(strategy, task.objective, task.eval_rows) if rank == 0 else 0.0
@@ -466,4 +504,5 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
                        total_params=total, peak_memory_bytes=int(peak), latency_ms=latency,
                        delta_dir=delta_dir, head_dir=head_dir, prompt_dir=prompt_dir,
                        checkpoint=result.checkpoint,
-                       step=trainer.step, losses=losses, evals=evals, memory=memory, **sizes)
+                       step=trainer.step, losses=losses, evals=evals, memory=memory,
+                       activation_bytes=activations, **sizes)

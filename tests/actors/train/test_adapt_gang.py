@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from bmray.actors.train.adapt import build_adapt_trainer
 from bmray.actors.train.adapt_config import load_adapt_config
+from bmray.models.typed_config import load_yaml
 from tests.conftest import REPO
 from tests.equivalence import EPS, assert_same_run, scaled_reduction
 
@@ -22,19 +23,25 @@ TINY = os.path.join(REPO, "configs", "adapt_tiny.yaml")
 STEPS = 8
 
 
-def config(out_dir, workers, clip, *extra):
-    return load_adapt_config(TINY, [
+PROMPT = {"template": "{soft*2} {text_a:shorten} It is a {mask} ."}     # TREC's words
+
+
+def config(out_dir, workers, clip, *extra, prompt=None):
+    raw = load_yaml(TINY)
+    if prompt:
+        raw["prompt"] = PROMPT
+    return load_adapt_config(raw, [
         f"scaling.num_workers={workers}", f"out_dir={out_dir}", f"train.max_steps={STEPS}",
         f"train.eps={EPS}", f"train.grad_clip={clip}", "train.warmup_steps=2",
         "train.eval_every=0", "checkpoint.every=0", "task.few_shot_k=8", "train.micro_batches=2",
         *extra])
 
 
-def _fit(out_dir, workers, clip, tok_dir=None, fault=None):
+def _fit(out_dir, workers, clip, tok_dir=None, fault=None, prompt=False):
     """Train on this rank (a gang's, or alone); losses, norms, trainable weights, and whether
     every frozen base tensor is bit-identical to what it was before training."""
     cfg = config(out_dir, workers, clip,
-                 *([] if tok_dir is None else [f"base.tokenizer_dir={tok_dir}"]))
+                 *([] if tok_dir is None else [f"base.tokenizer_dir={tok_dir}"]), prompt=prompt)
     trainer, task = build_adapt_trainer(cfg, out_dir)
     before = {k: v.clone() for k, v in task.base.state_dict().items()}
     with scaled_reduction(fault) if fault else contextlib.nullcontext():
@@ -52,12 +59,12 @@ def _fit(out_dir, workers, clip, tok_dir=None, fault=None):
 _REF: dict = {}
 
 
-def reference(tmp_path_factory, clip):
+def reference(tmp_path_factory, clip, prompt=False):
     """The single-process run (its tokenizer is shared with the gang runs)."""
-    if clip not in _REF:
+    if (clip, prompt) not in _REF:
         out = tmp_path_factory.mktemp(f"ref{clip}")
-        _REF[clip] = _fit(str(out), 1, clip), str(out / "tokenizer")
-    return _REF[clip]
+        _REF[clip, prompt] = _fit(str(out), 1, clip, prompt=prompt), str(out / "tokenizer")
+    return _REF[clip, prompt]
 
 
 @pytest.mark.parametrize("workers,clip", [(2, 0.5), (4, 0.5), (2, 0.0)],
@@ -89,3 +96,15 @@ def test_a_wrong_gradient_scale_fails_the_checks(gangs, tmp_path_factory):
         if not clip:
             with pytest.raises(AssertionError, match="weight|deltas|head"):
                 assert_same_run(out, out["losses"], None, ref["weights"], range(1, STEPS + 1))
+
+
+def test_a_prompt_run_on_a_gang_equals_one_process(gangs, tmp_path_factory):
+    """The prompt path (template + TREC's words over our BERT's MLM head, LoRA + soft tokens):
+    each rank collates its own examples; 2 workers equal one process."""
+    ref, tok = reference(tmp_path_factory, 0.5, prompt=True)
+    assert any(n.endswith("soft.weight") for n in ref["weights"])
+    out_dir = str(tmp_path_factory.mktemp("prompt2"))
+    for out in gangs(2).execute(_fit, out_dir, 2, 0.5, tok, prompt=True):
+        assert_same_run(out, ref["losses"], ref["grad_norms"], ref["weights"],
+                        range(1, STEPS + 1), what=f"rank {out['rank']}")
+        assert out["base_unchanged"] and out["reduced"] == sorted(ref["weights"])
