@@ -1,6 +1,6 @@
 """dp × tp × pp (actors/mesh_parallel.py) against single-process training of the same GPT.
 
-For each mesh the issue names — (tp=2), (pp=2, GPipe and 1F1B), (dp=2, tp=2), (dp=2, pp=2),
+For each mesh the README lists — (tp=2), (pp=2, GPipe and 1F1B), (dp=2, tp=2), (dp=2, pp=2),
 (tp=2, pp=2) and (dp=2, tp=2, pp=2 with ZeRO-1) — 10 optimizer steps on the tiny corpus give the
 same losses and the same final weights (gathered into the full model's state dict) as the
 SingleProcess trainer on the same global batches.
@@ -50,7 +50,7 @@ CFG = TrainConfig(max_steps=STEPS, micro_batches=2, lr=3e-3, eps=EPS, warmup_ste
                   grad_clip=0.5, device="cpu", echo=False)
 NO_CLIP = dataclasses.replace(CFG, grad_clip=0.0)
 
-# (workers, strategy options): the meshes of the issue, dp = workers / (tp * pp)
+# (workers, strategy options): the meshes the README lists, dp = workers / (tp * pp)
 MESHES = [
     (2, dict(tp=2)),
     (2, dict(pp=2, schedule="gpipe")),

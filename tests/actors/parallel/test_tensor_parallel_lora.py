@@ -25,7 +25,6 @@ in a column layer, of the code in a row layer) changes results by O(1), far abov
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

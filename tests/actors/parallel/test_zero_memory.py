@@ -108,7 +108,7 @@ VARIANTS = [Variant(s, d) for d in ("bf16", "fp32") for s in (0, 1, 2, 3)] + [
     Variant(3, "bf16", shard_frozen=False), Variant(3, "bf16", frozen_base=True),
     Variant(3, "fp32", frozen_base=True), Variant(3, "bf16", frozen_base=True, shard_frozen=False),
     Variant(3, "bf16", "cpu", offload_params=True, frozen_base=True)]
-# at N = 4 the table (bf16) and the stage-3 variants (the frozen base in bf16 only): the
+# at N = 4 the bf16 table and the stage-3 variants (the frozen base in bf16 only): the
 # rest adds time, not coverage of the sharding arithmetic, which N = 2 already checks with padding
 AT = {1: VARIANTS, 2: VARIANTS,
       4: [v for v in VARIANTS if (v.dtype == "bf16" or v.stage == 3) and

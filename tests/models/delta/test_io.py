@@ -11,8 +11,7 @@ import torch
 from bmray.models.config import ModelConfig
 from bmray.models.delta.adapter import AdapterConfig
 from bmray.models.delta.base import base_identity
-from bmray.models.delta.io import (DeltaArtifactError, DeltaBaseMismatch, load_delta,
-                                   read_manifest, save_delta)
+from bmray.models.delta.io import (DeltaArtifactError, DeltaBaseMismatch, load_delta, read_manifest)
 from bmray.models.delta.lora import LoraConfig
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
