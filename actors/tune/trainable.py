@@ -94,6 +94,8 @@ def cost_metrics(result: Any) -> dict[str, float]:
     return {"trainable_params": float(result.trainable_params), "total_params": total,
             "trainable_pct": 100.0 * float(result.trainable_params) / total if total else 0.0,
             "peak_memory_bytes": float(result.peak_memory_bytes),
+            # the part of the peak that is activations kept for backward (0: not measured)
+            "activation_bytes": float(getattr(result, "activation_bytes", 0)),
             "latency_ms": float(result.latency_ms)}
 
 

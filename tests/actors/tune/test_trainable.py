@@ -45,4 +45,6 @@ def test_reported_metrics():
                              latency_ms=1.5)
     assert cost_metrics(result) == {"trainable_params": 25.0, "total_params": 1000.0,
                                     "trainable_pct": 2.5, "peak_memory_bytes": 2.0**20,
-                                    "latency_ms": 1.5}
+                                    "activation_bytes": 0.0, "latency_ms": 1.5}
+    result.activation_bytes = 4096
+    assert cost_metrics(result)["activation_bytes"] == 4096.0
