@@ -7,6 +7,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import random
 import statistics
 import threading
@@ -194,6 +195,13 @@ def connect_ray(num_cpus: int) -> None:
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+def environment(**versions: str) -> dict[str, Any]:
+    """What a result JSON records about the run's software and machine (torch's version,
+    threads, CPUs, architecture) plus the peers' ``versions``."""
+    return {"torch": torch.__version__, **versions, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "machine": platform.machine()}
 
 
 def rss() -> int:

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -49,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (MB, balanced_order, parse_args, pooled_median,  # noqa: E402
+from bench.common import (environment, MB, balanced_order, parse_args, pooled_median,  # noqa: E402
                           ratio_with_interval, trim, write_json)
 from bench.live_bytes import AllocatorTrace  # noqa: E402
 from bmray.models.delta.lora import LoraConfig  # noqa: E402
@@ -232,20 +232,21 @@ def main() -> None:
     paired = interval_summary([statistics.median(p) / statistics.median(o)
                                for o, p in zip(ours_t, peft_t)])
 
-    def make_ours() -> Side:
+    def make_ours(base_ours: torch.nn.Module) -> Side:
         m = DeltaModel(base_ours)
         m.add("task", LoraConfig(targets=("query", "value"), rank=args.rank, alpha=args.alpha))
         return Side(SIDES[0], m, head, args.lr)
 
-    def make_peft() -> Side:
+    def make_peft(base_peft: torch.nn.Module) -> Side:
         return Side(SIDES[1], peft.get_peft_model(base_peft, peft_config(args)), head, args.lr)
 
     memory: dict[str, list[int]] = {s: [] for s in SIDES}
     for name in balanced_order(list(SIDES), args.mem_repeats):
         base_ours, base_peft = copy.deepcopy(base), copy.deepcopy(base)   # outside the trace
-        memory[name].append(peak_training_bytes(make_ours if name == SIDES[0] else make_peft,
-                                                batches, args.mem_steps))
-        del base_ours, base_peft
+        factory = functools.partial(make_ours, base_ours) if name == SIDES[0] else \
+            functools.partial(make_peft, base_peft)
+        memory[name].append(peak_training_bytes(factory, batches, args.mem_steps))
+        del base_ours, base_peft, factory
     mem = {s: min(v) for s, v in memory.items()}
 
     steps_per_s = {s: 1 / pooled_median(times[s]) for s in SIDES}
@@ -292,9 +293,8 @@ def main() -> None:
         "goal": {"throughput_ratio": 1.0, "throughput_met": speed_met,
                  "throughput_interval_above": ratio["interval"][0] >= 1.0,
                  "memory_met": mem_met},
-        "wall_s": time.time() - t_start, "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "machine": platform.machine()})
+        "wall_s": time.time() - t_start,
+        **environment(transformers=transformers.__version__)})
     print(f"wrote {args.out}")
 
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
 import statistics
 import sys
@@ -50,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import (balanced_order, parse_args, pooled_median,  # noqa: E402
+from bench.common import (environment, balanced_order, parse_args, pooled_median,  # noqa: E402
                           ratio_with_interval, write_json)
 from bench.lora_finetune import (AGNEWS, REPO, agnews_batches, copy_lora_into_peft,  # noqa: E402
                                  interval_summary, load_minilm, peft_lora_layers)
@@ -281,9 +280,8 @@ def main() -> None:
         "mixed_methods_ratio_vs_one_after_another": meth_seq,
         "goal": {"side": GOAL_SIDE, "peer": PEER, "ratio": 1.0, "met": met,
                  "interval_above": goal["interval"][0] >= 1.0},
-        "wall_s": time.time() - t_start, "torch": torch.__version__,
-        "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(), "machine": platform.machine()})
+        "wall_s": time.time() - t_start,
+        **environment(transformers=transformers.__version__)})
     print(f"wrote {args.out}")
 
 

@@ -12,7 +12,6 @@ parameters) and prints rank 0's report: accuracy, trainable parameters, where th
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -21,9 +20,9 @@ from bmray.actors.runtime.adapt_rank import adapt_rank
 from bmray.actors.train.adapt import build_task
 from bmray.actors.train.adapt_config import adapt_config_from_dict
 from bmray.cluster import connect
-from bmray.cluster.launcher import RunFailed, TrainRun
-from bmray.jobs.pretrain import parse_args
-from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
+from bmray.cluster.launcher import TrainRun
+from bmray.jobs.pretrain import parse_args, run_job
+from bmray.models.typed_config import apply_overrides, load_yaml
 
 DEFAULT_OUT = "runs/adapt"
 
@@ -67,23 +66,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, description=__doc__, prog="bmray adapt")
-    try:
-        raw = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"[bmray] config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        report = run(raw, args.address)
-    except RunFailed as exc:
-        print(f"[bmray] run failed: {exc}", file=sys.stderr)
-        return 1
-    print_report(report)
-    if args.report:
-        with open(args.report, "w") as fh:
-            json.dump(report, fh, indent=2, default=str)
-    return 0
-
+    return run_job(parse_args(argv, description=__doc__, prog="bmray adapt"), load_config, run,
+                   print_report)
 
 if __name__ == "__main__":
     sys.exit(main())

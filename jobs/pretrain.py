@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from bmray.actors.train.experiment import experiment_from_dict
 from bmray.cluster import connect
@@ -73,23 +73,30 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"[bmray] averaged checkpoint: {report['averaged_checkpoint']}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_job(args: argparse.Namespace, load: Callable[[str, list[str]], dict[str, Any]],
+            execute: Callable[[dict[str, Any], str | None], dict[str, Any]],
+            report_fn: Callable[[dict[str, Any]], None]) -> int:
+    """A gang job's driver: load and check the config (exit 2 on a ConfigError), run it (exit
+    1 when the run fails), print the report and write it to ``--report``."""
     try:
-        raw = load_config(args.config, args.overrides)
+        raw = load(args.config, args.overrides)
     except ConfigError as exc:
         print(f"[bmray] config error: {exc}", file=sys.stderr)
         return 2
     try:
-        report = run(raw, args.address)
+        report = execute(raw, args.address)
     except RunFailed as exc:
         print(f"[bmray] run failed: {exc}", file=sys.stderr)
         return 1
-    print_report(report)
+    report_fn(report)
     if args.report:
         with open(args.report, "w") as fh:
-            json.dump(report, fh, indent=2)
+            json.dump(report, fh, indent=2, default=str)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(parse_args(argv), load_config, run, print_report)
 
 
 if __name__ == "__main__":
