@@ -33,6 +33,7 @@ from bmray.models.typed_config import ConfigError, check_choice, check_int, chec
 
 DEFAULT_BODY = "bmray.cluster.adapt_trial:adapt_trial"   # run_adapt, on the trial's gang
 DEFAULT_LOADER = "bmray.actors.train.adapt_config:adapt_config_from_dict"
+DEFAULT_CHECK = "bmray.actors.train.adapt:check_adapt_mapping"   # builds the task: models too
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class SweepConfig:
     restart_errored: bool = False          # on resume, rerun trials that had failed
     trial_body: str = DEFAULT_BODY         # module:function, resolved by the job
     config_loader: str = DEFAULT_LOADER
+    config_check: str = DEFAULT_CHECK      # run on the driver for every probe ("": the loader)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -77,7 +79,9 @@ class SweepConfig:
         check_positive("sweep.cpus_per_worker", self.cpus_per_worker, allow_zero=True)
         check_positive("sweep.trial_cpus", self.trial_cpus, allow_zero=True)
         check_int("sweep.keep_checkpoints", self.keep_checkpoints, minimum=1)
-        for key in ("trial_body", "config_loader"):
+        for key in ("trial_body", "config_loader", "config_check"):
+            if key == "config_check" and not self.config_check:
+                continue
             if ":" not in getattr(self, key):
                 raise ConfigError(f"sweep.{key}: expected module:function, "
                                   f"got {getattr(self, key)!r}")
@@ -110,8 +114,12 @@ class SweepResult:
 
 
 def trial_spec(sweep: SweepConfig, adapt: Mapping[str, Any], space: SearchSpace,
-               body: Callable[..., Any], load_config: Callable[[dict], Any]) -> TrialSpec:
-    """Validate the adapt config and the space now (before any trial), and bind the trial."""
+               body: Callable[..., Any], load_config: Callable[[dict], Any],
+               check: Callable[[dict], Any] | None = None) -> TrialSpec:
+    """Validate the adapt config and the space now (before any trial), and bind the trial.
+    ``check`` (default: ``load_config``) runs on the base config and on every probe of the
+    space — the adapt job's builds each probe's task, so a target pattern matching nothing or
+    a template without a mask in one option fails here, not in a trial."""
     spec = TrialSpec(adapt=dict(adapt), space=space, body=body, load_config=load_config,
                      workers_per_trial=sweep.workers_per_trial,
                      cpus_per_worker=sweep.cpus_per_worker, trial_cpus=sweep.trial_cpus)
@@ -125,7 +133,12 @@ def trial_spec(sweep: SweepConfig, adapt: Mapping[str, Any], space: SearchSpace,
         raise ConfigError(f"sweep.workers_per_trial: 0 runs each trial in its own process, but "
                           f"adapt scaling.num_workers is {workers} (set it to 1, or give "
                           f"workers_per_trial)")
-    space.validate(base, load_config)
+    if check is not None:
+        try:
+            check(base)
+        except ConfigError as exc:
+            raise ConfigError(f"adapt: {exc}") from None
+    space.validate(base, check or load_config)
     return spec
 
 

@@ -8,7 +8,9 @@ The driver validates the config and builds the task once (an unknown key, a targ
 that matches nothing, a rank larger than a layer, a delta saved for another base, a template
 without a mask, a label word the vocabulary lacks: each fails here, before any worker starts),
 then runs ``run_adapt`` on ``scaling.num_workers`` workers (data parallel over the trainable
-parameters) and prints rank 0's report: accuracy, trainable parameters, where the delta is.
+parameters; ``strategy: {kind: zero, stage: 3}`` shards the frozen base too, ``{kind: mesh,
+tp: 2}`` splits it and its LoRA) and prints rank 0's report: accuracy, trainable parameters,
+memory per rank (and what sharding the frozen base saves), where the delta is.
 """
 from __future__ import annotations
 
@@ -59,6 +61,14 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"[bmray] trainable {report['trainable_params']:,} of {report['total_params']:,} "
           f"parameters ({share:.3f}%); latency {report['latency_ms']:.2f} ms/example",
           flush=True)
+    mem = report.get("memory") or {}
+    mb = 1 / 2**20
+    print(f"[bmray] training memory per rank {report['peak_memory_bytes'] * mb:.1f} MB "
+          f"(activations {report['activation_bytes'] * mb:.1f} MB)", flush=True)
+    if "frozen_param_bytes" in mem:
+        print(f"[bmray] frozen base: this rank keeps {mem['frozen_bytes'] * mb:.1f} MB of "
+              f"{mem['frozen_param_bytes'] * mb:.1f} MB (sharding saves "
+              f"{mem['frozen_saved_bytes'] * mb:.1f} MB)", flush=True)
     if report.get("delta_dir"):
         print(f"[bmray] delta: {report['delta_dir']}", flush=True)
     if report.get("head_dir"):

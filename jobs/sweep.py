@@ -79,7 +79,8 @@ def run(sweep: SweepConfig, adapt: dict, space: SearchSpace, address: str | None
         resume: bool = False) -> SweepResult:
     body = resolve(sweep.trial_body, "trial_body")
     load_config = resolve(sweep.config_loader, "config_loader")
-    trial_spec(sweep, adapt, space, body, load_config)     # bad space: fails before Ray starts
+    check = resolve(sweep.config_check, "config_check") if sweep.config_check else None
+    trial_spec(sweep, adapt, space, body, load_config, check)  # bad space: fails before Ray
     per_trial = sweep.trial_cpus + sweep.workers_per_trial * sweep.cpus_per_worker
     info = connect(address, num_cpus=max(int(per_trial + 0.999), os.cpu_count() or 1))
     print(f"[bmray] sweep {sweep.name!r} on {info['where']} ({info['cpus']:.0f} CPUs): "

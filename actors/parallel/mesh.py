@@ -7,7 +7,7 @@ Ranks are row-major over ``(dp, pp, tp)`` (:class:`~bmray.actors.parallel.dims.P
 TP peers are neighbours, dp replicas outermost. One rank, outermost last:
 
 1. the full model is built and its layout (state-dict keys, ties, AdamW order) remembered;
-2. ``tp > 1``: ``apply_tensor_parallel`` keeps this rank's slices;
+2. ``tp > 1``: ``make_tensor_parallel`` keeps this rank's slices (a DeltaModel's LoRA follows);
 3. ``pp > 1``: ``split_stage`` keeps this rank's layers; a ``PipelineEngine`` runs GPipe/1F1B;
 4. what is left is an ordinary module for :class:`Zero` (stage 0, 1, or 2 with pp == 1) on
    the dp group.
@@ -40,10 +40,10 @@ from bmray.actors.parallel.pipeline.engine import PipelineEngine
 from bmray.actors.parallel.pipeline.stage import BALANCE, split_stage, tied_parameters
 from bmray.actors.parallel.pipeline.schedule import SCHEDULES
 from bmray.actors.parallel.strategy import MicroResult, build_adamw, move_batch
-from bmray.actors.parallel.tensor import (TensorParallelLM, apply_tensor_parallel,
-                                          gather_tensor_parallel_state,
+from bmray.actors.parallel.tensor import (TensorParallelLM, gather_tensor_parallel_state,
                                           shard_tensor_parallel_state, tensor_parallel_dims,
                                           tensor_parallel_loss)
+from bmray.actors.parallel.tensor.delta import make_tensor_parallel
 from bmray.actors.train.config import TrainConfig
 from bmray.actors.parallel.zero.stage12 import Zero, ZeroConfig
 
@@ -122,6 +122,7 @@ class MeshParallel(Zero):
 
     replicated = True                   # state_dict() is the full single-process state
     collective_state_dict = True        # ...gathered from every rank
+    collective_forward = True           # TP all-reduces, pipeline stages hand over activations
 
     def __init__(self, config: MeshParallelConfig | None = None, **overrides: Any) -> None:
         if config is None:
@@ -161,8 +162,8 @@ class MeshParallel(Zero):
         self.layout = _FullLayout.of(model, cfg)
         device = self._pick_device(cfg)
         model.to(device)
-        if c.tp > 1:
-            apply_tensor_parallel(model, self.tp_group, c.sequence_parallel)
+        if c.tp > 1:                    # the model, or the DeltaModel / encoder inside it
+            make_tensor_parallel(model, self.tp_group, c.sequence_parallel)
         inner = model
         if c.pp > 1:
             loss_fn = None
@@ -177,7 +178,7 @@ class MeshParallel(Zero):
         if c.pp > 1:
             self.engine = PipelineEngine(self.model, self.pp_group, self.coords["pp"], c.pp,
                                          c.schedule, self.device)
-        elif c.tp > 1:
+        elif c.tp > 1 and model.tensor_parallel.vocab_parallel:
             self.model = TensorParallelLM(self.model, self.tp_group)
         if self.scaler is not None:     # an overflow on any rank skips the step everywhere
             self.scaler = DynamicLossScaler(cfg.loss_scale, group=None)
@@ -187,11 +188,14 @@ class MeshParallel(Zero):
     def _weights_for_norm(self) -> dict[int, float]:
         """id(param) -> the weight of its ‖g‖² in the global norm (see module docstring)."""
         tied = {id(p) for p in tied_parameters(self.module)} if self.engine else set()
+        split_names = tensor_parallel_dims(self.module)
+        split = {id(p) for n, p in self.module.named_parameters(remove_duplicate=False)
+                 if n in split_names}
         last = self.coords["pp"] == self.dims.pp - 1
         out = {}
         for p in self.params:
             w = 1.0
-            if self.dims.tp > 1 and getattr(p, "tp_dim", None) is None:
+            if self.dims.tp > 1 and id(p) not in split:
                 w /= self.dims.tp
             if id(p) in tied and last:
                 w = 0.0
@@ -267,8 +271,8 @@ class MeshParallel(Zero):
         self._wait_params()
         if self.engine is None:
             out = self.model(**move_batch(batch, self.device))
-            if self.dims.tp == 1:
-                return out
+            if self.dims.tp == 1 or not self.module.tensor_parallel.vocab_parallel:
+                return out              # logits whole on every rank (BERT, T5: heads replicated)
             return ModelOutput(logits=None, loss=out.loss, aux_loss=out.aux_loss,
                                metrics=out.metrics)
         loss = self.engine.evaluate(batch)

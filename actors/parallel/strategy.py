@@ -103,6 +103,7 @@ class Strategy(ABC):
     optimizer: torch.optim.Optimizer
     replicated: bool = True            # same state on every rank: one checkpoint file
     collective_state_dict: bool = False  # state_dict() is a collective: every rank calls it
+    collective_forward: bool = False    # forward() is a collective (ZeRO-3 gathers, TP reduces)
 
     @property
     def is_main(self) -> bool:

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 
 from bmray.actors.parallel.registry import build_strategy
 from bmray.actors.parallel.strategy import Strategy
+from bmray.actors.parallel.tensor.delta import check_delta_model_for_tensor_parallel
 from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.adapt_config import AdaptConfig, adapt_config_to_dict
+from bmray.actors.train.adapt_config import (AdaptConfig, adapt_config_from_dict,
+                                             adapt_config_to_dict)
 from bmray.actors.train.loop import Trainer, seed_everything
 from bmray.models.classifier import PromptClassifier, SequenceClassifier
 from bmray.models.config import ModelConfig
@@ -43,6 +45,7 @@ from bmray.models.data.task_rows import (ClassificationObjective, ExampleObjecti
                                          encode_rows, eval_row_batches, index_rows)
 from bmray.models.delta.base import base_identity
 from bmray.models.delta.io import read_manifest as read_delta_manifest
+from bmray.models.delta.io import save_delta
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
 from bmray.models.prompt.label_words import AGNEWS_MANUAL, TREC_MANUAL
@@ -145,6 +148,9 @@ def build_base(cfg: AdaptConfig, train: Sequence[Example], tokenizer_dir: str | 
     b, t = cfg.base, cfg.task
     if b.kind == "minilm":
         model, tok = load_minilm(b.dropout)
+        # where its transformer layers are, as our families declare it: ZeRO-3 gathers and
+        # frees them one at a time (models/structure.find_blocks)
+        model.block_lists = ("encoder.layer",)
 
         def encode(ex: Example) -> list[int]:
             return tok(ex.text_a, ex.text_b, truncation=True, max_length=t.max_length)["input_ids"]
@@ -194,6 +200,17 @@ def load_base_checkpoint(model: nn.Module, mc: ModelConfig, path: str) -> None:
 # ---------------------------------------------------------------- the task model
 
 @dataclass
+class TaskSizes:
+    """What the task model as built weighs, measured before a strategy shards it
+    (``build_adapt_trainer``): parameter counts and one micro-batch's activation bytes."""
+
+    trainable_params: int
+    trainable_bytes: int
+    total_params: int
+    activation_bytes: int
+
+
+@dataclass
 class Task:
     """Everything ``run_adapt`` trains and measures."""
 
@@ -204,7 +221,8 @@ class Task:
     labels: list[str]
     base: nn.Module
     deltas: DeltaModel | None
-    identity: dict[str, Any]
+    identity: dict[str, Any]                    # of the base as built (before any sharding)
+    sizes: TaskSizes | None = None              # set by build_adapt_trainer
 
 
 def attach_delta(cfg: AdaptConfig, base: nn.Module) -> DeltaModel | None:
@@ -237,6 +255,9 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
     identity = base_identity(base.model)
     if cfg.prompt is None:
         dm = attach_delta(cfg, base.model)
+        opts = cfg.strategy.options
+        if dm is not None and cfg.strategy.kind == "mesh" and opts.tp > 1:
+            check_delta_model_for_tensor_parallel(dm, opts.sequence_parallel)
         model = SequenceClassifier(dm if dm is not None else base.model, base.hidden_size,
                                    len(labels), cfg.task.pooling, cfg.task.head_dropout)
         objective: Callable = ClassificationObjective(base.pad_id)
@@ -283,6 +304,16 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
                 identity)
 
 
+def check_adapt_mapping(raw: dict[str, Any]) -> AdaptConfig:
+    """Type the mapping and build its task once (no training): every error ``build_task``
+    names — a target pattern matching nothing, a rank larger than a layer, a template
+    without a mask, a label word the vocabulary lacks — raised here. A sweep's driver runs it
+    on every probe of its space."""
+    cfg = adapt_config_from_dict(raw)
+    build_task(cfg, tokenizer_dir=None)
+    return cfg
+
+
 # ---------------------------------------------------------------- measuring
 
 def saved_activation_bytes(module: nn.Module, forward: Callable[[], Any]) -> int:
@@ -307,23 +338,32 @@ def saved_activation_bytes(module: nn.Module, forward: Callable[[], Any]) -> int
     return sum(saved.values())
 
 
-def step_activation_bytes(cfg: AdaptConfig, strategy: Strategy, objective: Callable,
-                          rows: Tensor, world: int) -> int:
-    """``saved_activation_bytes`` of one training micro-batch of this rank (its share of
-    ``task.batch_size`` split into ``train.micro_batches``), in training mode."""
-    n = max(1, cfg.task.batch_size // world // cfg.train.micro_batches)
+def step_activation_bytes(cfg: AdaptConfig, model: nn.Module, objective: Callable,
+                          rows: Tensor, replicas: int) -> int:
+    """``saved_activation_bytes`` of one training micro-batch of one replica (its share of
+    ``task.batch_size`` split into ``train.micro_batches``), in training mode, measured on the
+    task model as built — before a strategy shards it, so the figure is the same whatever
+    the strategy (tensor parallelism would split part of it over its ranks)."""
+    n = max(1, cfg.task.batch_size // replicas // cfg.train.micro_batches)
     batch = objective(rows[:n], None)
-    return saved_activation_bytes(strategy.module, lambda: strategy.forward(batch))
+    model.train(True)
+    return saved_activation_bytes(model, lambda: model(**batch))
 
 
 @torch.no_grad()
-def evaluate_accuracy(trainer: Trainer, batches: Sequence[Tensor]) -> dict[str, Any]:
-    """Accuracy and mean cross-entropy over every eval row, summed over the gang."""
+def evaluate_accuracy(trainer: Trainer, batches: Sequence[Tensor],
+                      filler: Tensor | None = None) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy over every eval row, summed over the gang. A rank
+    whose share of a short last batch is empty skips it — or, where the strategy's forward
+    is a collective, runs ``filler`` (one row, not counted) so that its peers are not left
+    waiting."""
     s = trainer.strategy
     s.train(False)
     loss_sum, correct, n = 0.0, 0.0, 0.0
     for blocks in batches:
         if blocks.numel() == 0:               # this rank's share of a short last batch
+            if s.collective_forward and filler is not None:
+                s.forward(trainer.objective(filler, None))
             continue
         batch = trainer.objective(blocks, None)
         logits = s.forward(batch).logits
@@ -374,12 +414,13 @@ def check_base_of_checkpoint(root: str, identity: dict[str, Any]) -> None:
             f"(weights sha256 {identity['weights_sha256'][:12]})")
 
 
-def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig) -> Path:
+def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig,
+                soft: dict[str, Tensor]) -> Path:
     """A prompt run's own part: ``prompt.json`` (template, label words) and, when the
-    template has soft tokens, ``soft.safetensors`` (their trained vectors)."""
+    template has soft tokens, ``soft.safetensors`` (``soft``: their trained vectors)."""
     directory.mkdir(parents=True, exist_ok=True)
     v = prompt.verbalizer
-    soft = {k: v.detach().cpu().contiguous() for k, v in prompt.soft.state_dict().items()}
+    soft = {k: t.detach().cpu().contiguous() for k, t in soft.items()}
     if soft:
         safetensors.torch.save_file(soft, str(directory / "soft.safetensors"))
     (directory / "prompt.json").write_text(json.dumps(
@@ -389,6 +430,16 @@ def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig) -> Path:
     return directory
 
 
+def module_state(full: dict[str, Tensor], model: nn.Module, module: nn.Module
+                 ) -> dict[str, Tensor]:
+    """``module``'s entries of ``full`` (a state dict of ``model``), keyed as in
+    ``module.state_dict()``: how a delta or a head is saved from a consolidated state when a
+    strategy shards or splits the live tensors."""
+    prefix = next(n for n, m in model.named_modules() if m is module)
+    prefix = f"{prefix}." if prefix else ""
+    return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+
+
 def dir_bytes(path: str | None) -> int:
     """Total size of the files directly in a local directory (0 for None or a URI)."""
     if not path or "://" in path or not Path(path).is_dir():
@@ -396,11 +447,12 @@ def dir_bytes(path: str | None) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
 
 
-def save_head(head: nn.Linear, directory: Path, labels: list[str], pooling: str) -> Path:
-    """The classification head beside the delta: ``head.safetensors`` + ``head.json``."""
+def save_head(head: nn.Linear, directory: Path, labels: list[str], pooling: str,
+              tensors: dict[str, Tensor]) -> Path:
+    """The classification head beside the delta: ``head.safetensors`` (``tensors``: its
+    trained weight and bias) + ``head.json``."""
     directory.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous()
-                                 for k, v in head.state_dict().items()},
+    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                                 str(directory / "head.safetensors"))
     (directory / "head.json").write_text(json.dumps(
         {"labels": labels, "pooling": pooling, "in_features": head.in_features}, indent=1))
@@ -418,8 +470,9 @@ def gang_position() -> tuple[int, int]:
 
 def build_adapt_trainer(cfg: AdaptConfig, out_dir: str) -> tuple[Trainer, Task]:
     """The task of ``cfg`` wired into a Trainer for this rank (of a gang, or alone): its
-    strategy, its slice of the rows, delta-only checkpoints under ``out_dir/checkpoints``
-    unless ``checkpoint.dir`` says otherwise, metrics in ``out_dir/metrics.jsonl``."""
+    strategy, its replica's slice of the rows, delta-only checkpoints under
+    ``out_dir/checkpoints`` unless ``checkpoint.dir`` says otherwise, metrics in
+    ``out_dir/metrics.jsonl``."""
     rank, world = gang_position()
     out = Path(out_dir)
     spec = cfg.strategy.resolved(world)
@@ -433,11 +486,20 @@ def build_adapt_trainer(cfg: AdaptConfig, out_dir: str) -> tuple[Trainer, Task]:
     if world > 1:
         dist.barrier()
     task = build_task(cfg, tok_dir)
+    replicas = world // spec.model_parallel_size()
+    params = list(task.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    task.sizes = TaskSizes(sum(p.numel() for p in trainable),
+                        sum(p.numel() * p.element_size() for p in trainable),
+                        sum(p.numel() for p in params),
+                        step_activation_bytes(cfg, task.model, task.objective, task.train_rows,
+                                              replicas))
     strategy = build_strategy(spec, cfg.train.device)
     frozen_base = task.deltas is not None or cfg.prompt is not None
     cc = dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint.dir or str(out / "checkpoints"),
                              trainable_only=cfg.checkpoint.trainable_only or frozen_base)
-    stream = RowStream(task.train_rows, cfg.task.batch_size, rank, world, seed=cfg.seed)
+    shard, shards = strategy.data_shard(rank, world)
+    stream = RowStream(task.train_rows, cfg.task.batch_size, shard, shards, seed=cfg.seed)
     train_cfg = dataclasses.replace(cfg.train, metrics_path=cfg.train.metrics_path or
                                     (str(out / "metrics.jsonl") if rank == 0 else None))
     manifest = {"base": task.identity, "adapt": adapt_config_to_dict(cfg)}
@@ -455,9 +517,12 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
     rank, world = gang_position()
     out = Path(out_dir)
     trainer, task = build_adapt_trainer(cfg, out_dir)
+    sizes = task.sizes
     strategy = trainer.strategy
     delta_run = task.deltas is not None
-    eval_batches = eval_row_batches(task.eval_rows, cfg.task.eval_batch_size, rank, world)
+    shard, shards = strategy.data_shard(rank, world)
+    eval_batches = eval_row_batches(task.eval_rows, cfg.task.eval_batch_size, shard, shards)
+    filler = task.eval_rows[:1]
     cuda = strategy.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(strategy.device)
@@ -471,38 +536,45 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
         losses.update(result.losses)
         if trainer.step != until:          # resumed past this evaluation point
             continue
-        row = evaluate_accuracy(trainer, eval_batches)
+        row = evaluate_accuracy(trainer, eval_batches, filler)
         if strategy.is_main:
             trainer.metrics.log(row)
             evals.append(row)
             if on_eval is not None:
                 on_eval(dict(row))
     memory = strategy.memory_report()
-    activations = step_activation_bytes(cfg, strategy, task.objective, task.train_rows, world)
-    module = strategy.module
-    # a step holds a gradient for every trainable parameter (the report after the step sees
-    # none: they are freed by zero_grad(set_to_none=True))
-    grad_bytes = sum(p.numel() * p.element_size() for p in module.parameters()
-                     if p.requires_grad)
+    # a step holds a gradient for every trainable parameter unless the strategy keeps them
+    # in buffers of its own (data parallel buckets, ZeRO's shards: in the report); the
+    # frozen base a ZeRO-3 rank keeps is beside the totals (``frozen_bytes``)
+    grad_bytes = memory.get("grad_bytes") or sizes.trainable_bytes
     peak = (torch.cuda.max_memory_allocated(strategy.device) if cuda else
-            memory["param_bytes"] + grad_bytes + memory["optimizer_bytes"] + activations)
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in module.parameters())
-    latency = measure_latency_ms(strategy, task.objective, task.eval_rows) if rank == 0 else 0.0
+            memory["param_bytes"] + memory.get("frozen_bytes", 0) + grad_bytes +
+            memory["optimizer_bytes"] + sizes.activation_bytes)
+    # a collective forward needs every rank in it: each measures, rank 0's is reported
+    latency = (measure_latency_ms(strategy, task.objective, task.eval_rows)
+               if rank == 0 or strategy.collective_forward else 0.0)
+    full = trainer.full_model_state()       # a collective where the strategy shards
     delta_dir = head_dir = prompt_dir = None
     if rank == 0:
+        model = task.model
         if delta_run:
-            delta_dir = str(task.deltas.save(cfg.delta.name, out / "delta"))
-        if isinstance(module, SequenceClassifier):
-            head_dir = str(save_head(module.head, out / "head", task.labels, cfg.task.pooling))
+            delta = task.deltas.get(cfg.delta.name)
+            delta_dir = str(save_delta(delta, out / "delta", task.base,
+                                       tensors=module_state(full, model, delta),
+                                       identity=task.identity))
+        if isinstance(model, SequenceClassifier):
+            head_dir = str(save_head(model.head, out / "head", task.labels, cfg.task.pooling,
+                                     module_state(full, model, model.head)))
         else:
-            prompt_dir = str(save_prompt(module.prompt, out / "prompt", cfg))
+            prompt_dir = str(save_prompt(model.prompt, out / "prompt", cfg,
+                                         module_state(full, model, model.prompt.soft)))
     strategy.barrier()
-    sizes = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
+    files = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
              if rank == 0 else 0}
-    return AdaptResult(metrics=evals[-1] if evals else {}, trainable_params=trainable,
-                       total_params=total, peak_memory_bytes=int(peak), latency_ms=latency,
-                       delta_dir=delta_dir, head_dir=head_dir, prompt_dir=prompt_dir,
-                       checkpoint=result.checkpoint,
+    return AdaptResult(metrics=evals[-1] if evals else {},
+                       trainable_params=sizes.trainable_params,
+                       total_params=sizes.total_params, peak_memory_bytes=int(peak),
+                       latency_ms=latency, delta_dir=delta_dir, head_dir=head_dir,
+                       prompt_dir=prompt_dir, checkpoint=result.checkpoint,
                        step=trainer.step, losses=losses, evals=evals, memory=memory,
-                       activation_bytes=activations, **sizes)
+                       activation_bytes=sizes.activation_bytes, **files)

@@ -141,19 +141,15 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         workers = self.scaling.num_workers
-        if self.strategy.kind not in ("auto", "single", "ddp"):
-            raise ConfigError(f"strategy.kind: adaptation runs 'single' or 'ddp' (data "
-                              f"parallel over the trainable parameters), got "
-                              f"{self.strategy.kind!r}")
-        if self.strategy.kind == "single" and workers > 1:
-            raise ConfigError(f"strategy.kind: 'single' runs one worker, but "
-                              f"scaling.num_workers is {workers}")
+        self.check_strategy(workers)
+        replicas = workers // self.strategy.model_parallel_size()
         b = self.task.batch_size
-        if b % workers:
-            raise ConfigError(f"task.batch_size: {b} is not divisible by the {workers} workers")
-        if b // workers < self.train.micro_batches:
+        if b % replicas:
+            raise ConfigError(f"task.batch_size: {b} is not divisible by the {replicas} "
+                              f"data-parallel replicas")
+        if b // replicas < self.train.micro_batches:
             raise ConfigError(f"train.micro_batches: {self.train.micro_batches} but each of the "
-                              f"{workers} workers gets only {b // workers} rows per step")
+                              f"{replicas} replicas gets only {b // replicas} rows per step")
         if self.seed < 0:
             raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.run.max_failures and not self.checkpoint.every:
@@ -163,6 +159,36 @@ class AdaptConfig:
         if m is not None and self.task.max_length > m.max_seq_len:
             raise ConfigError(f"task.max_length: {self.task.max_length} is longer than "
                               f"base.model.max_seq_len {m.max_seq_len}")
+
+    def check_strategy(self, workers: int) -> None:
+        """What adaptation can run on: ``single``; data parallelism over the trainable
+        parameters (``ddp``, ZeRO stage 1/2); the frozen base sharded by ZeRO-3 (``zero``
+        stage 3, ``shard_frozen``); tensor parallelism (``mesh`` with ``tp`` > 1, ``pp`` 1) on
+        a base of our family, with LoRA split to match. Each refusal names the key."""
+        kind, opts = self.strategy.kind, self.strategy.options
+        if kind not in ("auto", "single", "ddp", "zero", "zero3", "mesh"):
+            raise ConfigError(f"strategy.kind: adaptation runs single, ddp, zero (stage 1-3) or "
+                              f"mesh (tensor parallel), got {kind!r}")
+        if kind == "single" and workers > 1:
+            raise ConfigError(f"strategy.kind: 'single' runs one worker, but "
+                              f"scaling.num_workers is {workers}")
+        if getattr(opts, "sharded_checkpoint", False):
+            raise ConfigError("strategy.sharded_checkpoint: an adaptation checkpoint holds the "
+                              "trainable tensors only (KB-MB); it is written whole by rank 0")
+        if kind == "mesh":
+            if opts.pp != 1:
+                raise ConfigError(f"strategy.pp: adaptation does not split the task model into "
+                                  f"pipeline stages (pp must be 1, got {opts.pp})")
+            if opts.tp > 1 and self.base.kind != "family":
+                raise ConfigError("strategy.tp: tensor parallelism needs a base of our family "
+                                  "(base.kind 'family': its tp_plan says how layers split); "
+                                  "the MiniLM has none — use ddp or zero stage 3")
+            if workers % opts.tp:
+                raise ConfigError(f"strategy.tp: {opts.tp} does not divide scaling.num_workers "
+                                  f"{workers}")
+            if opts.tp > 1 and self.prompt is not None:
+                raise ConfigError("strategy.tp: prompt runs train on one worker per replica "
+                                  "(ddp or zero); tensor parallelism runs a classification head")
 
 
 SECTIONS = ("base", "delta", "task", "prompt", "train", "checkpoint", "scaling", "strategy",

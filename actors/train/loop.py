@@ -399,6 +399,15 @@ class Trainer:
         """State-dict names of the parameters that train (what ``trainable_only`` keeps)."""
         return {n for n, p in self.strategy.module.named_parameters() if p.requires_grad}
 
+    def full_model_state(self) -> dict[str, Any]:
+        """The whole model's state dict in the single-process format: the module's own where
+        every rank holds it whole, else consolidated (ZeRO-3 shards, tensor-parallel slices) —
+        then a collective every rank calls."""
+        s = self.strategy
+        if s.collective_state_dict and s.replicated:
+            return s.state_dict()["model"]
+        return s.module.state_dict()
+
     def state_dict(self) -> dict[str, Any]:
         state = self.strategy.state_dict()
         if self.ckpt_cfg.trainable_only:
@@ -478,7 +487,7 @@ class Trainer:
             shapes = {k: v for k, v in shapes.items() if k in keep}
         ckpt.check_compatible(shapes, state["model"], source=f"checkpoint {path!r}")
         if self.ckpt_cfg.trainable_only:
-            state["model"] = {**self.strategy.module.state_dict(), **state["model"]}
+            state["model"] = {**self.full_model_state(), **state["model"]}
         self.strategy.load_state_dict(state)
         self.scheduler.load_state_dict(state["scheduler"])
         restore_rng(state["rng"])

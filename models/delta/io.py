@@ -40,14 +40,26 @@ class DeltaBaseMismatch(ConfigError):
     """The delta was saved for another base model."""
 
 
-def save_delta(delta: Delta, directory: str | Path, base: nn.Module) -> Path:
-    """Write ``delta`` (attached to, or made for, ``base``) to ``directory``; returns it."""
+def save_delta(delta: Delta, directory: str | Path, base: nn.Module, *,
+               tensors: dict[str, Tensor] | None = None,
+               identity: dict[str, Any] | None = None) -> Path:
+    """Write ``delta`` (attached to, or made for, ``base``) to ``directory``; returns it.
+
+    Where a training strategy shards the live tensors (ZeRO-3) or splits them (tensor
+    parallelism), pass the consolidated ``tensors`` (keyed as ``delta.state_dict()``) and the
+    base's ``identity`` taken before sharding."""
     if getattr(delta, "merged", False):
         raise ConfigError("save_delta: the delta is merged into the base (its identity would be "
                           "the merged weights); unmerge first")
+    own = delta.state_dict()
+    if tensors is None:
+        tensors = own
+    elif set(tensors) != set(own):
+        raise ValueError(f"save_delta: tensors for {sorted(set(tensors) ^ set(own))} do not "
+                         f"match the delta's own")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in delta.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     safetensors.torch.save_file(tensors, str(directory / TENSORS))
     manifest = {
         "format": FORMAT,
@@ -57,7 +69,7 @@ def save_delta(delta: Delta, directory: str | Path, base: nn.Module) -> Path:
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                     for k, v in tensors.items()},
         "num_parameters": sum(v.numel() for v in tensors.values()),
-        "base": base_identity(base),
+        "base": identity if identity is not None else base_identity(base),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return directory

@@ -126,6 +126,7 @@ def sweep_yaml(tmp_path, **sweep):
                      "num_samples": 4, "scheduler": "fifo", "max_concurrent_trials": 1,
                      "trial_body": "tests.actors.tune.tune_standin:run",
                      "config_loader": "tests.actors.tune.tune_standin:load_config",
+                     "config_check": "",
                      "keep_checkpoints": 4, **SMALL, **sweep}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))

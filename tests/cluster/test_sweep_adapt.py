@@ -243,6 +243,24 @@ def test_unknown_key_in_the_space_before_any_trial(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "runs")
 
 
+@pytest.mark.parametrize("option,change,match", [
+    (1, {"targets": ["*.ffn.dwn"]}, r"space.delta\[adapter\].*'\*.ffn.dwn' matches no"),
+    (0, {"rank": {"choice": [2, 40]}}, r"space.delta\[lora\].rank.*rank: 40 exceeds"),
+])
+def test_a_space_option_whose_model_cannot_be_built_fails_before_any_trial(
+        tmp_path, capsys, option, change, match):
+    """The driver builds every probe's task: an option's target pattern that matches no
+    module, or a rank larger than its layers, is refused before Ray starts."""
+    raw = yaml.safe_load(open(TINY))
+    raw["space"]["delta"]["choice"][option].update(change)
+    raw["sweep"]["storage_path"] = str(tmp_path / "runs")
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert sweep_job.main(["--config", str(path)]) == 2
+    assert re.search(match, capsys.readouterr().err)
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_in_process_trials_need_one_worker(tmp_path, capsys):
     assert sweep_job.main(["--config", TINY, "--set", "adapt.scaling.num_workers=2",
                            "--set", f"sweep.storage_path={tmp_path}/runs"]) == 2
@@ -256,5 +274,6 @@ def test_the_shipped_sweep_configs_validate(name):
     sweep, adapt, space = sweep_job.load_sweep(os.path.join(REPO, "configs", name), [])
     body = sweep_job.resolve(sweep.trial_body, "trial_body")
     loader = sweep_job.resolve(sweep.config_loader, "config_loader")
-    trial_spec(sweep, adapt, space, body, loader)
+    check = sweep_job.resolve(sweep.config_check, "config_check")
+    trial_spec(sweep, adapt, space, body, loader, check)
     assert sweep.trial_body == DEFAULT_BODY and sweep.scheduler == "asha"

@@ -19,13 +19,19 @@ torch.set_num_threads(1)
 TINY = os.path.join(REPO, "configs", "adapt_tiny.yaml")
 
 
-def test_adapt_job_end_to_end_on_two_workers(ray_session, tmp_path, capsys):
+@pytest.mark.parametrize("strategy", [[], ["strategy.kind=zero", "strategy.stage=3"]],
+                         ids=["ddp", "zero3"])
+def test_adapt_job_end_to_end_on_two_workers(ray_session, tmp_path, capsys, strategy):
     report_path = tmp_path / "report.json"
+    sets = [x for s in strategy for x in ("--set", s)]
     code = adapt.main(["--config", TINY, "--set", f"out_dir={tmp_path}/run",
-                       "--set", "checkpoint.every=3", "--report", str(report_path)])
+                       "--set", "checkpoint.every=3", *sets, "--report", str(report_path)])
     assert code == 0
     out = capsys.readouterr().out
     assert "adapted to step 6: eval accuracy" in out and "delta: " in out
+    assert "training memory per rank" in out
+    # ZeRO-3 shards the frozen base: each of the 2 ranks keeps about half of it
+    assert ("frozen base: this rank keeps" in out) == bool(strategy)
     report = json.loads(report_path.read_text())
     assert report["world_size"] == 2 and report["step"] == 6
     assert [r["step"] for r in report["evals"]] == [3, 6]

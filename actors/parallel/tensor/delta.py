@@ -10,6 +10,9 @@ Two orders, one result (docs/tensor_parallel.md, "LoRA on parallel layers"):
   linears under the deltas' hooks; every delta is detached and re-attached to the parallel
   modules, each LoRA cutting its (trained) factors to the new shards.
 
+``make_tensor_parallel(model, group)`` picks the order's target inside a task model (a
+classifier over a DeltaModel, or over one of our encoders) for the mesh strategy.
+
 Only LoRA follows a split. Refused before anything changes (ConfigError): another delta method
 on a module tensor parallelism replaces or re-heads (a split linear, an attention, the
 vocabulary embedding), a merged delta, and LoRA on split layers under sequence parallelism.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from torch import nn
 
-from bmray.actors.parallel.tensor.plan import apply_tensor_parallel
+from bmray.actors.parallel.tensor.plan import TensorParallelInfo, apply_tensor_parallel
 from bmray.models.delta.base import site_name
 from bmray.models.delta.lora import LoraDelta
 from bmray.models.delta.model import DeltaModel
@@ -28,7 +31,8 @@ from bmray.models.layers.attention import MultiHeadAttention
 from bmray.models.structure import find_blocks, module_at, tp_plan_of
 from bmray.models.typed_config import ConfigError
 
-__all__ = ["parallelize_delta_model", "tensor_parallel_module_names"]
+__all__ = ["check_delta_model_for_tensor_parallel", "make_tensor_parallel",
+           "parallelize_delta_model", "tensor_parallel_module_names"]
 
 
 def tensor_parallel_module_names(model: nn.Module) -> set[str]:
@@ -60,18 +64,7 @@ def parallelize_delta_model(model: DeltaModel, group: dist.ProcessGroup | None =
     the parallel modules (LoRA factors cut to this rank's shard); returns ``model``, with
     ``model.tensor_parallel`` (the base's TensorParallelInfo) for ``TensorParallelLM``. Every
     rank of ``group`` calls it with the same model and deltas."""
-    split = tensor_parallel_module_names(model.base)
-    for name, delta in model.deltas.items():
-        if getattr(delta, "merged", False):
-            raise ConfigError(f"delta {name!r} is merged into the base; unmerge it before making "
-                              f"the base tensor-parallel")
-        on_split = [site_name(k) for k in delta.sites if site_name(k) in split]
-        if on_split and not isinstance(delta, LoraDelta):
-            raise ConfigError(f"delta {name!r} ({delta.config.method}) has sites on modules "
-                              f"tensor parallelism splits: {on_split}; only LoRA is split to match")
-        if on_split and sequence_parallel:
-            raise ConfigError(f"delta {name!r}: LoRA on tensor-parallel layers is not supported "
-                              f"with sequence_parallel=True (sites {on_split})")
+    check_delta_model_for_tensor_parallel(model, sequence_parallel)
     attached = [d for d in model.deltas.values() if d.attached]
     for delta in attached:
         delta.detach()
@@ -85,3 +78,42 @@ def parallelize_delta_model(model: DeltaModel, group: dist.ProcessGroup | None =
         delta.attach(model.base)
     model.tensor_parallel = model.base.tensor_parallel
     return model
+
+
+def check_delta_model_for_tensor_parallel(model: DeltaModel, sequence_parallel: bool = False
+                                          ) -> None:
+    """The refusals of ``parallelize_delta_model`` alone (no group, nothing changes): a job's
+    driver calls it to fail before any worker starts."""
+    split = tensor_parallel_module_names(model.base)
+    for name, delta in model.deltas.items():
+        if getattr(delta, "merged", False):
+            raise ConfigError(f"delta {name!r} is merged into the base; unmerge it before making "
+                              f"the base tensor-parallel")
+        on_split = [site_name(k) for k in delta.sites if site_name(k) in split]
+        if on_split and not isinstance(delta, LoraDelta):
+            raise ConfigError(f"delta {name!r} ({delta.config.method}) has sites on modules "
+                              f"tensor parallelism splits: {on_split}; only LoRA is split to match")
+        if on_split and sequence_parallel:
+            raise ConfigError(f"delta {name!r}: LoRA on tensor-parallel layers is not supported "
+                              f"with sequence_parallel=True (sites {on_split})")
+
+
+def make_tensor_parallel(model: nn.Module, group: dist.ProcessGroup | None = None,
+                         sequence_parallel: bool = False) -> TensorParallelInfo:
+    """Make ``model`` tensor-parallel: itself when its class has a ``tp_plan``; else the first
+    DeltaModel inside whose base has one (``parallelize_delta_model``: its deltas follow);
+    else the first submodule with a ``tp_plan``. ``model.tensor_parallel`` is set to the
+    result, for the loss and the gradient sync. A model with none of them gets
+    ``apply_tensor_parallel``'s own error."""
+    target = model
+    if tp_plan_of(model) is None:
+        inner = [m for m in model.modules() if isinstance(m, DeltaModel)
+                 and tp_plan_of(m.base) is not None]
+        if inner:
+            info = parallelize_delta_model(inner[0], group, sequence_parallel).tensor_parallel
+            model.tensor_parallel = info
+            return info
+        target = next((m for m in model.modules() if tp_plan_of(m) is not None), model)
+    apply_tensor_parallel(target, group, sequence_parallel)
+    model.tensor_parallel = target.tensor_parallel
+    return model.tensor_parallel

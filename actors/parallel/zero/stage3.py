@@ -180,6 +180,7 @@ class Zero3(GradNormStats, DataParallel):
 
     replicated = True
     collective_state_dict = True
+    collective_forward = True           # every unit is all-gathered before it runs
     stage = 3
 
     def __init__(self, config: Zero3Config | None = None, *, group: Any = None,

@@ -208,12 +208,42 @@ def test_full_fine_tuning_trains_the_base(tmp_path):
     ("delta.method=lorra", r"delta.method: 'lorra' is not one of"),
     ("base.kind=gpt2", r"base.kind: 'gpt2' is not one of"),
     ("task.batch_size=7", r"task.batch_size: 7 is not divisible"),
-    ("strategy.kind=zero", r"strategy.kind: adaptation runs"),
+    ("strategy.kind=param_server", r"strategy.kind: adaptation runs single, ddp, zero"),
     ("task.max_length=64", r"task.max_length: 64 is longer than base.model.max_seq_len"),
 ])
 def test_config_errors_name_the_key(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         load_adapt_config(TINY, [f"out_dir={tmp_path}", override])
+
+
+@pytest.mark.parametrize("config,overrides,match", [
+    ("adapt_tiny", ["strategy.kind=mesh", "strategy.tp=2", "strategy.pp=2"],
+     r"strategy.pp: adaptation does not split"),
+    ("adapt_tiny", ["strategy.kind=mesh", "strategy.tp=4", "scaling.num_workers=2"],
+     r"strategy.tp: 4 does not divide scaling.num_workers 2"),
+    ("adapt_trec_lora", ["strategy.kind=mesh", "strategy.tp=2", "scaling.num_workers=2"],
+     r"strategy.tp: tensor parallelism needs a base of our family"),
+    ("adapt_trec_prompt", ["strategy.kind=mesh", "strategy.tp=2", "scaling.num_workers=2"],
+     r"strategy.tp: tensor parallelism needs a base of our family"),
+    ("adapt_tiny", ["strategy.kind=zero", "strategy.stage=3", "strategy.sharded_checkpoint=true"],
+     r"strategy.sharded_checkpoint: an adaptation checkpoint holds the trainable tensors"),
+    ("adapt_tiny", ["strategy.kind=mesh", "strategy.tp=2", "task.batch_size=5",
+                    "scaling.num_workers=4"], r"task.batch_size: 5 is not divisible by the 2 "),
+])
+def test_strategy_choices_a_delta_run_cannot_take(tmp_path, config, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_adapt_config(os.path.join(REPO, "configs", f"{config}.yaml"),
+                          [f"out_dir={tmp_path}", *overrides])
+
+
+def test_tensor_parallel_refuses_a_non_lora_delta_on_split_layers(tmp_path):
+    """Adapters on the attention output (a row-parallel layer) cannot follow a split: the
+    driver's build_task says so before any worker starts."""
+    raw = {**load_yaml(TINY), "delta": {"method": "adapter", "targets": ["out_proj"],
+                                        "bottleneck": 8}}
+    cfg = load_adapt_config(raw, [f"out_dir={tmp_path}", "strategy.kind=mesh", "strategy.tp=2"])
+    with pytest.raises(ConfigError, match=r"only LoRA is split to match"):
+        build_task(cfg, str(tmp_path / "tok"))
 
 
 @pytest.mark.parametrize("overrides,match", [
