@@ -29,7 +29,7 @@ from bmray.models.layers.attention import MultiHeadAttention
 from bmray.models.layers.moe import FeedForward
 from bmray.models.typed_config import ConfigError
 
-__all__ = ["HeadSite", "FFNSite", "attention_sites", "ffn_sites", "head_importance",
+__all__ = ["HeadSite", "FFNSite", "attention_sites", "ffn_sites", "default_loss", "head_importance",
            "neuron_importance", "neuron_weight_importance", "lowest", "prune_heads",
            "prune_ffn", "kept_sizes", "shrink_to", "count_parameters"]
 
