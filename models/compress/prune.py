@@ -28,8 +28,8 @@ from bmray.models.delta.base import match_modules
 from bmray.models.typed_config import ConfigError
 
 __all__ = ["PruneConfig", "DEFAULT_SKIP", "WeightMask", "prune_targets", "compute_masks",
-           "apply_masks", "remove_masks", "is_masked", "prune", "sparsity_report", "run_calibration",
-           "input_norms"]
+           "apply_masks", "remove_masks", "is_masked", "prune", "sparsity_report",
+           "run_calibration", "input_norms"]
 
 METHODS = ("magnitude", "wanda", "n:m", "2:4")
 SCOPES = ("layer", "global")

@@ -10,8 +10,9 @@
 Tensor parallelism is applied from outside (Megatron-LM, Shoeybi et al. 2019): Q/K/V are split by
 heads (column parallel) and ``out_proj`` by rows, so the four projections are separate
 ``nn.Linear`` modules named ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, and the head count is
-read from ``q_proj``'s output width at run time (a column-sharded ``q_proj`` holds fewer heads, and
-so does one whose heads structured pruning removed: ``n_heads * d_head`` need not equal ``d_model``).
+read from ``q_proj``'s output width at run time (a column-sharded ``q_proj`` holds fewer heads,
+and so does one whose heads structured pruning removed: ``n_heads * d_head`` may differ from
+``d_model``).
 
 Masks: boolean, ``True`` = may attend (the convention of ``F.scaled_dot_product_attention``).
 A padding mask is ``[B, T_k]`` with ``True``/1 for real tokens.
