@@ -343,3 +343,22 @@ def test_wanda_and_2_4_on_the_minilm():
     prune(model, PruneConfig(method="2:4"))
     w = model.encoder.layer[3].output.dense.weight.detach()
     assert ((w != 0).reshape(w.size(0), -1, 4).sum(-1) <= 2).all()
+
+
+def test_iterative_wanda_recalibrates_at_every_pruning_step():
+    model = tiny("gpt")
+    calls, fits = [], []
+
+    def calibration():
+        calls.append(len(calls))
+        return [{"input_ids": ids(2, 12, seed=len(calls))}]
+    sched = SparsitySchedule(initial=0.25, final=0.75, start=3, steps=2, every=4)
+    rows = prune_iteratively(model, PruneConfig(method="wanda"), sched, fits.append, until=12,
+                             calibration=calibration)
+    assert fits == [3, 7, 11, 12] and len(calls) == 3
+    q = model.blocks[1].attn.q_proj.weight
+    # per output row, exactly the last step's share is zero
+    assert ((q == 0).sum(dim=1) == int(sched.sparsity_at(11) * q.size(1) + 0.5)).all()
+    assert [r["step"] for r in rows] == [3, 7, 11]
+    with pytest.raises(ConfigError, match="fixed pattern"):
+        prune_iteratively(model, PruneConfig(method="2:4"), sched, fits.append, until=12)
