@@ -10,7 +10,9 @@
 Tensor parallelism is applied from outside (Megatron-LM, Shoeybi et al. 2019): Q/K/V are split by
 heads (column parallel) and ``out_proj`` by rows, so the four projections are separate
 ``nn.Linear`` modules named ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, and the head count is
-read from ``q_proj``'s output width at run time (a column-sharded ``q_proj`` holds fewer heads).
+read from ``q_proj``'s output width at run time (a column-sharded ``q_proj`` holds fewer heads,
+and so does one whose heads structured pruning removed: ``n_heads * d_head`` may differ from
+``d_model``).
 
 Masks: boolean, ``True`` = may attend (the convention of ``F.scaled_dot_product_attention``).
 A padding mask is ``[B, T_k]`` with ``True``/1 for real tokens.
@@ -93,17 +95,25 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, causal: bool = False,
-                 bias: bool = True):
+                 bias: bool = True, d_head: int | None = None):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
-        self.d_head = d_model // n_heads
+        if d_head is None:
+            if d_model % n_heads:
+                raise ValueError(f"n_heads ({n_heads}) must divide d_model ({d_model})")
+            d_head = d_model // n_heads
+        self.d_head = d_head
         self.causal = causal
         self.dropout = dropout
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        inner = n_heads * d_head        # d_model unless given a d_head (or heads were pruned)
+        self.q_proj = nn.Linear(d_model, inner, bias=bias)
+        self.k_proj = nn.Linear(d_model, inner, bias=bias)
+        self.v_proj = nn.Linear(d_model, inner, bias=bias)
+        self.out_proj = nn.Linear(inner, d_model, bias=bias)
+
+    @property
+    def n_heads(self) -> int:
+        """Heads this module holds now (fewer after tensor-parallel sharding or head pruning)."""
+        return self.q_proj.out_features // self.d_head
 
     def _heads(self, x: Tensor) -> Tensor:
         """[B, T, H*d_head] -> [B, H, T, d_head]."""
