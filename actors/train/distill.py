@@ -7,8 +7,9 @@ The teacher is either an adaptation run's output directory (actors/train/adapt.p
 checkpoint's manifest holds the adapt config and the base's identity; the task model — base,
 delta, head — is rebuilt from the config and its trained tensors loaded from that checkpoint)
 or a pre-training checkpoint of one of our families (its manifest's ``model_config``). The
-student keeps ``student_layers`` of the teacher's *base* (DistilBERT's init; a delta's hooks
-are not copied, the head is) and trains in full; the teacher is frozen. What comes back is a
+student keeps ``student_layers`` of the teacher's base (DistilBERT's init; fine-tuned in a
+full fine-tuning run, else as it was: a delta's hooks are not copied) and its head, and
+trains in full; the teacher is frozen. What comes back is a
 :class:`DistillationModel` the one Trainer trains under any strategy, its objective, and for a
 task the adapt run's tokenised rows. Docs: docs/compression.md.
 """
@@ -95,15 +96,19 @@ def _adapt_teacher(out_dir: Path, cfg: DistillConfig, layers: Sequence[int] | No
                            if k in trained or k in must}, trained,
                           source=f"teacher checkpoint {path!r}")
     teacher.load_state_dict({**teacher.state_dict(), **trained})
-    # the student: a fresh copy of the same base (no delta hooks), its chosen layers, and
-    # the teacher's trained head
-    seed_everything(acfg.seed)
-    base = build_base(acfg, load_examples(acfg)[0], tok_dir)
-    if base_identity(base.model) != task.identity:
-        raise ckpt.CheckpointError("teacher: the base could not be rebuilt identically for "
-                                   "the student (its weights differ)")
+    # the student: the chosen layers of the base the teacher reads — its own, fine-tuned, in
+    # a full fine-tuning run; with a delta, a fresh copy of the base (a delta's hooks are not
+    # copied) — and the teacher's trained head
+    if task.deltas is None:
+        encoder = teacher.encoder
+    else:
+        seed_everything(acfg.seed)
+        encoder = build_base(acfg, load_examples(acfg)[0], tok_dir).model
+        if base_identity(encoder) != task.identity:
+            raise ckpt.CheckpointError("teacher: the base could not be rebuilt identically "
+                                       "for the student (its weights differ)")
     head: nn.Linear = teacher.head
-    student = SequenceClassifier(student_from_teacher(base.model, layers), base.hidden_size,
+    student = SequenceClassifier(student_from_teacher(encoder, layers), head.in_features,
                                  head.out_features, teacher.pooling, acfg.task.head_dropout)
     student.head.load_state_dict(copy.deepcopy(head.state_dict()))
     model = DistillationModel(student, teacher, cfg)

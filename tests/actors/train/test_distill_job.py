@@ -148,3 +148,19 @@ def test_bad_teachers(tmp_path):
                                                                 layer_map=[3]), [0])
     with pytest.raises(TypeError, match="DistillConfig"):
         build_distillation(str(tmp_path / "run"), {"kd_weight": 1.0})
+
+
+def test_a_full_fine_tuning_teacher_gives_its_tuned_layers(tmp_path):
+    raw = load_yaml(TINY)
+    raw.update(out_dir=str(tmp_path), scaling={"num_workers": 1}, delta=None)
+    raw["train"].update(max_steps=2, eval_every=0)
+    raw["task"].update(eval_limit=16)
+    result = run_adapt(load_adapt_config(raw), out_dir=str(tmp_path))
+    _, state = load_checkpoint(result.checkpoint)
+    d = build_distillation(str(tmp_path), FULL, student_layers=[1])
+    block = d.model.student.backbone.blocks[0]
+    for name, p in block.named_parameters():
+        assert torch.equal(p, state["model"][f"backbone.blocks.1.{name}"]), name
+    fresh = build_task(load_adapt_config(raw), str(tmp_path / "tokenizer")).base
+    assert not torch.equal(block.ffn.up.weight, fresh.blocks[1].ffn.up.weight)   # tuned
+    assert d.model.block_lists == ("student.backbone.blocks", "teacher.backbone.blocks")
