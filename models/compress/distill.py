@@ -205,7 +205,7 @@ class DistillationModel(nn.Module):
         self.teacher = teacher
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        self.distill = config
+        self.config = config          # the Trainer records it in checkpoints
         self.projections: nn.ModuleList | None = None
         self.layers: list[int] = []
         self._captures: tuple[Capture, Capture] | None = None
@@ -219,7 +219,7 @@ class DistillationModel(nn.Module):
             self._setup_layers(student_block_list, teacher_block_list)
 
     def _setup_layers(self, s_list: str | None, t_list: str | None) -> None:
-        cfg = self.distill
+        cfg = self.config
         s_blocks = blocks_of(self.student, s_list)
         t_blocks = blocks_of(self.teacher, t_list)
         self.layers = layer_map(cfg.layer_map, len(s_blocks), len(t_blocks))
@@ -248,7 +248,7 @@ class DistillationModel(nn.Module):
         return self
 
     def forward(self, **batch: Any) -> ModelOutput:
-        cfg = self.distill
+        cfg = self.config
         if cfg.task_weight > 0 and not any(k in batch for k in LABEL_KEYS):
             raise ValueError(f"distill.task_weight is {cfg.task_weight} but the batch has no "
                              f"labels ({', '.join(LABEL_KEYS)}); set task_weight: 0 to distil "
@@ -276,7 +276,7 @@ class DistillationModel(nn.Module):
         return ModelOutput(logits=_logits(s_out), loss=loss, aux_loss=aux, metrics=metrics)
 
     def _terms(self, s_out: Any, t_out: Any, mask: Tensor | None) -> dict[str, Tensor]:
-        cfg = self.distill
+        cfg = self.config
         terms: dict[str, Tensor] = {}
         if cfg.task_weight > 0:
             task = getattr(s_out, "loss", None)

@@ -164,3 +164,28 @@ def test_a_full_fine_tuning_teacher_gives_its_tuned_layers(tmp_path):
     fresh = build_task(load_adapt_config(raw), str(tmp_path / "tokenizer")).base
     assert not torch.equal(block.ffn.up.weight, fresh.blocks[1].ffn.up.weight)   # tuned
     assert d.model.block_lists == ("student.backbone.blocks", "teacher.backbone.blocks")
+
+
+def test_checkpoints_hold_the_student_only_and_resume(tmp_path):
+    """``trainable_only`` checkpoints keep the student (and projections), not the frozen
+    teacher; a new run resumes from them to the same student."""
+    adapt_run(tmp_path / "run")
+    cfg = DistillConfig(hidden_weight=1.0)
+
+    def trainer(steps):
+        d = build_distillation(str(tmp_path / "run"), cfg, student_layers=[0])
+        return Trainer(d.model, d.objective, RowStream(d.train_rows, 8, seed=0),
+                       TrainConfig(lr=1e-3, warmup_steps=0, max_steps=steps, device="cpu",
+                                   echo=False), model_config=d.manifest,
+                       checkpoint=CheckpointConfig(dir=str(tmp_path / "ck"),
+                                                   trainable_only=True))
+    first = trainer(2)
+    first.fit()
+    _, state = load_checkpoint(str(tmp_path / "ck"))
+    assert state["model"] and all(k.startswith(("student.", "projections."))
+                                  for k in state["model"])
+    again = trainer(2)
+    again.restore(str(tmp_path / "ck"))
+    assert again.step == 2
+    for k, v in first.strategy.module.state_dict().items():
+        assert torch.equal(v, again.strategy.module.state_dict()[k]), k
