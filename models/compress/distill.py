@@ -242,6 +242,15 @@ class DistillationModel(nn.Module):
             Capture(self.teacher, sorted(set(self.layers)), block_list=one_block_list(
                 self.teacher, t_list), **kinds))
 
+    def release(self) -> nn.Module:
+        """Take the capture hooks off both models and return the student (the next stage of a
+        recipe gets a plain model that records nothing)."""
+        if self._captures is not None:
+            for cap in self._captures:
+                cap.remove()
+            self._captures = None
+        return self.student
+
     def train(self, mode: bool = True) -> "DistillationModel":
         super().train(mode)
         self.teacher.eval()             # the teacher's dropout never fires
@@ -293,7 +302,9 @@ class DistillationModel(nn.Module):
             pos = mask if mask is not None and s_logits.dim() == mask.dim() + 1 and \
                 s_logits.shape[:-1] == mask.shape else None
             terms["kd"] = kd_logits_loss(s_logits, t_logits, cfg.temperature, pos)
-        if self._captures is not None:
+        if cfg.needs_layers:
+            if self._captures is None:
+                raise RuntimeError("this DistillationModel was released: its hooks are off")
             s_cap, t_cap = self._captures
             if cfg.hidden_weight > 0:
                 terms["hidden"] = torch.stack([

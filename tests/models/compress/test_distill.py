@@ -332,6 +332,13 @@ def test_distillation_model_terms_and_frozen_teacher():
     out.loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
+    # release: the hooks come off, the student is a plain model again
+    assert dm.release() is student
+    for model in (student, teacher):
+        assert all(not b._forward_hooks and not b.attn.q_proj._forward_hooks
+                   and not b.attn.k_proj._forward_hooks for b in model.blocks)
+    with pytest.raises(RuntimeError, match="released"):
+        dm(**batch)
 
 
 def test_projection_when_widths_differ_and_padding_end_to_end():
