@@ -263,16 +263,30 @@ def dense_experts(model: nn.Module) -> Iterator[None]:
 def capture_inputs(model: nn.Module, batches: Iterable[Any]) -> dict[str, Tensor]:
     """Each MoEfied FFN's input tokens [N, d_in] over ``batches`` (a mapping is passed as keyword
     arguments, anything else positionally), captured with all experts on, i.e. the hidden states
-    of the original model."""
+    of the original model. Padding is left out: where a mapping has an ``attention_mask`` of
+    the FFN input's [batch, length], only its real tokens are kept."""
     mods = moefied_modules(model)
     seen: dict[str, list[Tensor]] = {n: [] for n in mods}
-    handles = [m.register_forward_pre_hook(
-        lambda mod, args, n=n: seen[n].append(args[0].detach().reshape(-1, args[0].size(-1))))
-        for n, m in mods.items()]
+    mask: list[Tensor | None] = [None]
+
+    def keep(name: str, x: Tensor) -> None:
+        m = mask[0]
+        if m is not None and x.dim() == 3 and tuple(m.shape) == tuple(x.shape[:2]):
+            seen[name].append(x.detach()[m.to(x.device).bool()])
+        else:
+            seen[name].append(x.detach().reshape(-1, x.size(-1)))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(n, args[0]))
+               for n, m in mods.items()]
     try:
         with torch.no_grad(), dense_experts(model):
             for batch in batches:
-                model(**batch) if isinstance(batch, Mapping) else model(batch)
+                if isinstance(batch, Mapping):
+                    mask[0] = batch.get("attention_mask")
+                    model(**batch)
+                else:
+                    mask[0] = None
+                    model(batch)
     finally:
         for h in handles:
             h.remove()

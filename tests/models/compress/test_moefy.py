@@ -172,6 +172,14 @@ def test_train_routers_on_a_model():
     inputs = capture_inputs(model, batches)
     assert sorted(inputs) == ["blocks.0.ffn", "blocks.1.ffn"]
     assert inputs["blocks.0.ffn"].shape == (4 * 8 * 16, 32)
+    # padding (attention_mask 0) is left out of the captured tokens
+    masked = {"input_ids": batches[0][:2, :5], "attention_mask": torch.tensor([[1, 1, 1, 0, 0],
+                                                                              [1, 1, 1, 1, 0]])}
+    assert capture_inputs(model, [masked])["blocks.1.ffn"].shape == (7, 32)
+    full = capture_inputs(model, [batches[0][:2, :5]])["blocks.1.ffn"]
+    kept = capture_inputs(model, [masked])["blocks.0.ffn"]
+    torch.testing.assert_close(kept[:3], capture_inputs(model, [batches[0][:1, :3]])["blocks.0.ffn"])
+    assert full.shape == (10, 32)
     recall = train_routers(model, batches, steps=150, lr=1e-2)
     assert all(r > 2 / 8 + 0.2 for r in recall.values())
 
