@@ -39,7 +39,8 @@ class LowRankConfig:
     def __post_init__(self) -> None:
         p = "lowrank"
         if isinstance(self.targets, str) or not self.targets:
-            raise ConfigError(f"{p}.targets: expected a non-empty list of patterns, got {self.targets!r}")
+            raise ConfigError(f"{p}.targets: expected a non-empty list of patterns, "
+                              f"got {self.targets!r}")
         if (self.energy is None) == (self.rank is None):
             raise ConfigError(f"{p}: set exactly one of energy and rank, got energy={self.energy!r}, "
                               f"rank={self.rank!r}")
@@ -114,7 +115,8 @@ def lowrank(model: nn.Module, config: LowRankConfig) -> LowRankResult:
     for n in names:
         tied = owners[id(model.get_submodule(n).weight)]
         if len(tied) > 1:
-            raise ConfigError(f"lowrank.targets: {n}.weight is shared with {sorted(set(tied) - {n + '.weight'})}; "
+            others = sorted(set(tied) - {n + ".weight"})
+            raise ConfigError(f"lowrank.targets: {n}.weight is shared with {others}; "
                               "factorising it would untie them")
     result = LowRankResult()
     for n in names:

@@ -13,14 +13,14 @@ paper's ground-truth selection; its "MLP selection" learns to predict it). ``Moe
 the chosen experts only (an index gather per expert, no dense product times a mask) and sums
 their outputs unweighted, so with k = E it is the original FFN. Works on our ``FeedForward``
 (``up``/``down``) and on a BERT-style ``intermediate`` + ``output.dense`` pair (the MiniLM):
-there the ``intermediate`` becomes an identity and ``output.dense`` the MoEfied FFN. docs/compression.md,
-"MoEfication".
+there the ``intermediate`` becomes an identity and ``output.dense`` the MoEfied FFN.
+docs/compression.md, "MoEfication".
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
@@ -61,7 +61,8 @@ class MoefyConfig:
         check_int(f"{p}.router_hidden", self.router_hidden, minimum=1)
         check_int(f"{p}.kmeans_iters", self.kmeans_iters, minimum=0)
         if isinstance(self.targets, str) or not self.targets:
-            raise ConfigError(f"{p}.targets: expected a non-empty list of patterns, got {self.targets!r}")
+            raise ConfigError(f"{p}.targets: expected a non-empty list of patterns, "
+                              f"got {self.targets!r}")
 
 
 @runtime_checkable
@@ -316,7 +317,8 @@ def train_router(ffn: MoefiedFFN, x: Tensor, steps: int = 300, lr: float = 1e-3,
     if x.dim() != 2 or x.size(1) != ffn.up_weight.size(-1):
         raise ValueError(f"x must be [N, {ffn.up_weight.size(-1)}], got {tuple(x.shape)}")
     if steps < 1 or x.size(0) == 0:
-        raise ValueError(f"train_router needs steps >= 1 and tokens, got {steps} steps, {x.size(0)} tokens")
+        raise ValueError(f"train_router needs steps >= 1 and tokens, got {steps} steps, "
+                         f"{x.size(0)} tokens")
     labels = expert_labels(ffn, x)
     opt = torch.optim.Adam(ffn.router.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
