@@ -1,0 +1,302 @@
+"""Post-training quantization of nn.Linear layers, applied by module name from outside.
+
+Every scheme follows the three steps of linear quantization (Jacob et al. 2018, "Quantization
+and training of neural networks for efficient integer-arithmetic-only inference"): scale by
+``s = max|w| / qmax`` (symmetric, zero point 0), round to integers in [-qmax, qmax], and scale
+back (``w ≈ q·s``), so the per-element error is at most ``s/2``.
+
+- ``int8``: weight-only, one scale per output channel; fp32 activations
+  (``torch._weight_int8pack_mm`` multiplies by the int8 weight and its scales directly).
+- ``w8a8``: int8 weights per output channel and int8 activations with one dynamic scale per
+  token (LLM.int8() / SmoothQuant's "per-token" granularity); the product is a real
+  int8 × int8 → int32 matrix multiplication (``torch._int_mm``), rescaled by ``s_x ⊗ s_w``.
+- ``int4``: weight-only, one scale per group of ``group_size`` input features (GPTQ / AWQ's
+  group-wise layout), two 4-bit values packed per uint8 byte.
+
+:func:`quantize_model` swaps the targeted ``nn.Linear`` modules for :class:`QuantLinear` in
+place; the quantized model's ``state_dict`` (plain int8/uint8/fp32 tensors) loads into any
+model quantized with the same config. docs/compression.md has the formulas and error bounds.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmray.models.delta.base import match_modules
+from bmray.models.typed_config import ConfigError, check_choice, check_int
+
+__all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantConfig", "QuantReport", "QuantLinear", "qmax",
+           "quantize_per_channel", "quantize_groupwise", "quantize_per_token", "dequantize",
+           "pack_int4", "unpack_int4", "w8a8_matmul", "plan_targets", "replace_module",
+           "quantize_model"]
+
+SCHEMES = ("int8", "w8a8", "int4")
+SUPPORTED_BITS = (4, 8)
+_BITS = {"int8": 8, "w8a8": 8, "int4": 4}
+_EPS = 1e-12        # floor of max|x|: an all-zero row gets a tiny scale and quantizes to 0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """``scheme`` (one of SCHEMES); ``group_size`` (int4's input features per scale);
+    ``targets`` (module-name patterns, as models/delta; empty = every nn.Linear) and ``skip``
+    (patterns excluded from the targets, e.g. a classifier head)."""
+
+    scheme: str = "int8"
+    group_size: int = 128
+    targets: tuple[str, ...] = ()
+    skip: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_choice("scheme", self.scheme, SCHEMES)
+        check_int("group_size", self.group_size, minimum=2)
+        if self.group_size % 2:
+            raise ConfigError(f"group_size: must be even (two 4-bit values per byte), "
+                              f"got {self.group_size}")
+        for key in ("targets", "skip"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(p, str) for p in value):
+                raise ConfigError(f"{key}: expected a list of module-name patterns, got {value!r}")
+            object.__setattr__(self, key, tuple(value))
+
+    @property
+    def bits(self) -> int:
+        return _BITS[self.scheme]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def qmax(bits: int) -> int:
+    """Largest integer of a symmetric ``bits``-bit code: 127 for 8, 7 for 4 (the code -2^(b-1)
+    is left unused so that the range is symmetric and zero is exact)."""
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"bits: {bits!r} is not one of {list(SUPPORTED_BITS)}")
+    return 2 ** (bits - 1) - 1
+
+
+def _absmax_scale(x: Tensor, dim: int, bits: int) -> Tensor:
+    return x.detach().abs().amax(dim, keepdim=True).float().clamp_min(_EPS) / qmax(bits)
+
+
+def quantize_per_channel(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """(q int8 of ``w``'s shape, scale fp32 of shape (out_features,)): one symmetric scale per
+    row ``s_i = max_j |w_ij| / qmax``, ``q = round(w / s)``; ``|w - q·s| ≤ s/2``."""
+    scale = _absmax_scale(w, -1, bits)
+    q = torch.round(w.float() / scale).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
+def quantize_groupwise(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(q int8 of ``w``'s shape, scale (out_features, in_features // group_size)): one
+    symmetric scale per row and per run of ``group_size`` input features."""
+    rows, cols = w.shape
+    if group_size < 1 or cols % group_size:
+        raise ConfigError(f"group_size: {group_size} does not divide in_features {cols}")
+    g = w.float().reshape(rows, cols // group_size, group_size)
+    scale = _absmax_scale(g, -1, bits)
+    q = torch.round(g / scale).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    return q.reshape(rows, cols), scale.squeeze(-1)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(q int8 of ``x``'s shape, scale fp32 of shape ``x.shape[:-1] + (1,)``): one dynamic
+    scale per token (row of the last dimension), ``s = max|x| / 127``. No clamp is needed:
+    ``|x / s| ≤ 127`` by construction."""
+    scale = x.abs().amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def dequantize(q: Tensor, scale: Tensor, group_size: int | None = None) -> Tensor:
+    """``q · s`` in fp32: ``scale`` per row (shape (rows,) or (rows, 1)) or, with
+    ``group_size``, per row and group (shape (rows, cols // group_size))."""
+    if group_size is None:
+        return q.float() * (scale.unsqueeze(-1) if scale.dim() == q.dim() - 1 else scale)
+    rows, cols = q.shape
+    return (q.float().reshape(rows, cols // group_size, group_size)
+            * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Two signed 4-bit values per uint8 byte along the last dimension (even length): element
+    2j in the low nibble, 2j+1 in the high one, each as its two's complement nibble."""
+    if q.shape[-1] % 2:
+        raise ConfigError(f"in_features: int4 packing needs an even length, got {q.shape[-1]}")
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: int8 values in [-8, 7], last dimension doubled."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    both = torch.stack((lo, hi), dim=-1).flatten(-2)
+    return both - ((both & 0x8) << 1)          # sign-extend the nibble: 8..15 → -8..-1
+
+
+def w8a8_matmul(x: Tensor, weight_q: Tensor, weight_scale: Tensor,
+                bias: Tensor | None = None) -> Tensor:
+    """``x @ (q_w·s_w)ᵀ + b`` with ``x`` quantized per token: ``(q_x @ q_wᵀ) ⊙ (s_x ⊗ s_w)``.
+    The int8 product runs in ``torch._int_mm`` (int32 accumulation, exact); ``q_wᵀ`` is a
+    column-major view of the row-major (out, in) weight, the layout oneDNN's int8 GEMM packs
+    fastest. ``int32 · fp32`` promotes to fp32 in one pass; the bias is added in the same
+    ``addcmul`` pass that applies ``s_w``."""
+    shape = x.shape
+    xq, sx = quantize_per_token(x.reshape(-1, shape[-1]))
+    out = torch.mul(torch._int_mm(xq, weight_q.t()), sx)
+    out = torch.addcmul(bias, out, weight_scale, out=out) if bias is not None \
+        else out.mul_(weight_scale)
+    return out.reshape(*shape[:-1], weight_q.shape[0])
+
+
+class QuantLinear(nn.Module):
+    """A quantized ``nn.Linear``. Buffers: ``weight_q`` (int8 (out, in); int4: uint8
+    (out, in/2), two values a byte), ``weight_scale`` (fp32 (out,); int4: (out, in/group)) and
+    ``bias`` (fp32 or None). Build one with :meth:`from_linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str,
+                 group_size: int = 128):
+        super().__init__()
+        check_choice("scheme", scheme, SCHEMES)
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size = scheme, group_size
+        if scheme == "int4":
+            if in_features % group_size:
+                raise ConfigError(f"group_size: {group_size} does not divide in_features "
+                                  f"{in_features}")
+            wq = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+            ws = torch.ones(out_features, in_features // group_size)
+        else:
+            wq = torch.zeros(out_features, in_features, dtype=torch.int8)
+            ws = torch.ones(out_features)
+        self.register_buffer("weight_q", wq)
+        self.register_buffer("weight_scale", ws)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, cfg: QuantConfig) -> "QuantLinear":
+        """Quantize ``linear``'s weight with ``cfg.scheme`` (bias kept in fp32)."""
+        return cls.from_weight(linear.weight, linear.bias, cfg)
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(cls, weight: Tensor, bias: Tensor | None, cfg: QuantConfig) -> "QuantLinear":
+        out_f, in_f = weight.shape
+        mod = cls(in_f, out_f, bias is not None, cfg.scheme, cfg.group_size)
+        if cfg.scheme == "int4":
+            q, scale = quantize_groupwise(weight, 4, cfg.group_size)
+            q = pack_int4(q)
+        else:
+            q, scale = quantize_per_channel(weight, 8)
+        mod.weight_q.copy_(q)
+        mod.weight_scale.copy_(scale)
+        if bias is not None:
+            mod.bias.copy_(bias.float())
+        return mod.to(weight.device)
+
+    def dequantized_weight(self) -> Tensor:
+        """The fp32 weight ``q·s`` this layer multiplies by."""
+        if self.scheme == "int4":
+            return dequantize(unpack_int4(self.weight_q), self.weight_scale, self.group_size)
+        return dequantize(self.weight_q, self.weight_scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scheme == "w8a8":
+            return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
+        if self.scheme == "int8" and x.dtype == torch.float32 and x.device.type == "cpu":
+            shape = x.shape
+            out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_q,
+                                            self.weight_scale)
+            if self.bias is not None:
+                out += self.bias
+            return out.reshape(*shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized_weight().to(x.dtype),
+                        None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, scheme={self.scheme}{group}")
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What :func:`quantize_model` changed: the layers and their weight bytes before (fp32
+    weight) and after (codes + scales); biases are fp32 on both sides and not counted."""
+
+    scheme: str
+    layers: tuple[str, ...]
+    weight_bytes_before: int
+    weight_bytes_after: int
+
+    @property
+    def ratio(self) -> float:
+        return self.weight_bytes_before / max(1, self.weight_bytes_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
+
+
+def plan_targets(model: nn.Module, cfg: QuantConfig,
+                 site_types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[str]:
+    """Names of the ``site_types`` modules ``cfg`` selects (every one when ``targets`` is
+    empty), minus ``skip``; a pattern that matches nothing, or a layer the scheme cannot take
+    (int4: ``group_size`` must divide in_features), is a ConfigError naming the key."""
+    if cfg.targets:
+        names = match_modules(model, cfg.targets, site_types)
+    else:
+        names = [n for n, m in model.named_modules() if n and isinstance(m, site_types)]
+        if not names:
+            raise ConfigError(f"targets: {type(model).__name__} has no "
+                              f"{'/'.join(t.__name__ for t in site_types)} to quantize")
+    if cfg.skip:
+        try:
+            skipped = set(match_modules(model, cfg.skip, site_types))
+        except ConfigError as exc:
+            raise ConfigError("skip" + str(exc)[len("targets"):]) from None
+        names = [n for n in names if n not in skipped]
+    modules = dict(model.named_modules())
+    for name in names:
+        in_f = modules[name].weight.shape[1]
+        if cfg.scheme == "int4" and in_f % cfg.group_size:
+            raise ConfigError(f"group_size: {cfg.group_size} does not divide in_features "
+                              f"{in_f} of layer {name!r}")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted ``name`` of ``model`` to ``new``."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _weight_bytes(m: nn.Module) -> int:
+    if isinstance(m, QuantLinear):
+        return sum(t.numel() * t.element_size() for t in (m.weight_q, m.weight_scale))
+    return m.weight.numel() * m.weight.element_size()
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig) -> QuantReport:
+    """Replace every targeted ``nn.Linear`` of ``model`` by a :class:`QuantLinear` in place.
+    Every target is checked before the first one changes; a module reached under two names
+    (tied) becomes one shared QuantLinear."""
+    names = plan_targets(model, cfg)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    done: dict[int, QuantLinear] = {}
+    before = after = 0
+    for name in names:
+        linear = modules[name]
+        if id(linear) not in done:
+            done[id(linear)] = QuantLinear.from_linear(linear, cfg)
+            before += _weight_bytes(linear)
+            after += _weight_bytes(done[id(linear)])
+    for name, m in modules.items():          # every alias of a replaced module
+        if name and id(m) in done:
+            replace_module(model, name, done[id(m)])
+    return QuantReport(cfg.scheme, tuple(names), before, after)
