@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 
 from torch import nn
 
-from bmray.models.compress.capture import blocks_of
+from bmray.models.compress.capture import blocks_of, check_layers
 from bmray.models.compress.distill import DistillConfig, DistillationModel, student_from_teacher
 from bmray.models.compress.lowrank import LowRankConfig, LowRankLinear, lowrank
 from bmray.models.compress.moefy import (BertStyleIntermediate, MoefyConfig, moefy,
@@ -45,7 +45,8 @@ from bmray.models.layers.moe import FeedForward
 from bmray.models.typed_config import ConfigError, check_choice, check_int, from_dict, to_dict
 
 __all__ = ["StageContext", "StageKind", "Stage", "StageRecord", "STAGES", "register",
-           "parse_recipe", "recipe_to_list", "apply_stage", "replay_stage", "check_recipe",
+           "parse_recipe", "recipe_to_list", "apply_stage", "replay_stage", "check_data",
+           "check_recipe",
            "StructuredConfig", "RecoveryOptions", "DistillOptions", "QuantOptions",
            "MoefyOptions", "NoOptions"]
 
@@ -300,14 +301,19 @@ def recipe_to_list(stages: list[Stage]) -> list[dict[str, Any]]:
     return [s.to_dict() for s in stages]
 
 
-def check_recipe(stages: list[Stage], model: nn.Module, has_data: bool) -> None:
-    """Before any compute: every stage that needs calibration data has some, and each stage
-    up to the first one that changes the model's structure is checked against ``model``
-    (target names, shapes: e.g. int4's group size must divide each layer)."""
+def check_data(stages: list[Stage], has_data: bool) -> None:
+    """Every stage that needs calibration data has some (no model needed)."""
     for s in stages:
         if STAGES[s.kind].needs_data(s.config, s.options) and not has_data:
             raise ConfigError(f"{s.where}: {_why_data(s)} needs calibration data, and "
                               f"there is none (calibration.batches is 0)")
+
+
+def check_recipe(stages: list[Stage], model: nn.Module, has_data: bool) -> None:
+    """Before any compute: :func:`check_data`, and each stage up to the first one that
+    changes the model's structure is checked against ``model`` (target names, shapes: e.g.
+    int4's group size must divide each layer)."""
+    check_data(stages, has_data)
     for s in stages:
         kind = STAGES[s.kind]
         if kind.check is not None:
@@ -360,6 +366,11 @@ def _distill(model, cfg: DistillConfig, opts: DistillOptions, ctx: StageContext,
     summary = ctx.fit(dm, opts.steps, opts.lr, where)
     student = dm.release().eval()
     return student, {"student_layers": layers, "train": summary}
+
+
+def _check_distill(model, cfg: DistillConfig, opts: DistillOptions):
+    if opts.student_layers is not None:
+        check_layers(opts.student_layers, len(blocks_of(model)), "student_layers")
 
 
 def _replay_distill(model, record):
@@ -512,7 +523,8 @@ def _replay_share(model, record):
     return model.eval()
 
 
-register(StageKind("distill", DistillConfig, DistillOptions, _distill, _replay_distill))
+register(StageKind("distill", DistillConfig, DistillOptions, _distill, _replay_distill,
+                   check=_check_distill))
 register(StageKind("prune", PruneConfig, RecoveryOptions, _prune, lambda m, r: m.eval(),
                    needs_data=lambda c, o: c.method == "wanda",
                    check=_check_prune, structural=False))

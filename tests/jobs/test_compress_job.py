@@ -1,0 +1,119 @@
+"""`bmray compress`: the tiny recipe end to end on a tiny LoRA run (merged, distilled, pruned,
+quantized; a table, report.json and an artifact that loads back exactly), the teacher's
+accuracy against the adapt run's own evaluation (the unmerged LoRA on the Trainer's path),
+and bad input failing on the driver before any stage runs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+from bmray.actors.train.adapt import run_adapt
+from bmray.actors.train.adapt_config import load_adapt_config
+from bmray.actors.train.compress import compress_config_from_dict, load_teacher
+from bmray.jobs import cli, compress
+from bmray.models.compress.artifact import (ArtifactMismatch, architecture_of,
+                                            load_compressed, read_manifest)
+from bmray.models.compress.quant import QuantLinear
+from bmray.models.typed_config import load_yaml
+from tests.conftest import REPO
+
+torch.set_num_threads(1)
+ADAPT = os.path.join(REPO, "configs", "adapt_tiny.yaml")
+TINY = os.path.join(REPO, "configs", "compress_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def adapt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapt")
+    raw = load_yaml(ADAPT)
+    raw.update(out_dir=str(out), scaling={"num_workers": 1})
+    raw["train"].update(max_steps=4, eval_every=0)
+    raw["task"].update(eval_limit=48)
+    result = run_adapt(load_adapt_config(raw), out_dir=str(out))
+    return str(out), result
+
+
+def config(tmp_path, source, **changes):
+    raw = load_yaml(TINY)
+    raw.update(source=source, out_dir=str(tmp_path / "out"), **changes)
+    path = tmp_path / "compress.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path), raw
+
+
+def test_compress_job_end_to_end(adapt_run, tmp_path, capsys):
+    source, adapted = adapt_run
+    path, raw = config(tmp_path, source)
+    assert cli.main(["compress", "--config", path, "--report", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "3:quantize" in out and "reloaded exactly" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = report["rows"]
+    assert [r["stage"] for r in rows] == ["teacher", "0:distill", "1:structured", "2:prune",
+                                          "3:quantize"]
+    # the teacher (LoRA merged) scores what the adapt run measured with the LoRA unmerged,
+    # through the Trainer's strategy, on the same eval rows
+    assert rows[0]["examples"] == adapted.metrics["examples"] == 48
+    assert abs(rows[0]["accuracy"] - adapted.metrics["accuracy"]) <= 1 / 48
+    assert rows[0]["loss"] == pytest.approx(adapted.metrics["loss"], rel=1e-4, abs=1e-5)
+    for r in rows:
+        assert set(r["latency_ms"]) == {"1", "32"} and all(v > 0 for v in r["latency_ms"].values())
+        assert 0 <= r["accuracy"] <= 1
+    # one of two blocks kept: the parameters drop by exactly one block's worth
+    teacher = load_teacher(compress_config_from_dict(raw)).model
+    block = sum(p.numel() for p in teacher.backbone.blocks[0].parameters())
+    assert rows[0]["parameters"] - rows[1]["parameters"] == block
+    rec = report["records"]
+    assert rec[0]["record"]["student_layers"] == [1]
+    assert rec[0]["record"]["train"]["steps"] == 4
+    assert sum(rec[1]["record"]["sizes"]["ffn"].values()) == 64 - 16
+    assert rec[2]["record"]["sparsity"] == pytest.approx(0.3, abs=0.01)
+    # int8 weights: 3 bytes saved per weight, 4 spent per output row's scale
+    shapes = rec[3]["record"]["shapes"].values()
+    assert rows[3]["bytes"] - rows[4]["bytes"] == sum(3 * o * i - 4 * o for o, i, _ in shapes)
+    assert rows[4]["parameters"] == rows[3]["parameters"]
+    # the artifact: loads onto the rebuilt teacher architecture and runs
+    manifest = read_manifest(report["artifact"])
+    assert manifest["architecture"] == architecture_of(teacher)
+    assert [r["kind"] for r in manifest["recipe"]] == ["distill", "structured", "prune",
+                                                        "quantize"]
+    assert manifest["metrics"]["accuracy"] == rows[-1]["accuracy"]
+    loaded = load_compressed(report["artifact"], lambda: teacher)
+    assert len(loaded.backbone.blocks) == 1
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) >= 4
+    # onto another architecture: refused, naming both
+    other = load_teacher(compress_config_from_dict(raw)).model
+    other.backbone.blocks = other.backbone.blocks[:1]
+    with pytest.raises(ArtifactMismatch, match="made from SequenceClassifier"):
+        load_compressed(report["artifact"], lambda: other)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"recipe": [{"kind": "prune", "sparsity": 1.2}]}, r"recipe\[0\]\.sparsity: must be a number in \[0, 1\)"),
+    ({"recipe": [{"kind": "quantize", "bits": 3}]}, r"recipe\[0\]\.bits: 3 is not one of \[4, 8\]"),
+    ({"recipe": [{"kind": "prune", "method": "wanda"}], "calibration": {"batches": 0}},
+     r"recipe\[0\]: method wanda needs calibration data"),
+    ({"recipe": [{"kind": "quantize", "bits": 4, "group_size": 24}]},
+     r"recipe\[0\]\.group_size: 24 does not divide in_features 32"),
+    ({"recipe": [{"kind": "prune", "method": "n:m", "n": 2, "m": 5}]},
+     r"recipe\[0\]\.m: 5 does not divide"),
+    ({"recipe": [{"kind": "distill", "student_layers": [5]}]}, r"recipe\[0\]\.student_layers: 5 is not a layer index"),
+    ({"recipe": [{"kind": "mystery"}]}, r"recipe\[0\]\.kind: 'mystery' is not one of"),
+    ({"measure": {"batch_sizes": [0]}}, r"measure\.batch_sizes\[0\]: must be >= 1"),
+    ({"calibraton": {}}, r"unknown top-level key\(s\) \['calibraton'\]"),
+    ({"source": "/nonexistent/run"}, r"source: '/nonexistent/run' is not a directory"),
+    ({"experiment": "configs/gpt-tiny.yaml"}, r"experiment: only with a pre-training"),
+])
+def test_bad_input_fails_on_the_driver(adapt_run, tmp_path, capsys, changes, match):
+    source, _ = adapt_run
+    path, _ = config(tmp_path, changes.pop("source", source), **changes)
+    assert compress.main(["--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()                        # nothing ran
