@@ -5,6 +5,7 @@ and bad input failing on the driver before any stage runs."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -14,11 +15,14 @@ import yaml
 
 from bmray.actors.train.adapt import run_adapt
 from bmray.actors.train.adapt_config import load_adapt_config
-from bmray.actors.train.compress import compress_config_from_dict, load_teacher
+from bmray.actors.train.builders import run_experiment
+from bmray.actors.train.compress import compress_config_from_dict, load_teacher, run_compress
+from bmray.actors.train.experiment import experiment_from_dict
 from bmray.jobs import cli, compress
 from bmray.models.compress.artifact import (ArtifactMismatch, architecture_of,
                                             load_compressed, read_manifest)
 from bmray.models.compress.quant import QuantLinear
+from bmray.models.objectives import objective_for
 from bmray.models.typed_config import load_yaml
 from tests.conftest import REPO
 
@@ -117,3 +121,45 @@ def test_bad_input_fails_on_the_driver(adapt_run, tmp_path, capsys, changes, mat
     assert "config error" in err
     assert re.search(match, err), err
     assert not (tmp_path / "out").exists()                        # nothing ran
+
+
+def test_compress_a_pretrained_lm_reports_perplexity(tmp_path):
+    raw = load_yaml(os.path.join(REPO, "configs", "gpt-tiny.yaml"))
+    raw["data"].update(corpus=str(tmp_path / "world" / "documents.jsonl"),
+                       pack_dir=str(tmp_path / "pack"))
+    raw["train"].update(max_steps=6, eval_every=0, metrics_path=None, log_every=6)
+    raw["train"]["echo"] = False
+    raw["checkpoint"] = {"dir": str(tmp_path / "ckpt"), "every": 0, "resume": False}
+    exp_path = tmp_path / "gpt.yaml"
+    exp_path.write_text(yaml.safe_dump(raw))
+    run_experiment(experiment_from_dict(load_yaml(str(exp_path))))
+    recipe = [{"kind": "lowrank", "targets": ["up"], "rank": 32},
+              {"kind": "share", "groups": [["blocks.0", "blocks.1"]], "recovery_steps": 2,
+               "lr": 1.0e-3},
+              {"kind": "quantize", "scheme": "int4", "group_size": 32, "skip": ["lm_head"]}]
+    cfg = {"source": str(tmp_path / "ckpt"), "experiment": str(exp_path), "recipe": recipe,
+           "calibration": {"batches": 0}, "measure": {"batch_sizes": [1, 4], "repeats": 2,
+                                                      "eval_limit": 8},
+           "train": {"batch_size": 8}, "out_dir": str(tmp_path / "out")}
+    report = run_compress(compress_config_from_dict(cfg), echo=lambda s: None)
+    rows = report["rows"]
+    assert report["quality"] == "perplexity"
+    assert [r["stage"] for r in rows] == ["teacher", "0:lowrank", "1:share", "2:quantize"]
+    # perplexity = exp(mean loss), the teacher's against the checkpoint's model by hand
+    teacher = load_teacher(compress_config_from_dict(cfg))
+    objective = objective_for(teacher.model.config)
+    with torch.no_grad():
+        losses = [float(teacher.model(**objective(b, None)).loss)
+                  for b in teacher.eval_batches()]
+    assert rows[0]["perplexity"] == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+    assert all(r["perplexity"] > 1 for r in rows)
+    up = 64 * 256 - 32 * (64 + 256)                    # per block: dense minus rank-32 factors
+    assert rows[0]["parameters"] - rows[1]["parameters"] == 2 * up
+    block = sum(p.numel() for p in teacher.model.blocks[0].parameters()) - up
+    assert rows[1]["parameters"] - rows[2]["parameters"] == block   # one block's set shared
+    assert report["records"][1]["record"]["recovery"]["steps"] == 2
+    assert report["reload_exact"]
+    loaded = load_compressed(report["artifact"], teacher.rebuild)
+    shared = {id(p) for p in loaded.blocks[0].parameters()} & \
+        {id(p) for p in loaded.blocks[1].parameters()}
+    assert shared                                        # the sharing survives the round trip
