@@ -431,16 +431,54 @@ def _check_quant(model, cfg: QuantConfig, opts):
     plan_targets(model, cfg)
 
 
+def _tied_key(lin: nn.Module) -> tuple[int, int]:
+    """Linears holding the same weight and bias Parameters (weight sharing) are one layer."""
+    return id(lin.weight), id(lin.bias)
+
+
+def _unify_tied(model: nn.Module, names: Iterable[str]) -> None:
+    """Make Linears that share their Parameters one module, so that quantizing it once
+    keeps the sharing (a QuantLinear's codes are buffers, not the shared Parameters)."""
+    first: dict[tuple[int, int], nn.Module] = {}
+    for name in names:
+        lin = model.get_submodule(name)
+        held = first.setdefault(_tied_key(lin), lin)
+        if held is not lin:
+            replace_module(model, name, held)
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names reaching one module object, for each module reached under several names."""
+    groups: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name and isinstance(m, nn.Linear):
+            groups.setdefault(id(m), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _follow_first(model: nn.Module, groups: list[list[str]]) -> None:
+    """Point every name of a group at the module its first name holds now (the QAT swaps
+    replace a module under its first name only)."""
+    for group in groups:
+        held = model.get_submodule(group[0])
+        for name in group[1:]:
+            replace_module(model, name, held)
+
+
 def _quantize(model, cfg: QuantConfig, opts: QuantOptions, ctx: StageContext, where: str):
+    _unify_tied(model, plan_targets(model, cfg))
     if opts.qat_steps > 0:
+        groups = _alias_groups(model)
         names = prepare_qat(model, cfg)
+        _follow_first(model, groups)
         summary = ctx.fit(model, opts.qat_steps, opts.lr, where)
         convert_qat(model)
+        _follow_first(model, groups)
         layers = list(names)
     else:
         summary = {}
         layers = list(quantize_model(model, cfg).layers)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     return model.eval(), {"scheme": cfg.scheme, "group_size": cfg.group_size, "layers": layers,
                           "shapes": {n: [modules[n].out_features, modules[n].in_features,
                                          modules[n].bias is not None] for n in layers},
@@ -449,17 +487,17 @@ def _quantize(model, cfg: QuantConfig, opts: QuantOptions, ctx: StageContext, wh
 
 def _replay_quantize(model, record):
     modules = dict(model.named_modules(remove_duplicate=False))
-    built: dict[int, QuantLinear] = {}
+    built: dict[tuple[int, int], QuantLinear] = {}
     for name in record["layers"]:
         lin = modules.get(name)
         if not isinstance(lin, nn.Linear):
             raise ConfigError(f"quantize record: {name!r} is not an nn.Linear of this model")
-        built[id(lin)] = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None,
-                                     record["scheme"], record["group_size"]
-                                     ).to(lin.weight.device)
+        built[_tied_key(lin)] = QuantLinear(lin.in_features, lin.out_features,
+                                            lin.bias is not None, record["scheme"],
+                                            record["group_size"]).to(lin.weight.device)
     for name, m in modules.items():
-        if name and id(m) in built:
-            replace_module(model, name, built[id(m)])
+        if name and isinstance(m, nn.Linear) and _tied_key(m) in built:
+            replace_module(model, name, built[_tied_key(m)])
     return model.eval()
 
 

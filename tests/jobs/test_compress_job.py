@@ -163,3 +163,11 @@ def test_compress_a_pretrained_lm_reports_perplexity(tmp_path):
     shared = {id(p) for p in loaded.blocks[0].parameters()} & \
         {id(p) for p in loaded.blocks[1].parameters()}
     assert shared                                        # the sharing survives the round trip
+    # a shared Linear is quantized once: both blocks hold the one QuantLinear
+    assert isinstance(loaded.blocks[1].attn.q_proj, QuantLinear)
+    assert loaded.blocks[0].attn.q_proj is loaded.blocks[1].attn.q_proj
+    # bytes saved: each distinct layer once, fp32 weights → packed int4 + one scale per 32
+    quant = {id(m): m for m in loaded.modules() if isinstance(m, QuantLinear)}.values()
+    assert rows[2]["bytes"] - rows[3]["bytes"] == sum(
+        4 * m.out_features * m.in_features - m.out_features * m.in_features // 2
+        - 4 * m.out_features * m.in_features // 32 for m in quant)

@@ -73,6 +73,9 @@ RECIPES = {
     "share": [{"kind": "share", "groups": [["backbone.blocks.0", "backbone.blocks.1"],
                                            ["backbone.blocks.2", "backbone.blocks.3"]],
                "recovery_steps": 1, "lr": 0.01}],
+    "share_then_qat": [{"kind": "share", "groups": [["backbone.blocks.0", "backbone.blocks.1"]]},
+                       {"kind": "quantize", "bits": 4, "group_size": 16, "qat_steps": 1,
+                        "skip": ["decoder"]}],
     "chain": [{"kind": "distill", "student_layers": [1, 2], "steps": 1, "lr": 0.05},
               {"kind": "structured", "neurons": 0.25, "importance": "weight",
                "per_layer": True},
@@ -130,6 +133,17 @@ def test_sizes_shrink_as_the_records_say(tmp_path):
     sizes = records[0].record["sizes"]
     assert sum(sizes["heads"].values()) == L * H - round(0.25 * L * H)
     assert sum(sizes["ffn"].values()) == L * F - round(0.5 * L * F)
+
+
+def test_shared_layers_are_quantized_once(tmp_path):
+    model, records, arch, ident = compress(RECIPES["share_then_qat"])
+    blocks = model.backbone.blocks
+    assert isinstance(blocks[1].ffn.up, QuantLinear) and blocks[0].ffn.up is blocks[1].ffn.up
+    assert blocks[2].ffn.up is not blocks[3].ffn.up
+    save_compressed(model, tmp_path, records, ident, {}, architecture=arch)
+    loaded = load_compressed(tmp_path, lambda: classifier(seed=5))
+    assert loaded.backbone.blocks[0].ffn.up is loaded.backbone.blocks[1].ffn.up
+    assert model_sizes(loaded) == model_sizes(model)
 
 
 def test_tied_weights_are_stored_once(tmp_path):
