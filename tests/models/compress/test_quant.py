@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bmray.models.compress.qat import FakeQuantLinear, convert_qat, fake_quantize, prepare_qat
-from bmray.models.compress.quant import (QuantConfig, QuantLinear, dequantize, pack_int4,
-                                         quantize_groupwise, quantize_model, quantize_per_channel,
-                                         quantize_per_token, unpack_int4)
+from bmray.models.compress.quant import (ONEDNN_INT8, TOKEN_CHUNK, QuantConfig, QuantLinear,
+                                         dequantize, pack_int4, quantize_groupwise,
+                                         quantize_model, quantize_per_channel,
+                                         quantize_per_token, unpack_int4, w8a8_matmul)
 from bmray.models.config import ModelConfig
 from bmray.models.data.classification import load_trec
 from bmray.models.families.registry import build_model
@@ -76,7 +77,7 @@ def test_groupwise_int4_error_at_most_half_a_step(shape, group):
     assert (err <= step / 2 * (1 + SLACK)).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (2, 3, 384)])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (2, 3, 384), (3, TOKEN_CHUNK + 5, 9)])
 def test_per_token_error_at_most_half_a_step(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
     q, s = quantize_per_token(x)
@@ -112,15 +113,20 @@ def w8a8_reference(x, w):
     return qx.double(), sx.double(), qw.double(), sw.double()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (13, 33, 8), (64, 384, 96), (3, 1536, 17)])
-def test_w8a8_matmul_equals_product_of_dequantized_operands(m, k, n):
+@pytest.mark.parametrize("path", ["QuantLinear", "_int_mm"])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (13, 33, 8), (64, 384, 96), (3, 1536, 17),
+                                   (TOKEN_CHUNK + 3, 40, 24)])
+def test_w8a8_matmul_equals_product_of_dequantized_operands(path, m, k, n):
+    """Both paths: the module's (oneDNN's int8 GEMM on CPU when present) and torch._int_mm."""
     torch.manual_seed(m + k)
     lin = nn.Linear(k, n)
     x = torch.randn(m, k) * 2
     qx, sx, qw, sw = w8a8_reference(x, lin.weight.detach())
     # exact integer product (float64 holds every int32 exactly), then s_x ⊗ s_w and the bias
     expected = (qx @ qw.T) * sx * sw[None, :] + lin.bias.detach().double()
-    got = QuantLinear.from_linear(lin, QuantConfig(scheme="w8a8"))(x)
+    layer = QuantLinear.from_linear(lin, QuantConfig(scheme="w8a8"))
+    got = layer(x) if path == "QuantLinear" else \
+        w8a8_matmul(x, layer.weight_q, layer.weight_scale, layer.bias)
     # only fp32 rounding of the int32 → fp32 conversion and two products remains
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -148,6 +154,16 @@ def test_int8_product_within_the_bound_the_scales_imply(scheme, m, k, n):
     fp32 = 1e-5 * (x.abs() @ w.abs().T + lin.bias.abs())       # accumulation rounding
     assert (err <= bound + fp32).all(), (err - bound).max()
     assert err.max() > 0                                        # it did quantize
+
+
+def test_onednn_path_is_taken_on_this_cpu():
+    """The speed claim rests on oneDNN's int8 GEMM: say so if this build lacks it."""
+    if not ONEDNN_INT8:
+        pytest.skip("torch built without oneDNN: w8a8 runs on torch._int_mm")
+    layer = QuantLinear.from_linear(nn.Linear(16, 8), QuantConfig(scheme="w8a8"))
+    layer(torch.randn(2, 16))
+    packed, zeros = layer.onednn_weight()
+    assert packed.is_mkldnn and packed.dtype == torch.int8 and not zeros.any()
 
 
 def test_leading_dimensions_and_no_bias():
@@ -261,12 +277,16 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, family, scheme):
     save_file(model.state_dict(), tmp_path / "q.safetensors")
     skeleton = tiny(family, seed=1)                            # other weights, same shapes
     quantize_model(skeleton, cfg)
+    kw = {"decoder_input_ids": ids} if family == "t5" else {}
+    with torch.no_grad():
+        skeleton(ids, **kw)                                    # packs its own weights (w8a8)
     skeleton.load_state_dict(load_file(tmp_path / "q.safetensors"), strict=True)
     for (k, a), (k2, b) in zip(model.state_dict().items(), skeleton.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
     with torch.no_grad():
-        kw = {"decoder_input_ids": ids} if family == "t5" else {}
         torch.testing.assert_close(skeleton(ids, **kw).logits, model(ids, **kw).logits)
+        copied = copy.deepcopy(skeleton)                       # after a forward: still copies
+        torch.testing.assert_close(copied(ids, **kw).logits, model(ids, **kw).logits)
 
 
 def test_targets_and_skip_select_layers():
