@@ -37,7 +37,8 @@ side's embeddings of the test questions.
     .venv/bin/python bench/int8_encoder.py                  # full run
     .venv/bin/python bench/int8_encoder.py --quick --out /tmp/int8_encoder.json
 
-Goal: ours ≥ 1.0 × quantize_dynamic's speed at ≤ its accuracy loss.
+Goal: ours (w8a8, the int8-GEMM scheme) ≥ 1.0 × quantize_dynamic's speed at ≤ its accuracy
+loss.
 """
 from __future__ import annotations
 
@@ -258,7 +259,9 @@ def main() -> None:
         acc_ok = quality[n]["accuracy_loss"] <= quality[QDYN]["accuracy_loss"]
         goal[n] = {"speed_ratio": speed, "speed_met": all(v >= 1.0 for v in speed.values()),
                    "accuracy_met": acc_ok}
-        print(f"goal {n}: ≥ 1.0 × quantize_dynamic in every config → "
+        what = ("" if n == "bmray w8a8" else
+                " (weight-only: dequantized per call, it saves memory, not time)")
+        print(f"goal {n}{what}: ≥ 1.0 × quantize_dynamic in every config → "
               f"{'met' if goal[n]['speed_met'] else 'NOT met'} "
               f"({', '.join(f'{k} {v:.2f}' for k, v in speed.items())}); accuracy loss "
               f"{quality[n]['accuracy_loss']:+.3f} vs {quality[QDYN]['accuracy_loss']:+.3f} → "
