@@ -55,7 +55,7 @@ def test_per_channel_int8_error_at_most_half_a_step(shape):
     expected_s = w.abs().amax(1).clamp_min(1e-12) / 127            # s_i = max_j |w_ij| / 127
     torch.testing.assert_close(s, expected_s, rtol=0, atol=0)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert torch.equal(q, torch.round(w / expected_s[:, None]).to(torch.int8))
+    assert torch.equal(q, torch.round(w * (1 / expected_s[:, None])).to(torch.int8))
     err = (w - dequantize(q, s)).abs()
     assert (err <= expected_s[:, None] / 2 * (1 + SLACK)).all()
     if shape[0] > 2:
@@ -108,8 +108,8 @@ def w8a8_reference(x, w):
     """Per-token and per-channel codes and scales by the formulas, in float64."""
     sx = x.abs().amax(-1, keepdim=True) / 127                     # (M, 1)
     sw = w.abs().amax(-1) / 127                                   # (N,)
-    qx = torch.round(x / sx)
-    qw = torch.round(w / sw[:, None])
+    qx = torch.round(x * (1 / sx))                # codes: v · (1/s), the module's convention
+    qw = torch.round(w * (1 / sw[:, None]))
     return qx.double(), sx.double(), qw.double(), sw.double()
 
 
