@@ -37,7 +37,7 @@ from bmray.models.typed_config import ConfigError, check_choice, check_int
 __all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantConfig", "QuantReport", "QuantLinear", "qmax",
            "quantize_per_channel", "quantize_groupwise", "quantize_per_token", "dequantize",
            "pack_int4", "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack",
-           "ONEDNN_INT8", "plan_targets", "replace_module",
+           "ONEDNN_INT8", "W8A8StraightThrough", "plan_targets", "replace_module",
            "quantize_model"]
 
 SCHEMES = ("int8", "w8a8", "int4")
@@ -217,6 +217,22 @@ def w8a8_matmul_onednn(x: Tensor, packed: Tensor, weight_scale: Tensor, zero_poi
     return out if x.dtype == torch.float32 else out.to(x.dtype)
 
 
+class W8A8StraightThrough(torch.autograd.Function):
+    """A w8a8 layer inside a graph that needs ``∂/∂x`` (a frozen quantized base under trained
+    deltas): the forward is the int8 product, the backward treats the activations'
+    quantization as the identity (straight-through, as in QAT) and multiplies by the
+    dequantized weight: ``∂L/∂x = ∂L/∂y · Ŵ``. The quantized weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
+        ctx.layer = layer
+        return layer.int8_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
+
+
 class QuantLinear(nn.Module):
     """A quantized ``nn.Linear``. Buffers: ``weight_q`` (int8 (out, in); int4: uint8
     (out, in/2), two values a byte), ``weight_scale`` (fp32 (out,); int4: (out, in/group)) and
@@ -272,12 +288,18 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scheme == "w8a8":
-            if ONEDNN_INT8 and x.device.type == "cpu":
-                packed, zeros = self.onednn_weight()
-                return w8a8_matmul_onednn(x, packed, self.weight_scale, zeros, self.bias)
-            return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
+            if x.requires_grad and torch.is_grad_enabled():
+                return W8A8StraightThrough.apply(x, self)
+            return self.int8_forward(x)
         weight = self.dequantized_weight().to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def int8_forward(self, x: Tensor) -> Tensor:
+        """The w8a8 product (no autograd graph): oneDNN on CPU, ``torch._int_mm`` elsewhere."""
+        if ONEDNN_INT8 and x.device.type == "cpu":
+            packed, zeros = self.onednn_weight()
+            return w8a8_matmul_onednn(x, packed, self.weight_scale, zeros, self.bias)
+        return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
 
     def onednn_weight(self) -> tuple[Tensor, Tensor]:
         """The packed weight, rebuilt when ``weight_q`` changed (load_state_dict, .to, an

@@ -166,6 +166,23 @@ def test_onednn_path_is_taken_on_this_cpu():
     assert packed.is_mkldnn and packed.dtype == torch.int8 and not zeros.any()
 
 
+@pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4"])
+def test_gradient_flows_through_a_frozen_quantized_layer(scheme):
+    """Trained deltas upstream of a quantized base need ∂L/∂x = ∂L/∂y · Ŵ (straight-through
+    over the activations' rounding for w8a8); Ŵ = q·s by the formula."""
+    lin = nn.Linear(16, 6)
+    layer = QuantLinear.from_linear(lin, QuantConfig(scheme=scheme, group_size=8))
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    upstream = torch.randn(2, 3, 6)
+    layer(x).backward(upstream)
+    if scheme == "int4":
+        q = unpack_int4(layer.weight_q).float().reshape(6, 2, 8)
+        w_hat = (q * layer.weight_scale[..., None]).reshape(6, 16)
+    else:
+        w_hat = layer.weight_q.float() * layer.weight_scale[:, None]
+    torch.testing.assert_close(x.grad, upstream @ w_hat, rtol=1e-5, atol=1e-6)
+
+
 def test_leading_dimensions_and_no_bias():
     lin = nn.Linear(16, 6, bias=False)
     x = torch.randn(2, 3, 16)
