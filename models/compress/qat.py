@@ -1,6 +1,6 @@
 """Quantization-aware training: fake quantization with a straight-through estimator.
 
-The forward pass sees the quantized values ``clamp(round(x/s), -qmax, qmax)·s`` (fp32 in, fp32
+The forward pass sees the quantized values ``clamp(round(x·(1/s)), -qmax, qmax)·s`` (fp32 in, fp32
 out); the backward pass treats rounding as the identity (the straight-through estimator of
 Bengio, Léonard & Courville 2013) and, as in Jacob et al. 2018 §3, zeroes the gradient where
 the input was clipped: ``∂y/∂x = 1 if |x| ≤ qmax·s else 0`` (the boundary counts as inside, so
@@ -30,7 +30,7 @@ class FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, bits: int) -> Tensor:
         limit = qmax(bits)
-        q = torch.round(x / scale).clamp_(-limit, limit)
+        q = torch.round(x * scale.reciprocal()).clamp_(-limit, limit)
         ctx.save_for_backward(x.abs() <= limit * scale)
         return q * scale
 

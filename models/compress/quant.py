@@ -3,13 +3,17 @@
 Every scheme follows the three steps of linear quantization (Jacob et al. 2018, "Quantization
 and training of neural networks for efficient integer-arithmetic-only inference"): scale by
 ``s = max|w| / qmax`` (symmetric, zero point 0), round to integers in [-qmax, qmax], and scale
-back (``w ≈ q·s``), so the per-element error is at most ``s/2``.
+back (``w ≈ q·s``), so the per-element error is at most ``s/2``. Codes are computed as
+``round(v · (1/s))`` everywhere (a multiply runs ~2× faster than a divide on CPU; QAT uses
+the same expression, so its fake codes and the converted layer's codes agree).
 
 - ``int8``: weight-only, one scale per output channel; fp32 activations
-  (``torch._weight_int8pack_mm`` multiplies by the int8 weight and its scales directly).
+  (the weight is dequantized per call: the saving is memory; on CPU torch's
+  ``_weight_int8pack_mm`` for fp32 inputs is ~40× slower than fp32 ``F.linear``).
 - ``w8a8``: int8 weights per output channel and int8 activations with one dynamic scale per
   token (LLM.int8() / SmoothQuant's "per-token" granularity); the product is a real
-  int8 × int8 → int32 matrix multiplication (``torch._int_mm``), rescaled by ``s_x ⊗ s_w``.
+  int8 × int8 → int32 matrix multiplication, rescaled by ``s_x ⊗ s_w``: oneDNN's int8 GEMM
+  on CPU (``s_w`` fused in), ``torch._int_mm`` elsewhere.
 - ``int4``: weight-only, one scale per group of ``group_size`` input features (GPTQ / AWQ's
   group-wise layout), two 4-bit values packed per uint8 byte.
 
@@ -19,6 +23,7 @@ model quantized with the same config. docs/compression.md has the formulas and e
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,13 +36,17 @@ from bmray.models.typed_config import ConfigError, check_choice, check_int
 
 __all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantConfig", "QuantReport", "QuantLinear", "qmax",
            "quantize_per_channel", "quantize_groupwise", "quantize_per_token", "dequantize",
-           "pack_int4", "unpack_int4", "w8a8_matmul", "plan_targets", "replace_module",
+           "pack_int4", "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack",
+           "ONEDNN_INT8", "W8A8StraightThrough", "plan_targets", "replace_module",
            "quantize_model"]
 
 SCHEMES = ("int8", "w8a8", "int4")
 SUPPORTED_BITS = (4, 8)
 _BITS = {"int8": 8, "w8a8": 8, "int4": 4}
 _EPS = 1e-12        # floor of max|x|: an all-zero row gets a tiny scale and quantizes to 0
+ONEDNN_INT8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn,
+                                                               "qlinear_pointwise")
+TOKEN_CHUNK = 128   # rows per step of per-token quantization (128 × 1536 fp32 = 768 KiB, in L2)
 
 
 @dataclass(frozen=True)
@@ -87,7 +96,7 @@ def quantize_per_channel(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """(q int8 of ``w``'s shape, scale fp32 of shape (out_features,)): one symmetric scale per
     row ``s_i = max_j |w_ij| / qmax``, ``q = round(w / s)``; ``|w - q·s| ≤ s/2``."""
     scale = _absmax_scale(w, -1, bits)
-    q = torch.round(w.float() / scale).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    q = torch.round(w.float() * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
     return q, scale.squeeze(-1)
 
 
@@ -99,16 +108,51 @@ def quantize_groupwise(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, T
         raise ConfigError(f"group_size: {group_size} does not divide in_features {cols}")
     g = w.float().reshape(rows, cols // group_size, group_size)
     scale = _absmax_scale(g, -1, bits)
-    q = torch.round(g / scale).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    q = torch.round(g * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
     return q.reshape(rows, cols), scale.squeeze(-1)
+
+
+class _Workspace(threading.local):
+    """One fp32 scratch buffer per thread, reused across calls: a fresh multi-hundred-KiB
+    tensor per call costs page faults that, on CPU, take longer than the arithmetic."""
+
+    buf: Tensor | None = None
+
+    def get(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        buf = self.buf
+        if buf is None or buf.numel() < rows * cols or buf.device != device:
+            buf = self.buf = torch.empty(rows * cols, device=device)
+        return buf[:rows * cols].view(rows, cols)
+
+
+_SCRATCH = _Workspace()
 
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """(q int8 of ``x``'s shape, scale fp32 of shape ``x.shape[:-1] + (1,)``): one dynamic
     scale per token (row of the last dimension), ``s = max|x| / 127``. No clamp is needed:
-    ``|x / s| ≤ 127`` by construction."""
-    scale = x.abs().amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
-    return torch.div(x, scale).round_().to(torch.int8), scale
+    ``|x / s| ≤ 127`` by construction. Rows go ``TOKEN_CHUNK`` at a time through one reused
+    fp32 buffer, so the passes (|x|, max, x/s, round, → int8) run in cache."""
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if rows.dtype != torch.float32:
+        rows = rows.float()
+    n, k = rows.shape
+    buf = _SCRATCH.get(min(n, TOKEN_CHUNK), k, rows.device)
+    if n <= TOKEN_CHUNK:                               # one chunk: no slicing, no copies
+        scale = torch.abs(rows, out=buf).amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
+        q = torch.mul(rows, scale.reciprocal(), out=buf).round_().to(torch.int8)
+    else:
+        q = torch.empty((n, k), dtype=torch.int8, device=rows.device)
+        scale = torch.empty(n, 1, device=rows.device)
+        for i in range(0, n, TOKEN_CHUNK):
+            part = rows[i:i + TOKEN_CHUNK]
+            tmp = buf[:part.shape[0]]
+            s = torch.abs(part, out=tmp).amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
+            scale[i:i + TOKEN_CHUNK] = s
+            q[i:i + TOKEN_CHUNK] = torch.mul(part, s.reciprocal(), out=tmp).round_()
+    if x.dim() == 2:
+        return q, scale
+    return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
 def dequantize(q: Tensor, scale: Tensor, group_size: int | None = None) -> Tensor:
@@ -142,15 +186,51 @@ def w8a8_matmul(x: Tensor, weight_q: Tensor, weight_scale: Tensor,
                 bias: Tensor | None = None) -> Tensor:
     """``x @ (q_w·s_w)ᵀ + b`` with ``x`` quantized per token: ``(q_x @ q_wᵀ) ⊙ (s_x ⊗ s_w)``.
     The int8 product runs in ``torch._int_mm`` (int32 accumulation, exact); ``q_wᵀ`` is a
-    column-major view of the row-major (out, in) weight, the layout oneDNN's int8 GEMM packs
-    fastest. ``int32 · fp32`` promotes to fp32 in one pass; the bias is added in the same
-    ``addcmul`` pass that applies ``s_w``."""
+    column-major view of the row-major (out, in) weight. ``int32 · fp32`` promotes to fp32 in
+    one pass; the bias is added in the same ``addcmul`` pass that applies ``s_w``. The
+    device-generic path (CUDA, or a CPU build without oneDNN)."""
     shape = x.shape
     xq, sx = quantize_per_token(x.reshape(-1, shape[-1]))
     out = torch.mul(torch._int_mm(xq, weight_q.t()), sx)
     out = torch.addcmul(bias, out, weight_scale, out=out) if bias is not None \
         else out.mul_(weight_scale)
-    return out.reshape(*shape[:-1], weight_q.shape[0])
+    return out.reshape(*shape[:-1], weight_q.shape[0]).to(x.dtype)
+
+
+def onednn_pack(weight_q: Tensor) -> Tensor:
+    """The int8 (out, in) weight in oneDNN's blocked layout (an opaque tensor: not saved)."""
+    return torch.ops.onednn.qlinear_prepack(weight_q, None)
+
+
+def w8a8_matmul_onednn(x: Tensor, packed: Tensor, weight_scale: Tensor, zero_points: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """:func:`w8a8_matmul` on oneDNN's int8 GEMM (AMX / VNNI): ``s_w`` is applied inside the
+    GEMM, which writes fp32 directly (no int32 tensor, no conversion pass); ``s_x`` (per
+    token: oneDNN takes one activation scale) and the bias follow in one ``addcmul`` pass."""
+    shape = x.shape
+    xq, sx = quantize_per_token(x if x.dim() == 2 else x.reshape(-1, shape[-1]))
+    out = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, weight_scale, zero_points, None,
+                                             1.0, 0, torch.float32, "none", [], "")
+    out = torch.addcmul(bias, out, sx, out=out) if bias is not None else out.mul_(sx)
+    if x.dim() != 2:
+        out = out.reshape(*shape[:-1], weight_scale.shape[0])
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+class W8A8StraightThrough(torch.autograd.Function):
+    """A w8a8 layer inside a graph that needs ``∂/∂x`` (a frozen quantized base under trained
+    deltas): the forward is the int8 product, the backward treats the activations'
+    quantization as the identity (straight-through, as in QAT) and multiplies by the
+    dequantized weight: ``∂L/∂x = ∂L/∂y · Ŵ``. The quantized weight gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: "QuantLinear") -> Tensor:
+        ctx.layer = layer
+        return layer.int8_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad @ ctx.layer.dequantized_weight().to(grad.dtype), None
 
 
 class QuantLinear(nn.Module):
@@ -176,6 +256,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_q", wq)
         self.register_buffer("weight_scale", ws)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: tuple[Any, Tensor, Tensor] | None = None
 
     @classmethod
     @torch.no_grad()
@@ -207,16 +288,35 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scheme == "w8a8":
-            return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
-        if self.scheme == "int8" and x.dtype == torch.float32 and x.device.type == "cpu":
-            shape = x.shape
-            out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_q,
-                                            self.weight_scale)
-            if self.bias is not None:
-                out += self.bias
-            return out.reshape(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantized_weight().to(x.dtype),
-                        None if self.bias is None else self.bias.to(x.dtype))
+            if x.requires_grad and torch.is_grad_enabled():
+                return W8A8StraightThrough.apply(x, self)
+            return self.int8_forward(x)
+        weight = self.dequantized_weight().to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def int8_forward(self, x: Tensor) -> Tensor:
+        """The w8a8 product (no autograd graph): oneDNN on CPU, ``torch._int_mm`` elsewhere."""
+        if ONEDNN_INT8 and x.device.type == "cpu":
+            packed, zeros = self.onednn_weight()
+            return w8a8_matmul_onednn(x, packed, self.weight_scale, zeros, self.bias)
+        return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
+
+    def onednn_weight(self) -> tuple[Tensor, Tensor]:
+        """The packed weight, rebuilt when ``weight_q`` changed (load_state_dict, .to, an
+        in-place edit of a tensor that tracks versions: inference-mode tensors do not)."""
+        w = self.weight_q
+        key = (w.data_ptr(), None if w.is_inference() else w._version)
+        if self._packed is None or self._packed[0] != key:
+            zeros = torch.zeros(self.out_features, dtype=torch.long)
+            self._packed = (key, onednn_pack(self.weight_q), zeros)
+        return self._packed[1], self._packed[2]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_packed": None}      # the opaque packed tensor is not copied
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "int4" else ""

@@ -15,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bmray.models.compress.qat import FakeQuantLinear, convert_qat, fake_quantize, prepare_qat
-from bmray.models.compress.quant import (QuantConfig, QuantLinear, dequantize, pack_int4,
-                                         quantize_groupwise, quantize_model, quantize_per_channel,
-                                         quantize_per_token, unpack_int4)
+from bmray.models.compress.quant import (ONEDNN_INT8, TOKEN_CHUNK, QuantConfig, QuantLinear,
+                                         dequantize, pack_int4, quantize_groupwise,
+                                         quantize_model, quantize_per_channel,
+                                         quantize_per_token, unpack_int4, w8a8_matmul)
 from bmray.models.config import ModelConfig
 from bmray.models.data.classification import load_trec
 from bmray.models.families.registry import build_model
@@ -54,7 +55,7 @@ def test_per_channel_int8_error_at_most_half_a_step(shape):
     expected_s = w.abs().amax(1).clamp_min(1e-12) / 127            # s_i = max_j |w_ij| / 127
     torch.testing.assert_close(s, expected_s, rtol=0, atol=0)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert torch.equal(q, torch.round(w / expected_s[:, None]).to(torch.int8))
+    assert torch.equal(q, torch.round(w * (1 / expected_s[:, None])).to(torch.int8))
     err = (w - dequantize(q, s)).abs()
     assert (err <= expected_s[:, None] / 2 * (1 + SLACK)).all()
     if shape[0] > 2:
@@ -76,7 +77,7 @@ def test_groupwise_int4_error_at_most_half_a_step(shape, group):
     assert (err <= step / 2 * (1 + SLACK)).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (2, 3, 384)])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (2, 3, 384), (3, TOKEN_CHUNK + 5, 9)])
 def test_per_token_error_at_most_half_a_step(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 3
     q, s = quantize_per_token(x)
@@ -107,20 +108,25 @@ def w8a8_reference(x, w):
     """Per-token and per-channel codes and scales by the formulas, in float64."""
     sx = x.abs().amax(-1, keepdim=True) / 127                     # (M, 1)
     sw = w.abs().amax(-1) / 127                                   # (N,)
-    qx = torch.round(x / sx)
-    qw = torch.round(w / sw[:, None])
+    qx = torch.round(x * (1 / sx))                # codes: v · (1/s), the module's convention
+    qw = torch.round(w * (1 / sw[:, None]))
     return qx.double(), sx.double(), qw.double(), sw.double()
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (13, 33, 8), (64, 384, 96), (3, 1536, 17)])
-def test_w8a8_matmul_equals_product_of_dequantized_operands(m, k, n):
+@pytest.mark.parametrize("path", ["QuantLinear", "_int_mm"])
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (13, 33, 8), (64, 384, 96), (3, 1536, 17),
+                                   (TOKEN_CHUNK + 3, 40, 24)])
+def test_w8a8_matmul_equals_product_of_dequantized_operands(path, m, k, n):
+    """Both paths: the module's (oneDNN's int8 GEMM on CPU when present) and torch._int_mm."""
     torch.manual_seed(m + k)
     lin = nn.Linear(k, n)
     x = torch.randn(m, k) * 2
     qx, sx, qw, sw = w8a8_reference(x, lin.weight.detach())
     # exact integer product (float64 holds every int32 exactly), then s_x ⊗ s_w and the bias
     expected = (qx @ qw.T) * sx * sw[None, :] + lin.bias.detach().double()
-    got = QuantLinear.from_linear(lin, QuantConfig(scheme="w8a8"))(x)
+    layer = QuantLinear.from_linear(lin, QuantConfig(scheme="w8a8"))
+    got = layer(x) if path == "QuantLinear" else \
+        w8a8_matmul(x, layer.weight_q, layer.weight_scale, layer.bias)
     # only fp32 rounding of the int32 → fp32 conversion and two products remains
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
@@ -148,6 +154,33 @@ def test_int8_product_within_the_bound_the_scales_imply(scheme, m, k, n):
     fp32 = 1e-5 * (x.abs() @ w.abs().T + lin.bias.abs())       # accumulation rounding
     assert (err <= bound + fp32).all(), (err - bound).max()
     assert err.max() > 0                                        # it did quantize
+
+
+def test_onednn_path_is_taken_on_this_cpu():
+    """The speed claim rests on oneDNN's int8 GEMM: say so if this build lacks it."""
+    if not ONEDNN_INT8:
+        pytest.skip("torch built without oneDNN: w8a8 runs on torch._int_mm")
+    layer = QuantLinear.from_linear(nn.Linear(16, 8), QuantConfig(scheme="w8a8"))
+    layer(torch.randn(2, 16))
+    packed, zeros = layer.onednn_weight()
+    assert packed.is_mkldnn and packed.dtype == torch.int8 and not zeros.any()
+
+
+@pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4"])
+def test_gradient_flows_through_a_frozen_quantized_layer(scheme):
+    """Trained deltas upstream of a quantized base need ∂L/∂x = ∂L/∂y · Ŵ (straight-through
+    over the activations' rounding for w8a8); Ŵ = q·s by the formula."""
+    lin = nn.Linear(16, 6)
+    layer = QuantLinear.from_linear(lin, QuantConfig(scheme=scheme, group_size=8))
+    x = torch.randn(2, 3, 16, requires_grad=True)
+    upstream = torch.randn(2, 3, 6)
+    layer(x).backward(upstream)
+    if scheme == "int4":
+        q = unpack_int4(layer.weight_q).float().reshape(6, 2, 8)
+        w_hat = (q * layer.weight_scale[..., None]).reshape(6, 16)
+    else:
+        w_hat = layer.weight_q.float() * layer.weight_scale[:, None]
+    torch.testing.assert_close(x.grad, upstream @ w_hat, rtol=1e-5, atol=1e-6)
 
 
 def test_leading_dimensions_and_no_bias():
@@ -261,12 +294,16 @@ def test_state_dict_round_trip_through_safetensors(tmp_path, family, scheme):
     save_file(model.state_dict(), tmp_path / "q.safetensors")
     skeleton = tiny(family, seed=1)                            # other weights, same shapes
     quantize_model(skeleton, cfg)
+    kw = {"decoder_input_ids": ids} if family == "t5" else {}
+    with torch.no_grad():
+        skeleton(ids, **kw)                                    # packs its own weights (w8a8)
     skeleton.load_state_dict(load_file(tmp_path / "q.safetensors"), strict=True)
     for (k, a), (k2, b) in zip(model.state_dict().items(), skeleton.state_dict().items()):
         assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
     with torch.no_grad():
-        kw = {"decoder_input_ids": ids} if family == "t5" else {}
         torch.testing.assert_close(skeleton(ids, **kw).logits, model(ids, **kw).logits)
+        copied = copy.deepcopy(skeleton)                       # after a forward: still copies
+        torch.testing.assert_close(copied(ids, **kw).logits, model(ids, **kw).logits)
 
 
 def test_targets_and_skip_select_layers():
