@@ -98,7 +98,8 @@ def test_compress_job_end_to_end(adapt_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("changes, match", [
-    ({"recipe": [{"kind": "prune", "sparsity": 1.2}]}, r"recipe\[0\]\.sparsity: must be a number in \[0, 1\)"),
+    ({"recipe": [{"kind": "prune", "sparsity": 1.2}]},
+     r"recipe\[0\]\.sparsity: must be a number in \[0, 1\)"),
     ({"recipe": [{"kind": "quantize", "bits": 3}]}, r"recipe\[0\]\.bits: 3 is not one of \[4, 8\]"),
     ({"recipe": [{"kind": "prune", "method": "wanda"}], "calibration": {"batches": 0}},
      r"recipe\[0\]: method wanda needs calibration data"),
@@ -106,7 +107,8 @@ def test_compress_job_end_to_end(adapt_run, tmp_path, capsys):
      r"recipe\[0\]\.group_size: 24 does not divide in_features 32"),
     ({"recipe": [{"kind": "prune", "method": "n:m", "n": 2, "m": 5}]},
      r"recipe\[0\]\.m: 5 does not divide"),
-    ({"recipe": [{"kind": "distill", "student_layers": [5]}]}, r"recipe\[0\]\.student_layers: 5 is not a layer index"),
+    ({"recipe": [{"kind": "distill", "student_layers": [5]}]},
+     r"recipe\[0\]\.student_layers: 5 is not a layer index"),
     ({"recipe": [{"kind": "mystery"}]}, r"recipe\[0\]\.kind: 'mystery' is not one of"),
     ({"measure": {"batch_sizes": [0]}}, r"measure\.batch_sizes\[0\]: must be >= 1"),
     ({"calibraton": {}}, r"unknown top-level key\(s\) \['calibraton'\]"),

@@ -9,14 +9,13 @@ import dataclasses
 
 import pytest
 import torch
-from torch import nn
 
 from bmray.models.compress.quant import QuantLinear
 from bmray.models.compress.recipe import (STAGES, NoOptions, StageContext, StageKind,
                                           StructuredConfig, apply_stage, check_recipe,
                                           parse_recipe, recipe_to_list, register, replay_stage)
 from bmray.models.typed_config import ConfigError
-from tests.models.compress.test_artifact import CTX, D, F, H, L, batch, classifier
+from tests.models.compress.test_artifact import CTX, D, F, H, L, classifier
 
 torch.set_num_threads(1)
 
@@ -41,7 +40,8 @@ def test_parse_types_each_stage_and_round_trips():
 @pytest.mark.parametrize("raw, match", [
     ([{"kind": "prune", "sparsity": 1.0}], r"recipe\[0\]\.sparsity: must be a number in \[0, 1\)"),
     ([{"kind": "prune", "sparsity": -0.1}], r"recipe\[0\]\.sparsity"),
-    ([{"kind": "prune"}, {"kind": "quantize", "bits": 3}], r"recipe\[1\]\.bits: 3 is not one of \[4, 8\]"),
+    ([{"kind": "prune"}, {"kind": "quantize", "bits": 3}],
+     r"recipe\[1\]\.bits: 3 is not one of \[4, 8\]"),
     ([{"kind": "quantize", "bits": 4, "scheme": "w8a8"}], r"recipe\[0\]\.bits: 4 does not match"),
     ([{"kind": "quantize", "scheme": "int3"}], r"recipe\[0\]\.scheme: 'int3' is not one of"),
     ([{"kind": "quantize", "group_size": 7}], r"recipe\[0\]\.group_size: must be even"),
@@ -67,7 +67,8 @@ def test_bad_stages_name_the_key(raw, match):
 
 @pytest.mark.parametrize("raw, match", [
     ([{"kind": "prune", "method": "wanda"}], r"recipe\[0\]: method wanda needs calibration data"),
-    ([{"kind": "structured", "heads": 0.5}], r"recipe\[0\]: importance 'gradient' needs calibration"),
+    ([{"kind": "structured", "heads": 0.5}],
+     r"recipe\[0\]: importance 'gradient' needs calibration"),
     ([{"kind": "prune"}, {"kind": "moefy"}], r"recipe\[1\]: a moefy stage needs calibration"),
 ])
 def test_calibration_is_required_before_any_compute(raw, match):
