@@ -38,7 +38,7 @@ from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.train.loop import Trainer, seed_everything
 from bmray.models.classifier import SequenceClassifier
 from bmray.models.compress.artifact import (architecture_of, load_compressed, model_sizes,
-                                            save_compressed)
+                                            read_manifest, save_compressed)
 from bmray.models.compress.distill import DistillConfig
 from bmray.models.compress.recipe import (Stage, StageContext, StageRecord, apply_stage,
                                           check_data, check_recipe, parse_recipe)
@@ -53,7 +53,7 @@ from bmray.models.typed_config import (ConfigError, check_int, check_positive, f
 
 __all__ = ["CalibrationConfig", "MeasureConfig", "CompressTrainConfig", "CompressConfig",
            "compress_config_from_dict", "Teacher", "load_teacher", "plain_task_model",
-           "measure", "check_against_source", "run_compress", "format_table",
+           "measure", "open_artifact", "check_against_source", "run_compress", "format_table",
            "source_kind", "make_train_fn"]
 
 
@@ -398,6 +398,19 @@ def make_train_fn(teacher: Teacher, cfg: CompressConfig) -> Callable[[nn.Module,
     return train
 
 
+def open_artifact(directory: str | Path) -> nn.Module:
+    """A ``bmray compress`` artifact loaded onto its source's architecture, rebuilt from the
+    ``source`` its manifest records (the adapt run or checkpoint must still be there)."""
+    manifest = read_manifest(directory)
+    src = manifest.get("source") or {}
+    path = src.get("path")
+    if not isinstance(path, str) or not os.path.isdir(path):
+        raise ConfigError(f"{directory}: the manifest's source {path!r} is not a directory "
+                          f"here; use load_compressed(directory, build_base)")
+    cfg = CompressConfig(source=path, recipe=[], experiment=src.get("experiment"))
+    return load_compressed(directory, lambda: load_teacher(cfg).model)
+
+
 def check_against_source(cfg: CompressConfig) -> Teacher:
     """Load the source and check the recipe against it (target names, shapes, calibration
     data), before any stage's compute; returns the teacher."""
@@ -438,7 +451,9 @@ def run_compress(cfg: CompressConfig, echo: Callable[[str], None] = print) -> di
     final = {k: v for k, v in rows[-1].items() if k != "stage"}
     artifact = save_compressed(model, out / "artifact", records, identity,
                                {**final, "quality": teacher.quality, "teacher": ref},
-                               architecture=architecture)
+                               architecture=architecture,
+                               source={"kind": teacher.info["kind"], "path": cfg.source,
+                                       "experiment": cfg.experiment})
     # the artifact is loaded back once: it must reproduce the compressed model exactly
     loaded = load_compressed(artifact, teacher.rebuild)
     probe = {k: v for k, v in _batch(teacher, teacher.sample(4)).items()

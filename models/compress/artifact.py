@@ -104,9 +104,11 @@ def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]
 
 def save_compressed(model: nn.Module, directory: str | Path, records: Sequence[StageRecord],
                     base_identity: dict[str, Any], metrics: dict[str, Any], *,
-                    architecture: dict[str, Any]) -> Path:
+                    architecture: dict[str, Any], source: dict[str, Any] | None = None
+                    ) -> Path:
     """Write ``model`` (the result of ``records``' stages applied to a base whose
-    ``architecture_of`` is ``architecture``) to ``directory``; returns it."""
+    ``architecture_of`` is ``architecture``) to ``directory``; returns it. ``source``: where
+    the base came from (JSON; how a loader finds its ``build_base``)."""
     if not isinstance(architecture, dict) or "shapes_sha256" not in architecture:
         raise ArtifactError("architecture: pass architecture_of(base), taken before compressing")
     directory = Path(directory)
@@ -119,6 +121,7 @@ def save_compressed(model: nn.Module, directory: str | Path, records: Sequence[S
         "recipe": [r.stage for r in records],
         "records": [r.to_dict() for r in records],
         "base": base_identity,
+        "source": source,
         "sizes": model_sizes(model),
         "metrics": metrics,
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}

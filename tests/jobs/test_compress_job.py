@@ -16,7 +16,8 @@ import yaml
 from bmray.actors.train.adapt import run_adapt
 from bmray.actors.train.adapt_config import load_adapt_config
 from bmray.actors.train.builders import run_experiment
-from bmray.actors.train.compress import compress_config_from_dict, load_teacher, run_compress
+from bmray.actors.train.compress import (compress_config_from_dict, load_teacher,
+                                         open_artifact, run_compress)
 from bmray.actors.train.experiment import experiment_from_dict
 from bmray.jobs import cli, compress
 from bmray.models.compress.artifact import (ArtifactMismatch, architecture_of,
@@ -48,6 +49,11 @@ def config(tmp_path, source, **changes):
     path = tmp_path / "compress.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path), raw
+
+
+def teacher_batch(raw):
+    t = load_teacher(compress_config_from_dict(raw))
+    return t.objective(t.sample(5), None)
 
 
 def test_compress_job_end_to_end(adapt_run, tmp_path, capsys):
@@ -89,6 +95,11 @@ def test_compress_job_end_to_end(adapt_run, tmp_path, capsys):
     assert manifest["metrics"]["accuracy"] == rows[-1]["accuracy"]
     loaded = load_compressed(report["artifact"], lambda: teacher)
     assert len(loaded.backbone.blocks) == 1
+    assert manifest["source"] == {"kind": "adapt", "path": source, "experiment": None}
+    again = open_artifact(report["artifact"])            # the skeleton from the source
+    probe = {k: v for k, v in teacher_batch(raw).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(again(**probe).logits, loaded(**probe).logits)
     assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) >= 4
     # onto another architecture: refused, naming both
     other = load_teacher(compress_config_from_dict(raw)).model
