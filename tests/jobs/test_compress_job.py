@@ -184,3 +184,10 @@ def test_compress_a_pretrained_lm_reports_perplexity(tmp_path):
     assert rows[2]["bytes"] - rows[3]["bytes"] == sum(
         4 * m.out_features * m.in_features - m.out_features * m.in_features // 2
         - 4 * m.out_features * m.in_features // 32 for m in quant)
+
+
+@pytest.mark.parametrize("name", ["compress_tiny.yaml", "compress_minilm.yaml"])
+def test_shipped_configs_are_valid(adapt_run, name):
+    raw = load_yaml(os.path.join(REPO, "configs", name))
+    cfg = compress_config_from_dict({**raw, "source": adapt_run[0]})
+    assert cfg.recipe[-1].kind == "quantize" and cfg.measure.batch_sizes == (1, 32)
