@@ -171,7 +171,9 @@ class StructuredConfig:
 @dataclass(frozen=True)
 class StageKind:
     """One technique as a recipe stage (see the module docstring). ``needs_data(config,
-    options)``: whether it needs calibration data; ``check(model, config, options)``: cheap
+    options)``: why it needs calibration data (``"method wanda"``), or None;
+    ``prepare(raw_config, options)``: the config mapping completed from the options (e.g.
+    quantize's ``bits`` → ``scheme``); ``check(model, config, options)``: cheap
     checks against the model it will run on (names, shapes); ``structural``: whether it
     changes module shapes or names (later stages are then checked when they run).
     Training (distillation, recovery, QAT) uses ``StageContext.train``, not calibration."""
@@ -181,7 +183,8 @@ class StageKind:
     options: type
     apply: Callable[[nn.Module, Any, Any, StageContext, str], tuple[nn.Module, Record]]
     replay: Callable[[nn.Module, Record], nn.Module]
-    needs_data: Callable[[Any, Any], bool] = lambda c, o: False
+    needs_data: Callable[[Any, Any], str | None] = lambda c, o: None
+    prepare: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None
     check: Callable[[nn.Module, Any, Any], None] | None = None
     structural: bool = True
 
@@ -273,11 +276,8 @@ def _parse_stage(i: int, raw: Any) -> Stage:
         options = from_dict(kind.options, {k: v for k, v in rest.items() if k in opt_keys},
                             "config")
         cfg_raw = {k: v for k, v in rest.items() if k in cfg_keys}
-        if name == "quantize" and options.bits is not None:
-            implied = {4: "int4", 8: "int8"}[options.bits]
-            scheme = cfg_raw.setdefault("scheme", implied)
-            if QuantConfig(scheme=scheme).bits != options.bits:
-                raise ConfigError(f"bits: {options.bits} does not match scheme {scheme!r}")
+        if kind.prepare is not None:
+            cfg_raw = kind.prepare(cfg_raw, options)
         config = from_dict(kind.config, cfg_raw, "config")
     except ConfigError as exc:
         raise _located(exc, where) from None
@@ -304,9 +304,10 @@ def recipe_to_list(stages: list[Stage]) -> list[dict[str, Any]]:
 def check_data(stages: list[Stage], has_data: bool) -> None:
     """Every stage that needs calibration data has some (no model needed)."""
     for s in stages:
-        if STAGES[s.kind].needs_data(s.config, s.options) and not has_data:
-            raise ConfigError(f"{s.where}: {_why_data(s)} needs calibration data, and "
-                              f"there is none (calibration.batches is 0)")
+        why = STAGES[s.kind].needs_data(s.config, s.options)
+        if why and not has_data:
+            raise ConfigError(f"{s.where}: {why} needs calibration data, and there is none "
+                              f"(calibration.batches is 0)")
 
 
 def check_recipe(stages: list[Stage], model: nn.Module, has_data: bool) -> None:
@@ -323,14 +324,6 @@ def check_recipe(stages: list[Stage], model: nn.Module, has_data: bool) -> None:
                 raise _located(exc, s.where) from None
         if kind.structural:
             break
-
-
-def _why_data(s: Stage) -> str:
-    if s.kind == "prune":
-        return f"method {s.config.method}"
-    if s.kind == "structured":
-        return "importance 'gradient'"
-    return f"a {s.kind} stage"
 
 
 def apply_stage(model: nn.Module, stage: Stage, ctx: StageContext) -> tuple[nn.Module, Record]:
@@ -465,6 +458,16 @@ def _follow_first(model: nn.Module, groups: list[list[str]]) -> None:
             replace_module(model, name, held)
 
 
+def _prepare_quant(raw: dict[str, Any], opts: QuantOptions) -> dict[str, Any]:
+    """``bits`` stands for a scheme (4: int4, 8: int8) unless one is given; they must agree."""
+    if opts.bits is None:
+        return raw
+    scheme = raw.get("scheme", {4: "int4", 8: "int8"}[opts.bits])
+    if QuantConfig(scheme=scheme).bits != opts.bits:
+        raise ConfigError(f"bits: {opts.bits} does not match scheme {scheme!r}")
+    return {**raw, "scheme": scheme}
+
+
 def _quantize(model, cfg: QuantConfig, opts: QuantOptions, ctx: StageContext, where: str):
     _unify_tied(model, plan_targets(model, cfg))
     if opts.qat_steps > 0:
@@ -564,15 +567,16 @@ def _replay_share(model, record):
 register(StageKind("distill", DistillConfig, DistillOptions, _distill, _replay_distill,
                    check=_check_distill))
 register(StageKind("prune", PruneConfig, RecoveryOptions, _prune, lambda m, r: m.eval(),
-                   needs_data=lambda c, o: c.method == "wanda",
+                   needs_data=lambda c, o: f"method {c.method}" if c.method == "wanda" else None,
                    check=_check_prune, structural=False))
 register(StageKind("structured", StructuredConfig, RecoveryOptions, _structured,
                    _replay_structured,
-                   needs_data=lambda c, o: c.importance == "gradient"))
+                   needs_data=lambda c, o: ("importance 'gradient'" if c.importance == "gradient"
+                                            else None)))
 register(StageKind("quantize", QuantConfig, QuantOptions, _quantize, _replay_quantize,
-                   check=_check_quant))
+                   prepare=_prepare_quant, check=_check_quant))
 register(StageKind("moefy", MoefyConfig, MoefyOptions, _moefy, _replay_moefy,
-                   needs_data=lambda c, o: True,
+                   needs_data=lambda c, o: "a moefy stage (its routers)",
                    check=lambda m, c, o: _moefy_sites(m, c)))
 register(StageKind("lowrank", LowRankConfig, RecoveryOptions, _lowrank, _replay_lowrank,
                    check=lambda m, c, o: match_modules(m, c.targets, (nn.Linear,))))

@@ -69,7 +69,8 @@ def test_bad_stages_name_the_key(raw, match):
     ([{"kind": "prune", "method": "wanda"}], r"recipe\[0\]: method wanda needs calibration data"),
     ([{"kind": "structured", "heads": 0.5}],
      r"recipe\[0\]: importance 'gradient' needs calibration"),
-    ([{"kind": "prune"}, {"kind": "moefy"}], r"recipe\[1\]: a moefy stage needs calibration"),
+    ([{"kind": "prune"}, {"kind": "moefy"}],
+     r"recipe\[1\]: a moefy stage \(its routers\) needs calibration"),
 ])
 def test_calibration_is_required_before_any_compute(raw, match):
     with pytest.raises(ConfigError, match=match):
