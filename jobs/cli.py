@@ -14,6 +14,7 @@ JOBS = {
     "adapt": ("bmray.jobs.adapt", "fine-tune one delta or prompt on a task, on a gang"),
     "plan": ("bmray.jobs.plan", "choose a parallel layout that fits a model on a cluster"),
     "sweep": ("bmray.jobs.sweep", "Ray Tune sweep of an adaptation, with a Pareto report"),
+    "compress": ("bmray.jobs.compress", "compress a trained model with a recipe, one artifact"),
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),
 }
 
