@@ -72,13 +72,15 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class MeasureConfig:
-    """CPU latency at each of ``batch_sizes`` (median of ``repeats`` timed forwards after one
-    warm-up, on ``threads`` torch threads; None: as set); quality over at most ``eval_limit``
+    """CPU latency at each of ``batch_sizes`` (median of ``repeats`` timed forwards after
+    three warm-ups, on ``threads`` torch threads — one by default: a thread pool wider than the
+    idle cores turns every busy core into a stall, and the figures are compared row to row;
+    None: as set); quality over at most ``eval_limit``
     eval rows (None: all) in batches of ``eval_batch_size``."""
 
     batch_sizes: tuple[int, ...] = (1, 32)
     repeats: int = 5
-    threads: int | None = None
+    threads: int | None = 1
     eval_batch_size: int = 64
     eval_limit: int | None = None
 
@@ -328,7 +330,8 @@ def _quality(model: nn.Module, teacher: Teacher) -> dict[str, Any]:
 def _latency_ms(model: nn.Module, teacher: Teacher, b: int, repeats: int) -> float:
     batch = _batch(teacher, teacher.sample(b))
     batch = {k: v for k, v in batch.items() if not k.endswith("labels")}
-    model(**batch)                                                  # warm-up
+    for _ in range(3):                                              # warm-ups
+        model(**batch)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
