@@ -157,8 +157,9 @@ def _quantized_names(block: nn.Module) -> set[str]:
 
 
 def block_bytes(block: nn.Module) -> int:
-    """Bytes of a block's tensors as they are (what a streamed block occupies in the buffer)."""
-    return tensor_bytes(_block_tensors(block))
+    """Bytes a block takes in the buffer: its tensors as they are, each start aligned to
+    ``ALIGN`` (so also the size of a streamed block in the host or disk store)."""
+    return sum(_align(tensor_bytes(t)) for t in _block_tensors(block).values())
 
 
 def int8_block_bytes(block: nn.Module) -> int:
@@ -340,7 +341,7 @@ class StreamPlan:
 def plan_stream(full_bytes: Sequence[int], int8_bytes: Sequence[int], always_resident: int,
                 cfg: StreamConfig) -> StreamPlan:
     """Fit blocks into ``cfg.memory_limit`` (block i weighs ``full_bytes[i]`` as it is,
-    ``int8_bytes[i]`` in the int8 store).
+    ``block_bytes``; ``int8_bytes[i]`` in the int8 store, ``int8_block_bytes``).
 
     Without ``int8_resident``, a model that fits whole runs all-resident, with no buffer.
     Otherwise the buffer holds one slot (two with ``prefetch``) of the largest block, and the
@@ -422,7 +423,7 @@ class StreamedModel(nn.Module):
         self.block_names = [name for name, _ in blocks]
         tensors = [_block_tensors(b) for _, b in blocks]
         always = self._always_resident_bytes(model, tensors)
-        self.plan = plan_stream([tensor_bytes(t) for t in tensors],
+        self.plan = plan_stream([block_bytes(b) for _, b in blocks],
                                 [int8_block_bytes(b) for _, b in blocks], always, cfg)
         self.trace: list[tuple[str, int, float, int]] | None = None
         self._closed = False
@@ -491,6 +492,11 @@ class StreamedModel(nn.Module):
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
         return total
+
+    @property
+    def store_dir(self) -> str | None:
+        """The disk store's folder (None: no block on disk)."""
+        return self._dir
 
     # ---------------------------------------------------------------- accounting
     @property
