@@ -248,7 +248,7 @@ def test_prefetch_loads_the_next_block_while_this_one_computes(monkeypatch):
     original = streaming.int8_dequantize
 
     def held_dequantize(*args, **kwargs):
-        if threading.get_ident() != main and not computing.wait(timeout=5):
+        if threading.get_ident() != main and not computing.wait(timeout=1):
             failures.append("a prefetch ran while no block was computing")
         return original(*args, **kwargs)
 
@@ -264,7 +264,7 @@ def test_prefetch_loads_the_next_block_while_this_one_computes(monkeypatch):
                 failures.append(f"block {i + 1} was loaded before block {i} computed")
             computing.set()
             if i + 1 < L:
-                for _ in range(500):
+                for _ in range(100):
                     if loaded(i + 1):
                         break
                     threading.Event().wait(0.01)
