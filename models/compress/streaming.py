@@ -45,8 +45,9 @@ from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
 __all__ = ["STORES", "ALIGN", "StreamConfig", "StreamPlan", "StreamedModel", "MemoryBudgetError",
-           "stream_model", "plan_stream", "int8_quantize", "int8_dequantize", "tensor_bytes",
-           "kv_cache_reserve", "block_bytes", "int8_block_bytes"]
+           "stream_model", "plan_for", "plan_stream", "always_resident_bytes", "int8_quantize",
+           "int8_dequantize", "tensor_bytes", "kv_cache_reserve", "block_bytes",
+           "int8_block_bytes"]
 
 STORES = ("host", "disk")
 ALIGN = 64          # every tensor of a packed block starts at a multiple of this (the CPU
@@ -375,6 +376,31 @@ def plan_stream(full_bytes: Sequence[int], int8_bytes: Sequence[int], always_res
                       always_resident, cost, reserve, limit, minimum)
 
 
+def always_resident_bytes(model: nn.Module, block_lists: Sequence[str] | None = None) -> int:
+    """Bytes of the parameters and buffers outside the blocks (a tied matrix counted once)."""
+    in_blocks = {t.untyped_storage().data_ptr() for _, b in find_blocks(model, block_lists)
+                 for t in _block_tensors(b).values() if t.numel()}
+    seen, total = set(), 0
+    for t in [p.detach() for p in model.parameters()] + list(model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if not t.numel() or ptr in in_blocks or ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def plan_for(model: nn.Module, cfg: StreamConfig,
+             block_lists: Sequence[str] | None = None) -> StreamPlan:
+    """The plan ``stream_model(model, cfg)`` would follow, without taking the model over
+    (ConfigError when ``cfg.memory_limit`` is too small)."""
+    blocks = [b for _, b in find_blocks(model, block_lists)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no blocks to stream")
+    return plan_stream([block_bytes(b) for b in blocks], [int8_block_bytes(b) for b in blocks],
+                       always_resident_bytes(model, block_lists), cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # The streamed model
 # ----------------------------------------------------------------------------------------------
@@ -418,13 +444,9 @@ class StreamedModel(nn.Module):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"stream.device: {cfg.device!r} but CUDA is not available")
         blocks = find_blocks(model, block_lists)
-        if not blocks:
-            raise ValueError(f"{type(model).__name__} has no blocks to stream")
         self.block_names = [name for name, _ in blocks]
         tensors = [_block_tensors(b) for _, b in blocks]
-        always = self._always_resident_bytes(model, tensors)
-        self.plan = plan_stream([block_bytes(b) for _, b in blocks],
-                                [int8_block_bytes(b) for _, b in blocks], always, cfg)
+        self.plan = plan_for(model, cfg, block_lists)
         self.trace: list[tuple[str, int, float, int]] | None = None
         self._closed = False
         self._dir, self._own_dir = None, False
@@ -479,19 +501,6 @@ class StreamedModel(nn.Module):
         self._finalizer = weakref.finalize(self, _shutdown, self._executor,
                                            [s for k, s in self._sources if k == "slot"],
                                            self._dir if self._own_dir else None)
-
-    @staticmethod
-    def _always_resident_bytes(model: nn.Module, block_tensors: list[dict[str, Tensor]]) -> int:
-        in_blocks = {t.untyped_storage().data_ptr() for ts in block_tensors for t in ts.values()
-                     if t.numel()}
-        seen, total = set(), 0
-        for t in [p.detach() for p in model.parameters()] + list(model.buffers()):
-            ptr = t.untyped_storage().data_ptr()
-            if not t.numel() or ptr in in_blocks or ptr in seen:
-                continue
-            seen.add(ptr)
-            total += t.untyped_storage().nbytes()
-        return total
 
     @property
     def store_dir(self) -> str | None:

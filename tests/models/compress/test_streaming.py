@@ -16,7 +16,7 @@ from torch import nn
 
 from bmray.models.compress import streaming
 from bmray.models.compress.streaming import (MemoryBudgetError, StreamConfig, kv_cache_reserve,
-                                             stream_model)
+                                             plan_for, stream_model)
 from bmray.models.config import ModelConfig
 from bmray.models.families.registry import build_model
 from bmray.models.generation import GenerationConfig, generate
@@ -128,6 +128,17 @@ def test_budget_too_small_names_memory_limit_and_the_smallest_value():
     with stream_model(copy.deepcopy(model), StreamConfig(smallest, cache_reserve=reserve)) as s:
         assert s.plan.resident == () and s.plan.streamed == tuple(range(L))
         assert s.plan.minimum_limit == smallest
+
+
+def test_plan_for_leaves_the_model_alone_and_matches_the_stream():
+    model = tiny()
+    cfg = StreamConfig(budget(model, 1, per_block=int8_bytes(model.blocks[0])))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    plan = plan_for(model, cfg)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    assert plan.always_resident_bytes == always_resident(model)
+    with stream_model(copy.deepcopy(model), cfg) as s:
+        assert s.plan == plan and plan.resident == (0,)
 
 
 # ------------------------------------------------------------------------------ equality
