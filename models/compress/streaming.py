@@ -17,9 +17,9 @@ stay within ``memory_limit``: a plan that cannot hold even one block is a Config
 smallest workable ``memory_limit``, a cache outgrowing the room left a MemoryBudgetError.
 Activations are not counted. The process's RSS (psutil) is sampled at every block.
 
-``stream_model(model, cfg)`` takes the model over: its block modules keep no weights (they are
-moved to the meta device and run through ``torch.func.functional_call``), and the
-``StreamedModel`` is called like the model (``generate`` works on it). docs/compression.md,
+``stream_model(model, cfg)`` takes the model over: a streamed block's module keeps its code but
+no weights (its tensors are pointed at the buffer's views for the call, and emptied after), and
+the ``StreamedModel`` is called like the model (``generate`` works on it). docs/compression.md,
 "Low-resource inference".
 """
 from __future__ import annotations
@@ -39,7 +39,6 @@ import psutil
 import safetensors.torch
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from bmray.models.structure import find_blocks
 from bmray.models.typed_config import ConfigError, check_choice, check_int
@@ -145,7 +144,8 @@ def int8_dequantize(q: Tensor, scale: Tensor, out: Tensor | None = None) -> Tens
 
 
 def _block_tensors(block: nn.Module) -> dict[str, Tensor]:
-    """Every parameter and buffer of a block by name (functional_call needs them all)."""
+    """Every parameter and buffer of a block by name (a streamed block gets them all from
+    the buffer)."""
     out = {n: p.detach() for n, p in block.named_parameters(remove_duplicate=False)}
     out.update({n: b for n, b in block.named_buffers(remove_duplicate=False)})
     return out
@@ -454,12 +454,12 @@ class StreamedModel(nn.Module):
             self._own_dir = cfg.disk_dir is None
             self._dir = tempfile.mkdtemp(prefix="bmray-stream-") if self._own_dir else cfg.disk_dir
             os.makedirs(self._dir, exist_ok=True)
-        # block index -> ("resident", tensors) | ("slot", source)
+        # block index -> ("resident", None) | ("slot", source)
         self._sources: list[Any] = []
         on_gpu = self.device.type == "cuda"
         for i, ((name, block), ts) in enumerate(zip(blocks, tensors)):
             if i in self.plan.resident and not self.plan.int8:
-                self._sources.append(("resident", {n: t.to(self.device) for n, t in ts.items()}))
+                self._sources.append(("resident", None))
             elif i in self.plan.resident:
                 self._sources.append(("slot", _Int8Source(ts, _quantized_names(block),
                                                           self.device)))
@@ -469,11 +469,17 @@ class StreamedModel(nn.Module):
                 path = os.path.join(self._dir, f"block_{i:04d}.safetensors")
                 self._sources.append(("slot", _DiskSource(ts, path)))
         del tensors
-        # the block modules keep their code, not their weights; the model holds stand-ins
-        self._modules_meta = []
+        # a streamed block's module keeps its code, not its weights; the model holds stand-ins
+        self._block_modules = []
+        self._tensor_slots: list[list[tuple[str, nn.Module, str, bool]]] = []
         for i, (name, block) in enumerate(blocks):
-            block.to("meta")
-            self._modules_meta.append(block)
+            if self._sources[i][0] == "resident":
+                block.to(self.device)
+                self._tensor_slots.append([])
+            else:
+                self._tensor_slots.append(_tensor_owners(block))
+                _bind(self._tensor_slots[i], None, self.device)
+            self._block_modules.append(block)
             parent_name, _, idx = name.rpartition(".")
             model.get_submodule(parent_name)[int(idx)] = _StreamedBlock(self, i, name)
         self.model = model.to(self.device)
@@ -574,21 +580,19 @@ class StreamedModel(nn.Module):
         if self._last is not None:
             self._next[self._last] = i
         self._last = i
-        kind, src = self._sources[i]
         slot = None
-        if kind == "resident":
-            weights = src
-        else:
+        if self._sources[i][0] == "slot":
             slot = self._acquire(i)
-            weights = self._slot_views(slot, i)
+            _bind(self._tensor_slots[i], self._slot_views(slot, i), self.device)
             self._prefetch_after(i, slot)
         self._charge(self.block_names[i])
         self._event("compute_start", i)
         try:
-            out = functional_call(self._modules_meta[i], weights, args, kwargs, strict=True)
+            out = self._block_modules[i](*args, **kwargs)
         finally:
             self._event("compute_end", i)
             if slot is not None:
+                _bind(self._tensor_slots[i], None, self.device)
                 self._release(slot)
         if isinstance(out, tuple) and len(out) > 1:
             self._cache_new += tensor_bytes(out[1])     # the block's present (k, v)
@@ -695,6 +699,30 @@ class StreamedModel(nn.Module):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _tensor_owners(block: nn.Module) -> list[tuple[str, nn.Module, str, bool]]:
+    """(name, owning module, attribute, is a parameter) of each of the block's tensors."""
+    out = []
+    for name in _block_tensors(block):
+        path, _, attr = name.rpartition(".")
+        owner = block.get_submodule(path)
+        out.append((name, owner, attr, attr in owner._parameters))
+    return out
+
+
+def _bind(owners: list[tuple[str, nn.Module, str, bool]], views: dict[str, Tensor] | None,
+          device: torch.device) -> None:
+    """Point a streamed block's tensors at the buffer's ``views``, or at empty tensors (None):
+    a ``.data`` swap, cheaper than ``torch.func.functional_call``'s."""
+    for name, owner, attr, is_param in owners:
+        old = owner._parameters[attr] if is_param else owner._buffers[attr]
+        new = views[name] if views is not None else torch.empty(0, dtype=old.dtype,
+                                                                device=device)
+        if is_param:
+            old.data = new
+        else:
+            owner._buffers[attr] = new
 
 
 def _shutdown(executor: ThreadPoolExecutor | None, sources: list[Any], folder: str | None) -> None:
