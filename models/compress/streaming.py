@@ -537,10 +537,11 @@ class StreamedModel(nn.Module):
         self.peak_bytes = self.in_use_bytes
         self.peak_rss = self._process.memory_info().rss
 
-    def _charge(self, where: str) -> None:
+    def _charge(self, where: str, sample_rss: bool = False) -> None:
         used = self.in_use_bytes
         self.peak_bytes = max(self.peak_bytes, used)
-        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+        if sample_rss:
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
         if used > self.cfg.memory_limit:
             raise MemoryBudgetError(
                 f"{where}: {used} bytes in use would pass memory_limit {self.cfg.memory_limit} "
@@ -596,7 +597,7 @@ class StreamedModel(nn.Module):
                 self._release(slot)
         if isinstance(out, tuple) and len(out) > 1:
             self._cache_new += tensor_bytes(out[1])     # the block's present (k, v)
-        self._charge(self.block_names[i])
+        self._charge(self.block_names[i], sample_rss=True)
         return out
 
     # ---------------------------------------------------------------- the buffer
