@@ -566,13 +566,20 @@ class StreamedModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            model = self.__dict__["_modules"].get("model")
+            model = self.__dict__.get("_modules", {}).get("model")
             if model is None or name.startswith("_"):
                 raise
             attr = getattr(model, name)
             if name in ("encode", "decode"):      # encoder-decoder generation calls these
                 return lambda *a, **k: self._call(attr, *a, **k)
             return attr
+
+    def train(self, mode: bool = True) -> "StreamedModel":
+        """As ``nn.Module.train``, for the block modules too (they are not submodules)."""
+        super().train(mode)
+        for block in self.__dict__.get("_block_modules", ()):
+            block.train(mode)
+        return self
 
     def run_block(self, i: int, args: tuple, kwargs: dict) -> Any:
         """Run block ``i`` on its weights: resident ones directly, the others from a slot."""

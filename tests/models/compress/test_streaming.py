@@ -204,6 +204,19 @@ def test_fp32_model_that_fits_runs_without_a_buffer():
             assert torch.equal(s(x).logits, model(x).logits)
 
 
+def test_eval_and_train_reach_the_streamed_blocks():
+    model, x = tiny(dropout=0.3).train(), ids()
+    ref = copy.deepcopy(model).eval()
+    limit = budget(model, 1, reserve=10 ** 6)
+    with stream_model(copy.deepcopy(model), StreamConfig(limit, int8_resident=False,
+                                                         cache_reserve=10 ** 6)) as s:
+        with torch.no_grad():
+            s.eval()
+            assert torch.equal(s(x).logits, ref(x).logits)
+            s.train()
+            assert not torch.equal(s(x).logits, ref(x).logits)     # dropout on again
+
+
 def test_t5_generation_streamed_equals_resident():
     model = tiny("t5")
     ref = copy.deepcopy(model)
