@@ -21,7 +21,9 @@ bootstrap interval over rounds. Memory per run: the streamed model's accounting 
 use, always ≤ memory_limit) and the process's RSS (psutil, sampled at every block) above the
 RSS before the run was built (the reference model the runs are copied from stays alive and
 outside it). The disk store reads from the page cache on a machine with free memory: the disk
-numbers measure the store's path, not a cold disk.
+numbers measure the store's path, not a cold disk. ``--device cuda`` runs the blocks on a GPU
+(host/disk stores in host memory, copies on a side stream) and records the device's peak
+allocation above the run's start as well.
 
     .venv/bin/python bench/low_resource.py                 # full run
     .venv/bin/python bench/low_resource.py --quick --out /tmp/low_resource.json
@@ -83,25 +85,33 @@ def timed_generations(model: torch.nn.Module, prompt: torch.Tensor, cfg: Generat
 
 
 def one_run(spec: dict[str, Any], ref: torch.nn.Module, prompt: torch.Tensor,
-            gen_cfg: GenerationConfig, gens: int) -> dict[str, Any]:
+            gen_cfg: GenerationConfig, gens: int, device: str) -> dict[str, Any]:
     """Build the streamed copy of ``ref`` for ``spec``, time it, close it."""
     trim()
     process = psutil.Process()
     before = process.memory_info().rss
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    gpu_before = torch.cuda.memory_allocated() if on_gpu else 0
     if spec["name"] == RESIDENT:
-        model = copy.deepcopy(ref)
+        model = copy.deepcopy(ref).to(device)
         times, out = timed_generations(model, prompt, gen_cfg, gens)
+        gpu_peak = torch.cuda.max_memory_allocated() - gpu_before if on_gpu else None
         del model
-        return {"times": times, "tokens": out}
+        return {"times": times, "tokens": out.cpu(), "gpu_peak_delta": gpu_peak}
     cfg = StreamConfig(spec["memory_limit"], int8_resident=spec["int8"],
                        prefetch=spec["prefetch"], store=spec["store"],
-                       cache_reserve=spec["cache_reserve"])
+                       cache_reserve=spec["cache_reserve"], device=device)
     streamed = stream_model(copy.deepcopy(ref), cfg)
     try:
         trim()
         streamed.reset_peak()
         times, out = timed_generations(streamed, prompt, gen_cfg, gens)
-        return {"times": times, "tokens": out, "peak_bytes": streamed.peak_bytes,
+        return {"times": times, "tokens": out.cpu(), "peak_bytes": streamed.peak_bytes,
+                "gpu_peak_delta": (torch.cuda.max_memory_allocated() - gpu_before
+                                   if on_gpu else None),
                 "rss_delta": streamed.peak_rss - before,
                 "resident_bytes": streamed.resident_bytes,
                 "buffer_bytes": streamed.buffer_bytes,
@@ -152,6 +162,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--fractions", nargs="+", default=["1/8", "1/4", "1/2", "1"])
     ap.add_argument("--stores", nargs="+", default=["host", "disk"])
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (blocks run on the GPU)")
     ap.add_argument("--out", default=result_path(__file__, "low_resource.json"))
     ap.add_argument("--png", default=None, help="default: the JSON path with .png")
     args = parse_args(ap, {"d_model": 64, "layers": 8, "vocab": 256, "new": 4, "gens": 1,
@@ -164,7 +175,7 @@ def main() -> None:
     total = model_bytes(ref)
     reserve = kv_cache_reserve(args.layers, args.batch, seq, args.d_model)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt),
-                           generator=torch.Generator().manual_seed(0))
+                           generator=torch.Generator().manual_seed(0)).to(args.device)
     gen_cfg = GenerationConfig(max_new_tokens=args.new)
 
     specs: dict[str, dict[str, Any]] = {RESIDENT: {"name": RESIDENT}}
@@ -190,7 +201,7 @@ def main() -> None:
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in specs}
     for name in balanced_order(list(specs), args.rounds):
-        runs[name].append(one_run(specs[name], ref, prompt, gen_cfg, args.gens))
+        runs[name].append(one_run(specs[name], ref, prompt, gen_cfg, args.gens, args.device))
 
     ref_tokens = runs[RESIDENT][0]["tokens"]
     ref_times = [r["times"] for r in runs[RESIDENT]]
@@ -201,6 +212,8 @@ def main() -> None:
         med = pooled_median(times)
         row: dict[str, Any] = {"median_s": med, "tokens_per_s": new_tokens / med,
                                "times_s": times}
+        if name == RESIDENT and args.device != "cpu":
+            row["gpu_peak_delta_mb"] = max(r["gpu_peak_delta"] for r in rs) / MB
         if name != RESIDENT:
             spec = specs[name]
             same = [bool(torch.equal(r["tokens"], ref_tokens)) for r in rs]
@@ -214,6 +227,8 @@ def main() -> None:
                        peak_bytes=max(r["peak_bytes"] for r in rs),
                        within_limit=all(r["peak_bytes"] <= spec["memory_limit"] for r in rs),
                        rss_delta_mb=statistics.median(r["rss_delta"] for r in rs) / MB,
+                       gpu_peak_delta_mb=(max(r["gpu_peak_delta"] for r in rs) / MB
+                                          if args.device != "cpu" else None),
                        resident_mb=rs[0]["resident_bytes"] / MB,
                        buffer_mb=rs[0]["buffer_bytes"] / MB,
                        resident_blocks=rs[0]["resident_blocks"],
