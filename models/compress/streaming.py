@@ -445,7 +445,6 @@ class StreamedModel(nn.Module):
             raise ConfigError(f"stream.device: {cfg.device!r} but CUDA is not available")
         blocks = find_blocks(model, block_lists)
         self.block_names = [name for name, _ in blocks]
-        tensors = [_block_tensors(b) for _, b in blocks]
         self.plan = plan_for(model, cfg, block_lists)
         self.trace: list[tuple[str, int, float, int]] | None = None
         self._closed = False
@@ -454,34 +453,39 @@ class StreamedModel(nn.Module):
             self._own_dir = cfg.disk_dir is None
             self._dir = tempfile.mkdtemp(prefix="bmray-stream-") if self._own_dir else cfg.disk_dir
             os.makedirs(self._dir, exist_ok=True)
-        # block index -> ("resident", None) | ("slot", source)
-        self._sources: list[Any] = []
         on_gpu = self.device.type == "cuda"
-        for i, ((name, block), ts) in enumerate(zip(blocks, tensors)):
-            if i in self.plan.resident and not self.plan.int8:
-                self._sources.append(("resident", None))
-            elif i in self.plan.resident:
-                self._sources.append(("slot", _Int8Source(ts, _quantized_names(block),
-                                                          self.device)))
-            elif cfg.store == "host":
-                self._sources.append(("slot", _HostSource(ts, pin=on_gpu)))
-            else:
-                path = os.path.join(self._dir, f"block_{i:04d}.safetensors")
-                self._sources.append(("slot", _DiskSource(ts, path)))
-        del tensors
-        # a streamed block's module keeps its code, not its weights; the model holds stand-ins
-        self._block_modules = []
+        # per block: ("resident", None) | ("slot", source); a streamed block's module keeps its
+        # code, not its weights (released block by block), and the model holds stand-ins
+        self._sources: list[Any] = []
+        self._block_modules: list[nn.Module] = []
         self._tensor_slots: list[list[tuple[str, nn.Module, str, bool]]] = []
-        for i, (name, block) in enumerate(blocks):
-            if self._sources[i][0] == "resident":
-                block.to(self.device)
-                self._tensor_slots.append([])
-            else:
-                self._tensor_slots.append(_tensor_owners(block))
-                _bind(self._tensor_slots[i], None, self.device)
-            self._block_modules.append(block)
-            parent_name, _, idx = name.rpartition(".")
-            model.get_submodule(parent_name)[int(idx)] = _StreamedBlock(self, i, name)
+        try:
+            for i, (name, block) in enumerate(blocks):
+                ts = _block_tensors(block)
+                if i in self.plan.resident and not self.plan.int8:
+                    self._sources.append(("resident", None))
+                elif i in self.plan.resident:
+                    self._sources.append(("slot", _Int8Source(ts, _quantized_names(block),
+                                                              self.device)))
+                elif cfg.store == "host":
+                    self._sources.append(("slot", _HostSource(ts, pin=on_gpu)))
+                else:
+                    path = os.path.join(self._dir, f"block_{i:04d}.safetensors")
+                    self._sources.append(("slot", _DiskSource(ts, path)))
+                del ts
+                if self._sources[i][0] == "resident":
+                    block.to(self.device)
+                    self._tensor_slots.append([])
+                else:
+                    self._tensor_slots.append(_tensor_owners(block))
+                    _bind(self._tensor_slots[i], None, self.device)
+                self._block_modules.append(block)
+                parent_name, _, idx = name.rpartition(".")
+                model.get_submodule(parent_name)[int(idx)] = _StreamedBlock(self, i, name)
+        except BaseException:
+            _shutdown(None, [src for kind, src in self._sources if kind == "slot"],
+                      self._dir if self._own_dir else None)
+            raise
         self.model = model.to(self.device)
         # the bounded buffer
         self._raws = [torch.empty(self.plan.slot_bytes, dtype=torch.uint8, device=self.device)
