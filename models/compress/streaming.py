@@ -550,7 +550,7 @@ class StreamedModel(nn.Module):
             raise MemoryBudgetError(
                 f"{where}: {used} bytes in use would pass memory_limit {self.cfg.memory_limit} "
                 f"(weights {self.resident_bytes}, buffer {self.buffer_bytes}, KV cache "
-                f"{self.cache_bytes}, of which cache_reserve {self.cfg.cache_reserve}); raise "
+                f"{self.cache_bytes} against cache_reserve {self.cfg.cache_reserve}); raise "
                 f"memory_limit or cache_reserve (kv_cache_reserve sizes it)")
 
     # ---------------------------------------------------------------- calling
@@ -593,16 +593,16 @@ class StreamedModel(nn.Module):
             self._next[self._last] = i
         self._last = i
         slot = None
-        if self._sources[i][0] == "slot":
-            slot = self._acquire(i)
-            _bind(self._tensor_slots[i], self._slot_views(slot, i), self.device)
-            self._prefetch_after(i, slot)
-        self._charge(self.block_names[i])
-        self._event("compute_start", i)
         try:
+            if self._sources[i][0] == "slot":
+                slot = self._acquire(i)
+                _bind(self._tensor_slots[i], self._slot_views(slot, i), self.device)
+                self._prefetch_after(i, slot)
+            self._charge(self.block_names[i])
+            self._event("compute_start", i)
             out = self._block_modules[i](*args, **kwargs)
-        finally:
             self._event("compute_end", i)
+        finally:
             if slot is not None:
                 _bind(self._tensor_slots[i], None, self.device)
                 self._release(slot)
