@@ -284,10 +284,11 @@ def test_a_cache_outgrowing_the_budget_is_a_memory_budget_error():
         with pytest.raises(MemoryBudgetError, match="memory_limit.*cache_reserve"):
             greedy(s, ids())
         # a cache passed in that is already too big fails at block 0, its slot taken: the
-        # slot is given back, so the next call (a short prompt, no cache) runs
+        # block is unbound and the slot given back; the next call (no cache) runs
         past = [(torch.zeros(B, HEADS, 30, D // HEADS),) * 2 for _ in range(L)]
         with pytest.raises(MemoryBudgetError, match="blocks.0"), torch.no_grad():
             s(ids()[:, :1], past_key_values=past, use_cache=True)
+        assert all(p.numel() == 0 for b in streamed_block_modules(s) for p in b.parameters())
         with torch.no_grad():
             assert torch.equal(s(ids()[:, :2]).logits, model(ids()[:, :2]).logits)
 
