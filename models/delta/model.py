@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from bmray.models.delta.base import Delta, DeltaConfig
+from bmray.models.delta.grouped import group_lora
 from bmray.models.delta.io import load_delta, read_manifest, save_delta
 from bmray.models.delta.registry import build_delta
 from bmray.models.typed_config import ConfigError
@@ -108,14 +109,22 @@ class DeltaModel(nn.Module):
                                   f"{x.shape[0]}")
 
         check = self.base.register_forward_pre_hook(check_batch, with_kwargs=True, prepend=True)
+        grouped: list[Any] = []
         try:
+            by_name = {}
             for n, d in self.deltas.items():
                 rows = [i for i, a in enumerate(assignment) if a == n]
+                by_name[n] = torch.tensor(rows, dtype=torch.long, device=device)
                 # every row to one delta: rows=None, its plain (unindexed) path
-                d.rows = None if rows and len(rows) == len(assignment) else \
-                    torch.tensor(rows, dtype=torch.long, device=device)
+                d.rows = None if rows and len(rows) == len(assignment) else by_name[n]
+            # two or more LoRA deltas: one batched product per site (grouped.py)
+            grouped, taken = group_lora(self.base, dict(self.deltas), by_name, len(assignment))
+            for n in taken:
+                self.deltas[n].rows = by_name[n][:0]
             yield
         finally:
+            for handle in grouped:
+                handle.remove()
             check.remove()
             for n, d in self.deltas.items():
                 d.rows = saved[n]
