@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +55,7 @@ class QuantConfig:
     ``targets`` (module-name patterns, as models/delta; empty = every nn.Linear) and ``skip``
     (patterns excluded from the targets, e.g. a classifier head)."""
 
-    scheme: str = "int8"
+    scheme: Literal["int8", "w8a8", "int4"] = "int8"
     group_size: int = 128
     targets: tuple[str, ...] = ()
     skip: tuple[str, ...] = field(default=())

@@ -22,7 +22,7 @@ from bmray.models.compress.quant import (ONEDNN_INT8, QuantConfig, QuantLinear, 
 from bmray.models.config import ModelConfig
 from bmray.models.data.classification import load_trec
 from bmray.models.families.registry import build_model
-from bmray.models.typed_config import ConfigError
+from bmray.models.typed_config import ConfigError, from_dict
 
 torch.set_num_threads(1)
 V = 48
@@ -352,6 +352,15 @@ def test_bad_model_input_changes_nothing(cfg, match):
         assert all(isinstance(m, nn.Linear) for n, m in model.named_modules()
                    if n.endswith(("proj", "up", "down", "lm_head")))
         assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_yaml_config_names_the_key_path():
+    assert from_dict(QuantConfig, {"scheme": "int4", "targets": ["query"]}, "quantize") == \
+        QuantConfig(scheme="int4", targets=("query",))
+    with pytest.raises(ConfigError, match=r"quantize.scheme: 'int3' is not one of"):
+        from_dict(QuantConfig, {"scheme": "int3"}, "quantize")
+    with pytest.raises(ConfigError, match=r"quantize: unknown key\(s\) \['group'\]"):
+        from_dict(QuantConfig, {"group": 64}, "quantize")
 
 
 def test_unsupported_bits():
