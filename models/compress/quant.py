@@ -24,7 +24,7 @@ model quantized with the same config. docs/compression.md has the formulas and e
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from bmray.models.delta.base import match_modules
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
-__all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantConfig", "QuantReport", "QuantLinear", "qmax",
-           "quantize_per_channel", "quantize_groupwise", "quantize_per_token", "token_chunk", "dequantize",
-           "pack_int4", "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack",
-           "ONEDNN_INT8", "W8A8StraightThrough", "plan_targets", "replace_module",
-           "quantize_model"]
+__all__ = ["SCHEMES", "SUPPORTED_BITS", "CHUNK_BYTES", "ONEDNN_INT8", "QuantConfig", "QuantReport",
+           "QuantLinear", "W8A8StraightThrough", "qmax", "quantize_per_channel",
+           "quantize_groupwise", "quantize_per_token", "token_chunk", "dequantize", "pack_int4",
+           "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack", "plan_targets",
+           "replace_module", "quantize_model"]
 
 SCHEMES = ("int8", "w8a8", "int4")
 SUPPORTED_BITS = (4, 8)
@@ -58,7 +58,7 @@ class QuantConfig:
     scheme: Literal["int8", "w8a8", "int4"] = "int8"
     group_size: int = 128
     targets: tuple[str, ...] = ()
-    skip: tuple[str, ...] = field(default=())
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("scheme", self.scheme, SCHEMES)
@@ -94,9 +94,10 @@ def _absmax_scale(x: Tensor, dim: int, bits: int) -> Tensor:
 
 def quantize_per_channel(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """(q int8 of ``w``'s shape, scale fp32 of shape (out_features,)): one symmetric scale per
-    row ``s_i = max_j |w_ij| / qmax``, ``q = round(w / s)``; ``|w - q·s| ≤ s/2``."""
+    row ``s_i = max_j |w_ij| / qmax``, ``q = round(w·(1/s))``; ``|w - q·s| ≤ s/2``."""
     scale = _absmax_scale(w, -1, bits)
-    q = torch.round(w.float() * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    q = torch.round(w.float() * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits))
+    q = q.to(torch.int8)
     return q, scale.squeeze(-1)
 
 
