@@ -141,7 +141,7 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     scale per token (row of the last dimension), ``s = max|x| / 127``. No clamp is needed:
     ``|x / s| ≤ 127`` by construction. Rows go :func:`token_chunk` at a time through one reused
     fp32 buffer, so the passes (|x|, max, x/s, round, → int8) run in cache."""
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).detach()   # codes: no gradient
     if rows.dtype != torch.float32:
         rows = rows.float()
     n, k = rows.shape

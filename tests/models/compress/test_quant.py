@@ -91,6 +91,8 @@ def test_per_token_error_at_most_half_a_step(shape):
     torch.testing.assert_close(s, expected_s, rtol=1e-7, atol=0)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
     assert ((x - q.float() * s).abs() <= expected_s / 2 + fp32_slack(x)).all()
+    q2, s2 = quantize_per_token(x.clone().requires_grad_())        # codes of a graph input
+    assert torch.equal(q2, q) and torch.equal(s2, s)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4"])
