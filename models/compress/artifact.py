@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from bmray.models.compress.quant import QuantLinear
 from bmray.models.compress.recipe import StageRecord, replay_stage
+from bmray.models.manifest import MANIFEST, read_manifest_file, tensor_table
 from bmray.models.typed_config import ConfigError
 
 __all__ = ["FORMAT", "TENSORS", "MANIFEST", "ArtifactError", "ArtifactMismatch",
@@ -35,7 +36,6 @@ __all__ = ["FORMAT", "TENSORS", "MANIFEST", "ArtifactError", "ArtifactMismatch",
 
 FORMAT = "bmray-compressed/1"
 TENSORS = "model.safetensors"
-MANIFEST = "manifest.json"
 
 
 class ArtifactError(ConfigError):
@@ -124,8 +124,7 @@ def save_compressed(model: nn.Module, directory: str | Path, records: Sequence[S
         "source": source,
         "sizes": model_sizes(model),
         "metrics": metrics,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                    for k, v in tensors.items()},
+        "tensors": tensor_table(tensors),
         "aliases": aliases,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -134,20 +133,8 @@ def save_compressed(model: nn.Module, directory: str | Path, records: Sequence[S
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest at ``directory``, its format and keys checked."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no compressed-model manifest here")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ArtifactError(f"{path}: format {found!r} is not {FORMAT!r}")
-    for key in ("architecture", "records", "base", "aliases"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: the manifest has no {key!r}")
-    return manifest
+    return read_manifest_file(directory, FORMAT, ("architecture", "records", "base", "aliases"),
+                              ArtifactError, "compressed-model")
 
 
 def _describe(arch: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from bmray.models.delta.base import Delta, base_identity, site_key, site_name
 from bmray.models.delta.registry import build_delta, delta_config_from_dict
+from bmray.models.manifest import MANIFEST, read_manifest_file, tensor_table
 from bmray.models.typed_config import ConfigError
 
 __all__ = ["FORMAT", "DeltaArtifactError", "DeltaBaseMismatch", "save_delta", "load_delta",
@@ -29,7 +30,6 @@ __all__ = ["FORMAT", "DeltaArtifactError", "DeltaBaseMismatch", "save_delta", "l
 
 FORMAT = "bmray-delta/1"
 TENSORS = "delta.safetensors"
-MANIFEST = "manifest.json"
 
 
 class DeltaArtifactError(ConfigError):
@@ -66,8 +66,7 @@ def save_delta(delta: Delta, directory: str | Path, base: nn.Module, *,
         "method": delta.config.method,
         "config": delta.config.to_dict(),
         "sites": [site_name(k) for k in delta.sites],
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
-                    for k, v in tensors.items()},
+        "tensors": tensor_table(tensors),
         "num_parameters": sum(v.numel() for v in tensors.values()),
         "base": identity if identity is not None else base_identity(base),
     }
@@ -77,20 +76,8 @@ def save_delta(delta: Delta, directory: str | Path, base: nn.Module, *,
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     """The manifest of the artifact at ``directory``, its format checked."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise DeltaArtifactError(f"{path}: no delta manifest here")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DeltaArtifactError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DeltaArtifactError(f"{path}: format {found!r} is not {FORMAT!r}")
-    for key in ("config", "sites", "base"):
-        if key not in manifest:
-            raise DeltaArtifactError(f"{path}: the manifest has no {key!r}")
-    return manifest
+    return read_manifest_file(directory, FORMAT, ("config", "sites", "base"), DeltaArtifactError,
+                              "delta")
 
 
 def check_base(manifest: dict[str, Any], base: nn.Module, where: Path) -> None:
