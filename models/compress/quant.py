@@ -24,8 +24,8 @@ model quantized with the same config. docs/compression.md has the formulas and e
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +34,11 @@ from torch import Tensor, nn
 from bmray.models.delta.base import match_modules
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
-__all__ = ["SCHEMES", "SUPPORTED_BITS", "QuantConfig", "QuantReport", "QuantLinear", "qmax",
-           "quantize_per_channel", "quantize_groupwise", "quantize_per_token", "dequantize",
-           "pack_int4", "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack",
-           "ONEDNN_INT8", "W8A8StraightThrough", "plan_targets", "replace_module",
-           "quantize_model"]
+__all__ = ["SCHEMES", "SUPPORTED_BITS", "CHUNK_BYTES", "ONEDNN_INT8", "QuantConfig", "QuantReport",
+           "QuantLinear", "W8A8StraightThrough", "qmax", "quantize_per_channel",
+           "quantize_groupwise", "quantize_per_token", "token_chunk", "dequantize", "pack_int4",
+           "unpack_int4", "w8a8_matmul", "w8a8_matmul_onednn", "onednn_pack", "plan_targets",
+           "replace_module", "quantize_model"]
 
 SCHEMES = ("int8", "w8a8", "int4")
 SUPPORTED_BITS = (4, 8)
@@ -46,7 +46,7 @@ _BITS = {"int8": 8, "w8a8": 8, "int4": 4}
 _EPS = 1e-12        # floor of max|x|: an all-zero row gets a tiny scale and quantizes to 0
 ONEDNN_INT8 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn,
                                                                "qlinear_pointwise")
-TOKEN_CHUNK = 128   # rows per step of per-token quantization (128 × 1536 fp32 = 768 KiB, in L2)
+CHUNK_BYTES = 768 * 1024   # fp32 rows per thread per step of per-token quantization: in L2
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,10 @@ class QuantConfig:
     ``targets`` (module-name patterns, as models/delta; empty = every nn.Linear) and ``skip``
     (patterns excluded from the targets, e.g. a classifier head)."""
 
-    scheme: str = "int8"
+    scheme: Literal["int8", "w8a8", "int4"] = "int8"
     group_size: int = 128
     targets: tuple[str, ...] = ()
-    skip: tuple[str, ...] = field(default=())
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_choice("scheme", self.scheme, SCHEMES)
@@ -94,9 +94,10 @@ def _absmax_scale(x: Tensor, dim: int, bits: int) -> Tensor:
 
 def quantize_per_channel(w: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """(q int8 of ``w``'s shape, scale fp32 of shape (out_features,)): one symmetric scale per
-    row ``s_i = max_j |w_ij| / qmax``, ``q = round(w / s)``; ``|w - q·s| ≤ s/2``."""
+    row ``s_i = max_j |w_ij| / qmax``, ``q = round(w·(1/s))``; ``|w - q·s| ≤ s/2``."""
     scale = _absmax_scale(w, -1, bits)
-    q = torch.round(w.float() * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits)).to(torch.int8)
+    q = torch.round(w.float() * scale.reciprocal()).clamp_(-qmax(bits), qmax(bits))
+    q = q.to(torch.int8)
     return q, scale.squeeze(-1)
 
 
@@ -128,28 +129,36 @@ class _Workspace(threading.local):
 _SCRATCH = _Workspace()
 
 
+def token_chunk(k: int) -> int:
+    """Rows of ``k`` features quantized per step: ``CHUNK_BYTES`` of fp32 per intra-op thread
+    (each thread's share of every elementwise pass stays in its L2; larger steps also keep
+    the per-op thread start-up small next to the work)."""
+    return max(8, CHUNK_BYTES // (4 * k)) * torch.get_num_threads()
+
+
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """(q int8 of ``x``'s shape, scale fp32 of shape ``x.shape[:-1] + (1,)``): one dynamic
     scale per token (row of the last dimension), ``s = max|x| / 127``. No clamp is needed:
-    ``|x / s| ≤ 127`` by construction. Rows go ``TOKEN_CHUNK`` at a time through one reused
+    ``|x / s| ≤ 127`` by construction. Rows go :func:`token_chunk` at a time through one reused
     fp32 buffer, so the passes (|x|, max, x/s, round, → int8) run in cache."""
-    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).detach()   # codes: no gradient
     if rows.dtype != torch.float32:
         rows = rows.float()
     n, k = rows.shape
-    buf = _SCRATCH.get(min(n, TOKEN_CHUNK), k, rows.device)
-    if n <= TOKEN_CHUNK:                               # one chunk: no slicing, no copies
+    chunk = token_chunk(k)
+    buf = _SCRATCH.get(min(n, chunk), k, rows.device)
+    if n <= chunk:                               # one chunk: no slicing, no copies
         scale = torch.abs(rows, out=buf).amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
         q = torch.mul(rows, scale.reciprocal(), out=buf).round_().to(torch.int8)
     else:
         q = torch.empty((n, k), dtype=torch.int8, device=rows.device)
         scale = torch.empty(n, 1, device=rows.device)
-        for i in range(0, n, TOKEN_CHUNK):
-            part = rows[i:i + TOKEN_CHUNK]
+        for i in range(0, n, chunk):
+            part = rows[i:i + chunk]
             tmp = buf[:part.shape[0]]
             s = torch.abs(part, out=tmp).amax(-1, keepdim=True).clamp_min_(_EPS).div_(127.0)
-            scale[i:i + TOKEN_CHUNK] = s
-            q[i:i + TOKEN_CHUNK] = torch.mul(part, s.reciprocal(), out=tmp).round_()
+            scale[i:i + chunk] = s
+            q[i:i + chunk] = torch.mul(part, s.reciprocal(), out=tmp).round_()
     if x.dim() == 2:
         return q, scale
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
