@@ -50,7 +50,8 @@ class EmbeddingQuantConfig:
 
 class QuantEmbedding(nn.Module):
     """An ``nn.Embedding`` stored as int8 ``codes`` (num, dim) and fp32 row ``scale`` (num,)
-    buffers; ``forward(ids) = codes[ids] · scale[ids]`` in fp32. Build with :meth:`from_embedding`."""
+    buffers; ``forward(ids) = codes[ids] · scale[ids]`` in fp32. Build one with
+    :meth:`from_embedding`."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
         super().__init__()
@@ -95,7 +96,7 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8{pad}"
 
 
-def _tied_owner(model: nn.Module, name: str, emb: nn.Embedding) -> str | None:
+def _tied_owner(model: nn.Module, emb: nn.Embedding) -> str | None:
     """The name of a parameter outside ``emb`` that is ``emb.weight`` itself, if any."""
     for mname, m in model.named_modules(remove_duplicate=False):
         if m is emb:
@@ -121,7 +122,7 @@ def embedding_targets(model: nn.Module, cfg: EmbeddingQuantConfig) -> list[str]:
         if emb.max_norm is not None:
             raise ConfigError(f"targets: {n} has max_norm set; its rows are renormalised on "
                               f"lookup and cannot be fixed int8 codes")
-        tied = _tied_owner(model, n, emb)
+        tied = _tied_owner(model, emb)
         if tied is not None:
             raise ConfigError(f"targets: {n}.weight is tied to {tied} (the same Parameter); "
                               f"int8 rows would untie the output projection — add {n!r} to "
