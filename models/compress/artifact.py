@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from bmray.models.compress.quant import QuantLinear
+from bmray.models.compress.quant_embedding import QuantEmbedding
 from bmray.models.compress.recipe import StageRecord, replay_stage
 from bmray.models.manifest import MANIFEST, read_manifest_file, tensor_table
 from bmray.models.typed_config import ConfigError
@@ -74,12 +75,15 @@ def architecture_of(model: nn.Module) -> dict[str, Any]:
 
 def model_sizes(model: nn.Module) -> dict[str, int]:
     """``parameters``: weights the model computes with (trainable ones once, plus each
-    QuantLinear's codes counted as its ``out × in`` weights and its bias); ``bytes``: what its
+    QuantLinear's codes counted as its ``out × in`` weights and its bias, a QuantEmbedding's
+    as its ``num × dim`` rows); ``bytes``: what its
     tensors (parameters and buffers, each storage once) occupy — what the artifact stores."""
     params = {id(p): p.numel() for p in model.parameters()}
     quant = sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
                 for m in {id(m): m for m in model.modules()
                           if isinstance(m, QuantLinear)}.values())
+    quant += sum(m.num_embeddings * m.embedding_dim for m in
+                 {id(m): m for m in model.modules() if isinstance(m, QuantEmbedding)}.values())
     storages: dict[tuple[int, int], int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         storages[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = \

@@ -36,6 +36,8 @@ from bmray.models.compress.prune import (PruneConfig, prune, prune_targets, remo
 from bmray.models.compress.qat import convert_qat, prepare_qat
 from bmray.models.compress.quant import (SUPPORTED_BITS, QuantConfig, QuantLinear, plan_targets,
                                          quantize_model, replace_module)
+from bmray.models.compress.quant_embedding import (EmbeddingQuantConfig, QuantEmbedding,
+                                                   embedding_targets, quantize_embeddings)
 from bmray.models.compress.sharing import SharingConfig, share_layers
 from bmray.models.compress.structured import (default_loss, head_importance, kept_sizes, lowest,
                                               neuron_importance, neuron_weight_importance,
@@ -286,12 +288,14 @@ def _parse_stage(i: int, raw: Any) -> Stage:
 
 def parse_recipe(raw: Any) -> list[Stage]:
     """Typed stages from a list of mappings (parsed YAML); a stage that must come last
-    (``quantize``: later techniques work on ``nn.Linear``) is checked here."""
+    (``quantize``: later techniques work on ``nn.Linear``; only ``quantize_embeddings``, which
+    touches no Linear, may follow it) is checked here."""
     if not isinstance(raw, (list, tuple)) or not raw:
         raise ConfigError(f"recipe: expected a non-empty list of stages, got {raw!r}")
     stages = [_parse_stage(i, r) for i, r in enumerate(raw)]
     for s in stages[:-1]:
-        if s.kind == "quantize":
+        if s.kind == "quantize" and any(t.kind != "quantize_embeddings"
+                                        for t in stages[s.index + 1:]):
             raise ConfigError(f"{s.where}.kind: 'quantize' must be the last stage (the stages "
                               f"after it work on float nn.Linear layers)")
     return stages
@@ -504,6 +508,27 @@ def _replay_quantize(model, record):
     return model.eval()
 
 
+# ---------------------------------------------------------------- int8 embeddings
+
+def _quantize_embeddings(model, cfg: EmbeddingQuantConfig, opts: NoOptions, ctx: StageContext,
+                         where: str):
+    names = quantize_embeddings(model, cfg.targets, cfg.skip)
+    modules = dict(model.named_modules())
+    return model.eval(), {"layers": {n: [modules[n].num_embeddings, modules[n].embedding_dim,
+                                         modules[n].padding_idx] for n in names}}
+
+
+def _replay_quantize_embeddings(model, record):
+    modules = dict(model.named_modules())
+    for name, (num, dim, padding_idx) in record["layers"].items():
+        emb = modules.get(name)
+        if not isinstance(emb, nn.Embedding) or tuple(emb.weight.shape) != (num, dim):
+            raise ConfigError(f"quantize_embeddings record: {name!r} is not a {num} x {dim} "
+                              f"nn.Embedding of this model")
+        replace_module(model, name, QuantEmbedding(num, dim, padding_idx).to(emb.weight.device))
+    return model.eval()
+
+
 # ---------------------------------------------------------------- moefy
 
 def _moefy_sites(model, cfg: MoefyConfig) -> list[str]:
@@ -575,6 +600,9 @@ register(StageKind("structured", StructuredConfig, RecoveryOptions, _structured,
                                             else None)))
 register(StageKind("quantize", QuantConfig, QuantOptions, _quantize, _replay_quantize,
                    prepare=_prepare_quant, check=_check_quant))
+register(StageKind("quantize_embeddings", EmbeddingQuantConfig, NoOptions, _quantize_embeddings,
+                   _replay_quantize_embeddings,
+                   check=lambda m, c, o: embedding_targets(m, c), structural=False))
 register(StageKind("moefy", MoefyConfig, MoefyOptions, _moefy, _replay_moefy,
                    needs_data=lambda c, o: "a moefy stage (its routers)",
                    check=lambda m, c, o: _moefy_sites(m, c)))

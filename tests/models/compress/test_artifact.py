@@ -70,6 +70,8 @@ RECIPES = {
     "moefy": [{"kind": "moefy", "num_experts": 4, "top_k": 2, "router_steps": 5,
                "targets": ["ffn"]}],
     "lowrank": [{"kind": "lowrank", "targets": ["up", "down"], "rank": 4}],
+    # the token table is tied to the MLM decoder here (refused): the segment table only
+    "quantize_embeddings": [{"kind": "quantize_embeddings", "targets": ["segment"]}],
     "share": [{"kind": "share", "groups": [["backbone.blocks.0", "backbone.blocks.1"],
                                            ["backbone.blocks.2", "backbone.blocks.3"]],
                "recovery_steps": 1, "lr": 0.01}],
