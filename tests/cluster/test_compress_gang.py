@@ -36,6 +36,12 @@ torch.set_num_threads(1)
 ADAPT = os.path.join(REPO, "configs", "adapt_tiny.yaml")
 TINY = os.path.join(REPO, "configs", "compress_tiny.yaml")
 WORKERS = 2
+# the hidden and attention terms are means over a batch's real tokens: a replica's mean over
+# its rows, weighted by its row count, is one process's with one micro-batch per replica (and
+# not its mean over the whole batch's tokens: rows differ in length). Weighted up: on the tiny
+# model these terms are ~1e-5 and would hide in the tolerances.
+LAYERS = [{"kind": "distill", "student_layers": [0], "steps": 4, "lr": 3e-3, "task_weight": 0.5,
+           "kd_weight": 0.5, "hidden_weight": 1e4, "attention_weight": 1e5}]
 PRUNE = [{"kind": "prune", "method": "magnitude", "sparsity": 0.5, "recovery_steps": 3,
           "lr": 1e-2}]
 
@@ -122,6 +128,17 @@ def test_distill_stage_on_a_gang_equals_one_process(source, gangs, tmp_path_fact
     teacher = out["module"].teacher.state_dict()
     assert teacher.keys() == out["before"].keys()
     assert all(torch.equal(teacher[k], v) for k, v in out["before"].items())
+
+
+def test_token_mean_terms_average_per_replica(source, gangs, tmp_path_factory):
+    ref = reference(source, tmp_path_factory, "layers", f"train.micro_batches={WORKERS}",
+                    recipe=LAYERS)
+    cfg = compress_config_from_dict(raw_config(
+        source, tmp_path_factory.mktemp("layers"), f"scaling.num_workers={WORKERS}",
+        "strategy.kind=ddp", recipe=LAYERS))
+    out = run_stage(cfg, CompressGang(cfg, group=gangs(WORKERS)).make_train_fn)
+    assert_same_run(as_run(out), ref["losses"], ref["grad_norms"], ref["state"], range(1, 5),
+                    what="hidden + attention")
 
 
 def test_pruned_recovery_on_a_gang_keeps_its_masks(source, gangs, tmp_path_factory):
