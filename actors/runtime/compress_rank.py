@@ -158,5 +158,7 @@ def train_stage_rank(shipped: ShippedModule, objective: Callable, data: RowSlice
         out["state"] = {k: full[k].detach().cpu().clone() for k in trains}
         out["frozen_changed"] = sorted(
             k for k, v in before.items()
-            if (k not in full or not torch.equal(full[k].detach().cpu(), v)))
+            # a strategy that keeps parameters in another dtype (ZeRO's param_dtype) is
+            # compared in that dtype
+            if k not in full or not torch.equal(full[k].detach().cpu(), v.to(full[k].dtype)))
     return out

@@ -1,7 +1,7 @@
 """A compression recipe's training stages on a gang equal the single-process train function.
 
 The tiny recipe's distill stage (configs/compress_tiny.yaml on a tiny LoRA run) trained by 2
-workers under data parallelism and under ZeRO-3 (the frozen teacher sharded), against
+workers under data parallelism, ZeRO-2 and ZeRO-3 (the frozen teacher sharded), against
 ``make_train_fn`` (the one Trainer in one process) on the same rows: per-step losses, per-step
 pre-clip gradient norms and the final student weights within tests/equivalence.py's
 tolerances (AdamW eps 1e-3); the teacher bit-identical afterwards. A magnitude-pruned model's
@@ -30,7 +30,7 @@ from bmray.models.compress.prune import WeightMask
 from bmray.models.compress.recipe import StageContext, apply_stage
 from bmray.models.typed_config import apply_overrides, load_yaml
 from tests.conftest import REPO
-from tests.equivalence import EPS, WEIGHT_TOL, assert_same_run
+from tests.equivalence import EPS, assert_same_run
 
 torch.set_num_threads(1)
 ADAPT = os.path.join(REPO, "configs", "adapt_tiny.yaml")
@@ -108,8 +108,9 @@ def reference(source, tmp_path_factory, key, *overrides, recipe=None):
 
 
 @pytest.mark.parametrize("strategy", [["strategy.kind=ddp"],
+                                      ["strategy.kind=zero", "strategy.stage=2"],
                                       ["strategy.kind=zero", "strategy.stage=3"]],
-                         ids=["ddp", "zero3"])
+                         ids=["ddp", "zero2", "zero3"])
 def test_distill_stage_on_a_gang_equals_one_process(source, gangs, tmp_path_factory,
                                                     strategy):
     ref = reference(source, tmp_path_factory, "distill")
@@ -120,7 +121,8 @@ def test_distill_stage_on_a_gang_equals_one_process(source, gangs, tmp_path_fact
     gang = CompressGang(cfg, group=gangs(WORKERS))
     out = run_stage(cfg, gang.make_train_fn)
     assert out["summary"]["workers"] == WORKERS
-    assert out["summary"]["strategy"] == ("ddp" if len(strategy) == 1 else "zero3")
+    assert out["summary"]["strategy"] == {"ddp": "ddp", "2": "zero", "3": "zero3"}[
+        strategy[-1].split("=")[-1]]
     assert_same_run(as_run(out), ref["losses"], ref["grad_norms"], ref["state"], steps,
                     what=strategy[-1])
     # the student really trained; the teacher (the stage's input) is bit-identical
