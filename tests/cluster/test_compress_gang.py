@@ -6,7 +6,8 @@ workers under data parallelism, ZeRO-2 and ZeRO-3 (the frozen teacher sharded), 
 pre-clip gradient norms and the final student weights within tests/equivalence.py's
 tolerances (AdamW eps 1e-3); the teacher bit-identical afterwards. A magnitude-pruned model's
 recovery fine-tune on the gang (its masks are torch parametrizations, which do not pickle)
-equals one process and keeps every pruned weight at zero. ``bmray compress`` end to end with
+equals one process and keeps every pruned weight at zero; so does a shared-layers recovery
+(its tied parameters stay tied). ``bmray compress`` end to end with
 ``scaling.num_workers=2`` under ZeRO-3, and a strategy or gang it cannot run refused before
 any compute.
 """
@@ -158,6 +159,22 @@ def test_pruned_recovery_on_a_gang_keeps_its_masks(source, gangs, tmp_path_facto
         assert 0.45 < float((~mask).float().mean()) < 0.55
         assert torch.all(w[~mask] == 0), name                      # zeros stay zero
         assert not torch.allclose(w[mask], w0[mask]), name         # the rest trained
+
+
+SHARE = [{"kind": "share", "groups": [["backbone.blocks.0", "backbone.blocks.1"]],
+          "recovery_steps": 3, "lr": 1e-2}]
+
+
+def test_shared_layers_recover_on_a_gang_as_in_one_process(source, gangs, tmp_path_factory):
+    """Tied parameters (one block's weights under two names) cross the transport tied: two
+    copies would each get a part of the gradient, and the run would differ."""
+    ref = reference(source, tmp_path_factory, "share", recipe=SHARE)
+    cfg = compress_config_from_dict(raw_config(
+        source, tmp_path_factory.mktemp("share"), f"scaling.num_workers={WORKERS}",
+        "strategy.kind=ddp", recipe=SHARE))
+    out = run_stage(cfg, CompressGang(cfg, group=gangs(WORKERS)).make_train_fn)
+    assert_same_run(as_run(out), ref["losses"], ref["grad_norms"], ref["state"], range(1, 4),
+                    what="share")
 
 
 def test_bmray_compress_on_a_zero3_gang(source, ray_session, tmp_path, capsys):
