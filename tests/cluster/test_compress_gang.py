@@ -29,7 +29,7 @@ from bmray.cluster.compress_gang import CompressGang
 from bmray.jobs import cli, compress
 from bmray.models.compress.prune import WeightMask
 from bmray.models.compress.recipe import StageContext, apply_stage
-from bmray.models.typed_config import apply_overrides, load_yaml
+from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
 from tests.conftest import REPO
 from tests.equivalence import EPS, assert_same_run
 
@@ -218,3 +218,13 @@ def test_a_gang_it_cannot_run_fails_before_any_compute(source, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "config error" in err and re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_pretraining_source_trains_in_one_process(tmp_path):
+    raw = {"source": str(tmp_path), "experiment": "configs/gpt-tiny.yaml",
+           "recipe": [{"kind": "lowrank", "targets": ["up"], "rank": 4}],
+           "scaling": {"num_workers": 2}}
+    with pytest.raises(ConfigError, match=r"scaling\.num_workers: 2, but a gang shards an "
+                                          r"adapt run's task rows"):
+        compress_config_from_dict(raw)
+    compress_config_from_dict({**raw, "scaling": {"num_workers": 1}})
