@@ -60,7 +60,8 @@ from bmray.models.typed_config import (ConfigError, check_int, check_positive, f
 __all__ = ["CalibrationConfig", "MeasureConfig", "CompressTrainConfig", "CompressConfig",
            "compress_config_from_dict", "Teacher", "load_teacher", "plain_task_model",
            "measure", "open_artifact", "check_against_source", "run_compress", "format_table",
-           "source_kind", "make_train_fn", "stage_train_config", "check_gang_config",
+           "source_kind", "make_train_fn", "stage_train_config", "train_summary",
+           "check_gang_config",
            "GANG_STRATEGIES", "TrainFn", "TrainFnFactory"]
 
 
