@@ -61,8 +61,7 @@ __all__ = ["CalibrationConfig", "MeasureConfig", "CompressTrainConfig", "Compres
            "compress_config_from_dict", "Teacher", "load_teacher", "plain_task_model",
            "measure", "open_artifact", "check_against_source", "run_compress", "format_table",
            "source_kind", "make_train_fn", "stage_train_config", "train_summary",
-           "check_gang_config",
-           "GANG_STRATEGIES", "TrainFn", "TrainFnFactory"]
+           "check_gang_config", "GANG_STRATEGIES", "TrainFn", "TrainFnFactory"]
 
 
 @dataclass(frozen=True)
