@@ -12,7 +12,11 @@ one ``Trainer`` (single process, ``train.device``); calibration batches are draw
 training data. After each stage: parameters, bytes, CPU latency at each ``measure.batch_sizes``
 (median of ``measure.repeats`` forwards after a warm-up) and quality, relative to the teacher.
 The result is saved with ``save_compressed`` and loaded back once to check it reproduces the
-compressed model's outputs exactly. Docs: docs/compression.md, "Recipes and artifacts".
+compressed model's outputs exactly. ``run_compress`` takes the factory of that train function:
+``make_train_fn`` (one process) by default, cluster/compress_gang.py's on a gang of
+``scaling.num_workers`` under ``strategy`` (single, ddp, ZeRO 1-3; checked by
+``check_gang_config`` with the rest of the config). Docs: docs/compression.md, "Recipes and
+artifacts".
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bmray.actors.parallel.registry import StrategySpec, strategy_from_dict
 from bmray.actors.train import checkpoints as ckpt
 from bmray.actors.train.adapt import load_base_checkpoint
 from bmray.actors.train.builders import make_streams, prepare_data
@@ -36,6 +41,7 @@ from bmray.actors.train.config import TrainConfig
 from bmray.actors.train.distill import build_distillation
 from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.train.loop import Trainer, seed_everything
+from bmray.actors.train.scaling import ScalingConfig
 from bmray.models.classifier import SequenceClassifier
 from bmray.models.compress.artifact import (architecture_of, load_compressed, model_sizes,
                                             read_manifest, save_compressed)
@@ -54,7 +60,8 @@ from bmray.models.typed_config import (ConfigError, check_int, check_positive, f
 __all__ = ["CalibrationConfig", "MeasureConfig", "CompressTrainConfig", "CompressConfig",
            "compress_config_from_dict", "Teacher", "load_teacher", "plain_task_model",
            "measure", "open_artifact", "check_against_source", "run_compress", "format_table",
-           "source_kind", "make_train_fn"]
+           "source_kind", "make_train_fn", "stage_train_config", "train_summary",
+           "check_gang_config", "GANG_STRATEGIES", "TrainFn", "TrainFnFactory"]
 
 
 @dataclass(frozen=True)
@@ -100,18 +107,24 @@ class MeasureConfig:
 @dataclass(frozen=True)
 class CompressTrainConfig:
     """How a stage's training steps run (the stage gives steps and lr): ``batch_size`` rows
-    (a task) per step, ``warmup_steps``, ``weight_decay``, ``grad_clip``, ``device``."""
+    (a task) per step — the global batch, split over a gang's replicas — in ``micro_batches``
+    accumulated pieces (per replica), ``warmup_steps``, ``weight_decay``, ``grad_clip``,
+    AdamW's ``eps``, ``device``."""
 
     batch_size: int = 16
+    micro_batches: int = 1
     warmup_steps: int = 0
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    eps: float = 1e-8
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_int("train.batch_size", self.batch_size, minimum=1)
+        check_int("train.micro_batches", self.micro_batches, minimum=1)
         check_int("train.warmup_steps", self.warmup_steps, minimum=0)
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("train.eps", self.eps)
 
 
 @dataclass
@@ -124,12 +137,42 @@ class CompressConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     train: CompressTrainConfig = field(default_factory=CompressTrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     seed: int = 0
     out_dir: str = "runs/compress"
 
 
-SECTIONS = ("source", "experiment", "recipe", "calibration", "measure", "train", "seed",
-            "out_dir")
+SECTIONS = ("source", "experiment", "recipe", "calibration", "measure", "train", "scaling",
+            "strategy", "seed", "out_dir")
+# what a training stage runs on: the student (or the pruned model) trains in full, so
+# strategies that split the model (mesh: tensor / pipeline parallel) or train asynchronously
+# (param_server) are out; a DistillationModel's frozen teacher is what ZeRO-3 shards for free
+GANG_STRATEGIES = ("auto", "single", "ddp", "zero", "zero3")
+
+
+def check_gang_config(cfg: "CompressConfig") -> None:
+    """The gang a training stage runs on: an allowed ``strategy.kind``, ``single`` only on one
+    worker, the global ``train.batch_size`` split evenly over the workers into at least
+    ``train.micro_batches`` rows each, and task rows to shard (an adapt source; a pre-training
+    source trains in one process). Each refusal a ConfigError naming the key."""
+    workers, kind = cfg.scaling.num_workers, cfg.strategy.kind
+    if kind not in GANG_STRATEGIES:
+        raise ConfigError(f"strategy.kind: a compression stage trains on single, ddp or zero "
+                          f"(stage 1-3), got {kind!r}")
+    if kind == "single" and workers > 1:
+        raise ConfigError(f"strategy.kind: 'single' runs one worker, but scaling.num_workers "
+                          f"is {workers}")
+    b, micro = cfg.train.batch_size, cfg.train.micro_batches
+    if b % workers:
+        raise ConfigError(f"train.batch_size: {b} does not split over scaling.num_workers "
+                          f"{workers}")
+    if b // workers < micro:
+        raise ConfigError(f"train.micro_batches: {micro}, but each of the {workers} workers "
+                          f"gets {b // workers} rows per step")
+    if workers > 1 and source_kind(cfg.source) != "adapt":
+        raise ConfigError(f"scaling.num_workers: {workers}, but a gang shards an adapt run's "
+                          f"task rows; a pre-training source trains in one process")
 
 
 def compress_config_from_dict(raw: dict[str, Any]) -> CompressConfig:
@@ -160,9 +203,11 @@ def compress_config_from_dict(raw: dict[str, Any]) -> CompressConfig:
     kw: dict[str, Any] = {"source": source, "recipe": parse_recipe(raw["recipe"]),
                           "experiment": experiment}
     for name, cls in (("calibration", CalibrationConfig), ("measure", MeasureConfig),
-                      ("train", CompressTrainConfig)):
+                      ("train", CompressTrainConfig), ("scaling", ScalingConfig)):
         if name in raw:
             kw[name] = from_dict(cls, raw[name], name)
+    if "strategy" in raw:
+        kw["strategy"] = strategy_from_dict(raw["strategy"])
     check_data(kw["recipe"], has_data=kw.get("calibration", CalibrationConfig()).batches > 0)
     if "seed" in raw:
         check_int("seed", raw["seed"], minimum=0)
@@ -171,7 +216,9 @@ def compress_config_from_dict(raw: dict[str, Any]) -> CompressConfig:
         if not isinstance(raw["out_dir"], str):
             raise ConfigError(f"out_dir: expected a path, got {raw['out_dir']!r}")
         kw["out_dir"] = raw["out_dir"]
-    return CompressConfig(**kw)
+    cfg = CompressConfig(**kw)
+    check_gang_config(cfg)
+    return cfg
 
 
 def source_kind(source: str) -> str:
@@ -383,21 +430,37 @@ def format_table(rows: list[dict[str, Any]], quality: str) -> str:
 
 # ---------------------------------------------------------------- the run
 
-def make_train_fn(teacher: Teacher, cfg: CompressConfig) -> Callable[[nn.Module, int, float],
-                                                                       dict[str, Any]]:
+TrainFn = Callable[[nn.Module, int, float], dict[str, Any]]
+TrainFnFactory = Callable[["Teacher", CompressConfig], TrainFn]
+
+
+def stage_train_config(t: CompressTrainConfig, steps: int, lr: float) -> TrainConfig:
+    """The Trainer's config of one stage's ``steps`` at ``lr`` (cosine to lr/10)."""
+    return TrainConfig(max_steps=steps, lr=lr, min_lr=lr * 0.1,
+                       warmup_steps=min(t.warmup_steps, steps), micro_batches=t.micro_batches,
+                       weight_decay=t.weight_decay, grad_clip=t.grad_clip, eps=t.eps,
+                       device=t.device, echo=False, log_every=max(steps, 1))
+
+
+def train_summary(steps: int, lr: float, losses: dict[int, float],
+                  grad_norms: dict[int, float]) -> dict[str, Any]:
+    """What a train function returns (a stage's record keeps it): every step's loss and
+    pre-clip gradient norm, and the first and last loss."""
+    order = sorted(losses)
+    return {"steps": steps, "lr": lr, "first_loss": losses[order[0]] if order else None,
+            "last_loss": losses[order[-1]] if order else None,
+            "losses": [losses[s] for s in order],
+            "grad_norms": [grad_norms[s] for s in sorted(grad_norms)]}
+
+
+def make_train_fn(teacher: Teacher, cfg: CompressConfig) -> TrainFn:
     """``train(module, steps, lr)`` on the one Trainer, single process, reading the
-    teacher's training data; returns the first and last loss."""
+    teacher's training data (the stages read on from where the last one stopped)."""
     def train(module: nn.Module, steps: int, lr: float) -> dict[str, Any]:
-        t = cfg.train
-        tc = TrainConfig(max_steps=steps, lr=lr, min_lr=lr * 0.1, warmup_steps=min(
-            t.warmup_steps, steps), weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-            device=t.device, echo=False, log_every=max(steps, 1))
-        result = Trainer(module, teacher.objective, teacher.train_data, tc,
-                         seed=cfg.seed).fit()
+        result = Trainer(module, teacher.objective, teacher.train_data,
+                         stage_train_config(cfg.train, steps, lr), seed=cfg.seed).fit()
         module.to("cpu").eval()
-        losses = [result.losses[s] for s in sorted(result.losses)]
-        return {"steps": steps, "lr": lr, "first_loss": losses[0] if losses else None,
-                "last_loss": losses[-1] if losses else None}
+        return train_summary(steps, lr, result.losses, result.grad_norms)
     return train
 
 
@@ -422,9 +485,11 @@ def check_against_source(cfg: CompressConfig) -> Teacher:
     return teacher
 
 
-def run_compress(cfg: CompressConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Load the source, check the recipe against it (before any compute), run the stages,
-    measure each, save the artifact and the report; returns the report."""
+def run_compress(cfg: CompressConfig, echo: Callable[[str], None] = print,
+                 make_train: TrainFnFactory = make_train_fn) -> dict[str, Any]:
+    """Load the source, check the recipe against it (before any compute), run the stages
+    (training through ``make_train(teacher, cfg)``), measure each, save the artifact and the
+    report; returns the report."""
     teacher = check_against_source(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +500,7 @@ def run_compress(cfg: CompressConfig, echo: Callable[[str], None] = print) -> di
     if cfg.calibration.batches > 0:
         blocks = teacher.calibration_rows(cfg.calibration.batches)
         calib = lambda: [_batch(teacher, b) for b in blocks]            # noqa: E731
-    ctx = StageContext(calibration=calib, train=make_train_fn(teacher, cfg))
+    ctx = StageContext(calibration=calib, train=make_train(teacher, cfg))
     model = copy.deepcopy(teacher.model)
     records: list[StageRecord] = []
     for stage in cfg.recipe:
