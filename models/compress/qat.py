@@ -3,8 +3,9 @@
 The forward pass sees the quantized values ``clamp(round(x·(1/s)), -qmax, qmax)·s`` (fp32 in, fp32
 out); the backward pass treats rounding as the identity (the straight-through estimator of
 Bengio, Léonard & Courville 2013) and, as in Jacob et al. 2018 §3, zeroes the gradient where
-the input was clipped: ``∂y/∂x = 1 if |x| ≤ qmax·s else 0`` (the boundary counts as inside, so
-the element that sets an absmax scale keeps its gradient). The scale is a constant of the step
+the input was clipped: ``∂y/∂x = 1 if |round(x/s)| ≤ qmax else 0`` — decided on the rounded
+code, not on ``|x| ≤ qmax·s``: in fp32 ``qmax·(amax/qmax)`` can fall one ulp short of ``amax``,
+and the element that sets an absmax scale must keep its gradient whatever the rounding. The scale is a constant of the step
 (recomputed from the current weight each forward, not trained).
 
 :func:`prepare_qat` swaps the targeted ``nn.Linear`` layers for :class:`FakeQuantLinear` (the
@@ -30,9 +31,9 @@ class FakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, bits: int) -> Tensor:
         limit = qmax(bits)
-        q = torch.round(x * scale.reciprocal()).clamp_(-limit, limit)
-        ctx.save_for_backward(x.abs() <= limit * scale)
-        return q * scale
+        codes = torch.round(x * scale.reciprocal())
+        ctx.save_for_backward(codes.abs() <= limit)      # not clipped: the gradient passes
+        return codes.clamp_(-limit, limit) * scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:

@@ -224,14 +224,26 @@ def test_int4_packing_rejects_odd_length():
 @pytest.mark.parametrize("bits,scale", [(4, 0.5), (8, 0.03125)])
 def test_fake_quantize_forward_and_straight_through_gradient(bits, scale):
     limit = (2 ** (bits - 1) - 1) * scale                        # 3.5 (4 bits), 3.96875 (8)
-    x = torch.tensor([-9.0, -limit, -1.2, 0.0, 0.3, limit, limit + 0.1, 20.0], requires_grad=True)
+    x = torch.tensor([-9.0, -limit, -1.2, 0.0, 0.3, limit, limit + 0.25 * scale,
+                      limit + 0.75 * scale, 20.0], requires_grad=True)
     y = fake_quantize(x, torch.tensor(scale), bits)
     expected = torch.clamp(torch.round(x.detach() / scale), -(limit / scale), limit / scale) * scale
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
-    upstream = torch.arange(1.0, 9.0)
+    upstream = torch.arange(1.0, 10.0)
     y.backward(upstream)
-    # clipped STE: the upstream gradient where |x| ≤ qmax·s (boundary inside), 0 outside
-    torch.testing.assert_close(x.grad, torch.tensor([0.0, 2, 3, 4, 5, 6, 0, 0]), rtol=0, atol=0)
+    # clipped STE: the upstream gradient where round(x/s) is within ±qmax (a quarter step past
+    # qmax·s rounds back to qmax: not clipped), 0 where the code was clipped
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 2, 3, 4, 5, 6, 7, 0, 0]), rtol=0, atol=0)
+
+
+def test_the_element_that_sets_the_scale_keeps_its_gradient():
+    """In fp32, 127·(amax/127) can be one ulp below amax; the row's largest element is not
+    clipped (its code is 127) and must keep its gradient."""
+    amax = next(a for a in (torch.arange(1, 2000, dtype=torch.float32) / 997)
+                if 127 * (a / 127) < a)
+    x = torch.tensor([0.1, -0.2, float(amax)], requires_grad=True)
+    fake_quantize(x, (x.detach().abs().amax() / 127), 8).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "w8a8", "int4"])
