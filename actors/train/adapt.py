@@ -37,7 +37,7 @@ from bmray.actors.train import checkpoints as ckpt
 from bmray.actors.train.adapt_config import (AdaptConfig, adapt_config_from_dict,
                                              adapt_config_to_dict)
 from bmray.actors.train.loop import Trainer, seed_everything
-from bmray.models.classifier import PromptClassifier, SequenceClassifier
+from bmray.models.classifier import PromptClassifier, SequenceClassifier, encoder_states
 from bmray.models.config import ModelConfig
 from bmray.models.data.classification import (Example, few_shot, load_agnews, load_trec,
                                               split_train_test)
@@ -48,16 +48,19 @@ from bmray.models.delta.io import read_manifest as read_delta_manifest
 from bmray.models.delta.io import save_delta
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
-from bmray.models.prompt.label_words import AGNEWS_MANUAL, TREC_MANUAL
+from bmray.models.prompt.label_words import (AGNEWS_KNOWLEDGEABLE, AGNEWS_MANUAL,
+                                             TREC_KNOWLEDGEABLE, TREC_MANUAL)
 from bmray.models.prompt.mlm_head import WrongBaseError, load_mlm_head
 from bmray.models.prompt.prompt_model import PromptForMaskedLM
 from bmray.models.prompt.template import TemplateError
-from bmray.models.prompt.verbalizer import ManualVerbalizer, VerbalizerError
+from bmray.models.prompt.verbalizer import (KnowledgeableVerbalizer, ManualVerbalizer,
+                                            SoftVerbalizer, VerbalizerError)
 from bmray.models.tokenizer import Tokenizer, train_bpe
 from bmray.models.typed_config import ConfigError
 from bmray.models.world import World, WorldConfig
 
 DEFAULT_LABEL_WORDS = {"trec": TREC_MANUAL, "agnews": AGNEWS_MANUAL}
+KNOWLEDGEABLE_WORDS = {"trec": TREC_KNOWLEDGEABLE, "agnews": AGNEWS_KNOWLEDGEABLE}
 LATENCY_EXAMPLES = 16          # batch-1 forwards timed for ``latency_ms`` (after 2 warm-ups)
 
 
@@ -265,8 +268,8 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
         erows = encode_rows(evals, base.encode, cfg.task.max_length, labels, base.pad_id)
         return Task(model, objective, rows, erows, labels, base.model, dm, identity)
     p = cfg.prompt
-    words = p.label_words if p.label_words is not None else DEFAULT_LABEL_WORDS.get(
-        cfg.task.dataset)
+    defaults = KNOWLEDGEABLE_WORDS if p.kind == "knowledgeable" else DEFAULT_LABEL_WORDS
+    words = p.label_words if p.label_words is not None else defaults.get(cfg.task.dataset)
     if words is None:
         raise ConfigError(f"prompt.label_words: required for task.dataset "
                           f"{cfg.task.dataset!r} (classes: {labels})")
@@ -286,10 +289,13 @@ def build_task(cfg: AdaptConfig, tokenizer_dir: str | None = None) -> Task:
             raise ConfigError(f"prompt: {exc}") from exc
     all_examples = [*train, *evals]
     try:                    # a bad template or word, or an example that cannot fit: now
-        verbalizer = ManualVerbalizer({label: words[label] for label in labels})
-        prompt = PromptForMaskedLM(mlm, p.template, verbalizer, base.tokenizer,
-                                   max_length=cfg.task.max_length, freeze_base=True)
+        prompt = build_prompt(p, mlm, base, {label: words[label] for label in labels},
+                              cfg.task.max_length)
         prompt.encode(all_examples)
+        if p.kind == "knowledgeable":
+            prompt.calibrate(train[:p.calibration_examples])     # their labels are not read
+            if p.refine_threshold is not None:
+                prompt.verbalizer.refine(prompt.label_word_vectors(), p.refine_threshold)
     except (TemplateError, VerbalizerError) as exc:
         raise ConfigError(f"prompt: {exc}") from exc
     dm = attach_delta(cfg, base.model)
@@ -312,6 +318,31 @@ def check_adapt_mapping(raw: dict[str, Any]) -> AdaptConfig:
     cfg = adapt_config_from_dict(raw)
     build_task(cfg, tokenizer_dir=None)
     return cfg
+
+
+def build_prompt(p: Any, mlm: nn.Module, base: Base, words: dict[str, list[str]],
+                 max_length: int) -> PromptForMaskedLM:
+    """The prompt model of ``p.kind`` over the masked LM. A soft verbalizer's class vectors
+    start at the mean input embedding of each class's label words (WARP's initialisation)
+    and read the mask's final hidden state (our BERT's ``encode``, or the MiniLM's
+    ``last_hidden_state``)."""
+    if p.kind == "manual":
+        return PromptForMaskedLM(mlm, p.template, ManualVerbalizer(words), base.tokenizer,
+                                 max_length=max_length, freeze_base=True)
+    if p.kind == "knowledgeable":
+        return PromptForMaskedLM(mlm, p.template, KnowledgeableVerbalizer(words), base.tokenizer,
+                                 max_length=max_length, freeze_base=True)
+    manual = PromptForMaskedLM(mlm, p.template, ManualVerbalizer(words), base.tokenizer,
+                               max_length=max_length, freeze_base=True)
+    vectors = manual.label_word_vectors()                           # [W, D]
+    classes = torch.tensor(manual.verbalizer.word_class)
+    init = torch.stack([vectors[classes == c].mean(0) for c in range(len(words))])
+    encoder = base.model
+    return PromptForMaskedLM(
+        mlm, p.template, SoftVerbalizer(list(words), base.hidden_size, init), base.tokenizer,
+        max_length=max_length, freeze_base=True,
+        hidden_fn=lambda input_ids, attention_mask: encoder_states(encoder, input_ids,
+                                                                   attention_mask))
 
 
 # ---------------------------------------------------------------- measuring
@@ -415,18 +446,29 @@ def check_base_of_checkpoint(root: str, identity: dict[str, Any]) -> None:
 
 
 def save_prompt(prompt: nn.Module, directory: Path, cfg: AdaptConfig,
-                soft: dict[str, Tensor]) -> Path:
-    """A prompt run's own part: ``prompt.json`` (template, label words) and, when the
-    template has soft tokens, ``soft.safetensors`` (``soft``: their trained vectors)."""
+                soft: dict[str, Tensor], verbalizer: dict[str, Tensor]) -> Path:
+    """A prompt run's own part: ``prompt.json`` (template, verbalizer kind, label words),
+    ``soft.safetensors`` when the template has soft tokens (``soft``: their trained vectors)
+    and ``verbalizer.safetensors`` when the verbalizer holds tensors (a soft verbalizer's
+    trained class vectors, a knowledgeable one's calibrated prior and kept words)."""
     directory.mkdir(parents=True, exist_ok=True)
     v = prompt.verbalizer
-    soft = {k: t.detach().cpu().contiguous() for k, t in soft.items()}
-    if soft:
-        safetensors.torch.save_file(soft, str(directory / "soft.safetensors"))
+    if isinstance(v, KnowledgeableVerbalizer):
+        verbalizer = {"log_prior": v.log_prior, "keep": v.keep.to(torch.uint8)}
+    elif not isinstance(v, SoftVerbalizer):
+        verbalizer = {}                     # a manual verbalizer is its words
+    for name, tensors in (("soft", soft), ("verbalizer", verbalizer)):
+        if tensors:
+            safetensors.torch.save_file({k: t.detach().cpu().contiguous()
+                                         for k, t in tensors.items()},
+                                        str(directory / f"{name}.safetensors"))
+    words = getattr(v, "words", None)
+    label_words = ({label: [w for w, c in zip(words, v.word_class) if c == i]
+                    for i, label in enumerate(v.labels)} if words is not None
+                   else cfg.prompt.label_words or DEFAULT_LABEL_WORDS.get(cfg.task.dataset))
     (directory / "prompt.json").write_text(json.dumps(
-        {"template": cfg.prompt.template, "label_words": {
-            label: [w for w, c in zip(v.words, v.word_class) if c == i]
-            for i, label in enumerate(v.labels)}}, indent=1))
+        {"template": cfg.prompt.template, "kind": cfg.prompt.kind, "labels": list(v.labels),
+         "label_words": label_words}, indent=1))
     return directory
 
 
@@ -567,7 +609,8 @@ def run_adapt(cfg: AdaptConfig, *, out_dir: str,
                                      module_state(full, model, model.head)))
         else:
             prompt_dir = str(save_prompt(model.prompt, out / "prompt", cfg,
-                                         module_state(full, model, model.prompt.soft)))
+                                         module_state(full, model, model.prompt.soft),
+                                         module_state(full, model, model.prompt.verbalizer)))
     strategy.barrier()
     files = {"delta_bytes": dir_bytes(delta_dir), "checkpoint_bytes": dir_bytes(result.checkpoint)
              if rank == 0 else 0}

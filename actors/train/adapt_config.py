@@ -96,21 +96,36 @@ class TaskConfig:
         check_int("task.world_entities", self.world_entities, 20)
 
 
+VERBALIZERS = ("manual", "knowledgeable", "soft")
+
+
 @dataclass(frozen=True)
 class PromptConfig:
-    """Prompt-learning instead of a head: a template with one ``{mask}`` and the label words
-    of each class (a manual verbalizer, PET); the masked LM scores the words at the mask. The
-    masked LM stays frozen: what trains is the delta and the template's ``{soft}`` tokens
-    (prompt tuning, Lester et al. 2021) — a run with neither is a ConfigError."""
+    """Prompt-learning instead of a head: a template with one ``{mask}`` and a verbalizer
+    (``kind``): ``manual`` — each class's label words scored by the masked LM at the mask (PET);
+    ``knowledgeable`` — expanded word sets, calibrated on ``calibration_examples`` unlabelled
+    training inputs and refined by relevance ≥ ``refine_threshold`` (KPT, Hu et al. 2022; null:
+    no refinement); ``soft`` — learned class vectors over the mask's hidden state, initialised
+    from the label words' embeddings (WARP, Hambardzumyan et al. 2021). The masked LM stays
+    frozen: what trains is the delta, the template's ``{soft}`` tokens (prompt tuning, Lester
+    et al. 2021) and a soft verbalizer — a run with none of them is a ConfigError."""
 
     template: str
     label_words: dict[str, list[str]] | None = None     # default: the dataset's (label_words.py)
     kind: str = "manual"
+    calibration_examples: int = 64
+    refine_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        check_choice("prompt.kind", self.kind, ("manual",))
+        check_choice("prompt.kind", self.kind, VERBALIZERS)
         if self.label_words is not None and not self.label_words:
             raise ConfigError("prompt.label_words: at least one class is needed")
+        check_int("prompt.calibration_examples", self.calibration_examples, 1)
+        if self.refine_threshold is not None and not self.refine_threshold > 0:
+            raise ConfigError(f"prompt.refine_threshold: must be > 0 (or null), got "
+                              f"{self.refine_threshold!r}")
+        if self.kind != "knowledgeable" and self.refine_threshold is not None:
+            raise ConfigError("prompt.refine_threshold: only with kind 'knowledgeable'")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 
@@ -310,6 +311,61 @@ def test_prompt_runs_train_only_the_delta_and_soft_tokens(tmp_path, delta):
     assert result.trainable_params == sum(v.numel() for v in state["model"].values())
     saved = json.loads(open(os.path.join(result.prompt_dir, "prompt.json")).read())
     assert saved["label_words"] == TREC_MANUAL          # the dataset's default words
+
+
+def prompt_run(tmp_path, **prompt):
+    return tiny(tmp_path, "train.max_steps=3", "train.eval_every=0", "delta.rank=2",
+                "prompt={template: '{text_a:shorten} It is a {mask} .'}",
+                *[f"prompt.{k}={v}" for k, v in prompt.items()])
+
+
+def test_a_knowledgeable_verbalizer_is_calibrated_on_unlabelled_training_inputs(tmp_path):
+    """KPT in an adapt run: the dataset's expanded word sets, the prior over label words
+    estimated on the first ``calibration_examples`` training inputs — log P~(w) = log mean_x
+    p(w | x), written out here — and words below the relevance threshold dropped."""
+    from bmray.models.prompt.label_words import TREC_KNOWLEDGEABLE
+    from bmray.models.prompt.verbalizer import KnowledgeableVerbalizer
+
+    cfg = prompt_run(tmp_path, kind="knowledgeable", calibration_examples=8,
+                     refine_threshold=1.0)
+    task = build_task(cfg, str(tmp_path / "tok"))
+    prompt = task.model.prompt
+    v = prompt.verbalizer
+    assert isinstance(v, KnowledgeableVerbalizer)
+    assert v.words == tuple(w for label in sorted(TREC_KNOWLEDGEABLE)
+                            for w in TREC_KNOWLEDGEABLE[label])
+    train = [task.objective.examples[int(i)] for i in range(8)]
+    with torch.no_grad():
+        logp = prompt.word_log_probs(prompt.collate(train, labels=False)).double()
+    torch.testing.assert_close(v.log_prior.double(), torch.log(logp.exp().mean(0)),
+                               rtol=1e-5, atol=1e-5)
+    relevance = v.relevance(prompt.label_word_vectors())
+    keep = (relevance >= 1.0) | torch.isin(torch.arange(len(v.words)), torch.tensor(v.anchor))
+    assert torch.equal(v.keep, keep) and not bool(keep.all())
+
+
+def test_a_soft_verbalizer_starts_at_its_words_and_trains(tmp_path):
+    """WARP in an adapt run: class vectors initialised at the mean input embedding of each
+    class's label words (their pieces' mean), trained with the delta, saved beside the prompt."""
+    from bmray.models.prompt.label_words import TREC_MANUAL as words
+    from bmray.models.prompt.verbalizer import SoftVerbalizer
+
+    cfg = prompt_run(tmp_path, kind="soft")
+    task = build_task(cfg, str(tmp_path / "tok"))
+    v = task.model.prompt.verbalizer
+    assert isinstance(v, SoftVerbalizer) and v.weight.requires_grad
+    table = task.model.prompt.embedding.weight.detach()
+    tok = task.model.prompt.tok                 # the mask follows a space in the template
+    for c, label in enumerate(v.labels):
+        per_word = [table[torch.tensor(tok.encode(w, space_before=True))].mean(0)
+                    for w in words[label]]
+        torch.testing.assert_close(v.weight[c].detach(), torch.stack(per_word).mean(0))
+    before = v.weight.detach().clone()
+    result = run_adapt(cfg, out_dir=str(tmp_path / "run"))
+    saved = safetensors.torch.load_file(os.path.join(result.prompt_dir, "verbalizer.safetensors"))
+    assert not torch.equal(saved["weight"], before)
+    _, state = load_checkpoint(result.checkpoint)
+    torch.testing.assert_close(state["model"]["prompt.verbalizer.weight"], saved["weight"])
 
 
 def test_family_base_from_a_pretraining_checkpoint(tmp_path):
