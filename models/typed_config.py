@@ -42,6 +42,15 @@ def check_int(path: str, value: Any, minimum: int | None = None,
         raise ConfigError(f"{path}: must be <= {maximum}, got {value!r}")
 
 
+def check_sections(raw: Any, valid: typing.Iterable[str], what: str) -> None:
+    """A config file's top level: a mapping whose keys are all sections of ``valid``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what}: expected a mapping of sections, got {raw!r}")
+    unknown = sorted(set(raw) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys are {sorted(valid)}")
+
+
 def check_positive(path: str, value: float, allow_zero: bool = False) -> None:
     """Raise ConfigError unless ``value`` > 0 (or >= 0 with ``allow_zero``)."""
     if value < 0 or (value == 0 and not allow_zero):

@@ -24,7 +24,7 @@ from bmray.models.config import ModelConfig
 from bmray.models.delta.base import DeltaConfig
 from bmray.models.delta.registry import delta_config_from_dict
 from bmray.models.typed_config import (ConfigError, apply_overrides, check_choice, check_int,
-                                       from_dict, load_yaml)
+                                       check_sections, from_dict, load_yaml)
 
 BASE_KINDS = ("minilm", "family")
 DATASETS = ("trec", "agnews", "world")
@@ -231,11 +231,7 @@ def delta_section(raw: Any) -> DeltaSection:
 
 def adapt_config_from_dict(raw: dict[str, Any]) -> AdaptConfig:
     """Build and validate an AdaptConfig from a plain mapping (parsed YAML)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"adapt config: expected a mapping of sections, got {raw!r}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys are {sorted(SECTIONS)}")
+    check_sections(raw, SECTIONS, "adapt config")
     kw: dict[str, Any] = {}
     ck = raw.get("checkpoint")
     if isinstance(raw.get("out_dir"), str) and (ck is None or isinstance(ck, dict)) \

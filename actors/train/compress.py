@@ -54,8 +54,8 @@ from bmray.models.delta.base import base_identity
 from bmray.models.delta.model import DeltaModel
 from bmray.models.families.registry import build_model
 from bmray.models.objectives import objective_for
-from bmray.models.typed_config import (ConfigError, check_int, check_positive, from_dict,
-                                       load_yaml)
+from bmray.models.typed_config import (ConfigError, check_int, check_positive, check_sections,
+                                       from_dict, load_yaml)
 
 __all__ = ["CalibrationConfig", "MeasureConfig", "CompressTrainConfig", "CompressConfig",
            "compress_config_from_dict", "Teacher", "load_teacher", "plain_task_model",
@@ -178,11 +178,7 @@ def check_gang_config(cfg: "CompressConfig") -> None:
 def compress_config_from_dict(raw: dict[str, Any]) -> CompressConfig:
     """Typed config from a parsed YAML mapping; every key checked (names the key path), the
     source's kind checked on disk, before any model is built."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"compress config: expected a mapping of sections, got {raw!r}")
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys are {sorted(SECTIONS)}")
+    check_sections(raw, SECTIONS, "compress config")
     for key in ("source", "recipe"):
         if key not in raw:
             raise ConfigError(f"{key}: required")

@@ -27,7 +27,8 @@ from bmray.models.config import ModelConfig
 from bmray.models.data import CorpusConfig
 from bmray.models.data.readers import resolve_files
 from bmray.models.tokenizer import TokenizerConfig
-from bmray.models.typed_config import ConfigError, check_positive, from_dict, load_yaml
+from bmray.models.typed_config import (ConfigError, check_positive, check_sections, from_dict,
+                                       load_yaml)
 from bmray.models.world import WorldConfig
 
 
@@ -143,12 +144,8 @@ class ExperimentConfig:
 
 def experiment_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an ExperimentConfig from a plain mapping (parsed YAML)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"experiment: expected a mapping of sections, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s) {unknown}; valid keys are {sorted(fields)}")
+    check_sections(raw, fields, "experiment")
     for name in ("model", "data"):
         if name not in raw:
             raise ConfigError(f"{name}: missing section (required)")
