@@ -38,9 +38,21 @@ class GroupedLoraSite:
         self.picked = covered.nonzero().flatten()        # the rows some delta changes
         self.index = index[self.picked]                  # and which delta, in that order
         self.rank = max(s.A.shape[0] for s in self.sites)
+        self._stacked: tuple[Any, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _factors(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """Stacked [D, r, in] A, [D, out, r] B (zero-padded to the largest rank), [D] scales."""
+        """Stacked [D, r, in] A, [D, out, r] B (zero-padded to the largest rank), [D] scales.
+        Without autograd the stacks are kept for the next forwards of the batch's context while
+        no factor has changed (their version counters); with it they are rebuilt each time,
+        so gradients reach the deltas' own parameters."""
+        if torch.is_grad_enabled():
+            return self._stack(device, dtype)
+        key = (device, dtype, tuple(t._version for s in self.sites for t in (s.A, s.B)))
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, self._stack(device, dtype))
+        return self._stacked[1]
+
+    def _stack(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         r = self.rank
         a = torch.stack([nn.functional.pad(s.A, (0, 0, 0, r - s.A.shape[0])) for s in self.sites])
         b = torch.stack([nn.functional.pad(s.B, (0, r - s.B.shape[1])) for s in self.sites])

@@ -87,3 +87,16 @@ def test_one_lora_delta_keeps_the_row_by_row_path():
             with dm.mixed([a]):
                 torch.testing.assert_close(out[i:i + 1], dm(input_ids=x[i:i + 1]).logits,
                                            rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_factors_follow_an_in_place_update():
+    """Without autograd the grouped hook keeps its stacked factors between forwards; an
+    in-place change of a factor (an optimizer step) must be seen by the next forward."""
+    dm, x = delta_model(), ids()
+    with torch.no_grad(), dm.mixed(ASSIGN):
+        dm(input_ids=x)
+        next(iter(dm.get("r2").sites.values())).B.mul_(3.0)
+        out = dm(input_ids=x).logits
+    with torch.no_grad():
+        ref = torch.cat([row_alone(dm, x, i) for i in range(len(ASSIGN))])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
