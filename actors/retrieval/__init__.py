@@ -1,0 +1,1 @@
+"""What runs inside Ray actors for retrieval: index shards, corpus embedding."""
