@@ -44,9 +44,12 @@ def read_smart(path: Path, fields: Iterable[str] = CONTENT_FIELDS) -> dict[str, 
     records: dict[str, list[str]] = {}
     current: list[str] | None = None
     field = None
-    with open(path, encoding="ascii", errors="strict") as f:
-        for n, raw in enumerate(f, 1):
-            line = raw.strip()
+    with open(path, "rb") as f:
+        for n, data in enumerate(f, 1):
+            try:
+                line = data.decode("ascii").strip()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not ASCII ({e.reason} at byte {e.start})") from None
             if line.startswith(".I"):
                 rid = line[2:].strip()
                 if not rid.isdigit():
