@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import Stemmer
 
@@ -35,8 +35,8 @@ class AnalyzerConfig:
     """How text becomes terms; saved in every index manifest so queries are analysed alike."""
 
     lowercase: bool = True
-    stopwords: str = "lucene"
-    stemmer: str | None = "porter"
+    stopwords: Literal["lucene", "none"] = "lucene"
+    stemmer: Literal["porter", "snowball"] | None = "porter"
     token_pattern: str = DEFAULT_TOKEN_PATTERN
 
     def __post_init__(self) -> None:
