@@ -100,5 +100,8 @@ class Analyzer:
         if self.stemmer is None:
             return words
         cache = self.cache
-        self.stem_all(w for ws in words for w in ws)
-        return [[cache[w] for w in ws] for ws in words]
+        try:                                   # the common case: every word seen before
+            return [[cache[w] for w in ws] for ws in words]
+        except KeyError:
+            self.stem_all(w for ws in words for w in ws)
+            return [[cache[w] for w in ws] for ws in words]

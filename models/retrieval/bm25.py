@@ -196,17 +196,17 @@ class BM25Index:
     # -- search ---------------------------------------------------------------------------
     def query_matrix(self, token_lists: Sequence[Sequence[str]]) -> sp.csr_matrix:
         """Query term counts as a CSR (queries x terms), terms in index order."""
-        vocab = self.vocab
-        indptr, indices, counts = [0], [], []
-        for toks in token_lists:
-            rows = Counter(vocab[t] for t in toks if t in vocab)
-            for r in sorted(rows):
-                indices.append(r)
-                counts.append(rows[r])
-            indptr.append(len(indices))
-        return sp.csr_matrix((np.array(counts, dtype=np.float32),
-                              np.array(indices, dtype=np.int32), np.array(indptr)),
-                             shape=(len(token_lists), len(self.terms)))
+        get, n_terms, nq = self.vocab.get, len(self.terms), len(token_lists)
+        rows = [[get(t, -1) for t in toks] for toks in token_lists]
+        lens = np.fromiter(map(len, rows), dtype=np.int64, count=nq)
+        flat = np.fromiter((r for rs in rows for r in rs), dtype=np.int64, count=int(lens.sum()))
+        qi = np.repeat(np.arange(nq, dtype=np.int64), lens)
+        known = flat >= 0
+        keys, counts = np.unique(qi[known] * n_terms + flat[known], return_counts=True)
+        indptr = np.zeros(nq + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys // n_terms, minlength=nq), out=indptr[1:])
+        return sp.csr_matrix((counts.astype(np.float32), (keys % n_terms).astype(np.int32),
+                              indptr), shape=(nq, n_terms))
 
     def scores(self, token_lists: Sequence[Sequence[str]]) -> np.ndarray:
         """Dense scores [queries, documents] of analysed queries."""
