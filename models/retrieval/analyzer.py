@@ -76,32 +76,26 @@ class Analyzer:
         self.config = state["config"]
         self.__post_init__()
 
-    def words(self, text: str) -> list[str]:
-        """Tokens before stemming (lower-cased, stop words removed)."""
-        if self.config.lowercase:
-            text = text.lower()
-        stop = self.stop
-        return [w for w in self.pattern.findall(text) if w not in stop]
-
-    def stem_all(self, words: Iterable[str]) -> None:
-        """Fill the cache for every word not yet in it: one C call for the lot."""
-        new = list({w for w in words if w not in self.cache})
-        if not new:
-            return
-        stems = self.stemmer.stemWords(new) if self.stemmer else new
-        self.cache.update(zip(new, stems))
+    def learn(self, words: Iterable[str]) -> None:
+        """Cache the term of every word not yet seen ("" for a stop word): one C stemmer call
+        for all of them."""
+        cache, stop = self.cache, self.stop
+        new = list({w for w in words if w not in cache})
+        keep = [w for w in new if w not in stop]
+        stems = self.stemmer.stemWords(keep) if self.stemmer else keep
+        cache.update(dict.fromkeys(new, ""))
+        cache.update(zip(keep, stems))
 
     def tokens(self, text: str) -> list[str]:
         return self.tokens_batch([text])[0]
 
     def tokens_batch(self, texts: Sequence[str]) -> list[list[str]]:
-        """Terms of each text; the stemmer is called once for all unseen words of the batch."""
-        words = [self.words(t) for t in texts]
-        if self.stemmer is None:
-            return words
-        cache = self.cache
+        """Terms of each text: one regex pass each, then cached word -> term lookups."""
+        find, cache = self.pattern.findall, self.cache
+        raw = [find(t.lower()) for t in texts] if self.config.lowercase else \
+            [find(t) for t in texts]
         try:                                   # the common case: every word seen before
-            return [[cache[w] for w in ws] for ws in words]
+            return [[s for w in ws if (s := cache[w])] for ws in raw]
         except KeyError:
-            self.stem_all(w for ws in words for w in ws)
-            return [[cache[w] for w in ws] for ws in words]
+            self.learn(w for ws in raw for w in ws)
+            return [[s for w in ws if (s := cache[w])] for ws in raw]
