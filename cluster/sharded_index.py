@@ -10,9 +10,9 @@ died fails the search with an error naming it; a partial result is never returne
 """
 from __future__ import annotations
 
-import heapq
 from typing import Sequence
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
@@ -35,10 +35,15 @@ def slices(n: int, shards: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def merge_hits(per_shard: Sequence[Hits], k: int) -> Hits:
-    """The k best of the shards' lists: score descending, then document id ascending."""
-    return heapq.nsmallest(k, (h for hits in per_shard for h in hits),
-                           key=lambda h: (-h[1], h[0]))
+def merge_arrays(per_shard: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> list[Hits]:
+    """The k best per query of the shards' [queries, k] id and score arrays ("" / -inf pads):
+    one lexsort per row of the k*S candidates, score descending, then document id ascending."""
+    ids = np.concatenate([i for i, _ in per_shard], axis=1)
+    scores = np.concatenate([s for _, s in per_shard], axis=1)
+    order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+    ids = np.take_along_axis(ids, order, 1).tolist()
+    scores = np.take_along_axis(scores, order, 1).tolist()
+    return [[(d, s) for d, s in zip(ir, sr) if d] for ir, sr in zip(ids, scores)]
 
 
 class ShardedIndex:
@@ -83,8 +88,8 @@ class ShardedIndex:
         if k < 1:
             raise ValueError(f"search: k must be >= 1, got {k}")
         queries = list(queries)
-        per_shard = self.gather([s.search.remote(queries, k) for s in self.shards])
-        return [merge_hits([hits[q] for hits in per_shard], k) for q in range(len(queries))]
+        return merge_arrays(self.gather([s.search_ids.remote(queries, k)
+                                         for s in self.shards]), k)
 
     def to_index(self) -> BM25Index:
         """The shards' indexes joined into one (equal to the unsharded index), e.g. to save."""

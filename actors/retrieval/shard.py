@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import ray
 
 from bmray.models.retrieval.analyzer import Analyzer, AnalyzerConfig
@@ -43,6 +44,10 @@ class BM25Shard:
 
     def search(self, queries: Sequence[str], k: int) -> list[Hits]:
         return self.built().search(queries, k)
+
+    def search_ids(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The slice's top-k as [queries, k] arrays of ids and scores (BM25Index.search_ids)."""
+        return self.built().search_ids(queries, k)
 
     def get_index(self) -> BM25Index:
         return self.built()

@@ -135,6 +135,8 @@ class BM25Index:
         n = len(doc_ids)
         if n == 0:
             raise ValueError("BM25Index.build: no documents")
+        if not all(isinstance(d, str) and d for d in doc_ids):
+            raise ValueError("BM25Index.build: document ids must be non-empty strings")
         if len(set(doc_ids)) != n:
             dup = next(d for d, c in Counter(doc_ids).items() if c > 1)
             raise ValueError(f"BM25Index.build: document id {dup!r} appears twice")
@@ -212,31 +214,49 @@ class BM25Index:
         """Dense scores [queries, documents] of analysed queries."""
         return (self.query_matrix(token_lists) @ self.matrix).toarray()
 
-    def top_k(self, scores: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per row: (document positions, scores) of the k best positive scores, best first,
-        ties by document id."""
-        n = scores.shape[1]
+    def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per row, the k best positive scores, best first, ties by document id: document
+        positions [rows, k] (-1 pads rows with fewer matches) and their scores (0 there)."""
+        nq, n = scores.shape
         kk = min(k, n)
         kth = np.partition(scores, n - kk, axis=1)[:, n - kk]
         qi, di = np.nonzero((scores >= kth[:, None]) & (scores > 0))
         s = scores[qi, di]
         order = np.lexsort((self.id_rank[di], -s, qi))
         qi, di, s = qi[order], di[order], s[order]
-        bounds = np.searchsorted(qi, np.arange(scores.shape[0] + 1))
-        return [(di[a:min(b, a + k)], s[a:min(b, a + k)])
-                for a, b in zip(bounds[:-1], bounds[1:])]
+        rank = np.arange(len(qi)) - np.searchsorted(qi, qi)
+        keep = rank < k
+        pos = np.full((nq, k), -1, dtype=np.int64)
+        top = np.zeros((nq, k), dtype=scores.dtype)
+        pos[qi[keep], rank[keep]] = di[keep]
+        top[qi[keep], rank[keep]] = s[keep]
+        return pos, top
 
-    def search_tokens(self, token_lists: Sequence[Sequence[str]], k: int) -> list[Hits]:
+    def search_arrays(self, token_lists: Sequence[Sequence[str]], k: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """``top_k`` of analysed queries, in blocks of at most MAX_BLOCK score cells."""
         if k < 1:
             raise ValueError(f"search: k must be >= 1, got {k}")
-        out: list[Hits] = []
         step = max(1, MAX_BLOCK // max(1, len(self)))
+        blocks = [self.top_k(self.scores(token_lists[i:i + step]), k)
+                  for i in range(0, len(token_lists), step)]
+        if not blocks:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+    def search_tokens(self, token_lists: Sequence[Sequence[str]], k: int) -> list[Hits]:
+        pos, top = self.search_arrays(token_lists, k)
         ids = self.doc_ids
-        for start in range(0, len(token_lists), step):
-            block = self.scores(token_lists[start:start + step])
-            for pos, sc in self.top_k(block, k):
-                out.append([(ids[p], float(s)) for p, s in zip(pos.tolist(), sc.tolist())])
-        return out
+        return [[(ids[p], s) for p, s in zip(pr, sr) if p >= 0]
+                for pr, sr in zip(pos.tolist(), top.tolist())]
+
+    def search_ids(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``search`` as two [queries, k] arrays: document ids (str, "" pads) and scores
+        (-inf pads) -- compact to send between processes and to merge with numpy."""
+        pos, top = self.search_arrays(self.analyzer.tokens_batch(queries), k)
+        ids = np.asarray(self.doc_ids, dtype=str)[np.maximum(pos, 0)]
+        ids[pos < 0] = ""
+        return ids, np.where(pos < 0, -np.inf, top.astype(np.float64))
 
     def search(self, queries: Sequence[str], k: int) -> list[Hits]:
         """The ``k`` best documents per query text (only documents matching a query term)."""

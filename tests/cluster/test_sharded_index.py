@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from bmray.cluster.sharded_index import ShardedIndex, ShardUnavailable, merge_hits, slices
+from bmray.cluster.sharded_index import ShardedIndex, ShardUnavailable, merge_arrays, slices
 from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.retrieval.collections import load_cisi
 
@@ -44,5 +44,8 @@ def test_merge_and_slices():
     assert slices(7, 3) == [(0, 2), (2, 4), (4, 7)]
     with pytest.raises(ValueError, match="shards must be in"):
         slices(2, 3)
-    assert merge_hits([[("b", 2.0), ("a", 1.0)], [("c", 2.0), ("a0", 1.0)]], 3) == \
-        [("b", 2.0), ("c", 2.0), ("a", 1.0)]
+    # score descending, ties by document id ascending, pads ("" / -inf) dropped
+    ninf = -np.inf
+    a = (np.array([["b", "a"], ["x", ""]]), np.array([[2.0, 1.0], [3.0, ninf]]))
+    b = (np.array([["c", "a0"], ["", ""]]), np.array([[2.0, 1.0], [ninf, ninf]]))
+    assert merge_arrays([a, b], 3) == [[("b", 2.0), ("c", 2.0), ("a", 1.0)], [("x", 3.0)]]

@@ -81,6 +81,8 @@ def test_ties_k_and_bad_input():
         index.search("x", 3)
     with pytest.raises(ValueError, match="appears twice"):
         BM25Index.build(["a", "a"], ["x", "y"], PLAIN)
+    with pytest.raises(ValueError, match="non-empty strings"):
+        BM25Index.build(["a", ""], ["xx", "yy"], PLAIN)
     with pytest.raises(ValueError, match="2 ids but 1 texts"):
         BM25Index.build(["a", "b"], ["x"], PLAIN)
     with pytest.raises(ConfigError, match="index.b"):
