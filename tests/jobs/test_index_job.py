@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -48,6 +50,10 @@ def test_jsonl_corpus(tmp_path):
                      "--set", "index.shards=1"]) == 0
     index = load_index(tmp_path / "ix", read_records(str(path), "jsonl"))
     assert index.search(["turbine"], 5)[0][0][0] == "7"
+    table = pa.table({"id": ["p", "q"], "text": ["tidal power", "geothermal heat"]})
+    pq.write_table(table, tmp_path / "docs.parquet")
+    assert read_records(str(tmp_path / "docs.parquet"), "parquet") == \
+        {"p": "tidal power", "q": "geothermal heat"}
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b"}\n')
     with pytest.raises(ValueError, match="docs.jsonl:2: expected a JSON object with id and text"):
         read_records(str(path), "jsonl")
