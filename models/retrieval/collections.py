@@ -53,7 +53,7 @@ def read_smart(path: Path, fields: Iterable[str] = CONTENT_FIELDS) -> dict[str, 
             if line.startswith(".I"):
                 rid = line[2:].strip()
                 if not rid.isdigit():
-                    raise ValueError(f"{path}:{n}: a record marker without a number: {raw!r}")
+                    raise ValueError(f"{path}:{n}: a record marker without a number: {line!r}")
                 if rid in records:
                     raise ValueError(f"{path}:{n}: record {rid} appears twice")
                 current, field = records.setdefault(rid, []), None

@@ -26,10 +26,11 @@ def test_medline_counts():
     (".I 1\n.W\nsome text\n.I x2\n.W\nmore\n", 4, "without a number"),
     ("stray text\n.I 1\n.W\nx\n", 1, "before the first .I"),
     (".I 1\n.W\nx\n.I 1\n.W\ny\n", 4, "appears twice"),
+    (".I 1\n.W\nsister\xf0city\n", 3, "not ASCII"),
 ])
 def test_corrupt_smart_names_file_and_line(tmp_path, body, line, what):
     path = tmp_path / "BROKEN.ALL"
-    path.write_text(body)
+    path.write_bytes(body.encode("latin-1"))
     with pytest.raises(ValueError, match=f"BROKEN.ALL:{line}: .*{what}"):
         read_smart(path)
 
