@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from bmray.models.layers.attention import KVBuffer
 from bmray.models.stopping import StopSequences
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
@@ -114,6 +115,8 @@ def reorder_cache(past: Any, beam_idx: torch.Tensor) -> Any:
     """
     if isinstance(past, torch.Tensor):
         return past.index_select(0, beam_idx.to(past.device))
+    if isinstance(past, KVBuffer):
+        return past.index_select(beam_idx.to(past.k.device))
     if isinstance(past, (list, tuple)):
         return type(past)(reorder_cache(p, beam_idx) for p in past)
     return past
@@ -166,6 +169,16 @@ def _next_logits(model: torch.nn.Module, seq: torch.Tensor, past: Any, enc: tupl
     # score in at least float32 (a bf16/fp16 model's log-probs would be too coarse to rank beams)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits, (out.past_key_values if use_cache else None)
+
+
+def preallocate(past: Any, capacity: int) -> Any:
+    """A cache that is a list of per-layer ``(k, v)`` [B, H, T, Dh] as ``KVBuffer``s of
+    ``capacity`` positions (written in place from then on); any other cache unchanged."""
+    if not isinstance(past, (list, tuple)) or not all(
+            isinstance(layer, tuple) and len(layer) == 2 and all(
+                isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer) for layer in past):
+        return past
+    return [KVBuffer(k, v, capacity) for k, v in past]
 
 
 def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
@@ -357,6 +370,8 @@ def decode_steps(model: torch.nn.Module, prefix: torch.Tensor, config: Generatio
     for step in range(N):
         m = None if full_mask is None else full_mask[:, :seq.size(1)]
         logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
+        if step == 0 and config.use_cache:
+            past = preallocate(past, seq.size(1) + N)
         token = _pick(logits, config, generators).masked_fill(finished, config.pad_id)
         seq = torch.cat([seq, token[:, None]], dim=1)
         released: list[list[int]] = []
@@ -450,6 +465,8 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
     for step in range(N):
         m = None if full_mask is None else full_mask[:, :seq.size(1)]
         logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
+        if step == 0 and config.use_cache:
+            past = preallocate(past, seq.size(1) + N)
         logprobs = F.log_softmax(logits, dim=-1)                   # [B*K, V]
         V = logprobs.size(-1)
         cand = (logprobs + beam_scores.view(-1, 1).to(logprobs.dtype)).view(B, K * V)
