@@ -50,7 +50,8 @@ OURS, HF = "bmray", "transformers"
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def prompt_batch(batch: int, prompt_len: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def prompt_batch(batch: int, prompt_len: int, vocab: int, seed: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` random prompts; batch 1 has ``prompt_len`` tokens, larger batches lengths spread
     evenly over [prompt_len / 4, prompt_len], left padded."""
     g = torch.Generator().manual_seed(seed)
@@ -144,12 +145,14 @@ def main() -> None:
     for batch, rows, ratio, same in table:
         for n in fns:
             r = rows[n]
-            extra = (f"{ratio['ratio']:6.3f} {ratio['interval'][0]:6.3f}–{ratio['interval'][1]:6.3f}"
-                     if n == OURS else f"{'':6s} {'':13s}")
+            low, high = ratio["interval"]
+            extra = (f"{ratio['ratio']:6.3f} {low:6.3f}–{high:6.3f}" if n == OURS
+                     else f"{'':6s} {'':13s}")
             print(f"{batch:5d} {n:13s} {1e3 * r['median_s']:9.1f} {r['tokens_per_s']:9.1f} "
                   f"{extra} {same:11.2f}")
     met = all(r["ours_vs_hf"]["ratio"] >= 1.0 for r in runs.values())
-    print(f"goal ≥ 1.0 × transformers' tokens/s at every batch → {'met' if met else 'NOT met'}")
+    print(f"goal ≥ 1.0 × transformers' tokens/s at every batch → "
+          f"{'met' if met else 'NOT met'}")
     write_json(args.out, {
         "bench": "generation", "args": vars(args),
         "model": {"ModelConfig": vars(mc) | {"moe": None}, "parameters":

@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override an experiment value, e.g. checkpoint.dir=runs/x")
     ap.add_argument("--checkpoint", default=None,
-                    help="a checkpoint directory or root (default: the experiment's checkpoint.dir)")
+                    help="a checkpoint directory or root (default: the experiment's "
+                         "checkpoint.dir)")
     ap.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     ap.add_argument("--prompts-file", default=None, help="one prompt per line")
     ap.add_argument("--strategy", default="sample", help="greedy | sample | beam")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,8 @@ def check_stop(path: str, stop: Any) -> None:
                 raise ConfigError(f"{path}[{i}]: a stop string must not be empty")
             continue
         if not isinstance(s, (list, tuple)) or not s:
-            raise ConfigError(f"{path}[{i}]: expected a non-empty string or token-id list, got {s!r}")
+            raise ConfigError(f"{path}[{i}]: expected a non-empty string or token-id list, "
+                              f"got {s!r}")
         kinds.add("ids")
         for j, t in enumerate(s):
             check_int(f"{path}[{i}][{j}]", t, minimum=0)
@@ -240,7 +241,8 @@ def _prepare(model: torch.nn.Module, input_ids: Any, config: GenerationConfig,
     """(decoder prefix, decoder mask or None, encoder state or None) of a request."""
     if not isinstance(input_ids, torch.Tensor):
         if attention_mask is not None:
-            raise ValueError("attention_mask goes with a tensor of input_ids; lists are padded here")
+            raise ValueError("attention_mask goes with a tensor of input_ids; "
+                             "lists are padded here")
         input_ids, attention_mask = pad_prompts(input_ids, config.pad_id)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -249,7 +251,8 @@ def _prepare(model: torch.nn.Module, input_ids: Any, config: GenerationConfig,
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         enc = (model.encode(input_ids, mask), mask)
         start = _decoder_start_id(model, config)
-        prefix = torch.full((input_ids.size(0), 1), start, dtype=torch.long, device=input_ids.device)
+        prefix = torch.full((input_ids.size(0), 1), start, dtype=torch.long,
+                            device=input_ids.device)
         return prefix, None, enc
     mask = None if attention_mask is None else check_left_padded(attention_mask, input_ids)
     return input_ids, mask, None
@@ -339,7 +342,8 @@ def _pick(logits: torch.Tensor, config: GenerationConfig,
     """Next token per row: argmax (greedy) or a draw from the filtered softmax (sample)."""
     if config.strategy == "greedy":
         return logits.argmax(dim=-1)
-    probs = top_k_top_p_filtering(logits / config.temperature, config.top_k, config.top_p).softmax(-1)
+    filtered = top_k_top_p_filtering(logits / config.temperature, config.top_k, config.top_p)
+    probs = filtered.softmax(dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(1)
     return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g).view(1)

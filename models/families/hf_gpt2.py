@@ -32,7 +32,7 @@ def gpt2_config(model: GPT) -> GPT2Config:
 
 @torch.no_grad()
 def export_gpt2(model: GPT) -> GPT2LMHeadModel:
-    """A ``GPT2LMHeadModel`` (eval mode, ``model``'s dtype) holding copies of ``model``'s weights."""
+    """A ``GPT2LMHeadModel`` (eval mode, ``model``'s dtype) holding copies of its weights."""
     if not isinstance(model, GPT):
         raise TypeError(f"export_gpt2 needs a bmray GPT, got {type(model).__name__}")
     if not all(isinstance(b.ffn, FeedForward) for b in model.blocks):

@@ -1,4 +1,4 @@
-"""Left-padded batches of different-length prompts, the preallocated KV buffer, and the GPT-2 export.
+"""Left-padded batches of different-length prompts, the preallocated KV buffer, the GPT-2 export.
 
 References: each prompt run alone (unpadded) through a full forward of the model, and Hugging
 Face's ``GPT2LMHeadModel`` (its forward and its ``generate`` with left padding) on the same weights.

@@ -167,7 +167,8 @@ def test_stream_refuses_beam_search():
 
 
 def test_text_chunks_never_split_a_character_and_join_to_the_decoded_text():
-    tok = train_bpe(["plain ascii words only, nothing else here"] * 20, vocab_size=300, family="gpt")
+    tok = train_bpe(["plain ascii words only, nothing else here"] * 20, vocab_size=300,
+                    family="gpt")
     text = "héllo wörld ✓ 日本語 🙂 plain"
     ids = tok.encode(text)
     assert len(ids) > len(text.split())               # multi-byte characters span tokens
