@@ -10,7 +10,7 @@ attention mask, as HF requires for decoder-only batches).
 Sides:
 - ``bmray``: ``bmray.models.generation.generate`` (strategy greedy, use_cache).
 - ``transformers``: ``GPT2LMHeadModel.generate(input_ids, attention_mask=, do_sample=False,
-  num_beams=1, use_cache=True, max_new_tokens=, min_new_tokens=)`` with its default (sdpa)
+  num_beams=1, use_cache=True, max_new_tokens=, eos_token_id=None)`` with its default (sdpa)
   attention and DynamicCache: the library's recommended configuration for CPU greedy decoding.
 
 Timing: ``--threads`` torch threads (1 by default); per batch size the sides alternate in rounds
@@ -73,8 +73,7 @@ def sides(model: GPT, hf: transformers.GPT2LMHeadModel, new_tokens: int) -> dict
 
     def theirs(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return hf.generate(ids, attention_mask=mask, do_sample=False, num_beams=1, use_cache=True,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                           eos_token_id=None)
+                           max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=None)
 
     return {OURS: ours, HF: theirs}
 
@@ -160,8 +159,8 @@ def main() -> None:
         "ours_config": "bmray.models.generation.generate, GenerationConfig(strategy='greedy', "
                        "use_cache=True, eos_id=None), torch.no_grad",
         "peer_config": "GPT2LMHeadModel (export_gpt2 of the same weights, sdpa attention).generate("
-                       "do_sample=False, num_beams=1, use_cache=True, max_new_tokens=min_new_tokens"
-                       "=new_tokens, eos_token_id=None, pad_token_id=0)",
+                       "do_sample=False, num_beams=1, use_cache=True, max_new_tokens=new_tokens, "
+                       "eos_token_id=None, pad_token_id=0)",
         "runs": runs, "goal_met": met, "wall_s": time.time() - t_start,
         **environment(transformers=transformers.__version__)})
     print(f"wrote {args.out}")
