@@ -5,9 +5,9 @@
         --stop "\\n\\n" --max-new-tokens 80 --seed 0 --prompt "When"
 
 ``--config`` is the pre-training experiment: it names the checkpoint (``checkpoint.dir``, its
-latest step, or ``--checkpoint`` for another directory) and the tokenizer (``data``'s). Each
-prompt starts as a document does in training (after ``</s>``) and ends at ``</s>``, a ``--stop``
-string (cut, as OpenAI does) or ``--max-new-tokens``. Text is streamed as it is generated
+latest step, or ``--checkpoint`` for another directory) and the tokenizer (``data``'s). A
+sample ends at ``</s>``, a ``--stop`` string (cut, as OpenAI does) or ``--max-new-tokens``;
+``--document-start`` puts ``</s>`` before each prompt (where a document starts in training). Text is streamed as it is generated
 (``--no-stream``: all prompts in one left-padded batch, printed at the end); ``--json`` also
 writes ``[{"prompt", "sample"}]``. Bad flags exit 2 naming the key; a missing checkpoint or
 tokenizer, or a checkpoint of a family that does not generate left to right, exit 1.
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--stop", action="append", default=[],
                     help="stop string (repeatable; backslash escapes such as \\n are read)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--document-start", action="store_true",
+                    help="prepend </s> to each prompt, as documents start in the packed corpus")
     ap.add_argument("--no-stream", action="store_true", help="batch all prompts, print at the end")
     ap.add_argument("--json", default=None, help="also write the samples here as JSON")
     return ap.parse_args(argv)
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> list[dict[str, str]]:
     model, tok = load_model(raw, args.checkpoint)
     mc = model.config
     gen = generation_config(args, mc)
-    ids = [[mc.eos_id] + tok.encode(p) for p in prompts]     # a document starts after </s>
+    start = [mc.eos_id] if args.document_start else []     # a packed document follows </s>
+    ids = [start + tok.encode(p) for p in prompts]
 
     def decode(tokens: list[int]) -> str:
         return tok.decode(tokens, skip_special_tokens=True)

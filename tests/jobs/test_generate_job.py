@@ -54,8 +54,8 @@ def test_generate_streams_samples_and_matches_the_batched_run(trained, tmp_path,
     assert json.loads(out_json.read_text(encoding="utf-8")) == streamed
     capsys.readouterr()
     assert generate.main(["--config", trained, "--prompt", "O", "--strategy", "sample",
-                          "--top-p", "0.9", "--temperature", "0.8", "--stop", "\\n",
-                          "--max-new-tokens", "20", "--json", str(out_json)]) == 0
+                          "--document-start", "--top-p", "0.9", "--temperature", "0.8",
+                          "--stop", "\\n", "--max-new-tokens", "20", "--json", str(out_json)]) == 0
     assert "\n" not in json.loads(out_json.read_text(encoding="utf-8"))[0]["sample"]
 
 
