@@ -172,14 +172,15 @@ def _next_logits(model: torch.nn.Module, seq: torch.Tensor, past: Any, enc: tupl
     return logits, (out.past_key_values if use_cache else None)
 
 
-def preallocate(past: Any, capacity: int) -> Any:
-    """A cache that is a list of per-layer ``(k, v)`` [B, H, T, Dh] as ``KVBuffer``s of
-    ``capacity`` positions (written in place from then on); any other cache unchanged."""
+def preallocate(past: Any, extra: int) -> Any:
+    """A cache that is a list of per-layer ``(k, v)`` [B, H, T, Dh] as ``KVBuffer``s with room
+    for ``extra`` more positions (written in place from then on); any other cache unchanged.
+    T is the cache's own length (a soft prompt makes it longer than the token sequence)."""
     if not isinstance(past, (list, tuple)) or not all(
             isinstance(layer, tuple) and len(layer) == 2 and all(
                 isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer) for layer in past):
         return past
-    return [KVBuffer(k, v, capacity) for k, v in past]
+    return [KVBuffer(k, v, k.size(2) + extra) for k, v in past]
 
 
 def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
@@ -375,7 +376,7 @@ def decode_steps(model: torch.nn.Module, prefix: torch.Tensor, config: Generatio
         m = None if full_mask is None else full_mask[:, :seq.size(1)]
         logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
         if step == 0 and config.use_cache:
-            past = preallocate(past, seq.size(1) + N)
+            past = preallocate(past, N)
         token = _pick(logits, config, generators).masked_fill(finished, config.pad_id)
         seq = torch.cat([seq, token[:, None]], dim=1)
         released: list[list[int]] = []
@@ -470,7 +471,7 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
         m = None if full_mask is None else full_mask[:, :seq.size(1)]
         logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
         if step == 0 and config.use_cache:
-            past = preallocate(past, seq.size(1) + N)
+            past = preallocate(past, N)
         logprobs = F.log_softmax(logits, dim=-1)                   # [B*K, V]
         V = logprobs.size(-1)
         cand = (logprobs + beam_scores.view(-1, 1).to(logprobs.dtype)).view(B, K * V)

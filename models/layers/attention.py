@@ -28,25 +28,32 @@ from torch import Tensor, nn
 KVCache = tuple[Tensor, Tensor]   # (k, v), each [B, n_heads, T, d_head]
 
 
-class KVBuffer:
+class KVBuffer(tuple):
     """A preallocated KV cache of one layer: new keys/values are written in place.
 
     ``torch.cat`` onto a tuple cache copies the whole cache at every decoding step; a buffer of
     ``capacity`` positions allocated once writes only the new ones (as HF's ``StaticCache``).
-    It reads like the ``(k, v)`` tuple (``buf[0]``, ``buf[1]``: views of the filled part), so code
-    written for tuples keeps working; ``MultiHeadAttention`` appends to it and returns the same
-    object as its present. In-place: a buffer belongs to one decoding loop.
+    It reads like the ``(k, v)`` tuple: ``buf[0]``, ``buf[1]`` and iteration give views of the
+    filled part, and it is a ``tuple`` so code that walks nested tuples of tensors (the memory
+    accounting of ``models.compress.streaming``) sees those views. ``MultiHeadAttention``
+    appends to it and returns the same object as its present. In place: a buffer belongs to one
+    decoding loop.
     """
 
-    def __init__(self, k: Tensor, v: Tensor, capacity: int):
+    k: Tensor
+    v: Tensor
+    length: int
+
+    def __new__(cls, k: Tensor, v: Tensor, capacity: int) -> "KVBuffer":
         b, h, t, d = k.shape
         if capacity < t:
             raise ValueError(f"KVBuffer: capacity {capacity} < the {t} positions given")
-        self.k = k.new_empty(b, h, capacity, d)
-        self.v = v.new_empty(b, h, capacity, v.size(-1))
-        self.k[:, :, :t] = k
-        self.v[:, :, :t] = v
-        self.length = t
+        kb, vb = k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.size(-1))
+        kb[:, :, :t] = k
+        vb[:, :, :t] = v
+        self = super().__new__(cls, (kb, vb))
+        self.k, self.v, self.length = kb, vb, t
+        return self
 
     def append(self, k: Tensor, v: Tensor) -> KVCache:
         """Write the new positions after the filled ones; the filled views (old + new)."""
@@ -60,8 +67,8 @@ class KVBuffer:
 
     def index_select(self, rows: Tensor) -> "KVBuffer":
         """A new buffer of the same capacity holding rows ``rows`` (beam search reordering)."""
-        out = KVBuffer(self[0].index_select(0, rows), self[1].index_select(0, rows), self.k.size(2))
-        return out
+        return KVBuffer(self[0].index_select(0, rows), self[1].index_select(0, rows),
+                        self.k.size(2))
 
     def __getitem__(self, i: int) -> Tensor:
         return (self.k, self.v)[i][:, :, :self.length]
