@@ -50,7 +50,7 @@ class GenerationConfig:
     use_cache: bool = True            # feed one token + KV cache per step (False: re-run all)
     seed: int | None = None           # sample: row b draws from a Generator seeded seed + b
     decoder_start_id: int | None = None  # enc-dec: first decoder token (None: model config bos_id)
-    # greedy/sample: stop a row when its new tokens end with one of these (cut from the output);
+    # stop a row (a beam) when its new tokens end with one of these (cut from the output);
     # strings are matched on decoded text (generate/stream need tokenizer=)
     stop: list[str] | list[list[int]] = field(default_factory=list)
 
@@ -78,9 +78,6 @@ class GenerationConfig:
         if not isinstance(self.use_cache, bool):
             raise ConfigError(f"{p}.use_cache: expected true or false, got {self.use_cache!r}")
         check_stop(f"{p}.stop", self.stop)
-        if self.stop and self.strategy == "beam":
-            raise ConfigError(f"{p}.stop: stop sequences apply to greedy and sample, "
-                              f"not to beam search (use eos_id)")
 
 
 def check_stop(path: str, stop: Any) -> None:
@@ -283,7 +280,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence
     try:
         prefix, mask, enc = _prepare(model, input_ids, config, attention_mask)
         if config.strategy == "beam":
-            return beam_search(model, prefix, config, enc, mask)
+            return beam_search(model, prefix, config, enc, mask, stops)
         rows: list[list[int]] = [[] for _ in range(prefix.size(0))]
         for step in decode_steps(model, prefix, config, enc, mask, stops):
             for row, new in zip(rows, step):
@@ -416,10 +413,13 @@ class _Hypotheses:
         self.num_beams, self.alpha, self.max_len = num_beams, length_penalty, max_len
         self.items: list[tuple[float, list[int]]] = []
 
-    def add(self, logprob_sum: float, tokens: list[int]) -> None:
+    def add(self, logprob_sum: float, tokens: list[int], length: int | None = None) -> None:
+        """``length``: the generated length scored (default ``len(tokens)``; a hypothesis cut at
+        a stop sequence is scored with the stop tokens, as one ending in eos is)."""
         if not math.isfinite(logprob_sum):
             return
-        self.items.append((logprob_sum / len(tokens) ** self.alpha, tokens))
+        length = len(tokens) if length is None else length
+        self.items.append((logprob_sum / length ** self.alpha, tokens))
         self.items.sort(key=lambda item: -item[0])
         del self.items[self.num_beams:]
 
@@ -440,7 +440,8 @@ class _Hypotheses:
 
 
 def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
-                enc: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                enc: tuple | None = None, mask: torch.Tensor | None = None,
+                stops: StopSequences | None = None) -> torch.Tensor:
     """Beam search (Graves 2012; as in Sutskever et al. 2014) with a length penalty and eos.
 
     Per input we keep ``K = num_beams`` running beams. Each step scores all ``K * V`` one-token
@@ -449,7 +450,10 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
     hypothesis, and the best K non-eos candidates become the next beams (their KV cache is
     reordered with ``reorder_cache``). An input is done when no running beam can beat its K-th
     best finished hypothesis (see ``_Hypotheses.can_improve``). At ``max_new_tokens`` the running
-    beams are finished as they are. Returns the best hypothesis per input, padded with ``pad_id``.
+    beams are finished as they are. A candidate that completes a stop sequence finishes as an eos
+    one does, cut before the stop and scored with the stop's tokens (so a one-token stop ``[t]``
+    gives what ``eos_id=t`` gives, without ``t``). Returns the best hypothesis per input, padded
+    with ``pad_id``.
     """
     B, t0 = prefix.shape
     K, N, eos = config.num_beams, config.max_new_tokens, config.eos_id
@@ -486,13 +490,20 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
             else:
                 for rank, (score, idx) in enumerate(zip(cand_scores[b], cand_idx[b])):
                     beam, token = b * K + idx // V, idx % V
-                    if eos is not None and token == eos:
+                    tokens = gen[beam] + [token]
+                    cut = None
+                    if stops is not None and not (eos is not None and token == eos):
+                        cut = stops.cut(tokens)
+                    if (eos is not None and token == eos) or cut is not None:
                         if rank < K:
-                            hyps[b].add(score, gen[beam] + [token])
+                            hyps[b].add(score, tokens if cut is None else tokens[:cut],
+                                        len(tokens))
                     else:
                         chosen.append((score, token, beam))
                     if len(chosen) == K:
                         break
+                # stop sequences can end more than K of the 2K candidates: dead beams fill in
+                chosen += [(-math.inf, config.pad_id, b * K)] * (K - len(chosen))
                 best_running = max(score for score, _, _ in chosen)
                 done[b] = not hyps[b].can_improve(best_running, step + 1)
             for score, token, beam in chosen:

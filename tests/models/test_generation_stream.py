@@ -112,11 +112,25 @@ def test_stop_config_errors_name_the_key():
                      ("abc", "generation.stop")]:
         with pytest.raises(ConfigError, match=key):
             GenerationConfig(stop=bad)
-    with pytest.raises(ConfigError, match="generation.stop.*beam"):
-        GenerationConfig(stop=[[3]], strategy="beam", num_beams=2)
     assert from_dict(GenerationConfig, {"stop": ["\n\n"]}, "generation").stop == ["\n\n"]
     with pytest.raises(ValueError, match="tokenizer"):
         generate(make_gpt(), [[5]], GenerationConfig(stop=["x"]))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_beam_search_with_a_one_token_stop_is_eos_beam_search_without_the_token(alpha):
+    model = make_gpt(seed=3)
+    width = max(map(len, PROMPTS))
+    beam = dict(strategy="beam", num_beams=3, max_new_tokens=8, pad_id=PAD, length_penalty=alpha)
+    free = rows_of(generate(model, PROMPTS, GenerationConfig(**beam)), width)
+    t = free[0][2]                          # a token the unstopped search produces
+    with_eos = rows_of(generate(model, PROMPTS, GenerationConfig(**beam, eos_id=t)), width)
+    with_stop = rows_of(generate(model, PROMPTS, GenerationConfig(**beam, stop=[[t]])), width)
+    for e, s in zip(with_eos, with_stop):
+        if t in e:
+            e = e[:e.index(t)]              # the eos run keeps t, the stop run cuts it
+        assert s[:len(e)] == e and all(x == PAD for x in s[len(e):])
+    assert with_stop != free
 
 
 def test_safe_length_holds_back_only_what_a_stop_could_still_cut():
