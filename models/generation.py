@@ -13,8 +13,8 @@ covers the prompt and every generated token, the KV cache keeps the padded keys 
 positions count real tokens only, so each row gets the logits it would get alone (the Hugging
 Face convention). Returned ids: decoder-only ``[B, T + n]`` (the padded prompt + new tokens),
 encoder-decoder ``[B, 1 + n]`` (start token + new tokens); a row is ``pad_id`` after its end.
-Greedy and sampling stop a row at ``eos_id`` (kept) or a stop sequence (cut, see
-``models.stopping``); ``stream`` yields the same tokens step by step. Beam search scores
+A row ends at ``eos_id`` (kept) or a stop sequence (cut, see ``models.stopping``);
+``stream`` yields greedy and sampled tokens step by step, exactly as ``generate`` returns them. Beam search scores
 ``sum_logprob / len ** length_penalty`` (the Hugging Face convention, not GNMT's).
 Details: docs/generation.md.
 """
