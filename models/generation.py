@@ -196,21 +196,25 @@ def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
 # ----------------------------------------------------------------------------------------------
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """LEFT-pad token-id lists into ``(input_ids [B, T], attention_mask [B, T])`` (1 = real).
+                device: torch.device | str | None = None, side: str = "left"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ``(input_ids [B, T], attention_mask [B, T])`` (1 = real).
 
-    Left, so every row's last real token sits in the last column and the new tokens of all rows
-    are appended in the same column (the convention Hugging Face requires for decoder-only
-    batches); ``positions_for`` then counts real tokens only.
+    Left (decoder prompts), so every row's last real token sits in the last column and the new
+    tokens of all rows are appended in the same column (the convention Hugging Face requires for
+    decoder-only batches); ``positions_for`` then counts real tokens only. Right for encoder
+    inputs, whose positions start at the first column.
     """
+    check_choice("pad_prompts.side", side, ("left", "right"))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("pad_prompts: need at least one prompt, each with at least one token")
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long, device=device)
-        mask[i, width - len(p):] = 1
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, cols] = 1
     return ids, mask
 
 
@@ -241,7 +245,8 @@ def _prepare(model: torch.nn.Module, input_ids: Any, config: GenerationConfig,
         if attention_mask is not None:
             raise ValueError("attention_mask goes with a tensor of input_ids; "
                              "lists are padded here")
-        input_ids, attention_mask = pad_prompts(input_ids, config.pad_id)
+        side = "right" if hasattr(model, "decode") else "left"
+        input_ids, attention_mask = pad_prompts(input_ids, config.pad_id, side=side)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.long()

@@ -13,6 +13,7 @@ from transformers import GPT2LMHeadModel
 from bmray.models.config import ModelConfig, MoEConfig
 from bmray.models.families.gpt import GPT
 from bmray.models.families.hf_gpt2 import export_gpt2
+from bmray.models.families.t5 import T5
 from bmray.models.generation import GenerationConfig, generate, pad_prompts, preallocate
 from bmray.models.layers.attention import KVBuffer
 
@@ -124,10 +125,23 @@ def test_bad_decoder_masks_are_refused_before_any_compute(bad, match):
         generate(model, [[5, 6], []], GenerationConfig(max_new_tokens=2))
 
 
-def test_pad_prompts_left_pads():
+def test_pad_prompts_left_pads_and_right_pads_encoder_inputs():
     ids, mask = pad_prompts([[5], [6, 7, 8]], pad_id=0)
     assert ids.tolist() == [[0, 0, 5], [6, 7, 8]]
     assert mask.tolist() == [[0, 0, 1], [1, 1, 1]]
+    ids, mask = pad_prompts([[5], [6, 7, 8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 0, 0], [6, 7, 8]] and mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def test_t5_sources_as_lists_are_right_padded_and_match_each_alone():
+    torch.manual_seed(0)
+    t5 = T5(ModelConfig(family="t5", vocab_size=V, d_model=32, n_heads=4, n_layers=1, d_ff=64,
+                        max_seq_len=64, dropout=0.0, pad_id=PAD, eos_id=EOS)).double().eval()
+    c = GenerationConfig(max_new_tokens=4, pad_id=PAD)
+    out = generate(t5, PROMPTS, c)
+    for b, prompt in enumerate(PROMPTS):
+        alone = generate(t5, torch.tensor([prompt]), c)[0].tolist()
+        assert out[b].tolist()[:len(alone)] == alone
 
 
 def test_kv_buffer_reads_like_the_tuple_and_refuses_overflow():
