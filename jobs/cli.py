@@ -15,6 +15,7 @@ JOBS = {
     "plan": ("bmray.jobs.plan", "choose a parallel layout that fits a model on a cluster"),
     "sweep": ("bmray.jobs.sweep", "Ray Tune sweep of an adaptation, with a Pareto report"),
     "compress": ("bmray.jobs.compress", "compress a trained model with a recipe, one artifact"),
+    "generate": ("bmray.jobs.generate", "sample text from a GPT checkpoint, streaming"),
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),
     "index": ("bmray.jobs.index", "build a retrieval index (BM25, sharded on actors) and save it"),
     "evaluate": ("bmray.jobs.evaluate", "score saved indexes on a collection: a metric table"),

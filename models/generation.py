@@ -2,28 +2,33 @@
 
 One loop per strategy serves both model shapes:
 
-* decoder-only (GPT): ``model(input_ids, past_key_values=..., use_cache=True)`` -> ``.logits``,
-  ``.past_key_values`` (per layer ``(k, v)`` shaped ``[B, H, T, Dh]``);
+* decoder-only (GPT): ``model(input_ids, past_key_values=..., use_cache=True, attention_mask=)``
+  -> ``.logits``, ``.past_key_values`` (per layer ``(k, v)`` shaped ``[B, H, T, Dh]``);
 * encoder-decoder (T5): ``model.encode(input_ids, attention_mask)`` once, then
   ``model.decode(decoder_input_ids, encoder_hidden, encoder_mask, past_key_values=, use_cache=)``
   per step; ``generate`` tells them apart by whether the model has an ``encode`` method.
 
-Only ``_next_logits`` depends on the shape; with and without the cache give the same tokens.
-Decoder-only prompts must have equal length (a left-padded decoder mask is refused); encoder
-inputs may be padded. Returned ids: decoder-only ``[B, T + n]`` (prompt + new tokens),
-encoder-decoder ``[B, 1 + n]`` (start token + new tokens); a row is ``pad_id`` after its eos.
-Beam search scores ``sum_logprob / len ** length_penalty`` (the Hugging Face convention, not
-GNMT's). Details and references: docs/models.md, "Generation".
+Decoder prompts of different lengths are LEFT padded (``pad_prompts``): the attention mask
+covers the prompt and every generated token, the KV cache keeps the padded keys masked, and
+positions count real tokens only, so each row gets the logits it would get alone (the Hugging
+Face convention). Returned ids: decoder-only ``[B, T + n]`` (the padded prompt + new tokens),
+encoder-decoder ``[B, 1 + n]`` (start token + new tokens); a row is ``pad_id`` after its end.
+A row ends at ``eos_id`` (kept) or a stop sequence (cut, see ``models.stopping``);
+``stream`` yields greedy and sampled tokens step by step, exactly as ``generate`` returns them. Beam search scores
+``sum_logprob / len ** length_penalty`` (the Hugging Face convention, not GNMT's).
+Details: docs/generation.md.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from bmray.models.layers.attention import KVBuffer
+from bmray.models.stopping import StopSequences
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -43,8 +48,11 @@ class GenerationConfig:
     eos_id: int | None = None         # stop a row at this token (None: always max_new_tokens)
     pad_id: int = 0                   # fills a row after its eos
     use_cache: bool = True            # feed one token + KV cache per step (False: re-run all)
-    seed: int | None = None           # sample: torch.Generator seed (None: global torch RNG)
+    seed: int | None = None           # sample: row b draws from a Generator seeded seed + b
     decoder_start_id: int | None = None  # enc-dec: first decoder token (None: model config bos_id)
+    # stop a row (a beam) when its new tokens end with one of these (cut from the output);
+    # strings are matched on decoded text (generate/stream need tokenizer=)
+    stop: list[str] | list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         p = "generation"
@@ -69,6 +77,28 @@ class GenerationConfig:
                               f"got strategy {self.strategy!r}")
         if not isinstance(self.use_cache, bool):
             raise ConfigError(f"{p}.use_cache: expected true or false, got {self.use_cache!r}")
+        check_stop(f"{p}.stop", self.stop)
+
+
+def check_stop(path: str, stop: Any) -> None:
+    """A list of non-empty strings, or of non-empty token-id lists; not both."""
+    if not isinstance(stop, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list of strings or of token-id lists, got {stop!r}")
+    kinds = set()
+    for i, s in enumerate(stop):
+        if isinstance(s, str):
+            kinds.add("str")
+            if not s:
+                raise ConfigError(f"{path}[{i}]: a stop string must not be empty")
+            continue
+        if not isinstance(s, (list, tuple)) or not s:
+            raise ConfigError(f"{path}[{i}]: expected a non-empty string or token-id list, "
+                              f"got {s!r}")
+        kinds.add("ids")
+        for j, t in enumerate(s):
+            check_int(f"{path}[{i}][{j}]", t, minimum=0)
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: give either strings or token-id lists, not both")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +113,8 @@ def reorder_cache(past: Any, beam_idx: torch.Tensor) -> Any:
     """
     if isinstance(past, torch.Tensor):
         return past.index_select(0, beam_idx.to(past.device))
+    if isinstance(past, KVBuffer):
+        return past.index_select(beam_idx.to(past.k.device))
     if isinstance(past, (list, tuple)):
         return type(past)(reorder_cache(p, beam_idx) for p in past)
     return past
@@ -114,23 +146,38 @@ def top_k_top_p_filtering(logits: torch.Tensor, top_k: int = 0, top_p: float = 1
 
 
 def _next_logits(model: torch.nn.Module, seq: torch.Tensor, past: Any, enc: tuple | None,
-                 use_cache: bool) -> tuple[torch.Tensor, Any]:
+                 use_cache: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
     """Logits ``[N, V]`` (float32 or wider) for the token after ``seq`` [N, t], and the new cache.
 
     With a cache only the last token is fed (positions continue from the cache length); without
     one the whole sequence is re-run. ``enc`` is ``(encoder_hidden, encoder_mask)`` for an
-    encoder-decoder, None for a decoder-only model.
+    encoder-decoder, None for a decoder-only model. ``mask`` [N, t] (decoder-only, left-padded
+    prompts) covers all of ``seq``: the cached keys and the new ones.
     """
     inp = seq[:, -1:] if (use_cache and past is not None) else seq
     cache = past if use_cache else None
     if enc is None:
-        out = model(inp, past_key_values=cache, use_cache=use_cache)
+        if mask is None:
+            out = model(inp, past_key_values=cache, use_cache=use_cache)
+        else:
+            out = model(inp, past_key_values=cache, use_cache=use_cache, attention_mask=mask)
     else:
         out = model.decode(inp, enc[0], enc[1], past_key_values=cache, use_cache=use_cache)
     logits = out.logits[:, -1, :]
     # score in at least float32 (a bf16/fp16 model's log-probs would be too coarse to rank beams)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits, (out.past_key_values if use_cache else None)
+
+
+def preallocate(past: Any, extra: int) -> Any:
+    """A cache that is a list of per-layer ``(k, v)`` [B, H, T, Dh] as ``KVBuffer``s with room
+    for ``extra`` more positions (written in place from then on); any other cache unchanged.
+    T is the cache's own length (a soft prompt makes it longer than the token sequence)."""
+    if not isinstance(past, (list, tuple)) or not all(
+            isinstance(layer, tuple) and len(layer) == 2 and all(
+                isinstance(t, torch.Tensor) and t.dim() == 4 for t in layer) for layer in past):
+        return past
+    return [KVBuffer(k, v, k.size(2) + extra) for k, v in past]
 
 
 def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
@@ -145,37 +192,138 @@ def _decoder_start_id(model: torch.nn.Module, config: GenerationConfig) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: GenerationConfig | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Generate continuations of ``input_ids`` [B, T]; see the module docstring for the output.
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                device: torch.device | str | None = None, side: str = "left"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token-id lists into ``(input_ids [B, T], attention_mask [B, T])`` (1 = real).
 
-    The model is put in eval mode for the call (dropout would make greedy/beam non-deterministic)
-    and its previous mode is restored afterwards.
+    Left (decoder prompts), so every row's last real token sits in the last column and the new
+    tokens of all rows are appended in the same column (the convention Hugging Face requires for
+    decoder-only batches); ``positions_for`` then counts real tokens only. Right for encoder
+    inputs, whose positions start at the first column.
     """
-    config = config or GenerationConfig()
+    check_choice("pad_prompts.side", side, ("left", "right"))
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("pad_prompts: need at least one prompt, each with at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[i, cols] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def check_left_padded(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """The decoder mask as a long tensor, or None when it has no padding; ValueError when it is
+    not ``[B, T]`` like the ids, not 0/1, right padded (a 0 after a 1) or a row is all padding."""
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}: they must match")
+    mask = mask.long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold 0 (padding) and 1 (real token) only")
+    if bool((mask == 1).all()):
+        return None
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("decoder-only prompts must be LEFT padded (attention_mask is 0...0 1...1 "
+                         "per row); use pad_prompts")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("attention_mask has a row without any real token")
+    return mask
+
+
+def _prepare(model: torch.nn.Module, input_ids: Any, config: GenerationConfig,
+             attention_mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(decoder prefix, decoder mask or None, encoder state or None) of a request."""
+    if not isinstance(input_ids, torch.Tensor):
+        if attention_mask is not None:
+            raise ValueError("attention_mask goes with a tensor of input_ids; "
+                             "lists are padded here")
+        side = "right" if hasattr(model, "decode") else "left"
+        input_ids, attention_mask = pad_prompts(input_ids, config.pad_id, side=side)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     input_ids = input_ids.long()
+    if hasattr(model, "decode"):
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        enc = (model.encode(input_ids, mask), mask)
+        start = _decoder_start_id(model, config)
+        prefix = torch.full((input_ids.size(0), 1), start, dtype=torch.long,
+                            device=input_ids.device)
+        return prefix, None, enc
+    mask = None if attention_mask is None else check_left_padded(attention_mask, input_ids)
+    return input_ids, mask, None
+
+
+def _stops(config: GenerationConfig, tokenizer: Any) -> StopSequences | None:
+    if not config.stop:
+        return None
+    return StopSequences(config.stop, tokenizer.decode if tokenizer is not None else None)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]],
+             config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None,
+             tokenizer: Any = None) -> torch.Tensor:
+    """Generate continuations; see the module docstring for the output.
+
+    ``input_ids``: a ``[B, T]`` tensor (decoder-only: with a left-padded ``attention_mask`` when
+    the prompts differ in length) or a list of token-id lists, padded here (``pad_prompts``).
+    ``tokenizer`` (anything with ``decode(ids) -> str``) is needed for stop strings only. The
+    model is put in eval mode for the call and its previous mode restored afterwards.
+    """
+    config = config or GenerationConfig()
+    stops = _stops(config, tokenizer)
     was_training = model.training
     model.eval()
     try:
-        if hasattr(model, "decode"):
-            mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-            enc = (model.encode(input_ids, mask), mask)
-            start = _decoder_start_id(model, config)
-            prefix = torch.full((input_ids.size(0), 1), start, dtype=torch.long, device=input_ids.device)
-        else:
-            if attention_mask is not None and not bool((attention_mask != 0).all()):
-                raise ValueError("decoder-only generation supports equal-length prompts only; "
-                                 "attention_mask has padding (left-padded prompts are not supported)")
-            enc, prefix = None, input_ids
+        prefix, mask, enc = _prepare(model, input_ids, config, attention_mask)
         if config.strategy == "beam":
-            return beam_search(model, prefix, config, enc)
-        return greedy_or_sample(model, prefix, config, enc)
+            return beam_search(model, prefix, config, enc, mask, stops)
+        rows: list[list[int]] = [[] for _ in range(prefix.size(0))]
+        for step in decode_steps(model, prefix, config, enc, mask, stops):
+            for row, new in zip(rows, step):
+                row.extend(new)
+        return append_rows(prefix, rows, config.pad_id)
+    finally:
+        model.train(was_training)
+
+
+def append_rows(prefix: torch.Tensor, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """``prefix`` [B, t0] followed by each row's new tokens, filled with ``pad_id`` to one width."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((prefix.size(0), width), pad_id, dtype=torch.long, device=prefix.device)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.long, device=prefix.device)
+    return torch.cat([prefix, out], dim=1)
+
+
+@torch.no_grad()
+def stream(model: torch.nn.Module, input_ids: torch.Tensor | Sequence[Sequence[int]],
+           config: GenerationConfig | None = None, attention_mask: torch.Tensor | None = None,
+           tokenizer: Any = None) -> Iterator[list[list[int]]]:
+    """Yield, per decoding step, the new token ids of each row (a list per row, maybe empty).
+
+    Row b's lists joined are exactly the new tokens ``generate`` returns for it (without the
+    fill padding). Tokens that a stop sequence could still cut are held back until decided.
+    Greedy and sampling only. Text chunks: ``models.text_stream.text_chunks``.
+    """
+    config = config or GenerationConfig()
+    if config.strategy == "beam":
+        raise ConfigError("generation.strategy: streaming needs greedy or sample (beam search "
+                          "decides its tokens only at the end)")
+    stops = _stops(config, tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        prefix, mask, enc = _prepare(model, input_ids, config, attention_mask)
+        yield from decode_steps(model, prefix, config, enc, mask, stops)
     finally:
         model.train(was_training)
 
@@ -184,33 +332,79 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, config: Generation
 # Greedy and sampling
 # ----------------------------------------------------------------------------------------------
 
-def greedy_or_sample(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
-                     enc: tuple | None = None) -> torch.Tensor:
-    """Extend ``prefix`` [B, t0] one token at a time: argmax (greedy) or a draw (sample).
+def _row_generators(config: GenerationConfig, batch: int,
+                    device: torch.device) -> list[torch.Generator] | None:
+    """One Generator per row, seeded ``seed + b``: a row's draws do not depend on the others."""
+    if config.strategy != "sample" or config.seed is None:
+        return None
+    return [torch.Generator(device=device).manual_seed(config.seed + b) for b in range(batch)]
 
-    Sampling divides the logits by ``temperature``, filters them with ``top_k_top_p_filtering``
-    and draws from the softmax with a ``torch.Generator`` seeded by ``config.seed``.
+
+def _pick(logits: torch.Tensor, config: GenerationConfig,
+          generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row: argmax (greedy) or a draw from the filtered softmax (sample)."""
+    if config.strategy == "greedy":
+        return logits.argmax(dim=-1)
+    filtered = top_k_top_p_filtering(logits / config.temperature, config.top_k, config.top_p)
+    probs = filtered.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g).view(1)
+                      for b, g in enumerate(generators)])
+
+
+def decode_steps(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
+                 enc: tuple | None = None, mask: torch.Tensor | None = None,
+                 stops: StopSequences | None = None) -> Iterator[list[list[int]]]:
+    """Extend ``prefix`` [B, t0] one token at a time (greedy or sample), yielding per step the
+    tokens each row releases: all of them, except those a stop sequence could still cut.
+
+    A row ends at ``eos_id`` (kept), at a stop sequence (cut) or after ``max_new_tokens``; the
+    loop ends when every row has. Sampling divides the logits by ``temperature`` and filters
+    them with ``top_k_top_p_filtering``. ``mask`` [B, t0] marks left padding; it grows by a
+    column of ones per step (a preallocated buffer, sliced).
     """
-    generator = None
-    if config.strategy == "sample" and config.seed is not None:
-        generator = torch.Generator(device=prefix.device)
-        generator.manual_seed(config.seed)
+    B, device, N = prefix.size(0), prefix.device, config.max_new_tokens
+    generators = _row_generators(config, B, device)
+    full_mask = None
+    if mask is not None:
+        full_mask = torch.cat([mask, mask.new_ones(B, N)], dim=1)
     seq, past = prefix, None
-    finished = torch.zeros(prefix.size(0), dtype=torch.bool, device=prefix.device)
-    for _ in range(config.max_new_tokens):
-        logits, past = _next_logits(model, seq, past, enc, config.use_cache)
-        if config.strategy == "greedy":
-            token = logits.argmax(dim=-1)
-        else:
-            filtered = top_k_top_p_filtering(logits / config.temperature, config.top_k, config.top_p)
-            token = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        token = token.masked_fill(finished, config.pad_id)
+    gen: list[list[int]] = [[] for _ in range(B)]
+    sent = [0] * B
+    done = [False] * B
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(N):
+        m = None if full_mask is None else full_mask[:, :seq.size(1)]
+        logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
+        if step == 0 and config.use_cache:
+            past = preallocate(past, N)
+        token = _pick(logits, config, generators).masked_fill(finished, config.pad_id)
         seq = torch.cat([seq, token[:, None]], dim=1)
-        if config.eos_id is not None:
-            finished |= token == config.eos_id
-            if bool(finished.all()):
-                break
-    return seq
+        released: list[list[int]] = []
+        for b, tok in enumerate(token.tolist()):
+            if done[b]:
+                released.append([])
+                continue
+            gen[b].append(tok)
+            if config.eos_id is not None and tok == config.eos_id:
+                done[b] = True
+            elif stops is not None:
+                cut = stops.cut(gen[b])
+                if cut is not None:
+                    del gen[b][max(cut, sent[b]):]
+                    done[b] = True
+            if done[b] or step == N - 1 or stops is None:
+                upto = len(gen[b])
+            else:
+                upto = stops.safe_length(gen[b], sent[b])
+            released.append(gen[b][sent[b]:upto])
+            sent[b] = upto
+        yield released
+        if all(done):
+            return
+        if any(done):
+            finished = torch.tensor(done, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,10 +418,13 @@ class _Hypotheses:
         self.num_beams, self.alpha, self.max_len = num_beams, length_penalty, max_len
         self.items: list[tuple[float, list[int]]] = []
 
-    def add(self, logprob_sum: float, tokens: list[int]) -> None:
+    def add(self, logprob_sum: float, tokens: list[int], length: int | None = None) -> None:
+        """``length``: the generated length scored (default ``len(tokens)``; a hypothesis cut at
+        a stop sequence is scored with the stop tokens, as one ending in eos is)."""
         if not math.isfinite(logprob_sum):
             return
-        self.items.append((logprob_sum / len(tokens) ** self.alpha, tokens))
+        length = len(tokens) if length is None else length
+        self.items.append((logprob_sum / length ** self.alpha, tokens))
         self.items.sort(key=lambda item: -item[0])
         del self.items[self.num_beams:]
 
@@ -248,7 +445,8 @@ class _Hypotheses:
 
 
 def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: GenerationConfig,
-                enc: tuple | None = None) -> torch.Tensor:
+                enc: tuple | None = None, mask: torch.Tensor | None = None,
+                stops: StopSequences | None = None) -> torch.Tensor:
     """Beam search (Graves 2012; as in Sutskever et al. 2014) with a length penalty and eos.
 
     Per input we keep ``K = num_beams`` running beams. Each step scores all ``K * V`` one-token
@@ -257,12 +455,19 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
     hypothesis, and the best K non-eos candidates become the next beams (their KV cache is
     reordered with ``reorder_cache``). An input is done when no running beam can beat its K-th
     best finished hypothesis (see ``_Hypotheses.can_improve``). At ``max_new_tokens`` the running
-    beams are finished as they are. Returns the best hypothesis per input, padded with ``pad_id``.
+    beams are finished as they are. A candidate that completes a stop sequence finishes as an eos
+    one does, cut before the stop and scored with the stop's tokens (so a one-token stop ``[t]``
+    gives what ``eos_id=t`` gives, without ``t``). Returns the best hypothesis per input, padded
+    with ``pad_id``.
     """
     B, t0 = prefix.shape
     K, N, eos = config.num_beams, config.max_new_tokens, config.eos_id
     device = prefix.device
     seq = prefix.repeat_interleave(K, dim=0)                       # [B*K, t0]
+    # left padding: the K beams of an input share its mask, so reordering beams keeps it valid
+    full_mask = None
+    if mask is not None:
+        full_mask = torch.cat([mask, mask.new_ones(B, N)], dim=1).repeat_interleave(K, dim=0)
     if enc is not None:
         enc = (enc[0].repeat_interleave(K, dim=0), enc[1].repeat_interleave(K, dim=0))
     # only beam 0 is live at the start, otherwise the K identical beams would fill the beam
@@ -272,7 +477,10 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
     done = [False] * B
     past = None
     for step in range(N):
-        logits, past = _next_logits(model, seq, past, enc, config.use_cache)
+        m = None if full_mask is None else full_mask[:, :seq.size(1)]
+        logits, past = _next_logits(model, seq, past, enc, config.use_cache, m)
+        if step == 0 and config.use_cache:
+            past = preallocate(past, N)
         logprobs = F.log_softmax(logits, dim=-1)                   # [B*K, V]
         V = logprobs.size(-1)
         cand = (logprobs + beam_scores.view(-1, 1).to(logprobs.dtype)).view(B, K * V)
@@ -287,13 +495,20 @@ def beam_search(model: torch.nn.Module, prefix: torch.Tensor, config: Generation
             else:
                 for rank, (score, idx) in enumerate(zip(cand_scores[b], cand_idx[b])):
                     beam, token = b * K + idx // V, idx % V
-                    if eos is not None and token == eos:
+                    tokens = gen[beam] + [token]
+                    cut = None
+                    if stops is not None and not (eos is not None and token == eos):
+                        cut = stops.cut(tokens)
+                    if (eos is not None and token == eos) or cut is not None:
                         if rank < K:
-                            hyps[b].add(score, gen[beam] + [token])
+                            hyps[b].add(score, tokens if cut is None else tokens[:cut],
+                                        len(tokens))
                     else:
                         chosen.append((score, token, beam))
                     if len(chosen) == K:
                         break
+                # stop sequences can end more than K of the 2K candidates: dead beams fill in
+                chosen += [(-math.inf, config.pad_id, b * K)] * (K - len(chosen))
                 best_running = max(score for score, _, _ in chosen)
                 done[b] = not hyps[b].can_improve(best_running, step + 1)
             for score, token, beam in chosen:

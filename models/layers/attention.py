@@ -28,6 +28,58 @@ from torch import Tensor, nn
 KVCache = tuple[Tensor, Tensor]   # (k, v), each [B, n_heads, T, d_head]
 
 
+class KVBuffer(tuple):
+    """A preallocated KV cache of one layer: new keys/values are written in place.
+
+    ``torch.cat`` onto a tuple cache copies the whole cache at every decoding step; a buffer of
+    ``capacity`` positions allocated once writes only the new ones (as HF's ``StaticCache``).
+    It reads like the ``(k, v)`` tuple: ``buf[0]``, ``buf[1]`` and iteration give views of the
+    filled part, and it is a ``tuple`` so code that walks nested tuples of tensors (the memory
+    accounting of ``models.compress.streaming``) sees those views. ``MultiHeadAttention``
+    appends to it and returns the same object as its present. In place: a buffer belongs to one
+    decoding loop.
+    """
+
+    k: Tensor
+    v: Tensor
+    length: int
+
+    def __new__(cls, k: Tensor, v: Tensor, capacity: int) -> "KVBuffer":
+        b, h, t, d = k.shape
+        if capacity < t:
+            raise ValueError(f"KVBuffer: capacity {capacity} < the {t} positions given")
+        kb, vb = k.new_empty(b, h, capacity, d), v.new_empty(b, h, capacity, v.size(-1))
+        kb[:, :, :t] = k
+        vb[:, :, :t] = v
+        self = super().__new__(cls, (kb, vb))
+        self.k, self.v, self.length = kb, vb, t
+        return self
+
+    def append(self, k: Tensor, v: Tensor) -> KVCache:
+        """Write the new positions after the filled ones; the filled views (old + new)."""
+        end = self.length + k.size(2)
+        if end > self.k.size(2):
+            raise ValueError(f"KVBuffer full: {end} positions > capacity {self.k.size(2)}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self[0], self[1]
+
+    def index_select(self, rows: Tensor) -> "KVBuffer":
+        """A new buffer of the same capacity holding rows ``rows`` (beam search reordering)."""
+        return KVBuffer(self[0].index_select(0, rows), self[1].index_select(0, rows),
+                        self.k.size(2))
+
+    def __getitem__(self, i: int) -> Tensor:
+        return (self.k, self.v)[i][:, :, :self.length]
+
+    def __len__(self) -> int:
+        return 2
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+
 def scaled_dot_product_attention_reference(q: Tensor, k: Tensor, v: Tensor,
                                            attn_mask: Tensor | None = None,
                                            is_causal: bool = False) -> Tensor:
@@ -90,7 +142,8 @@ class MultiHeadAttention(nn.Module):
       context: [B, S, D] keys/values for cross-attention (encoder output); None = self-attention.
       key_padding_mask: [B, T_k] True/1 = real key; for self-attention with a cache it covers the
         cached keys followed by the new ones.
-      past_kv: (k, v) [B, H, T_past, d_head] of earlier positions (self-attention only).
+      past_kv: (k, v) [B, H, T_past, d_head] of earlier positions (self-attention only), or a
+        ``KVBuffer`` (appended to in place).
     Returns (out [B, T_q, D], present (k, v) including the new positions, or None).
     """
 
@@ -127,10 +180,14 @@ class MultiHeadAttention(nn.Module):
         q = self._heads(self.q_proj(x))
         k = self._heads(self.k_proj(src))
         v = self._heads(self.v_proj(src))
-        if past_kv is not None:
-            k = torch.cat([past_kv[0], k], dim=2)
-            v = torch.cat([past_kv[1], v], dim=2)
-        present = (k, v) if use_cache else None
+        if isinstance(past_kv, KVBuffer):
+            k, v = past_kv.append(k, v)
+            present = past_kv if use_cache else None
+        else:
+            if past_kv is not None:
+                k = torch.cat([past_kv[0], k], dim=2)
+                v = torch.cat([past_kv[1], v], dim=2)
+            present = (k, v) if use_cache else None
         t_q, t_k = q.size(2), k.size(2)
         causal = self.causal and context is None
         dropout_p = self.dropout if self.training else 0.0

@@ -497,11 +497,11 @@ def test_decoder_output_is_prompt_then_new_tokens_and_rows_are_independent(name)
     assert out.shape == (3, 9) and torch.equal(out[:, :5], x)
     for i in range(3):
         assert torch.equal(out[i:i + 1], generate(model, x[i:i + 1], cfg(max_new_tokens=4)))
-    # an all-ones mask is accepted; a padded one is refused (equal-length prompts only)
+    # an all-ones mask is the same as none; a right-padded one is refused
     assert torch.equal(out, generate(model, x, cfg(max_new_tokens=4), attention_mask=torch.ones_like(x)))
     mask = torch.ones_like(x)
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="equal-length"):
+    mask[0, -2:] = 0
+    with pytest.raises(ValueError, match="LEFT padded"):
         generate(model, x, cfg(max_new_tokens=4), attention_mask=mask)
 
 
