@@ -14,7 +14,7 @@ from bmray.models.retrieval.dense_index import (ENCODERS, DenseIndex, DenseIndex
                                                 encoder_identity, recall_at_k)
 from bmray.models.retrieval.encoder import MeanPoolEncoder
 from bmray.models.retrieval.types import Retriever
-from bmray.models.typed_config import ConfigError
+from bmray.models.typed_config import ConfigError, from_dict
 
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
@@ -176,6 +176,10 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_config_errors():
     with pytest.raises(ConfigError, match="kind: 'pq' is not one of"):
         DenseIndexConfig(kind="pq")
+    assert from_dict(DenseIndexConfig, {"kind": "hnsw", "ef_search": 32}) == \
+        DenseIndexConfig(kind="hnsw", ef_search=32)
+    with pytest.raises(ConfigError, match=r"index: unknown key\(s\) \['ef_serch'\]"):
+        from_dict(DenseIndexConfig, {"kind": "hnsw", "ef_serch": 32}, "index")
     with pytest.raises(ConfigError, match="metric"):
         DenseIndexConfig(metric="cosine")
     with pytest.raises(ConfigError, match="nprobe: 9 exceeds nlist 8"):
