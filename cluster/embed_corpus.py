@@ -135,7 +135,8 @@ def build_dense_index(source: Collection | Sequence[str], encoder: EncoderSpec =
     """A searchable ``DenseIndex`` of a collection's documents or of Parquet/JSONL shards.
 
     ``workers`` = 0 embeds a collection in this process; otherwise ``workers`` Ray actors embed
-    it (Ray must be initialised). The index holds the driver's encoder for its queries and
+    it (Ray must be initialised). A collection's documents keep its order; shards' rows are
+    sorted by id. The index holds the driver's encoder for its queries and
     records its identity (and ``encoder`` when it is a name, so ``DenseIndex.load`` rebuilds it).
     """
     check_int("workers", workers, minimum=0)
@@ -148,7 +149,9 @@ def build_dense_index(source: Collection | Sequence[str], encoder: EncoderSpec =
             vectors = enc.encode([source.documents[i] for i in ids], batch_size)
         else:
             ds = ray.data.from_items([{"id": i, "text": source.documents[i]} for i in ids])
-            ids, vectors = collect(ds, encoder, workers, batch_size, weights)
+            got, vectors = collect(ds, encoder, workers, batch_size, weights)
+            row = {doc_id: n for n, doc_id in enumerate(got)}
+            vectors = vectors[[row[i] for i in ids]]       # the collection's order, as workers=0
     else:
         if workers == 0:
             raise ValueError("build_dense_index: shards are embedded by Ray actors; workers >= 1")
