@@ -88,7 +88,6 @@ def synthetic_rows(args) -> dict[str, Any]:
     docs, queries = synthetic(args)
     ids = [str(i) for i in range(len(docs))]
     nlist = args.nlist or int(4 * math.sqrt(args.n))
-    built = {}
     flat, t_flat = timed_build(ids, docs, DenseIndexConfig(kind="flat"))
     ivf, t_ivf = timed_build(ids, docs, DenseIndexConfig(kind="ivf", nlist=nlist, nprobe=1,
                                                          seed=args.seed))
@@ -144,8 +143,7 @@ def print_synthetic(res: dict[str, Any], args) -> None:
           f"{'met by ' + ', '.join(met) if met else 'NOT met'}")
 
 
-def bm25s_run(coll, qids: list[str], k: int):
-    doc_ids = list(coll.documents)
+def bm25s_run(coll, doc_ids: list[str], qids: list[str], k: int):
     stemmer = Stemmer.Stemmer("english")
     retriever = bm25s.BM25(k1=1.5, b=0.75)
     retriever.index(bm25s.tokenize([coll.documents[d] for d in doc_ids], stopwords="en",
@@ -171,10 +169,11 @@ def real_rows(args) -> dict[str, Any]:
         qvec = encoder.encode([queries[q] for q in qids], batch_size=64)
         nlist = max(1, int(math.sqrt(len(doc_ids))))
         flat = DenseIndex.build(doc_ids, docs)
+        nprobe = max(1, nlist // 4)
         systems = {
             "MiniLM Flat": flat,
-            f"MiniLM IVF{nlist} nprobe={max(1, nlist // 4)}": DenseIndex.build(
-                doc_ids, docs, DenseIndexConfig(kind="ivf", nlist=nlist, nprobe=max(1, nlist // 4))),
+            f"MiniLM IVF{nlist} nprobe={nprobe}": DenseIndex.build(
+                doc_ids, docs, DenseIndexConfig(kind="ivf", nlist=nlist, nprobe=nprobe)),
             "MiniLM HNSW32 efSearch=64": DenseIndex.build(
                 doc_ids, docs, DenseIndexConfig(kind="hnsw", m=32, ef_search=64))}
         rows = {}
@@ -182,7 +181,7 @@ def real_rows(args) -> dict[str, Any]:
             run = to_run(qids, index.search_vectors(qvec, 100))
             rows[sname] = {**evaluate(run, coll.qrels), "recall@10_vs_flat":
                            recall_at_k(index, flat, qvec, K)}
-        rows["bm25s (reference)"] = evaluate(bm25s_run(coll, qids, 100), coll.qrels)
+        rows["bm25s (reference)"] = evaluate(bm25s_run(coll, doc_ids, qids, 100), coll.qrels)
         out[name] = {"documents": len(doc_ids), "judged_queries": len(qids),
                      "embed_docs_s": embed_s, "rows": rows}
     return out

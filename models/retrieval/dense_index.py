@@ -1,4 +1,4 @@
-"""Dense retrieval: document vectors in a faiss index (Flat, IVF or HNSW), searched by inner product.
+"""Dense retrieval: document vectors in a faiss index (Flat, IVF or HNSW), inner-product search.
 
 A dual encoder maps queries and documents to vectors; relevance is their inner product (cosine for
 the unit vectors of ``MeanPoolEncoder``). ``flat`` scans every vector (exact; the reference the
@@ -162,8 +162,8 @@ class DenseIndex:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def build(cls, doc_ids: Sequence[str], vectors: Any, config: DenseIndexConfig = DenseIndexConfig(),
-              encoder: MeanPoolEncoder | None = None, encoder_spec: str | None = None,
+    def build(cls, doc_ids: Sequence[str], vectors: Any,
+              config: DenseIndexConfig = DenseIndexConfig(), encoder: MeanPoolEncoder | None = None, encoder_spec: str | None = None,
               identity: dict[str, Any] | None = None) -> "DenseIndex":
         """Index ``vectors`` [N, d] under ``doc_ids`` (IVF is trained on them first).
 
@@ -180,8 +180,8 @@ class DenseIndex:
             n_train = len(mat) if config.train_size == 0 else min(config.train_size, len(mat))
             if n_train < config.nlist:
                 raise ConfigError(f"nlist: IVF with nlist={config.nlist} needs at least that many "
-                                  f"training vectors, got {n_train} (train_size={config.train_size}, "
-                                  f"{len(mat)} vectors); lower nlist (faiss suggests 30-256 "
+                                  f"training vectors, got {n_train} (train_size="
+                                  f"{config.train_size}, {len(mat)} vectors); lower nlist (faiss suggests 30-256 "
                                   "training vectors per cell)")
         index = new_faiss_index(mat.shape[1], config)
         if config.kind == "ivf":

@@ -1,4 +1,4 @@
-"""Corpus embedding by a Ray Data actor pool over JSONL/Parquet shards, and the dense index it builds."""
+"""Corpus embedding by a Ray Data actor pool over JSONL/Parquet shards, and the index it builds."""
 from __future__ import annotations
 
 import functools
@@ -100,7 +100,8 @@ def test_shard_errors_name_the_file(tmp_path, cisi_slice):
 def test_a_row_without_text_names_its_file():
     """What each actor checks per batch (a later row of a shard whose first line was fine)."""
     embed = EmbedBatch(TINY, batch_size=4)
-    batch = {"id": np.array(["1", "2"], dtype=object), "text": np.array(["fine", None], dtype=object),
+    batch = {"id": np.array(["1", "2"], dtype=object),
+             "text": np.array(["fine", None], dtype=object),
              "path": np.array(["/d/later.jsonl"] * 2, dtype=object)}
     with pytest.raises(ValueError, match=r"/d/later\.jsonl: the row with id '2' has no text"):
         embed(batch)

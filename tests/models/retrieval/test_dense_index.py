@@ -93,7 +93,8 @@ def test_hnsw_recall_with_generous_ef_search():
     flat = DenseIndex.build(ids, docs)
     exact, _ = brute_force(docs, queries, 10, "ip")
     got = hnsw.search_vectors(queries, 10)
-    recall = np.mean([len({d for d, _ in h} & {ids[j] for j in e}) / 10 for h, e in zip(got, exact)])
+    recall = np.mean([len({d for d, _ in h} & {ids[j] for j in e}) / 10
+                      for h, e in zip(got, exact)])
     assert recall >= 0.95
     assert recall_at_k(hnsw, flat, queries, 10) == pytest.approx(recall)
 
