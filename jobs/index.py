@@ -4,7 +4,9 @@
 
 ``collection``: cisi | medline | world (the synthetic world's pages; ``world_entities``,
 ``world_seed``) | jsonl | parquet (``path``: records with string ``id`` and ``text``).
-``index``: kind bm25 with k1, b, the analyzer and ``shards``. With shards > 1 the index is built
+``index``: kind bm25 with k1, b, the analyzer and ``shards``; or kind dense with ``encoder``
+(minilm), ``faiss`` (flat | ivf | hnsw and their parameters) and ``workers`` (Ray actors that embed
+the corpus; 0 embeds in this process). With bm25 shards > 1 the index is built
 on that many Ray actors (two phases: global statistics, then per-shard scores; an embedded local
 Ray unless ``--address`` / RAY_ADDRESS name a cluster) and the shards' indexes are joined into
 one before saving: a shard built on global statistics holds exactly the unsharded index's
@@ -24,29 +26,41 @@ from typing import Any, Literal
 import pyarrow.parquet as pq
 
 from bmray.cluster import connect
+from bmray.cluster.embed_corpus import build_dense_index
 from bmray.cluster.sharded_index import ShardedIndex
 from bmray.jobs.pretrain import parse_args, run_job
 from bmray.models.retrieval.analyzer import Analyzer, AnalyzerConfig
 from bmray.models.retrieval.artifact import save_index
 from bmray.models.retrieval.bm25 import BM25Config, BM25Index
-from bmray.models.retrieval.collections import LOADERS, world_collection
-from bmray.models.typed_config import (ConfigError, apply_overrides, check_int, from_dict,
-                                       load_yaml, to_dict)
+from bmray.models.retrieval.collections import LOADERS, Collection, world_collection
+from bmray.models.retrieval.dense_index import ENCODERS, DenseIndex, DenseIndexConfig
+from bmray.models.retrieval.manifest import corpus_hash
+from bmray.models.typed_config import (ConfigError, apply_overrides, check_choice, check_int,
+                                       from_dict, load_yaml, to_dict)
 from bmray.models.world.config import WorldConfig
 from bmray.models.world.world import World
 
 
 @dataclass(frozen=True)
 class IndexSection:
-    kind: Literal["bm25"] = "bm25"
+    kind: Literal["bm25", "dense"] = "bm25"
     k1: float = 0.9
     b: float = 0.4
     shards: int = 1
     analyzer: AnalyzerConfig = field(default_factory=AnalyzerConfig)
+    encoder: str = "minilm"
+    faiss: DenseIndexConfig = field(default_factory=DenseIndexConfig)
+    workers: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("index.kind", self.kind, ("bm25", "dense"))
         BM25Config(self.k1, self.b)
         check_int("index.shards", self.shards, minimum=1)
+        check_int("index.workers", self.workers, minimum=0)
+        check_choice("index.encoder", self.encoder, ENCODERS)
+        if self.kind == "dense" and self.shards != 1:
+            raise ConfigError("index.shards: sharding is for bm25; a dense corpus is embedded by "
+                              "`index.workers` Ray actors into one faiss index")
 
 
 @dataclass(frozen=True)
@@ -115,11 +129,33 @@ def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
     return raw
 
 
+def build_dense(cfg: IndexJobConfig, docs: dict[str, str],
+                address: str | None) -> tuple[DenseIndex, str]:
+    """Embed the corpus (here, or on ``workers`` actors) into the configured faiss index."""
+    ix = cfg.index
+    where = "this process"
+    if ix.workers > 0:
+        info = connect(address, num_cpus=max(ix.workers, os.cpu_count() or 1))
+        where = f"{ix.workers} embedding actors on {info['where']}"
+    index = build_dense_index(Collection(cfg.collection, docs, {}, {}), ix.encoder, ix.faiss,
+                              workers=ix.workers)
+    index.corpus_hash = corpus_hash(list(docs), docs.values())
+    return index, where
+
+
 def run(raw: dict[str, Any], address: str | None = None) -> dict[str, Any]:
     cfg = from_dict(IndexJobConfig, raw, "config")
     docs = corpus_of(cfg)
     ids, texts = list(docs), list(docs.values())
     ix = cfg.index
+    if ix.kind == "dense":
+        start = time.perf_counter()
+        index, where = build_dense(cfg, docs, address)
+        seconds = time.perf_counter() - start
+        save_index(index, cfg.output)
+        return {"output": cfg.output, "collection": cfg.collection, "kind": "dense",
+                "documents": len(index), "dim": index.dim, "faiss": index.config.kind,
+                "build_seconds": seconds, "built_on": where, "config": to_dict(cfg)}
     bm25 = BM25Config(ix.k1, ix.b)
     start = time.perf_counter()
     if ix.shards == 1:
@@ -135,12 +171,19 @@ def run(raw: dict[str, Any], address: str | None = None) -> dict[str, Any]:
         where = f"{ix.shards} shard actors on {info['where']}"
     seconds = time.perf_counter() - start
     save_index(index, cfg.output)
-    return {"output": cfg.output, "collection": cfg.collection, "documents": len(index),
+    return {"output": cfg.output, "collection": cfg.collection, "kind": "bm25",
+            "documents": len(index),
             "terms": len(index.terms), "postings": int(index.matrix.nnz),
             "build_seconds": seconds, "built_on": where, "config": to_dict(cfg)}
 
 
 def print_report(report: dict[str, Any]) -> None:
+    if report["kind"] == "dense":
+        print(f"[bmray] dense {report['faiss']} index of {report['collection']}: "
+              f"{report['documents']} vectors of dimension {report['dim']}, built in "
+              f"{report['build_seconds']:.2f} s on {report['built_on']} -> {report['output']}",
+              flush=True)
+        return
     print(f"[bmray] bm25 index of {report['collection']}: {report['documents']} documents, "
           f"{report['terms']} terms, {report['postings']} postings, built in "
           f"{report['build_seconds']:.2f} s on {report['built_on']} -> {report['output']}",

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from bmray.models.retrieval.bm25 import BM25Index
+from bmray.models.retrieval.dense_index import DenseIndex
 from bmray.models.retrieval.manifest import (IndexArtifactError, check_corpus, corpus_hash,
                                              read_manifest)
 from bmray.models.retrieval.types import Retriever
 
-INDEX_KINDS: dict[str, Callable[[Path], Retriever]] = {"bm25": BM25Index.load}
+INDEX_KINDS: dict[str, Callable[[Path], Retriever]] = {"bm25": BM25Index.load,
+                                                      "dense": DenseIndex.load}
 
 
 def save_index(index, directory: str | Path) -> Path:

