@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from fastapi.security import HTTPBearer
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -26,6 +30,13 @@ from bmray.actors.serve.schemas import (EmbedRequest, EmbedResponse, ErrorBody, 
 
 # Documents the scheme in the OpenAPI schema; the check itself is the middleware (auth.py).
 BEARER = HTTPBearer(auto_error=False, description="API key, when the app is configured with one")
+UNPARSABLE = "There was an error parsing the body"     # FastAPI's detail for such a 400
+
+
+def invalid_body() -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [{
+        "type": "json_invalid", "loc": ["body"], "msg": "the body is not UTF-8 JSON",
+        "input": None}]})
 
 
 def make_api(search: DeploymentHandle | None, embed: DeploymentHandle | None,
@@ -58,6 +69,18 @@ def make_api(search: DeploymentHandle | None, embed: DeploymentHandle | None,
             raise HTTPException(404, "embeddings are not served by this app (embed.enabled)")
         vectors = await embed.embed.remote(req.texts)
         return EmbedResponse(model=MINILM, dim=len(vectors[0]), embeddings=vectors)
+
+    @api.exception_handler(UnicodeDecodeError)
+    async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        # FastAPI decodes some bodies before parsing JSON: bytes that are not UTF-8 were a 500.
+        return invalid_body()
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers other undecodable bodies with a bare 400: one 422 for every bad body.
+        if exc.status_code == 400 and exc.detail == UNPARSABLE:
+            return invalid_body()
+        return await http_exception_handler(request, exc)
 
     require_api_key(api, api_key)
     RouteMetrics().install(api)      # outermost: 401s are counted too
