@@ -17,9 +17,10 @@ import argparse
 import os
 import sys
 import time
-from typing import Any
+from typing import Sequence
 
 from ray import serve
+from ray.serve import RunTarget
 
 from bmray.actors.serve.app import app_from_config
 from bmray.actors.serve.config import (ServeAppConfig, check_serve_config, resolve_paths,
@@ -65,12 +66,14 @@ def url_of(cfg: ServeAppConfig) -> str:
 
 
 def start_app(cfg: ServeAppConfig, address: str | None = None, name: str = APP_NAME,
-              route_prefix: str = "/") -> str:
-    """Connect to Ray, start Serve's HTTP proxy on the config's host/port, deploy, wait until
-    every replica is up; returns the app's URL."""
+              route_prefix: str = "/", also: Sequence[RunTarget] = ()) -> str:
+    """Connect to Ray, start Serve's HTTP proxy on the config's host/port, deploy (with ``also``:
+    more applications, deployed in parallel), wait until every replica is up; returns the
+    app's URL."""
     connect(address, num_cpus=max(cpus_needed(cfg), os.cpu_count() or 1))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app_from_config(cfg), name=name, route_prefix=route_prefix)
+    serve.run_many([RunTarget(app_from_config(cfg), name=name, route_prefix=route_prefix),
+                    *also])
     return url_of(cfg) + route_prefix.rstrip("/")
 
 

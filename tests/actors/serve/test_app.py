@@ -19,6 +19,7 @@ import requests
 import torch
 import yaml
 from ray import serve
+from ray.serve import RunTarget
 
 from bmray.actors.serve.app import app_from_config
 from bmray.actors.serve.config import serve_config_from_dict
@@ -71,12 +72,12 @@ def served(ray_session, tmp_path_factory):
             "search": small(args["search"]), "embed": small(args["embed"])}
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, KEY)
-    url = start_app(serve_config_from_dict(args))
     slow = serve_config_from_dict({
         **args, "embed": {"enabled": False},
         "search": {"num_cpus": 0.1, "max_ongoing_requests": 1, "max_queued_requests": 1,
                    "retry_after_s": 2}})
-    serve.run(app_from_config(slow, search_cls=SlowSearch), name="slow", route_prefix="/slow")
+    url = start_app(serve_config_from_dict(args), also=[RunTarget(
+        app_from_config(slow, search_cls=SlowSearch), name="slow", route_prefix="/slow")])
     yield {"url": url, "index": load_index(directory), "medline": medline}
     mp.undo()
     serve.shutdown()
