@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Sequence
@@ -84,6 +85,10 @@ def describe(cfg: ServeAppConfig) -> str:
     return ", ".join(parts)
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -96,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     embedded = not (args.address or os.environ.get("RAY_ADDRESS"))
     url = start_app(cfg, args.address)
+    signal.signal(signal.SIGTERM, interrupt)   # a supervisor's stop: the same clean-up (after
+                                               # ray.init, which installs its own handler)
     print(f"[bmray] serving at {url} ({describe(cfg)}); OpenAPI schema at {url}/openapi.json; "
           f"Ctrl-C to stop", flush=True)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not cut clean-up
         print("[bmray] stopping", flush=True)
     finally:
         if embedded:
