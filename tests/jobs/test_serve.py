@@ -24,7 +24,7 @@ def test_dry_run_validates_and_starts_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "config ok" in out and "http://127.0.0.1:8000" in out and "['medline']" in out
     cfg = load_config(LOCAL, [f"indexes.medline={tmp_path / 'ix'}"])
-    assert cpus_needed(cfg) == 4        # 0.25 ingress + 2 x 1 search + 1 embed, rounded up
+    assert cpus_needed(cfg) == 2        # 0.1 ingress + 2 x 0.5 search + 0.75 embed, rounded up
 
 
 def test_config_errors_exit_2_naming_the_key(tmp_path, capsys):

@@ -38,7 +38,7 @@ def test_the_local_config_parses_to_the_documented_deployment_options():
     assert opts["max_queued_requests"] == 64 and opts["max_ongoing_requests"] == 16
     assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
     assert cfg.embed.options()["num_replicas"] == 1
-    assert opts["ray_actor_options"] == {"num_cpus": 1.0}
+    assert opts["ray_actor_options"] == {"num_cpus": 0.5}
 
 
 def test_the_serve_config_file_is_ray_serves_schema_with_the_same_app():
