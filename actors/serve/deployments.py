@@ -29,7 +29,8 @@ def torch_threads(num_cpus: float) -> int:
     return n
 
 
-def search_grouped(indexes: Mapping[str, Retriever], calls: Sequence[SearchCall]) -> list[list[Hits]]:
+def search_grouped(indexes: Mapping[str, Retriever],
+                   calls: Sequence[SearchCall]) -> list[list[Hits]]:
     """Answer many (index, queries, k) calls with one ``search`` per distinct (index, k)."""
     groups: dict[tuple[str, int], list[int]] = {}
     for i, (name, _, k) in enumerate(calls):
