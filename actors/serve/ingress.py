@@ -25,8 +25,8 @@ from ray.serve.handle import DeploymentHandle
 from bmray.actors.serve.auth import require_api_key
 from bmray.actors.serve.deployments import MINILM
 from bmray.actors.serve.metrics import RouteMetrics
-from bmray.actors.serve.schemas import (EmbedRequest, EmbedResponse, ErrorBody, Health, Hit,
-                                        SearchRequest, SearchResponse)
+from bmray.actors.serve.schemas import (MAX_BODY_BYTES, EmbedRequest, EmbedResponse, ErrorBody,
+                                        Health, Hit, SearchRequest, SearchResponse)
 
 # Documents the scheme in the OpenAPI schema; the check itself is the middleware (auth.py).
 BEARER = HTTPBearer(auto_error=False, description="API key, when the app is configured with one")
@@ -81,6 +81,15 @@ def make_api(search: DeploymentHandle | None, embed: DeploymentHandle | None,
         if exc.status_code == 400 and exc.detail == UNPARSABLE:
             return invalid_body()
         return await http_exception_handler(request, exc)
+
+    @api.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        # Refuse a body larger than any valid request before reading it (413, RFC 9110).
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY_BYTES:
+            return JSONResponse(status_code=413, content={
+                "detail": f"body over {MAX_BODY_BYTES} bytes (Content-Length {size!r})"})
+        return await call_next(request)
 
     require_api_key(api, api_key)
     RouteMetrics().install(api)      # outermost: 401s are counted too

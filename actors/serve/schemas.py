@@ -17,6 +17,7 @@ MAX_TEXT_CHARS = 4096        # one query or text to embed
 MAX_BATCH = 64               # queries or texts per request
 MAX_K = 1000
 MAX_NEW_TOKENS = 1024        # for the generation endpoints
+MAX_BODY_BYTES = 2 << 20     # > 64 x 4096 characters of 4-byte UTF-8 plus JSON: 413 beyond
 
 Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
 IndexName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]

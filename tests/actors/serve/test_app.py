@@ -193,6 +193,12 @@ def test_non_json_bodies_are_422(served, data, ctype):
         assert r.status_code == 422, (path, data, r.status_code, r.text)
 
 
+def test_a_body_larger_than_any_valid_request_is_413(served):
+    body = {"index": "medline", "queries": ["q" * 4096] * 600}
+    r = post(served, "/v1/search", body)
+    assert r.status_code == 413 and "body over" in r.json()["detail"]
+
+
 def test_unknown_index_is_404_naming_the_available_ones(served):
     r = post(served, "/v1/search", {"index": "cisi", "queries": ["q"]})
     assert r.status_code == 404
