@@ -11,7 +11,7 @@ endpoints (QA, generation, classification) add a handle and a route here.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Awaitable, Callable, Sequence
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -37,6 +37,33 @@ def invalid_body() -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": [{
         "type": "json_invalid", "loc": ["body"], "msg": "the body is not UTF-8 JSON",
         "input": None}]})
+
+
+def guard_bodies(api: FastAPI) -> None:
+    """Bodies no route could accept are 4xx before any parsing: over ``MAX_BODY_BYTES`` is 413,
+    undecodable bytes are 422 like every other malformed body."""
+
+    @api.exception_handler(UnicodeDecodeError)
+    async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        # FastAPI decodes some bodies before parsing JSON: bytes that are not UTF-8 were a 500.
+        return invalid_body()
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # FastAPI answers other undecodable bodies with a bare 400: one 422 for every bad body.
+        if exc.status_code == 400 and exc.detail == UNPARSABLE:
+            return invalid_body()
+        return await http_exception_handler(request, exc)
+
+    @api.middleware("http")
+    async def bounded_body(request: Request,
+                           call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # Refuse a body larger than any valid request before reading it (413, RFC 9110).
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > MAX_BODY_BYTES:
+            return JSONResponse(status_code=413, content={
+                "detail": f"body over {MAX_BODY_BYTES} bytes (Content-Length {size!r})"})
+        return await call_next(request)
 
 
 def make_api(search: DeploymentHandle | None, embed: DeploymentHandle | None,
@@ -70,27 +97,7 @@ def make_api(search: DeploymentHandle | None, embed: DeploymentHandle | None,
         vectors = await embed.embed.remote(req.texts)
         return EmbedResponse(model=MINILM, dim=len(vectors[0]), embeddings=vectors)
 
-    @api.exception_handler(UnicodeDecodeError)
-    async def not_utf8(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
-        # FastAPI decodes some bodies before parsing JSON: bytes that are not UTF-8 were a 500.
-        return invalid_body()
-
-    @api.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # FastAPI answers other undecodable bodies with a bare 400: one 422 for every bad body.
-        if exc.status_code == 400 and exc.detail == UNPARSABLE:
-            return invalid_body()
-        return await http_exception_handler(request, exc)
-
-    @api.middleware("http")
-    async def bounded_body(request: Request, call_next):
-        # Refuse a body larger than any valid request before reading it (413, RFC 9110).
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > MAX_BODY_BYTES:
-            return JSONResponse(status_code=413, content={
-                "detail": f"body over {MAX_BODY_BYTES} bytes (Content-Length {size!r})"})
-        return await call_next(request)
-
+    guard_bodies(api)
     require_api_key(api, api_key)
     RouteMetrics().install(api)      # outermost: 401s are counted too
     return api
