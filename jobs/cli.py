@@ -19,6 +19,7 @@ JOBS = {
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),
     "index": ("bmray.jobs.index", "build a retrieval index (BM25, sharded on actors) and save it"),
     "evaluate": ("bmray.jobs.evaluate", "score saved indexes on a collection: a metric table"),
+    "serve": ("bmray.jobs.serve", "serve search and embeddings over HTTP (Ray Serve app)"),
 }
 
 

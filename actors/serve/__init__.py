@@ -1,0 +1,1 @@
+"""Ray Serve application: a FastAPI ingress in front of one deployment per model."""
