@@ -144,7 +144,7 @@ def tune_threshold(null_margins: Sequence[float], score_if_answered: Sequence[fl
     if d.size == 0:
         raise ValueError("tune_threshold: no questions")
     ans, null = np.asarray(score_if_answered, float), np.asarray(score_if_abstained, float)
-    cands = np.concatenate([[-np.inf], np.unique(d)])
+    cands = np.concatenate([[d.min() - 1.0], np.unique(d)])     # first: always abstain
     means = np.where(d[None, :] > cands[:, None], null[None, :], ans[None, :]).mean(1)
     i = int(means.argmax())
     return float(cands[i]), float(means[i])
