@@ -7,22 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bmray.models.config import ModelConfig
-from bmray.models.families.registry import build_model
-from bmray.models.qa.reader import (SpanReader, best_span, decode, read, tune_threshold)
+from bmray.models.qa.reader import (best_span, decode, read, tune_threshold)
 from bmray.models.qa.windows import SpanTokenizer, Window, collate, make_windows
 
 
-def tiny_reader(tok):
-    ids = tok.special_ids()
-    mc = ModelConfig(family="bert", vocab_size=tok.vocab_size, d_model=32, n_heads=2,
-                     n_layers=2, d_ff=64, max_seq_len=64, dropout=0.0,
-                     **{k: v for k, v in ids.items() if k != "sentinel_ids"})
-    torch.manual_seed(0)
-    return SpanReader(build_model(mc), 32)
-
-
-def test_loss_is_mean_of_start_and_end_cross_entropy(bpe_tokenizer, world_qa):
+def test_loss_is_mean_of_start_and_end_cross_entropy(bpe_tokenizer, world_qa, tiny_reader):
     tok = SpanTokenizer.from_bmray(bpe_tokenizer)
     reader = tiny_reader(bpe_tokenizer)
     ws = [w for i, r in enumerate(world_qa[:4])
@@ -98,7 +87,7 @@ def test_tune_threshold_equals_exhaustive_search():
     assert best == pytest.approx(sum(n if di > t else a for di, a, n in zip(d, ans, null)) / 25)
 
 
-def test_read_end_to_end_shapes(bpe_tokenizer, world_qa):
+def test_read_end_to_end_shapes(bpe_tokenizer, world_qa, tiny_reader):
     tok = SpanTokenizer.from_bmray(bpe_tokenizer)
     reader = tiny_reader(bpe_tokenizer)
     rs = world_qa[:3]
