@@ -37,7 +37,7 @@ class SpanTokenizer:
             raise ValueError(f"{type(tok).__name__} is not a fast tokenizer: no offset mapping")
 
         def encode(text: str) -> tuple[list[int], Offsets]:
-            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             return list(enc["input_ids"]), trim_offsets(text, enc["offset_mapping"])
         return cls(encode, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, name)
 
