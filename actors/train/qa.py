@@ -237,12 +237,14 @@ def family_reader(cfg: QAConfig, bpe: Tokenizer, model_config: ModelConfig | Non
 # ---------------------------------------------------------------- evaluation
 
 def evaluate_reader(reader: nn.Module, tok: SpanTokenizer, examples: Sequence[QAExample],
-                    r: ReaderConfig, threshold: float) -> dict[str, float]:
-    """SQuAD EM/F1 (percent) of the reader's answers at ``threshold``."""
+                    r: ReaderConfig, threshold: float) -> tuple[dict[str, float], dict[str, float]]:
+    """SQuAD EM/F1 (percent) of the reader's answers at ``threshold``, and of its best spans
+    (never abstaining), from one read."""
     preds = read(reader, tok, [e.question for e in examples], [e.context for e in examples],
                  r.max_length, r.doc_stride, r.max_answer_tokens, threshold, r.eval_batch_size)
-    return squad_evaluate({e.id: p.answer for e, p in zip(examples, preds)},
-                          {e.id: list(e.answers) for e in examples})
+    golds = {e.id: list(e.answers) for e in examples}
+    return (squad_evaluate({e.id: p.answer for e, p in zip(examples, preds)}, golds),
+            squad_evaluate({e.id: p.text for e, p in zip(examples, preds)}, golds))
 
 
 def tune_on_dev(reader: nn.Module, tok: SpanTokenizer, dev: Sequence[QAExample],
@@ -335,13 +337,14 @@ def run_qa(cfg: QAConfig, out_dir: str | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     threshold, dev_f1 = (tune_on_dev(reader, built.tokenizer, dev, cfg.reader) if dev
                          else (cfg.reader.threshold, None))
-    metrics = evaluate_reader(reader, built.tokenizer, evals, cfg.reader, threshold)
+    metrics, always = evaluate_reader(reader, built.tokenizer, evals, cfg.reader, threshold)
     eval_s = time.perf_counter() - t0
     report = {"data": facts, "train_windows": len(windows), "steps": trainer.step,
               "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
               "first_loss": result.losses[min(result.losses)] if result.losses else None,
               "final_loss": result.losses[max(result.losses)] if result.losses else None,
-              "threshold": threshold, "dev_f1": dev_f1, "eval": metrics}
+              "threshold": threshold, "dev_f1": dev_f1, "eval": metrics,
+              "eval_always_answer": always}
     artifact = save_reader(out / "reader", built, cfg, threshold, report)
     report["artifact"] = str(artifact)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -10,6 +10,7 @@ else the [CLS] position 0 (as for an unanswerable question).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 Offsets = list[tuple[int, int]]
+CACHED_TEXTS = 1024      # encodings kept: many questions share one long context (read-only)
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class SpanTokenizer:
         def encode(text: str) -> tuple[list[int], Offsets]:
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
             return list(enc["input_ids"]), trim_offsets(text, enc["offset_mapping"])
-        return cls(encode, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, name)
+        return cls(functools.lru_cache(maxsize=CACHED_TEXTS)(encode), tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, name)
 
     @classmethod
     def from_bmray(cls, tok: Any) -> "SpanTokenizer":
@@ -49,7 +51,7 @@ class SpanTokenizer:
         def encode(text: str) -> tuple[list[int], Offsets]:
             enc = tok.backend.encode(text, add_special_tokens=False)
             return list(enc.ids), trim_offsets(text, enc.offsets)
-        return cls(encode, ids["cls_id"], ids["sep_id"], ids["pad_id"], f"bpe:{tok.hash}")
+        return cls(functools.lru_cache(maxsize=CACHED_TEXTS)(encode), ids["cls_id"], ids["sep_id"], ids["pad_id"], f"bpe:{tok.hash}")
 
 
 def trim_offsets(text: str, offsets: Sequence[tuple[int, int]]) -> Offsets:
