@@ -70,3 +70,12 @@ def test_job_exit_codes(tmp_path, capsys):
                         "--set", "train.max_steps=2"]) == 0
     assert (tmp_path / "reader" / "model.safetensors").is_file()
     assert "eval EM" in capsys.readouterr().out
+
+
+def test_a_minilm_reader_from_another_base_is_refused(tmp_path):
+    manifest = {"kind": "qa_reader", "base_kind": "minilm", "tokenizer": "all-MiniLM-L6-v2",
+                "base": {"class": "BertModel", "weights_sha256": "0" * 64},
+                "reader": {"max_length": 128, "doc_stride": 32}, "threshold": 0.0}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="trained from base 000000000000, but the installed"):
+        load_reader(tmp_path)
