@@ -368,6 +368,7 @@ def test_concurrent_generations_are_batched_exactly(served):
              ("Thou art more lovely and", {"max_new_tokens": 16, "strategy": "greedy"}),
              ("Rough", {"max_new_tokens": 9, "strategy": "greedy"}),
              ("And", {"max_new_tokens": 12, "strategy": "sample", "seed": 3}),
+             ("And", {"max_new_tokens": 12, "strategy": "sample", "seed": 3}),
              ("And", {"max_new_tokens": 12, "strategy": "sample", "seed": 4})]
     with ThreadPoolExecutor(len(calls)) as pool:
         answers = list(pool.map(lambda c: post(served, "/v1/generate",
