@@ -410,3 +410,8 @@ def test_a_client_that_disconnects_stops_its_stream(served):
     assert after["streams_cancelled"] == before["streams_cancelled"] + 1, after
     assert after["streams_finished"] == before["streams_finished"]
     assert after["tokens"] - before["tokens"] < 1000
+
+
+def test_generate_is_404_where_not_served(served):
+    r = post(served, "/slow/v1/generate", {"prompt": "x"})
+    assert r.status_code == 404 and "generate.enabled" in r.json()["detail"]
