@@ -356,6 +356,7 @@ def test_generate_whole_and_streamed_equal_generate_in_process(served, prompt, p
     events = events_of(served, {"prompt": prompt, **params})
     texts = [e["text"] for e in events if isinstance(e, dict) and "text" in e]
     assert len(texts) >= 2 and all(texts)                 # it streams, chunk by chunk
+    # equal to the whole text: a character split over two chunks would be two U+FFFD there
     assert "".join(texts) == want["text"]
     assert events[-2] == {"finish_reason": "length", "tokens": params["max_new_tokens"]}
     assert events[-1] == "[DONE]"
@@ -415,3 +416,11 @@ def test_a_client_that_disconnects_stops_its_stream(served):
 def test_generate_is_404_where_not_served(served):
     r = post(served, "/slow/v1/generate", {"prompt": "x"})
     assert r.status_code == 404 and "generate.enabled" in r.json()["detail"]
+
+
+def test_generate_requests_are_counted_per_route(served):
+    post(served, "/v1/generate", {"prompt": "O", "max_new_tokens": 2})
+    text = requests.get(served["url"] + "/metrics", timeout=60,
+                        headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'bmray_http_requests_total{method="POST",route="/v1/generate",status="200"}' in text
+    assert 'bmray_http_requests_total{method="POST",route="/v1/generate",status="422"}' in text
