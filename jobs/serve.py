@@ -55,7 +55,8 @@ def load_config(path: str, overrides: list[str]) -> ServeAppConfig:
 def cpus_needed(cfg: ServeAppConfig) -> int:
     """Logical CPUs for an embedded Ray: every deployment at its maximum replicas."""
     sections = [cfg.ingress] + ([cfg.search] if cfg.indexes else []) + (
-        [cfg.embed] if cfg.embed.enabled else [])
+        [cfg.embed] if cfg.embed.enabled else []) + (
+        [cfg.generate] if cfg.generate.enabled else [])
     total = sum(s.num_cpus * (s.autoscaling.max_replicas if s.autoscaling else s.replicas or 1)
                 for s in sections)
     return int(total + 0.999)
@@ -81,6 +82,7 @@ def start_app(cfg: ServeAppConfig, address: str | None = None, name: str = APP_N
 def describe(cfg: ServeAppConfig) -> str:
     parts = [f"indexes {sorted(cfg.indexes) or 'none'}",
              f"embed {'on' if cfg.embed.enabled else 'off'}",
+             f"generate {'on' if cfg.generate.enabled else 'off'}",
              f"API key {'from $' + cfg.api_key_env if cfg.api_key_env else 'off'}"]
     return ", ".join(parts)
 

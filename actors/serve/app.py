@@ -15,12 +15,14 @@ from ray.serve import Application
 from bmray.actors.serve.config import (ServeAppConfig, api_key, check_serve_config,
                                        resolve_paths, serve_config_from_dict)
 from bmray.actors.serve.deployments import EmbedDeployment, SearchDeployment
+from bmray.actors.serve.generate import GenerateDeployment, locate_generator
 from bmray.actors.serve.ingress import Ingress
 
 
 def app_from_config(cfg: ServeAppConfig, search_cls: Any = SearchDeployment,
                     embed_cls: Any = EmbedDeployment) -> Application:
-    """The bound application (ingress → search, embed); ``*_cls`` swap a deployment (tests)."""
+    """The bound application (ingress → search, embed, generate); ``*_cls`` swap a deployment
+    (tests)."""
     check_serve_config(cfg)
     search = None
     if cfg.indexes:
@@ -32,8 +34,14 @@ def app_from_config(cfg: ServeAppConfig, search_cls: Any = SearchDeployment,
         e = cfg.embed
         embed = embed_cls.options(**e.options()).bind(e.num_cpus, e.max_batch_size,
                                                        e.batch_wait_timeout_s)
+    generate = None
+    if cfg.generate.enabled:
+        g = cfg.generate
+        checkpoint, tokenizer = locate_generator(g.experiment or "", g.checkpoint)
+        generate = GenerateDeployment.options(**g.options()).bind(
+            checkpoint, tokenizer, g.num_cpus, g.max_batch_size, g.batch_wait_timeout_s)
     return Ingress.options(**cfg.ingress.options()).bind(search, embed, sorted(cfg.indexes),
-                                                         api_key(cfg))
+                                                         api_key(cfg), generate)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bmray.actors.serve.generate import locate_generator
 from bmray.models.retrieval.artifact import index_manifest
 from bmray.models.retrieval.manifest import IndexArtifactError
 from bmray.models.typed_config import ConfigError, check_int, check_positive, from_dict
@@ -99,6 +100,26 @@ class EmbedSection(BatchedSection):
 
 
 @dataclass(frozen=True)
+class GenerateSection(BatchedSection):
+    """Text generation from a GPT checkpoint: ``experiment`` is its pre-training YAML (the
+    tokenizer and ``checkpoint.dir``, as ``bmray generate --config``); ``checkpoint`` another
+    checkpoint directory or root. Off by default: no checkpoint ships with the repository."""
+
+    enabled: bool = False
+    experiment: str | None = None
+    checkpoint: str | None = None
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"enabled: expected true or false, got {self.enabled!r}")
+        if self.enabled and not self.experiment:
+            raise ConfigError("experiment: generation is enabled but names no pre-training "
+                              "experiment (e.g. configs/poetry.yaml after bmray pretrain)")
+
+
+@dataclass(frozen=True)
 class ServeAppConfig:
     """``host``/``port``: where Serve's HTTP proxy listens (``bmray serve``; a Serve config file
     sets them in its ``http_options``). ``api_key_env`` names the environment variable holding
@@ -114,6 +135,7 @@ class ServeAppConfig:
         num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=256))
     search: BatchedSection = field(default_factory=lambda: BatchedSection(num_cpus=1.0))
     embed: EmbedSection = field(default_factory=EmbedSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
 
     def __post_init__(self) -> None:
         check_int("port", self.port, minimum=0, maximum=65535)
@@ -129,11 +151,13 @@ class ServeAppConfig:
             if not INDEX_NAME.fullmatch(name):
                 raise ConfigError(f"indexes.{name}: an index name is letters, digits, '_', "
                                   f"'-' or '.' (at most 64)")
-        if not self.indexes and not self.embed.enabled:
-            raise ConfigError("indexes: nothing to serve (no indexes and embed.enabled false)")
+        if not self.indexes and not self.embed.enabled and not self.generate.enabled:
+            raise ConfigError("indexes: nothing to serve (no indexes, embed.enabled and "
+                              "generate.enabled false)")
 
 
-SECTIONS = {"ingress": DeploymentSection, "search": BatchedSection, "embed": EmbedSection}
+SECTIONS = {"ingress": DeploymentSection, "search": BatchedSection, "embed": EmbedSection,
+            "generate": GenerateSection}
 
 
 def serve_config_from_dict(raw: Any, path: str = "config") -> ServeAppConfig:
@@ -161,16 +185,22 @@ def resolve_paths(cfg: ServeAppConfig, base: str | Path | None = None) -> ServeA
     """The config with every index directory absolute (relative to ``base``, default cwd)."""
     base = Path(base) if base is not None else Path.cwd()
     indexes = {name: str((base / d).resolve()) for name, d in cfg.indexes.items()}
-    return replace(cfg, indexes=indexes)
+    g = cfg.generate
+    generate = replace(g, **{key: str((base / getattr(g, key)).resolve())
+                             for key in ("experiment", "checkpoint") if getattr(g, key)})
+    return replace(cfg, indexes=indexes, generate=generate)
 
 
 def check_serve_config(cfg: ServeAppConfig) -> None:
-    """What the config points at: every index artifact intact, the API key's variable set."""
+    """What the config points at: every index artifact intact, the generation checkpoint and
+    tokenizer (a GPT's), the API key's variable set."""
     for name, directory in cfg.indexes.items():
         try:
             index_manifest(directory)
         except IndexArtifactError as exc:
             raise ConfigError(f"indexes.{name}: {exc}") from exc
+    if cfg.generate.enabled:
+        locate_generator(cfg.generate.experiment or "", cfg.generate.checkpoint)
     api_key(cfg)
 
 

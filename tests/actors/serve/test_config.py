@@ -9,6 +9,9 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from bmray.actors.serve.app import build_app
+from bmray.actors.train import checkpoints as ckpt
+from bmray.actors.train.builders import run_experiment
+from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.serve.config import (ServeAppConfig, api_key, check_serve_config,
                                        resolve_paths, serve_config_from_dict)
 from bmray.models.retrieval.artifact import save_index
@@ -68,6 +71,10 @@ def test_the_serve_config_file_is_ray_serves_schema_with_the_same_app():
     ({"api_key_env": "sk-live-123"}, "config.api_key_env"),
     ({"indexes": {"bad name": "x"}}, "config.indexes.bad name"),
     ({"indexes": {}, "embed": {"enabled": False}}, "config.indexes"),
+    ({"generate": {"enabled": True, "experiment": None}}, "config.generate.experiment"),
+    ({"generate": {"enabled": "on"}}, "config.generate.enabled"),
+    ({"generate": {"max_batch_size": 0}}, "config.generate.max_batch_size"),
+    ({"generate": {"model": "x"}}, "config.generate: unknown key(s) ['model']"),
 ])
 def test_bad_keys_and_values_name_the_key_path(patch, path):
     raw = {**local(), **patch}
@@ -117,3 +124,53 @@ def test_build_app_checks_its_args_like_the_yaml(index_dir):
         build_app({**args, "indexes": {"medline": "/nonexistent/medline"}})
     app = build_app({**args, "indexes": {"tiny": index_dir}})
     assert type(app).__name__ == "Application"
+
+
+def tiny_gpt(root: Path, family_ok: bool = True) -> dict:
+    """A 1-step tiny GPT pre-training experiment (mapping) run in ``root``."""
+    (root / "t.txt").write_text("Shall I compare thee to a summer's day?\n" * 20)
+    raw = {"seed": 0,
+           "model": {"family": "gpt", "vocab_size": 300, "d_model": 32, "n_heads": 2,
+                     "n_layers": 1, "d_ff": 64, "max_seq_len": 64, "dropout": 0.0},
+           "data": {"corpus": {"source": str(root / "t.txt"), "format": "text"},
+                    "pack_dir": str(root / "pack"), "block_len": 17, "global_batch_size": 2,
+                    "eval_blocks": 0},
+           "train": {"max_steps": 1, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
+                     "echo": False, "device": "cpu"},
+           "checkpoint": {"dir": str(root / "ckpt"), "every": 0}}
+    run_experiment(experiment_from_dict(raw))
+    return raw
+
+
+def test_the_generation_checkpoint_is_checked_naming_the_key(tmp_path, monkeypatch):
+    raw = tiny_gpt(tmp_path)
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump(raw))
+
+    def check(**generate):
+        cfg = serve_config_from_dict({**local(), "indexes": {},
+                                      "generate": {"enabled": True, **generate}})
+        check_serve_config(resolve_paths(cfg, tmp_path))
+
+    check(experiment=str(exp))
+    monkeypatch.chdir(tmp_path)
+    check(experiment="exp.yaml", checkpoint="ckpt")          # relative to the base
+    with pytest.raises(ConfigError, match=r"^generate\.experiment: no pre-training experiment"):
+        check(experiment="nothing.yaml")
+    with pytest.raises(ConfigError, match=r"^generate\.checkpoint: no checkpoint at"):
+        check(experiment=str(exp), checkpoint=str(tmp_path / "gone"))
+    bert = str(tmp_path / "bert")
+    ckpt.save_checkpoint(bert, 1, {"model": {}}, manifest={"model_config": {
+        "family": "bert", "vocab_size": 300}})
+    with pytest.raises(ConfigError, match=r"^generate\.checkpoint: .*family 'bert'"):
+        check(experiment=str(exp), checkpoint=bert)
+    no_tok = tmp_path / "no_tok.yaml"
+    no_tok.write_text(yaml.safe_dump({**raw, "data": {**raw["data"],
+                                                      "pack_dir": str(tmp_path / "none")}}))
+    with pytest.raises(ConfigError, match=r"^generate\.experiment: no tokenizer at"):
+        check(experiment=str(no_tok))
+    small = str(tmp_path / "small")
+    ckpt.save_checkpoint(small, 1, {"model": {}}, manifest={"model_config": {
+        "family": "gpt", "vocab_size": 10}})
+    with pytest.raises(ConfigError, match=r"^generate\.experiment: .*another model's"):
+        check(experiment=str(exp), checkpoint=small)
