@@ -36,13 +36,15 @@ PROJECTION_GROUPS: tuple[tuple[str, ...], ...] = (("query", "key", "value"),
                                                   ("q_proj", "k_proj", "v_proj"))
 
 
-def _concat_bias(layers: list[nn.Module], widths: list[int]) -> Tensor | None:
+def _concat_bias(layers: list[nn.Module]) -> Tensor | None:
     if all(m.bias is None for m in layers):
         return None
     return torch.cat([m.bias.detach().float() if m.bias is not None
-                      else torch.zeros(w, device=m.weight_q.device if isinstance(m, QuantLinear)
-                                       else m.weight.device)
-                      for m, w in zip(layers, widths)])
+                      else torch.zeros(m.out_features, device=_device(m)) for m in layers])
+
+
+def _device(m: nn.Module) -> torch.device:
+    return m.weight_q.device if isinstance(m, QuantLinear) else m.weight.device
 
 
 @torch.no_grad()
@@ -58,7 +60,7 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module:
     if len(in_f) != 1:
         raise ConfigError(f"fuse: layers read inputs of different widths {sorted(in_f)}")
     widths = [m.out_features for m in layers]
-    bias = _concat_bias(layers, widths)
+    bias = _concat_bias(layers)
     if kinds == {nn.Linear}:
         weight = torch.cat([m.weight.detach() for m in layers])
         out = nn.Linear(in_f.pop(), sum(widths), bias=bias is not None,
@@ -66,7 +68,9 @@ def stack_linears(layers: list[nn.Module]) -> nn.Module:
         out.weight.copy_(weight)
         if bias is not None:
             out.bias.copy_(bias)
-        out.weight.requires_grad_(layers[0].weight.requires_grad)
+            out.bias.requires_grad_(any(m.bias is not None and m.bias.requires_grad
+                                        for m in layers))
+        out.weight.requires_grad_(any(m.weight.requires_grad for m in layers))
         return out
     schemes = {(m.scheme, m.group_size if m.scheme == "int4" else None) for m in layers}
     if len(schemes) != 1:
