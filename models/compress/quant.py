@@ -118,12 +118,17 @@ class _Workspace(threading.local):
     tensor per call costs page faults that, on CPU, take longer than the arithmetic."""
 
     buf: Tensor | None = None
+    view: Tensor | None = None                  # the last (rows, cols) view handed out
 
     def get(self, rows: int, cols: int, device: torch.device) -> Tensor:
+        view = self.view
+        if view is not None and view.shape == (rows, cols) and view.device == device:
+            return view
         buf = self.buf
         if buf is None or buf.numel() < rows * cols or buf.device != device:
             buf = self.buf = torch.empty(rows * cols, device=device)
-        return buf[:rows * cols].view(rows, cols)
+        view = self.view = buf[:rows * cols].view(rows, cols)
+        return view
 
 
 _SCRATCH = _Workspace()
@@ -141,7 +146,9 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     scale per token (row of the last dimension), ``s = max|x| / 127``. No clamp is needed:
     ``|x / s| ≤ 127`` by construction. Rows go :func:`token_chunk` at a time through one reused
     fp32 buffer, so the passes (|x|, max, x/s, round, → int8) run in cache."""
-    rows = (x if x.dim() == 2 else x.reshape(-1, x.shape[-1])).detach()   # codes: no gradient
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if rows.requires_grad:                       # codes: no gradient
+        rows = rows.detach()
     if rows.dtype != torch.float32:
         rows = rows.float()
     n, k = rows.shape
@@ -305,7 +312,7 @@ class QuantLinear(nn.Module):
 
     def int8_forward(self, x: Tensor) -> Tensor:
         """The w8a8 product (no autograd graph): oneDNN on CPU, ``torch._int_mm`` elsewhere."""
-        if ONEDNN_INT8 and x.device.type == "cpu":
+        if ONEDNN_INT8 and x.is_cpu:
             packed, zeros = self.onednn_weight()
             return w8a8_matmul_onednn(x, packed, self.weight_scale, zeros, self.bias)
         return w8a8_matmul(x, self.weight_q, self.weight_scale, self.bias)
