@@ -22,10 +22,9 @@ from typing import Any
 import torch
 
 from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.adapt import load_base_checkpoint
 from bmray.actors.train.experiment import experiment_from_dict
+from bmray.actors.train.gpt_checkpoint import GPTCheckpointError, load_gpt, locate_gpt
 from bmray.models.config import ModelConfig
-from bmray.models.families.registry import build_model
 from bmray.models.generation import GenerationConfig, generate, stream
 from bmray.models.text_stream import TextChunker
 from bmray.models.tokenizer import Tokenizer
@@ -75,33 +74,12 @@ def generation_config(args: argparse.Namespace, mc: ModelConfig) -> GenerationCo
 def load_model(raw: dict[str, Any], checkpoint: str | None) -> tuple[torch.nn.Module, Tokenizer]:
     """The GPT of the checkpoint (eval mode) and the experiment's tokenizer, both checked."""
     exp = experiment_from_dict(raw)
-    root = checkpoint or exp.checkpoint.dir
-    if not root:
+    if not (checkpoint or exp.checkpoint.dir):
         raise ConfigError("checkpoint.dir: not set in the experiment; pass --checkpoint")
     try:
-        path = ckpt.resolve_checkpoint(root)
-        manifest = ckpt.read_manifest(path)
-    except (ckpt.CheckpointError, FileNotFoundError, OSError) as exc:
-        raise GenerateError(f"no checkpoint at {root!r}: {exc}") from exc
-    saved = manifest.get("model_config")
-    if not isinstance(saved, dict) or "family" not in saved:
-        raise GenerateError(f"{path!r} is not a pre-training checkpoint of one of our families "
-                            f"(its manifest has no model_config.family)")
-    if saved["family"] != "gpt":
-        raise GenerateError(f"{path!r} holds a {saved['family']!r} model; bmray generate samples "
-                            f"from left-to-right language models (family 'gpt')")
-    mc = from_dict(ModelConfig, saved, "checkpoint.model_config")
-    try:
-        tok = Tokenizer.load(exp.data.tokenizer_path)
-    except FileNotFoundError as exc:
-        raise GenerateError(f"no tokenizer at {exp.data.tokenizer_path!r} (data.tokenizer_dir / "
-                            f"data.pack_dir of the experiment): {exc}") from exc
-    if tok.vocab_size > mc.vocab_size:
-        raise GenerateError(f"the tokenizer at {exp.data.tokenizer_path!r} has {tok.vocab_size} "
-                            f"tokens, the checkpoint's model {mc.vocab_size}: another model's")
-    model = build_model(mc)
-    load_base_checkpoint(model, mc, path)
-    return model.eval(), tok
+        return load_gpt(*locate_gpt(exp, checkpoint))
+    except GPTCheckpointError as exc:
+        raise GenerateError(str(exc)) from exc
 
 
 def run(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -23,15 +23,13 @@ import torch
 from ray import serve
 
 from bmray.actors.serve.deployments import torch_threads
-from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.adapt import load_base_checkpoint
 from bmray.actors.train.experiment import experiment_from_dict
+from bmray.actors.train.gpt_checkpoint import GPTCheckpointError, load_gpt, locate_gpt
 from bmray.models.config import ModelConfig
-from bmray.models.families.registry import build_model
 from bmray.models.generation import GenerationConfig, stream
 from bmray.models.text_stream import TextChunker
 from bmray.models.tokenizer import Tokenizer
-from bmray.models.typed_config import ConfigError, from_dict, load_yaml
+from bmray.models.typed_config import ConfigError, load_yaml
 
 Params = dict[str, Any]
 
@@ -59,40 +57,12 @@ def locate_generator(experiment: str, checkpoint: str | None = None) -> tuple[st
         exp = experiment_from_dict(load_yaml(experiment))
     except ConfigError as exc:
         raise ConfigError(f"generate.experiment: {experiment}: {exc}") from exc
-    key = "generate.checkpoint" if checkpoint else "generate.experiment"
-    root = checkpoint or exp.checkpoint.dir
-    if not root:
-        raise ConfigError(f"{key}: the experiment sets no checkpoint.dir; set generate.checkpoint")
     try:
-        path = ckpt.resolve_checkpoint(root)
-        manifest = ckpt.read_manifest(path)
-    except (ckpt.CheckpointError, OSError) as exc:
-        raise ConfigError(f"{key}: no checkpoint at {root!r}: {exc}") from exc
-    saved = manifest.get("model_config")
-    if not isinstance(saved, dict) or saved.get("family") != "gpt":
-        family = saved.get("family") if isinstance(saved, dict) else None
-        raise ConfigError(f"{key}: {path!r} is not a GPT pre-training checkpoint (family "
-                          f"{family!r}); generation needs a left-to-right model (family 'gpt')")
-    tok_dir = exp.data.tokenizer_path
-    try:
-        tok = Tokenizer.load(tok_dir)
-    except (FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"generate.experiment: no tokenizer at {tok_dir!r} (the experiment's "
-                          f"data.tokenizer_dir / data.pack_dir): {exc}") from exc
-    if tok.vocab_size > int(saved.get("vocab_size", 0)):
-        raise ConfigError(f"generate.experiment: the tokenizer at {tok_dir!r} has "
-                          f"{tok.vocab_size} tokens, the checkpoint's model "
-                          f"{saved.get('vocab_size')}: another model's")
-    return str(Path(path).resolve()), str(Path(tok_dir).resolve())
-
-
-def load_generator(checkpoint: str, tokenizer: str) -> tuple[torch.nn.Module, Tokenizer]:
-    """The checkpoint's GPT (eval mode, weights and architecture checked) and its tokenizer."""
-    manifest = ckpt.read_manifest(checkpoint)
-    mc = from_dict(ModelConfig, manifest["model_config"], "checkpoint.model_config")
-    model = build_model(mc)
-    load_base_checkpoint(model, mc, checkpoint)
-    return model.eval(), Tokenizer.load(tokenizer)
+        return locate_gpt(exp, checkpoint)
+    except GPTCheckpointError as exc:
+        key = "generate.checkpoint" if checkpoint and exc.part == "checkpoint" else \
+            "generate.experiment"
+        raise ConfigError(f"{key}: {exc}") from exc
 
 
 def finish_reason(tokens: list[int], config: GenerationConfig) -> str:
@@ -157,7 +127,7 @@ class GenerateDeployment:
     def __init__(self, checkpoint: str, tokenizer: str, num_cpus: float = 1.0,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.005) -> None:
         torch_threads(num_cpus)
-        self.gen = Generator(*load_generator(checkpoint, tokenizer))
+        self.gen = Generator(*load_gpt(checkpoint, tokenizer))
         self.counts = {"streams_finished": 0, "streams_cancelled": 0, "tokens": 0}
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -24,7 +24,8 @@ from ray import serve
 from ray.serve import RunTarget
 
 from bmray.actors.serve.app import app_from_config
-from bmray.actors.serve.generate import load_generator, locate_generator
+from bmray.actors.serve.generate import locate_generator
+from bmray.actors.train.gpt_checkpoint import load_gpt
 from bmray.actors.train.builders import run_experiment
 from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.serve.config import serve_config_from_dict
@@ -108,7 +109,7 @@ def served(ray_session, tmp_path_factory):
                    "retry_after_s": 2}})
     url = start_app(serve_config_from_dict(args), also=[RunTarget(
         app_from_config(slow, search_cls=SlowSearch), name="slow", route_prefix="/slow")])
-    model, tok = load_generator(*locate_generator(experiment))
+    model, tok = load_gpt(*locate_generator(experiment))
     yield {"url": url, "index": load_index(directory), "medline": medline, "gpt": (model, tok)}
     mp.undo()
     serve.shutdown()
