@@ -15,6 +15,7 @@ JOBS = {
     "plan": ("bmray.jobs.plan", "choose a parallel layout that fits a model on a cluster"),
     "sweep": ("bmray.jobs.sweep", "Ray Tune sweep of an adaptation, with a Pareto report"),
     "compress": ("bmray.jobs.compress", "compress a trained model with a recipe, one artifact"),
+    "rank-train": ("bmray.jobs.rank_train", "train a cross-encoder or dual encoder, one artifact"),
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),
 }
 
