@@ -14,6 +14,7 @@ after training on each ``data.eval`` collection. Docs: docs/retrieval.md.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import time
@@ -174,7 +175,8 @@ def first_stage(cfg: RankConfig, encoder: torch.nn.Module, tokenizer: Any,
         return None
     if kind == "minilm":
         return ExactDenseRetriever(load_minilm_encoder(), documents)
-    dual = DualEncoder(encoder, tokenizer, cfg.dual_encoder)
+    # a frozen copy: the encoder being trained must not change the first stage's queries
+    dual = DualEncoder(copy.deepcopy(encoder), tokenizer, cfg.dual_encoder)
     return ExactDenseRetriever(dual.text_encoder(), documents)
 
 

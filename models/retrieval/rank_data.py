@@ -19,7 +19,8 @@ from torch import Tensor
 from bmray.models.retrieval.negatives import NegativeMiner
 from bmray.models.retrieval.types import Qrels
 
-__all__ = ["positives_of", "query_rows", "GroupObjective", "PoolObjective", "sample_negatives"]
+__all__ = ["positives_of", "query_rows", "TrainingQueries", "GroupObjective", "PoolObjective",
+           "sample_negatives"]
 
 TokenizeFn = Callable[..., dict[str, Tensor]]
 
