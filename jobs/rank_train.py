@@ -34,6 +34,8 @@ def run(raw: dict[str, Any], address: str | None = None) -> dict[str, Any]:
 def print_report(report: dict[str, Any]) -> None:
     rows = {}
     for name in report["before"]:
+        if name in report.get("first_stage", {}):
+            rows[f"{name} first stage"] = report["first_stage"][name]
         rows[f"{name} before"] = report["before"][name]
         rows[f"{name} after"] = report["after"][name]
     print(format_table(rows), flush=True)

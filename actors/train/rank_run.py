@@ -209,6 +209,8 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
     stages = {}
     if cfg.kind == "cross_encoder":   # first stages are fixed: built once, before training
         stages = {name: first_stage(cfg, encoder, tokenizer, c.documents) for name, c in sets.items()}
+    first = {name: evaluate_retriever(stage, sets[name], METRICS, cfg.negatives.depth)
+             for name, stage in stages.items()}
     before = measure(model, cfg, sets, stages)
     data = training_queries(train)
     t0 = time.perf_counter()
@@ -242,7 +244,8 @@ def run_rank(cfg: RankConfig) -> dict[str, Any]:
     report = {"kind": cfg.kind, "config": dataclasses.asdict(cfg), "steps": result.step,
               "first_loss": losses[0] if losses else None,
               "last_loss": losses[-1] if losses else None, "train_seconds": seconds,
-              "negative_index_builds": builds, "before": before, "after": after,
+              "negative_index_builds": builds, "first_stage": first, "before": before,
+              "after": after,
               "artifact": str(art), "base_identity": identity}
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
