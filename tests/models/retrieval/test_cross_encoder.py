@@ -72,7 +72,7 @@ def test_pair_layout_and_score_equal_a_hand_computation(world):
     assert batch["token_type_ids"][0].tolist() == [0] * (len(qi) + 2) + [1] * (len(pi) + 1)
     with torch.no_grad():
         h = bert.encode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-    expect = float(h[0, 0] @ ce.head.weight[0] + ce.head.bias[0])
+        expect = float(h[0, 0] @ ce.head.weight[0] + ce.head.bias[0])
     assert float(ce.score([q], [p])[0]) == pytest.approx(expect, rel=1e-5, abs=1e-6)
     # mean pooling: the average of the real tokens' states
     ce_mean = CrossEncoder(bert, BertTextTokenizer(tok), 32,
@@ -80,9 +80,9 @@ def test_pair_layout_and_score_equal_a_hand_computation(world):
     two = ce_mean.tokenize([q, q], [p, "A much longer passage about rivers and cities " * 3])
     with torch.no_grad():
         h2 = bert.encode(two["input_ids"], two["attention_mask"], two["token_type_ids"])
-    n = int(two["attention_mask"][0].sum())
-    expect0 = float(h2[0, :n].mean(0) @ ce_mean.head.weight[0] + ce_mean.head.bias[0])
-    got = ce_mean(**two).logits
+        n = int(two["attention_mask"][0].sum())
+        expect0 = float(h2[0, :n].mean(0) @ ce_mean.head.weight[0] + ce_mean.head.bias[0])
+        got = ce_mean(**two).logits
     assert float(got[0]) == pytest.approx(expect0, rel=1e-5, abs=1e-6)
 
 
