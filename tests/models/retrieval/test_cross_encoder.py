@@ -96,7 +96,7 @@ def test_minilm_pairs_use_segment_ids():
     assert enc["token_type_ids"].sum() > 0
     with torch.no_grad():
         h = bert(**enc).last_hidden_state[0, 0]
-    expect = float(h @ ce.head.weight[0] + ce.head.bias[0])
+        expect = float(h @ ce.head.weight[0] + ce.head.bias[0])
     assert float(ce.score([q], [p])[0]) == pytest.approx(expect, rel=1e-4, abs=1e-6)
 
 
