@@ -17,10 +17,11 @@ JOBS = {
     "compress": ("bmray.jobs.compress", "compress a trained model with a recipe, one artifact"),
     "generate": ("bmray.jobs.generate", "sample text from a GPT checkpoint, streaming"),
     "qa": ("bmray.jobs.qa", "train an extractive QA reader (null answers), EM/F1, artifact"),
+    "rank-train": ("bmray.jobs.rank_train", "train a cross-encoder or dual encoder, one artifact"),
     "quickstart": ("bmray.jobs.quickstart", "the main job on an embedded local Ray, end to end"),
     "index": ("bmray.jobs.index", "build a retrieval index (BM25 on shard actors, or dense faiss)"),
     "evaluate": ("bmray.jobs.evaluate", "score saved indexes on a collection: a metric table"),
-    "serve": ("bmray.jobs.serve", "serve search and embeddings over HTTP (Ray Serve app)"),
+    "serve": ("bmray.jobs.serve", "serve search, embeddings and generation over HTTP (Ray Serve)"),
 }
 
 
