@@ -7,9 +7,9 @@ its dev-tuned null threshold, and ``OpenDomainQA`` pools the answers (``sum`` of
 weights per normalised answer, and ``max``, both reported). Also reported: the same reader on
 each question's gold page (the reader alone, no retrieval) — the ceiling the pipeline loses to.
 
-Retriever: ``dense-exact``: the MiniLM mean-pooled embeddings (models/retrieval/encoder.py)
-searched exhaustively by inner product — the stand-in until BM25 / the faiss index / hybrid
-fusion are wired in (any ``Retriever`` drops into ``RETRIEVERS``).
+Retrievers (each a ``Retriever``, all run by default): ``bm25`` (models/retrieval/bm25.py,
+Lucene's variant), ``dense`` (the MiniLM's mean-pooled unit vectors in an exact faiss index),
+``hybrid`` (their reciprocal rank fusion).
 
     .venv/bin/python bench/open_domain_qa.py --reader runs/qa_world_minilm/reader    # full
     .venv/bin/python bench/open_domain_qa.py --quick --out /tmp/open_domain_qa.json
@@ -23,9 +23,6 @@ import os
 import sys
 import tempfile
 import time
-from typing import Sequence
-
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,26 +31,31 @@ from bmray.actors.train.qa import load_reader, qa_config_from_dict, run_qa  # no
 from bmray.models.qa.open_domain import OpenDomainQA, evaluate_open_domain  # noqa: E402
 from bmray.models.qa.reader import read  # noqa: E402
 from bmray.models.qa.squad_metrics import squad_evaluate  # noqa: E402
-from bmray.models.retrieval.encoder import MeanPoolEncoder, load_minilm_encoder  # noqa: E402
-from bmray.models.retrieval.types import Hits  # noqa: E402
+from bmray.models.retrieval.bm25 import BM25Index  # noqa: E402
+from bmray.models.retrieval.dense_index import DenseIndex  # noqa: E402
+from bmray.models.retrieval.encoder import load_minilm_encoder  # noqa: E402
+from bmray.models.retrieval.fusion import HybridRetriever  # noqa: E402
 from bmray.models.typed_config import load_yaml  # noqa: E402
 from bmray.models.world import World, WorldConfig  # noqa: E402
 
 
-class ExactDense:
-    """Exhaustive inner-product search over unit vectors (a stand-in ``Retriever``)."""
-
-    def __init__(self, encoder: MeanPoolEncoder, passages: dict[str, str]):
-        self.encoder, self.ids = encoder, list(passages)
-        self.vectors = encoder.encode([passages[i] for i in self.ids])
-
-    def search(self, queries: Sequence[str], k: int) -> list[Hits]:
-        scores = self.encoder.encode(list(queries)) @ self.vectors.T
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return [[(self.ids[j], float(s[j])) for j in row] for row, s in zip(top, scores)]
+def bm25(passages: dict[str, str]) -> BM25Index:
+    return BM25Index.build(list(passages), list(passages.values()))
 
 
-RETRIEVERS = {"dense-exact": lambda passages: ExactDense(load_minilm_encoder(), passages)}
+def dense(passages: dict[str, str]) -> DenseIndex:
+    """The offline MiniLM's unit vectors in an exact (Flat) faiss index."""
+    encoder = load_minilm_encoder()
+    ids = list(passages)
+    return DenseIndex.build(ids, encoder.encode([passages[i] for i in ids]), encoder=encoder)
+
+
+def hybrid(passages: dict[str, str]) -> HybridRetriever:
+    """Reciprocal rank fusion (k = 60) of the two above, each to depth 100."""
+    return HybridRetriever([bm25(passages), dense(passages)], k_rrf=60, depth=100)
+
+
+RETRIEVERS = {"bm25": bm25, "dense": dense, "hybrid": hybrid}
 
 
 def main() -> int:
@@ -63,7 +65,8 @@ def main() -> int:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     ap.add_argument("--limit", type=int, default=None, help="at most this many questions")
-    ap.add_argument("--retriever", choices=sorted(RETRIEVERS), default="dense-exact")
+    ap.add_argument("--retrievers", choices=sorted(RETRIEVERS), nargs="+",
+                    default=list(RETRIEVERS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=result_path(__file__, "open_domain_qa.json"))
     args = parse_args(ap, {"n_entities": 30, "top_k": 3, "ks": [1, 3], "limit": 8})
@@ -87,27 +90,29 @@ def main() -> int:
     qa = [q for q in world.iter_qa() if q["split"] == "eval"][:args.limit]
     questions, golds = [q["question"] for q in qa], [[q["answer"]] for q in qa]
 
-    t0 = time.perf_counter()
-    retriever = RETRIEVERS[args.retriever](passages)
-    index_s = time.perf_counter() - t0
-    figures = {}
-    for aggregate in ("sum", "max"):
+    figures, index_s = {}, {}
+    for name in args.retrievers:
         t0 = time.perf_counter()
-        od = OpenDomainQA(retriever, reader, passages, args.top_k, aggregate)
-        figures[aggregate] = {**evaluate_open_domain(od, questions, golds, args.ks),
-                              "seconds": round(time.perf_counter() - t0, 1)}
+        retriever = RETRIEVERS[name](passages)
+        index_s[name] = round(time.perf_counter() - t0, 1)
+        for aggregate in ("sum", "max"):
+            t0 = time.perf_counter()
+            od = OpenDomainQA(retriever, reader, passages, args.top_k, aggregate)
+            figures[f"{name} {aggregate}"] = {
+                **evaluate_open_domain(od, questions, golds, args.ks),
+                "seconds": round(time.perf_counter() - t0, 1)}
     gold_preds = reader(questions, [q["context"] for q in qa])
     gold = squad_evaluate({q["id"]: p.answer for q, p in zip(qa, gold_preds)},
                           {q["id"]: g for q, g in zip(qa, golds)})
     record = {"config": {k: v for k, v in vars(args).items() if k != "out"},
               "environment": environment(), "reader_manifest_metrics": manifest["metrics"].get("eval"),
               "passages": len(passages), "questions": len(questions),
-              "retriever": args.retriever, "index_seconds": round(index_s, 1),
+              "retrievers": args.retrievers, "index_seconds": index_s,
               "open_domain": figures, "reader_on_gold_page": gold}
-    rows = [f"{'':14}" + "".join(f"{k:>11}" for k in figures["sum"] if k != "seconds")]
+    first = next(iter(figures.values()))
+    rows = [f"{'retriever, aggregate':22}" + "".join(f"{k:>11}" for k in first if k != "seconds")]
     for name, f in figures.items():
-        rows.append(f"{'aggregate ' + name:14}" + "".join(f"{v:11.1f}" for k, v in f.items()
-                                                         if k != "seconds"))
+        rows.append(f"{name:22}" + "".join(f"{v:11.1f}" for k, v in f.items() if k != "seconds"))
     rows.append(f"reader on the gold page: EM {gold['exact']:.1f} F1 {gold['f1']:.1f}")
     print("\n".join(rows))
     write_json(args.out, record)

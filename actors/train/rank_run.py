@@ -32,6 +32,7 @@ from bmray.models.config import ModelConfig
 from bmray.models.delta.base import base_identity
 from bmray.models.families.registry import build_model
 from bmray.models.retrieval.collections import LOADERS, Collection, world_collection
+from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.retrieval.contrastive import (DualEncoder, DualEncoderConfig,
                                                 ExactDenseRetriever)
 from bmray.models.retrieval.cross_encoder import (CrossEncoder, CrossEncoderConfig,
@@ -52,7 +53,7 @@ __all__ = ["RankBaseConfig", "RankDataConfig", "NegativesConfig", "RankConfig",
 
 KINDS = ("cross_encoder", "dual_encoder", "span_pretrain")
 EVAL_SETS = ("world-train", "world-eval", "cisi", "medline")
-FIRST_STAGES = ("minilm", "base", "none")
+FIRST_STAGES = ("minilm", "bm25", "base", "none")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class RankDataConfig:
 
 @dataclass(frozen=True)
 class NegativesConfig:
-    first_stage: str = "minilm"          # mine from: minilm (dense) | base (the start encoder) | none
+    first_stage: str = "minilm"          # mine from: minilm (dense) | bm25 | base (the start encoder) | none
     depth: int = 100                     # candidates mined (and re-ranked at evaluation)
     hard_pool: int = 30                  # negatives are drawn from the top hard_pool of those
     per_query: int = 7                   # cross-encoder: negatives per group; dual: hard negatives
@@ -175,6 +176,8 @@ def first_stage(cfg: RankConfig, encoder: torch.nn.Module, tokenizer: Any,
         return None
     if kind == "minilm":
         return ExactDenseRetriever(load_minilm_encoder(), documents)
+    if kind == "bm25":
+        return BM25Index.build(list(documents), list(documents.values()))
     # a frozen copy: the encoder being trained must not change the first stage's queries
     dual = DualEncoder(copy.deepcopy(encoder), tokenizer, cfg.dual_encoder)
     return ExactDenseRetriever(dual.text_encoder(), documents)

@@ -8,9 +8,10 @@ import pytest
 import torch
 import yaml
 
-from bmray.actors.train.rank_run import rank_config_from_dict
+from bmray.actors.train.rank_run import first_stage, rank_config_from_dict
 from bmray.jobs import rank_train
 from bmray.models.delta.base import base_identity
+from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.retrieval.contrastive import DualEncoder
 from bmray.models.retrieval.cross_encoder import CrossEncoder
 from bmray.models.retrieval.rank_artifact import RankerArtifactError, load_ranker
@@ -110,3 +111,12 @@ def test_cross_encoder_run_and_corrupt_artifacts(tmp_path):
         load_ranker(art)
     with pytest.raises(RankerArtifactError, match="no ranker manifest"):
         load_ranker(tmp_path / "nowhere")
+
+
+def test_bm25_first_stage_mines_from_our_bm25(tmp_path):
+    _, raw = config(tmp_path, "cross_encoder", {"negatives.first_stage": "bm25"})
+    cfg = rank_config_from_dict(raw)
+    docs = {"a": "the river runs to the sea", "b": "a city of bridges", "c": "river boats"}
+    stage = first_stage(cfg, None, None, docs)
+    assert isinstance(stage, BM25Index)
+    assert [d for d, _ in stage.search(["river"], 3)[0]] == ["c", "a"]   # shorter document first
