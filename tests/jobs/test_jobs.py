@@ -10,15 +10,18 @@ import sys
 
 import pytest
 
+from bmray.actors.train.qa import qa_config_from_dict
+from bmray.actors.train.rank_run import rank_config_from_dict
 from bmray.jobs import pretrain
 from bmray.jobs import quickstart
 from bmray.cluster.launcher import TrainRun
 from bmray.models.typed_config import ConfigError, apply_overrides, load_yaml
 from tests.conftest import REPO
 
-# pre-training experiments (a ``data`` section); configs of other jobs (adapt_*) have their tests
+# pre-training experiments (a ``model`` and a ``data`` section); configs of other jobs (adapt_*,
+# qa_*, rank_*, index_*, serve_*) have their own tests
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))
-                 if "data" in load_yaml(p))
+                 if {"model", "data"} <= set(load_yaml(p)))
 
 
 def isolated(tmp_path, steps: int = 4) -> list[str]:
@@ -164,3 +167,12 @@ def test_job_from_a_project_with_its_own_models_and_jobs(job_head, tmp_path):
                            ["python", "-c", "import models"])
     state, _, logs = status.stdout.partition("\n")
     assert state == "FAILED" and "instead of bmray.models" in logs, status.stdout[-3000:]
+
+
+@pytest.mark.parametrize("name", ["qa_tiny.yaml", "qa_world_minilm.yaml", "qa_covid_minilm.yaml",
+                                  "rank_cross_encoder.yaml", "rank_dual_encoder.yaml",
+                                  "rank_span_pretrain.yaml"])
+def test_shipped_qa_and_rank_configs_parse(name):
+    raw = load_yaml(os.path.join(REPO, "configs", name))
+    parse = qa_config_from_dict if name.startswith("qa_") else rank_config_from_dict
+    assert parse(raw) is not None
