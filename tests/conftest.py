@@ -53,3 +53,27 @@ def gang(gangs):
     """One gang of 4 workers for a module's tests (a run on fewer workers uses a process
     group of the first of them)."""
     return gangs(4)
+
+
+def tiny_gpt_experiment(root, text: str, *, max_seq_len: int = 64, block_len: int = 33,
+                        batch: int = 4, steps: int = 3) -> tuple[dict, str]:
+    """A few steps of pre-training a tiny GPT on ``text`` in ``root`` (a checkpoint and a BPE
+    tokenizer, for the generation tests); returns the experiment mapping and its YAML path."""
+    import yaml
+
+    from bmray.actors.train.builders import run_experiment
+    from bmray.actors.train.experiment import experiment_from_dict
+    (root / "corpus.txt").write_text(text, encoding="utf-8")
+    raw = {"seed": 0,
+           "model": {"family": "gpt", "vocab_size": 300, "d_model": 32, "n_heads": 2,
+                     "n_layers": 1, "d_ff": 64, "max_seq_len": max_seq_len, "dropout": 0.0},
+           "data": {"corpus": {"source": str(root / "corpus.txt"), "format": "text"},
+                    "pack_dir": str(root / "pack"), "block_len": block_len,
+                    "global_batch_size": batch, "eval_blocks": 0},
+           "train": {"max_steps": steps, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
+                     "echo": False, "device": "cpu"},
+           "checkpoint": {"dir": str(root / "ckpt"), "every": 0}}
+    run_experiment(experiment_from_dict(raw))
+    path = root / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return raw, str(path)

@@ -6,12 +6,10 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.builders import run_experiment
-from bmray.actors.train.experiment import experiment_from_dict
 from bmray.jobs import cli, generate
+from tests.conftest import tiny_gpt_experiment
 
 torch.set_num_threads(1)
 
@@ -22,21 +20,7 @@ POEM = ("Shall I compare thee to a summer’s day?\nThou art more lovely and mor
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("gen")
-    (root / "poems.txt").write_text(POEM * 30, encoding="utf-8")
-    raw = {"seed": 0,
-           "model": {"family": "gpt", "vocab_size": 300, "d_model": 32, "n_heads": 2,
-                     "n_layers": 1, "d_ff": 64, "max_seq_len": 64, "dropout": 0.0},
-           "data": {"corpus": {"source": str(root / "poems.txt"), "format": "text"},
-                    "pack_dir": str(root / "pack"), "block_len": 33, "global_batch_size": 4,
-                    "eval_blocks": 0},
-           "train": {"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
-                     "echo": False, "device": "cpu"},
-           "checkpoint": {"dir": str(root / "ckpt"), "every": 0}}
-    run_experiment(experiment_from_dict(raw))
-    path = root / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return str(path)
+    return tiny_gpt_experiment(tmp_path_factory.mktemp("gen"), POEM * 30)[1]
 
 
 def test_generate_streams_samples_and_matches_the_batched_run(trained, tmp_path, capsys):

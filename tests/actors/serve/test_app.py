@@ -26,8 +26,6 @@ from ray.serve import RunTarget
 from bmray.actors.serve.app import app_from_config
 from bmray.actors.serve.generate import locate_generator
 from bmray.actors.train.gpt_checkpoint import load_gpt
-from bmray.actors.train.builders import run_experiment
-from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.serve.config import serve_config_from_dict
 from bmray.jobs.serve import start_app
 from bmray.models.retrieval.artifact import load_index, save_index
@@ -35,6 +33,7 @@ from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.retrieval.collections import load_medline
 from bmray.models.generation import GenerationConfig, generate
 from bmray.models.retrieval.encoder import load_minilm_encoder
+from tests.conftest import tiny_gpt_experiment
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[3]
@@ -70,29 +69,12 @@ def small(section: dict) -> dict:
     return {**out, "num_cpus": 0.25, "replicas": 1}
 
 
-def tiny_gpt_experiment(root: Path) -> str:
-    """A 3-step pre-training run of a tiny GPT (context 1100, for long streams); its YAML."""
-    (root / "poems.txt").write_text(POEM * 30, encoding="utf-8")
-    raw = {"seed": 0,
-           "model": {"family": "gpt", "vocab_size": 300, "d_model": 32, "n_heads": 2,
-                     "n_layers": 1, "d_ff": 64, "max_seq_len": 1100, "dropout": 0.0},
-           "data": {"corpus": {"source": str(root / "poems.txt"), "format": "text"},
-                    "pack_dir": str(root / "pack"), "block_len": 33, "global_batch_size": 4,
-                    "eval_blocks": 0},
-           "train": {"max_steps": 3, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
-                     "echo": False, "device": "cpu"},
-           "checkpoint": {"dir": str(root / "ckpt"), "every": 0}}
-    run_experiment(experiment_from_dict(raw))
-    path = root / "exp.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def served(ray_session, tmp_path_factory):
     """The app from configs/serve_app.yaml's args (index → a Medline BM25 built here; generate →
     a tiny GPT pre-trained here)."""
-    experiment = tiny_gpt_experiment(tmp_path_factory.mktemp("gpt"))
+    _, experiment = tiny_gpt_experiment(tmp_path_factory.mktemp("gpt"), POEM * 30,
+                                        max_seq_len=1100)
     medline = load_medline()
     index = BM25Index.build(list(medline.documents), list(medline.documents.values()))
     directory = save_index(index, tmp_path_factory.mktemp("idx") / "medline")

@@ -10,13 +10,12 @@ from ray.serve.schema import ServeDeploySchema
 
 from bmray.actors.serve.app import build_app
 from bmray.actors.train import checkpoints as ckpt
-from bmray.actors.train.builders import run_experiment
-from bmray.actors.train.experiment import experiment_from_dict
 from bmray.actors.serve.config import (ServeAppConfig, api_key, check_serve_config,
                                        resolve_paths, serve_config_from_dict)
 from bmray.models.retrieval.artifact import save_index
 from bmray.models.retrieval.bm25 import BM25Index
 from bmray.models.typed_config import ConfigError
+from tests.conftest import tiny_gpt_experiment
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -126,20 +125,10 @@ def test_build_app_checks_its_args_like_the_yaml(index_dir):
     assert type(app).__name__ == "Application"
 
 
-def tiny_gpt(root: Path, family_ok: bool = True) -> dict:
+def tiny_gpt(root: Path) -> dict:
     """A 1-step tiny GPT pre-training experiment (mapping) run in ``root``."""
-    (root / "t.txt").write_text("Shall I compare thee to a summer's day?\n" * 20)
-    raw = {"seed": 0,
-           "model": {"family": "gpt", "vocab_size": 300, "d_model": 32, "n_heads": 2,
-                     "n_layers": 1, "d_ff": 64, "max_seq_len": 64, "dropout": 0.0},
-           "data": {"corpus": {"source": str(root / "t.txt"), "format": "text"},
-                    "pack_dir": str(root / "pack"), "block_len": 17, "global_batch_size": 2,
-                    "eval_blocks": 0},
-           "train": {"max_steps": 1, "lr": 1e-3, "warmup_steps": 1, "log_every": 10,
-                     "echo": False, "device": "cpu"},
-           "checkpoint": {"dir": str(root / "ckpt"), "every": 0}}
-    run_experiment(experiment_from_dict(raw))
-    return raw
+    return tiny_gpt_experiment(root, "Shall I compare thee to a summer's day?\n" * 20,
+                               block_len=17, batch=2, steps=1)[0]
 
 
 def test_the_generation_checkpoint_is_checked_naming_the_key(tmp_path, monkeypatch):
