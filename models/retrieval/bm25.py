@@ -1,4 +1,4 @@
-"""BM25, Lucene's variant, over an eager sparse index: a query is a sparse product and a top-k.
+"""BM25, Lucene's variant, over an eager sparse index: a query sums score rows, then a top-k.
 
 Score of document d for query q (Lucene >= 8 ``BM25Similarity``; Kamphuis et al., ECIR 2020):
 
@@ -13,8 +13,8 @@ Lucene's one-byte lossy norms. Defaults k1=0.9, b=0.4 are Anserini/Pyserini's (t
 MS MARCO baselines), not Lucene's 1.2/0.75.
 
 Eager (as bm25s): every (term, doc) score is computed at build time into a CSR term x doc
-matrix (float32), so a query batch is one sparse product ``Q @ M`` (Q: query term counts) and
-a top-k. Terms are numbered in sorted order, so any index sums a document's terms in the same
+matrix (float32); a query adds its terms' rows (times their counts) into a dense row and keeps
+the top k, in a loop compiled with numba (bm25_kernel.py). Terms are numbered in sorted order, so any index sums a document's terms in the same
 order: a shard built with the *global* statistics (``CorpusStats``) scores bit-for-bit like the
 unsharded index. Only documents matching a query term are returned (as Lucene); ties are broken
 by document id, ascending.
@@ -31,6 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from bmray.models.retrieval.analyzer import Analyzer, AnalyzerConfig
+from bmray.models.retrieval.bm25_kernel import search_csr
 from bmray.models.retrieval.manifest import (IndexArtifactError, corpus_hash, read_manifest,
                                              write_manifest)
 from bmray.models.retrieval.types import Hits
@@ -38,7 +39,6 @@ from bmray.models.typed_config import ConfigError
 
 KIND = "bm25"
 MATRIX_FILE, VOCAB_FILE, IDS_FILE = "matrix.npz", "vocab.json", "doc_ids.json"
-MAX_BLOCK = 1 << 23            # dense score cells per query block (32 MB of float32)
 
 
 @dataclass(frozen=True)
@@ -214,35 +214,22 @@ class BM25Index:
         """Dense scores [queries, documents] of analysed queries."""
         return (self.query_matrix(token_lists) @ self.matrix).toarray()
 
-    def top_k(self, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, the k best positive scores, best first, ties by document id: document
-        positions [rows, k] (-1 pads rows with fewer matches) and their scores (0 there)."""
-        nq, n = scores.shape
-        kk = min(k, n)
-        kth = np.partition(scores, n - kk, axis=1)[:, n - kk]
-        qi, di = np.nonzero((scores >= kth[:, None]) & (scores > 0))
-        s = scores[qi, di]
-        order = np.lexsort((self.id_rank[di], -s, qi))
-        qi, di, s = qi[order], di[order], s[order]
-        rank = np.arange(len(qi)) - np.searchsorted(qi, qi)
-        keep = rank < k
-        pos = np.full((nq, k), -1, dtype=np.int64)
-        top = np.zeros((nq, k), dtype=scores.dtype)
-        pos[qi[keep], rank[keep]] = di[keep]
-        top[qi[keep], rank[keep]] = s[keep]
-        return pos, top
-
     def search_arrays(self, token_lists: Sequence[Sequence[str]], k: int
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """``top_k`` of analysed queries, in blocks of at most MAX_BLOCK score cells."""
+        """Per analysed query, the k best positive scores, best first, ties by document id:
+        document positions [queries, k] (-1 pads rows with fewer matches) and their scores."""
         if k < 1:
             raise ValueError(f"search: k must be >= 1, got {k}")
-        step = max(1, MAX_BLOCK // max(1, len(self)))
-        blocks = [self.top_k(self.scores(token_lists[i:i + step]), k)
-                  for i in range(0, len(token_lists), step)]
-        if not blocks:
-            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
-        return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+        get, m = self.vocab.get, self.matrix
+        rows = [[i for i in map(get, toks) if i is not None] for toks in token_lists]
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)), out=indptr[1:])
+        terms = np.fromiter((t for r in rows for t in r), dtype=np.int64, count=int(indptr[-1]))
+        pos = np.empty((len(rows), k), dtype=np.int64)
+        top = np.empty((len(rows), k), dtype=np.float32)
+        search_csr(m.indptr, m.indices, m.data, indptr, terms, self.id_rank, len(self), k,
+                   pos, top)
+        return pos, top
 
     def search_tokens(self, token_lists: Sequence[Sequence[str]], k: int) -> list[Hits]:
         pos, top = self.search_arrays(token_lists, k)
