@@ -22,19 +22,9 @@ from torch import Tensor, nn
 from bmray.models.layers.losses import metrics_enabled
 from bmray.models.outputs import ModelOutput
 from bmray.models.qa.windows import SpanTokenizer, Window, collate, make_windows
+from bmray.models.retrieval.encoder import last_hidden
 
 MASKED = -1e4        # logit of a position no span may use (finite: no NaN in fp16 softmax)
-
-
-def hidden_states(encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                  token_type_ids: Tensor | None) -> Tensor:
-    """[B, T, D]: ``encoder.encode`` (our BERT) or ``last_hidden_state`` (``transformers``),
-    both fed the segment ids (question 0, context 1) as in BERT's pair inputs."""
-    encode = getattr(encoder, "encode", None)
-    if callable(encode):
-        return encode(input_ids, attention_mask, token_type_ids)
-    return encoder(input_ids=input_ids, attention_mask=attention_mask,
-                   token_type_ids=token_type_ids).last_hidden_state
 
 
 def span_mask(context_mask: Tensor) -> Tensor:
@@ -63,7 +53,8 @@ class SpanReader(nn.Module):
                 **_: Any) -> ModelOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = hidden_states(self.encoder, input_ids, attention_mask, token_type_ids)
+        # segment ids: question 0, context 1, as in BERT's pair inputs
+        hidden = last_hidden(self.encoder, input_ids, attention_mask, token_type_ids)
         logits = self.qa_outputs(self.dropout(hidden)).float()
         valid = span_mask(attention_mask if context_mask is None else context_mask)
         logits = logits.masked_fill(~valid.unsqueeze(-1), MASKED)

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bmray.models.outputs import ModelOutput
-from bmray.models.retrieval.encoder import MeanPoolEncoder, mean_pool
+from bmray.models.retrieval.encoder import MeanPoolEncoder, hidden_fn, mean_pool
 from bmray.models.retrieval.types import Hits
 from bmray.models.typed_config import ConfigError
 
-__all__ = ["DualEncoderConfig", "DualEncoder", "info_nce", "ExactDenseRetriever", "encoder_hidden"]
+__all__ = ["DualEncoderConfig", "DualEncoder", "info_nce", "ExactDenseRetriever"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,6 @@ class DualEncoderConfig:
             raise ConfigError(f"dual_encoder.temperature: must be > 0, got {self.temperature!r}")
         if not isinstance(self.max_length, int) or self.max_length < 4:
             raise ConfigError(f"dual_encoder.max_length: an int >= 4, got {self.max_length!r}")
-
-
-def encoder_hidden(encoder: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
-    """(ids, mask) -> last hidden states, for our BERT (``encode``) or a ``transformers`` one."""
-    encode = getattr(encoder, "encode", None)
-    if callable(encode):
-        return lambda ids, mask: encode(ids, mask)
-    return lambda ids, mask: encoder(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
 def info_nce(q: Tensor, p: Tensor, temperature: float, exclude: Tensor | None = None) -> Tensor:
@@ -73,7 +65,7 @@ class DualEncoder(nn.Module):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.hidden = encoder_hidden(encoder)
+        self.hidden = hidden_fn(encoder)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         batch = self.tokenizer(list(texts), padding=True, truncation=True,

@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from bmray.models.classifier import pool
 from bmray.models.outputs import ModelOutput
+from bmray.models.retrieval.encoder import last_hidden
 from bmray.models.retrieval.types import Hits, Retriever
 from bmray.models.typed_config import ConfigError, check_choice
 
-__all__ = ["CrossEncoderConfig", "CrossEncoder", "CrossEncoderReranker", "lce_loss",
-           "pair_states"]
+__all__ = ["CrossEncoderConfig", "CrossEncoder", "CrossEncoderReranker", "lce_loss"]
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,6 @@ class CrossEncoderConfig:
         check_choice("cross_encoder.pooling", self.pooling, ("cls", "mean"))
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"cross_encoder.dropout: must be in [0, 1), got {self.dropout!r}")
-
-
-def pair_states(encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                token_type_ids: Tensor | None) -> Tensor:
-    """Last hidden states [B, T, d] of our BERT (``encode``) or a ``transformers`` encoder."""
-    encode = getattr(encoder, "encode", None)
-    if callable(encode):
-        return encode(input_ids, attention_mask, token_type_ids)
-    return encoder(input_ids=input_ids, attention_mask=attention_mask,
-                   token_type_ids=token_type_ids).last_hidden_state
 
 
 def lce_loss(scores: Tensor) -> Tensor:
@@ -92,7 +82,7 @@ class CrossEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor,
                 token_type_ids: Tensor | None = None, group_size: int | None = None,
                 **_: Any) -> ModelOutput:
-        hidden = pair_states(self.encoder, input_ids, attention_mask, token_type_ids)
+        hidden = last_hidden(self.encoder, input_ids, attention_mask, token_type_ids)
         scores = self.head(self.dropout(pool(hidden, attention_mask, self.cfg.pooling))).squeeze(-1)
         loss, metrics = None, {}
         if group_size is not None:

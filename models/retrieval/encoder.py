@@ -27,9 +27,20 @@ def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def hf_hidden(model: nn.Module) -> HiddenFn:
-    """The last hidden state of a ``transformers`` encoder (e.g. ``BertModel``)."""
-    return lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state
+def last_hidden(encoder: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                token_type_ids: Tensor | None = None) -> Tensor:
+    """Last hidden states [B, T, d] of our BERT family (``encode``) or a ``transformers``
+    encoder (``last_hidden_state``), with segment ids for pair inputs."""
+    encode = getattr(encoder, "encode", None)
+    if callable(encode):
+        return encode(input_ids, attention_mask, token_type_ids)
+    return encoder(input_ids=input_ids, attention_mask=attention_mask,
+                   token_type_ids=token_type_ids).last_hidden_state
+
+
+def hidden_fn(encoder: nn.Module) -> HiddenFn:
+    """``last_hidden`` of ``encoder`` as the (ids, mask) callable a ``MeanPoolEncoder`` holds."""
+    return lambda ids, mask: last_hidden(encoder, ids, mask)
 
 
 @dataclass
@@ -48,7 +59,7 @@ class MeanPoolEncoder:
 
     @classmethod
     def from_hf(cls, model: nn.Module, tokenizer: Callable, max_length: int = 256) -> "MeanPoolEncoder":
-        return cls(model=model, tokenizer=tokenizer, hidden=hf_hidden(model), max_length=max_length)
+        return cls(model=model, tokenizer=tokenizer, hidden=hidden_fn(model), max_length=max_length)
 
     @property
     def dim(self) -> int:
